@@ -1,0 +1,39 @@
+# qmpd: `make run` starts the daemon, `make test` runs the whole suite.
+# Both create the virtual environment on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SOCKET ?= ./qmpd.sock
+ARGS ?=
+
+.PHONY: run test venv lint typecheck bench schema clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	@echo "qmpd: serving QMP on $(SOCKET); connect with: $(VENV)/bin/qmp-shell $(SOCKET)"
+	$(VENV)/bin/qmpd --socket $(SOCKET) $(ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+typecheck: $(VENV)/.installed
+	$(PY) -m mypy
+
+schema: $(VENV)/.installed
+	$(PY) -m qmpd.qapi.gen
+
+bench: $(VENV)/.installed
+	$(PY) bench/qmp_rps.py
+	$(PY) bench/bitmap.py
+	$(PY) bench/io.py
+	$(PY) bench/backup.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info qmpd.sock

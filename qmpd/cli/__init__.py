@@ -1,0 +1,1 @@
+"""The ``qmpd`` command line."""

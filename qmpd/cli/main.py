@@ -1,0 +1,225 @@
+"""``qmpd`` command line: options, logging, uvloop, signals, daemonizing.
+
+Compatible with qemu-storage-daemon where the two overlap::
+
+    qmpd --socket ./qmpd.sock
+    qmpd --chardev socket,id=mon0,path=/run/qmp.sock,server=on,wait=off \\
+         --monitor chardev=mon0
+    qmpd --chardev socket,id=tcp0,host=127.0.0.1,port=4444,server=on,wait=off \\
+         --monitor tcp0
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from qmpd import __version__
+from qmpd.cli.options import OptionError, parse_bool, parse_option_string
+from qmpd.commands.context import DaemonConfig
+from qmpd.server.listeners import Listener, TcpListener, UnixListener
+
+__all__ = ["main", "build_parser", "parse_args"]
+
+DEFAULT_SOCKET = "./qmpd.sock"
+DEFAULT_QEMU_VERSION = (9, 0, 0)
+log = logging.getLogger("qmpd.cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"qmpd: {message}\n")
+        sys.exit(1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """:return: the argument parser (also used for ``--help``)."""
+    p = _Parser(
+        prog="qmpd",
+        description="QMP daemon with QEMU's block backup control plane over raw images.",
+    )
+    p.add_argument("-V", "--version", action="version", version=f"qmpd {__version__}")
+    p.add_argument("--socket", action="append", default=[], metavar="PATH",
+                   help=f"serve QMP on a UNIX socket (repeatable; default {DEFAULT_SOCKET})")
+    p.add_argument("--chardev", action="append", default=[], metavar="OPTS",
+                   help="socket,id=ID,path=PATH|host=H,port=P,server=on,wait=off")
+    p.add_argument("--monitor", action="append", default=[], metavar="OPTS",
+                   help="[chardev=]ID[,mode=control][,pretty=off], or inline socket options")
+    p.add_argument("--blockdev", action="append", default=[], metavar="OPTS",
+                   help="a block node, as key=value pairs or JSON (like blockdev-add)")
+    p.add_argument("--name", help="the name answered by query-name")
+    p.add_argument("--pidfile", metavar="PATH", help="write the daemon's PID here")
+    p.add_argument("--daemonize", action="store_true",
+                   help="detach once the listeners are ready")
+    p.add_argument("--qemu-version", default=".".join(map(str, DEFAULT_QEMU_VERSION)),
+                   metavar="X.Y.Z", help="QEMU version to claim (default %(default)s)")
+    p.add_argument("--log-level", default="warning",
+                   choices=["debug", "info", "warning", "error"], help="stderr log level")
+    p.add_argument("--trace-qmp", action="store_true", help="log every QMP message in and out")
+    return p
+
+
+def _chardev_listener(opts: dict[str, str]) -> Listener:
+    backend = opts.get("socket", "socket") if "socket" in opts else opts.get("backend", "socket")
+    if backend != "socket":
+        raise OptionError(f"chardev backend '{backend}' is not supported (only 'socket')")
+    if not parse_bool("server", opts.get("server", "off")):
+        raise OptionError("only server=on sockets are supported")
+    if "wait" in opts:
+        parse_bool("wait", opts["wait"])
+    if "path" in opts:
+        return UnixListener(opts["path"])
+    if "port" in opts:
+        try:
+            port = int(opts["port"])
+        except ValueError as err:
+            raise OptionError(f"Parameter 'port' expects a number: {opts['port']}") from err
+        return TcpListener(opts.get("host", "127.0.0.1"), port)
+    raise OptionError("chardev: 'path' or 'port' is required")
+
+
+def parse_listeners(args: argparse.Namespace) -> list[Listener]:
+    """Turn ``--socket``/``--chardev``/``--monitor`` into listeners.
+
+    :raise OptionError: on malformed or dangling options.
+    """
+    chardevs: dict[str, Listener] = {}
+    for text in args.chardev:
+        opts = parse_option_string(text, "socket")
+        if "id" not in opts:
+            raise OptionError(f"chardev: Parameter 'id' is missing in '{text}'")
+        if opts["id"] in chardevs:
+            raise OptionError(f"Duplicate chardev ID '{opts['id']}'")
+        chardevs[opts["id"]] = _chardev_listener(opts)
+    listeners: list[Listener] = [UnixListener(p) for p in args.socket]
+    for text in args.monitor:
+        opts = parse_option_string(text, "chardev")
+        if opts.get("mode", "control") != "control":
+            raise OptionError("only mode=control monitors are supported")
+        if "pretty" in opts and parse_bool("pretty", opts["pretty"]):
+            raise OptionError("pretty=on is not supported (line-based clients need compact output)")
+        if "path" in opts or "port" in opts:
+            listeners.append(_chardev_listener({"server": "on", **opts}))
+            continue
+        name = opts.get("chardev")
+        if name is None or name not in chardevs:
+            raise OptionError(f"chardev '{name}' not found")
+        listeners.append(chardevs.pop(name))
+    if not listeners:
+        listeners.append(UnixListener(DEFAULT_SOCKET))
+    return listeners
+
+
+def _parse_version(text: str) -> tuple[int, int, int]:
+    parts = text.split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise OptionError(f"--qemu-version expects X.Y.Z, not '{text}'")
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[Listener], DaemonConfig]:
+    """:return: namespace, listeners and config; exits 1 on bad input."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        listeners = parse_listeners(args)
+        config = DaemonConfig(
+            qemu_version=_parse_version(args.qemu_version),
+            package=f"qmpd-{__version__}",
+            name=args.name,
+        )
+    except OptionError as err:
+        parser.error(str(err))
+    return args, listeners, config
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.new_event_loop
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+async def _serve(args: argparse.Namespace, listeners: list[Listener], config: DaemonConfig,
+                 ready: Callable[[], None]) -> int:
+    from qmpd.server.daemon import Daemon
+
+    daemon = Daemon(config, listeners, trace=args.trace_qmp)
+    daemon.setup()
+    try:
+        await daemon.add_blockdevs(args.blockdev)
+        await daemon.start()
+    except Exception as err:  # noqa: BLE001 - one line to stderr, exit 1
+        sys.stderr.write(f"qmpd: {getattr(err, 'desc', None) or err}\n")
+        await daemon.cleanup()
+        return 1
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(
+            sig, lambda: daemon.spawn(daemon.request_shutdown("host-signal"), "signal")
+        )
+    if args.pidfile:
+        with open(args.pidfile, "w", encoding="ascii") as f:
+            f.write(f"{os.getpid()}\n")
+    ready()
+    try:
+        await daemon.wait_stopped()
+    finally:
+        await daemon.cleanup()
+        if args.pidfile:
+            try:
+                os.unlink(args.pidfile)
+            except FileNotFoundError:
+                pass
+    return 0
+
+
+def _daemonize() -> Callable[[], None]:
+    """Fork; the parent exits 0 once the child reports ready (1 otherwise)."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(wfd)
+        ok = os.read(rfd, 1) == b"1"
+        os._exit(0 if ok else 1)
+    os.close(rfd)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+
+    def ready() -> None:
+        os.write(wfd, b"1")
+        os.close(wfd)
+        os.dup2(devnull, 2)
+
+    return ready
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qmpd`` console script."""
+    args, listeners, config = parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.trace_qmp and logging.getLogger().level > logging.INFO:
+        logging.getLogger("qmpd.connection").setLevel(logging.INFO)
+    ready: Callable[[], None] = lambda: None  # noqa: E731
+    if args.daemonize:
+        ready = _daemonize()
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(_serve(args, listeners, config, ready))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""QEMU-style option strings: ``socket,id=mon0,path=/x.sock,server=on``.
+
+Items are separated by commas; a literal comma inside a value is written
+twice (``,,``), as QEMU's option parser wants.  An item without ``=`` is the
+implied first key (``socket`` for ``--chardev``, ``chardev`` for
+``--monitor``) when it comes first, else a boolean flag set to ``on``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["parse_option_string", "parse_bool", "OptionError"]
+
+
+class OptionError(ValueError):
+    """A command-line option string is malformed."""
+
+
+def _split(text: str) -> list[str]:
+    items: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == ",":
+            if i + 1 < len(text) and text[i + 1] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    items.append("".join(cur))
+    return items
+
+
+def parse_option_string(text: str, implied: str) -> dict[str, str]:
+    """Parse ``text`` into an ordered dict; ``implied`` names a bare first item.
+
+    :raise OptionError: on an empty item or a repeated key.
+    """
+    result: dict[str, str] = {}
+    for index, item in enumerate(_split(text)):
+        if not item:
+            raise OptionError(f"Invalid parameter '' in '{text}'")
+        if "=" in item:
+            key, value = item.split("=", 1)
+        elif index == 0:
+            key, value = implied, item
+        else:
+            key, value = item, "on"
+        if key in result:
+            raise OptionError(f"Parameter '{key}' given twice in '{text}'")
+        result[key] = value
+    return result
+
+
+def parse_bool(key: str, value: str) -> bool:
+    """QEMU's on/off spelling.  :raise OptionError: for anything else."""
+    if value in ("on", "yes", "true", "y"):
+        return True
+    if value in ("off", "no", "false", "n"):
+        return False
+    raise OptionError(f"Parameter '{key}' expects 'on' or 'off'")

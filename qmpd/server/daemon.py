@@ -1,0 +1,184 @@
+"""The daemon: set-up, serving, command execution and clean shutdown.
+
+Lifecycle (aiohttp's runner shape): :meth:`Daemon.setup` loads the schema,
+freezes and checks the registry and builds the shared state;
+:meth:`Daemon.start` opens the listeners; :meth:`Daemon.wait_stopped` returns
+once ``quit`` or a signal asked for shutdown; :meth:`Daemon.cleanup` stops
+accepting, closes connections (their output is flushed), removes socket
+files and closes the block graph.  Each stage is a plain loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Coroutine
+from typing import Any
+
+from qmpd import commands as _commands  # noqa: F401  (registers the handlers)
+from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState
+from qmpd.commands.registry import REGISTRY, Registry
+from qmpd.errors import QMPError
+from qmpd.events import EventBus
+from qmpd.events.names import SHUTDOWN
+from qmpd.protocol.session import Call, Session
+from qmpd.qapi.service import SchemaService
+from qmpd.server.connection import Connection
+from qmpd.server.listeners import Listener, UnixListener, open_listener
+
+__all__ = ["Daemon"]
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    """A qmpd instance serving one or more listeners."""
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        listeners: list[Listener],
+        *,
+        registry: Registry = REGISTRY,
+        trace: bool = False,
+    ) -> None:
+        self.config = config
+        self.listeners = listeners
+        self.trace = trace
+        self.events = EventBus()
+        self.stopping = False
+        self._registry = registry
+        self._lock = asyncio.Lock()
+        self._stopped = asyncio.Event()
+        self._servers: list[asyncio.base_events.Server] = []
+        self._connections: set[Connection] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.command_names: frozenset[str] = frozenset()
+        self.oob_commands: frozenset[str] = frozenset()
+        self.greeting: dict[str, Any] = {}
+        self.state = DaemonState(config=config, events=self.events, request_shutdown=self.request_shutdown)
+        self.schema: SchemaService | None = None
+
+    # -- lifecycle --------------------------------------------------------
+    def setup(self) -> None:
+        """Load the schema, freeze and check the registry, build the state.
+
+        :raise qmpd.errors.SchemaError: when registry and schema disagree.
+        """
+        self._registry.freeze()
+        self.schema = SchemaService.load()
+        names = self.schema.check_registry(set(self._registry))
+        self.command_names = frozenset(names)
+        self.oob_commands = self._registry.oob_commands
+        self.state.command_names = tuple(sorted(names))
+        self.state.introspection = self.schema.introspection(names)
+        major, minor, micro = self.config.qemu_version
+        self.greeting = {
+            "QMP": {
+                "version": {
+                    "qemu": {"micro": micro, "minor": minor, "major": major},
+                    "package": self.config.package,
+                },
+                "capabilities": ["oob"],
+            }
+        }
+        self._setup_domain()
+
+    def _setup_domain(self) -> None:
+        """Create the block graph and job manager when those layers exist."""
+        try:
+            from qmpd.block.graph import BlockGraph
+        except ImportError:  # pragma: no cover - during bring-up only
+            pass
+        else:
+            self.state.block = BlockGraph()
+        try:
+            from qmpd.jobs.manager import JobManager
+        except ImportError:  # pragma: no cover
+            pass
+        else:
+            self.state.jobs = JobManager(self.events)
+
+    async def start(self) -> None:
+        """Open every listener.  :raise OSError: when one cannot be bound."""
+        for spec in self.listeners:
+            label = spec.path if isinstance(spec, UnixListener) else f"{spec.host}:{spec.port}"
+            server = await open_listener(spec, lambda label=label: self._new_connection(label))
+            self._servers.append(server)
+            log.info("listening on %s", label)
+
+    def _new_connection(self, label: str) -> Connection:
+        conn = Connection(self, label)
+        self._connections.add(conn)
+        return conn
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task the daemon awaits at clean-up."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def wait_stopped(self) -> None:
+        """Return once shutdown was requested."""
+        await self._stopped.wait()
+
+    async def request_shutdown(self, reason: str) -> None:
+        """Emit SHUTDOWN, force-cancel every job, and stop serving."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.events.emit(SHUTDOWN, {"guest": False, "reason": reason})
+        if self.state.jobs is not None:
+            await self.state.jobs.shutdown()
+        self._stopped.set()
+
+    async def cleanup(self) -> None:
+        """Stop accepting, flush and close connections, release resources."""
+        for server in self._servers:
+            server.close()
+        for spec in self.listeners:
+            if isinstance(spec, UnixListener):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(spec.path)
+        await asyncio.sleep(0)
+        for conn in list(self._connections):
+            conn.close()
+        for server in self._servers:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), 2.0)
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=2.0)
+        for task in pending:
+            task.cancel()
+        if self.state.block is not None:
+            await self.state.block.close_all()
+
+    # -- commands ---------------------------------------------------------
+    async def execute(self, call: Call, conn: Connection) -> dict[str, Any]:
+        """Validate and run one command; commands never overlap.
+
+        :return: the reply message (success or error).
+        """
+        assert self.schema is not None
+        async with self._lock:
+            try:
+                args = self.schema.build_arguments(call.name, call.arguments)
+                spec = self._registry[call.name]
+                result = await spec.handler(CommandContext(self.state, conn), args)
+            except QMPError as err:
+                return Session.failure(call, err.error_class, err.desc)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("command %s failed unexpectedly", call.name)
+                return Session.failure(call, "GenericError", "Internal error in qmpd; see its log")
+            return Session.success(call, result)
