@@ -157,8 +157,9 @@ async def run_hmp(ctx: CommandContext, line: str) -> str:
 @command("human-monitor-command")
 async def human_monitor_command(ctx: CommandContext, args: Any) -> str:
     """Run an HMP command line; the output comes back as a string."""
-    if args.cpu_index is not None:
-        # qmpd has no vCPUs, like ``qemu-system-* -machine none``.
+    if args.cpu_index not in (None, 0):
+        # qmpd has one notional CPU, index 0: qmp-shell -H always sends
+        # cpu-index 0 (QEMU's ``-machine none`` has no CPU and refuses it).
         raise GenericError("Parameter 'cpu-index' expects a CPU number")
     try:
         return await run_hmp(ctx, args.command_line)

@@ -1,0 +1,73 @@
+"""Drivers ``null-co`` and ``null-aio``: no storage; reads return zeroes,
+writes vanish.  ``size`` defaults to 1 GiB; ``latency-ns`` delays every
+request."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from qmpd.block.drivers.base import BaseDriver, BlockDriver, OpenContext
+
+if TYPE_CHECKING:
+    from qmpd.block.node import BlockNode
+
+__all__ = ["NullDriver", "open_null"]
+
+
+class NullDriver(BaseDriver):
+    """See the module docstring.  Block status reports zeroes only with
+    ``read-zeroes`` (otherwise the content is undefined, i.e. data)."""
+
+    def __init__(self, name: str, size: int, read_zeroes: bool, latency_ns: int) -> None:
+        self.name = name
+        self._size = size
+        self.read_zeroes = read_zeroes
+        self._latency = latency_ns / 1e9
+
+    @property
+    def length(self) -> int:
+        return self._size
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}://"
+
+    async def _delay(self) -> None:
+        if self._latency:
+            await asyncio.sleep(self._latency)
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        await self._delay()
+        return bytes(length)
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        await self._delay()
+
+    async def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        await self._delay()
+
+    async def pdiscard(self, offset: int, length: int) -> None:
+        await self._delay()
+
+    async def flush_to_disk(self) -> None:
+        await self._delay()
+
+    async def block_status(self, offset: int, length: int) -> tuple[bool, int]:
+        return (not self.read_zeroes), length
+
+
+async def open_null(
+    options: Mapping[str, Any], ctx: OpenContext
+) -> tuple[BlockDriver, dict[str, BlockNode]]:
+    """Open a null node; never fails."""
+    return (
+        NullDriver(
+            str(options["driver"]),
+            int(options.get("size", 1 << 30)),
+            bool(options.get("read-zeroes", False)),
+            int(options.get("latency-ns", 0)),
+        ),
+        {},
+    )

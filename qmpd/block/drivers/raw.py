@@ -1,0 +1,84 @@
+"""Driver ``raw``: the format layer over a ``file`` child, with an optional
+``offset``/``size`` window.  It raises the blkdebug events ``read_aio`` and
+``write_aio`` on its child before forwarding reads and writes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from qmpd.block.drivers.base import BaseDriver, BlockDriver, OpenContext
+from qmpd.block.errors import NodeOpenError
+
+if TYPE_CHECKING:
+    from qmpd.block.node import BlockNode
+
+__all__ = ["RawDriver", "open_raw"]
+
+SECTOR = 512
+
+
+class RawDriver(BaseDriver):
+    """Maps node offsets to ``offset + n`` on the ``file`` child."""
+
+    name = "raw"
+
+    def __init__(self, file: BlockNode, offset: int, size: int | None) -> None:
+        self.file = file
+        self.offset = offset
+        self.size = size
+
+    @property
+    def length(self) -> int:
+        avail = max(0, self.file.length - self.offset)
+        return avail if self.size is None else min(self.size, avail)
+
+    @property
+    def filename(self) -> str:
+        return self.file.driver.filename
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        self.file.debug_event("read_aio")
+        return await self.file.read(self.offset + offset, length)
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.file.debug_event("write_aio")
+        await self.file.write(self.offset + offset, data)
+
+    async def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        await self.file.write_zeroes(self.offset + offset, length, may_unmap=may_unmap)
+
+    async def pdiscard(self, offset: int, length: int) -> None:
+        await self.file.discard(self.offset + offset, length)
+
+    async def block_status(self, offset: int, length: int) -> tuple[bool, int]:
+        return await self.file.block_status(self.offset + offset, length)
+
+    def actual_size(self) -> int | None:
+        return self.file.driver.actual_size()
+
+
+async def open_raw(
+    options: Mapping[str, Any], ctx: OpenContext
+) -> tuple[BlockDriver, dict[str, BlockNode]]:
+    """Open the ``file`` child, then check ``offset``/``size`` against it.
+
+    :raise NodeOpenError: QEMU's offset/size texts (which print the
+        not-yet-applied offset and size as 0, as QEMU does).
+    """
+    file = await ctx.open_child(options["file"], "file")
+    offset = int(options.get("offset", 0))
+    size = options.get("size")
+    real = file.length
+    if offset > real:
+        raise NodeOpenError(
+            f"Offset (0) cannot be greater than size of the containing file ({real})"
+        )
+    if size is not None and real - offset < int(size):
+        raise NodeOpenError(
+            "The sum of offset (0) and size (0) has to be smaller or equal to the "
+            f" actual size of the containing file ({real})"
+        )
+    if size is not None and int(size) % SECTOR:
+        raise NodeOpenError(f"Specified size is not multiple of {SECTOR}")
+    return RawDriver(file, offset, None if size is None else int(size)), {"file": file}

@@ -1,0 +1,332 @@
+"""Every file operation of qmpd, run off the event loop.
+
+This is the only module that opens image files or calls ``pread``,
+``pwrite``, ``fallocate``, ``fdatasync``, ``lseek(SEEK_DATA/SEEK_HOLE)``,
+``ftruncate`` or ``copy_file_range``.  Blocking calls go through one bounded
+:class:`~concurrent.futures.ThreadPoolExecutor`; callers only ``await``.
+
+Failures surface as :class:`~qmpd.block.errors.BlockIOError` carrying the
+errno.  Example::
+
+    img = await ImageFile.open("/tmp/a.img")
+    await img.write(0, b"\\xcd" * 65536)
+    await img.write_zeroes(65536, 65536, may_unmap=True)   # punches a hole
+    assert await img.block_status(65536, 1 << 20) == (False, ...)
+    img.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
+
+from qmpd.block.errors import BlockIOError
+
+__all__ = ["ImageFile", "copy_range", "create_file", "set_max_workers"]
+
+_T = TypeVar("_T")
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+
+#: Largest single zero-filled write used when fallocate cannot zero.
+_ZERO_CHUNK = 1 << 20
+_ZEROS = bytes(_ZERO_CHUNK)
+
+_max_workers = 8
+_executor: ThreadPoolExecutor | None = None
+
+
+def set_max_workers(n: int) -> None:
+    """Size the I/O thread pool (takes effect before the first request)."""
+    global _max_workers
+    _max_workers = max(1, n)
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(_max_workers, thread_name_prefix="qmpd-io")
+    return _executor
+
+
+async def _run(fn: Callable[..., _T], *args: object) -> _T:
+    """Run ``fn(*args)`` in the I/O pool; OSError becomes BlockIOError."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(_pool(), fn, *args)
+    except OSError as exc:
+        raise BlockIOError.from_oserror(exc) from exc
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+        fn = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_fallocate_fn = _load_fallocate()
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """Linux fallocate(2); raises OSError (ENOTSUP/EOPNOTSUPP if unsupported)."""
+    if _fallocate_fn is None:
+        raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+    if _fallocate_fn(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _unsupported(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+# --- blocking helpers (run in the pool) -----------------------------------
+
+
+def _pread(fd: int, offset: int, length: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    # Short read: retry until EOF, then zero-fill (QEMU pads past EOF).
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    parts.append(bytes(length - got))
+    return b"".join(parts)
+
+
+def _preadinto(fd: int, offset: int, buf: memoryview) -> None:
+    done = 0
+    total = len(buf)
+    while done < total:
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            buf[done:] = bytes(total - done)
+            return
+        done += n
+
+
+def _pwrite(fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+    n = os.pwrite(fd, data, offset)
+    if n == len(data):
+        return
+    view = memoryview(data)
+    while n < len(view):
+        w = os.pwrite(fd, view[n:], offset + n)
+        if w == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n += w
+
+
+def _write_zeroes(fd: int, offset: int, length: int, may_unmap: bool) -> None:
+    if may_unmap:
+        try:
+            _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+            return
+        except OSError as exc:
+            if not _unsupported(exc):
+                raise
+    try:
+        _fallocate(fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        return
+    except OSError as exc:
+        if not _unsupported(exc):
+            raise
+    try:
+        # Punch, then re-allocate so the range stays allocated (as QEMU does).
+        _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        try:
+            _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:
+            if not _unsupported(exc):
+                raise
+        return
+    except OSError as exc:
+        if not _unsupported(exc):
+            raise
+    end = offset + length
+    while offset < end:
+        n = min(_ZERO_CHUNK, end - offset)
+        _pwrite(fd, offset, memoryview(_ZEROS)[:n])
+        offset += n
+
+
+def _discard(fd: int, offset: int, length: int) -> None:
+    try:
+        _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    except OSError as exc:
+        if not _unsupported(exc):
+            raise
+        # Discard is advisory: an unsupported punch is a successful no-op.
+
+
+def _block_status(fd: int, offset: int, length: int) -> tuple[bool, int]:
+    try:
+        data = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # only a hole up to EOF
+            return False, length
+        if _unsupported(exc):
+            return True, length
+        raise
+    if data > offset:
+        return False, min(data - offset, length)
+    hole = os.lseek(fd, offset, os.SEEK_HOLE)
+    return True, max(1, min(hole - offset, length))
+
+
+def _copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int) -> None:
+    done = 0
+    try:
+        while done < length:
+            n = os.copy_file_range(src, dst, length - done, src_off + done, dst_off + done)
+            if n == 0:
+                break
+            done += n
+        if done == length:
+            return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    buf = bytearray(min(length - done, 1 << 20))
+    view = memoryview(buf)
+    while done < length:
+        n = min(len(buf), length - done)
+        _preadinto(src, src_off + done, view[:n])
+        _pwrite(dst, dst_off + done, view[:n])
+        done += n
+
+
+def _open(path: str, flags: int) -> int:
+    fd = os.open(path, flags)
+    try:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _create(path: str, size: int) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+# --- public API -----------------------------------------------------------
+
+
+class ImageFile:
+    """An open image file; every method but :meth:`close` runs in the pool."""
+
+    __slots__ = ("path", "fd", "read_only")
+
+    def __init__(self, path: str, fd: int, read_only: bool) -> None:
+        #: Path as given by the user.
+        self.path = path
+        #: The open file descriptor (-1 once closed).
+        self.fd = fd
+        #: Opened with O_RDONLY.
+        self.read_only = read_only
+
+    @classmethod
+    async def open(cls, path: str, *, read_only: bool = False, direct: bool = False) -> ImageFile:
+        """Open ``path`` (O_RDONLY when ``read_only``, O_DIRECT when ``direct``).
+
+        :raise BlockIOError: with the errno of open(2), e.g. ENOENT.
+        """
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        if direct:
+            flags |= getattr(os, "O_DIRECT", 0)
+        fd = await _run(_open, path, flags)
+        return cls(path, fd, read_only)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """:return: ``length`` bytes at ``offset`` (zeros past EOF)."""
+        return await _run(_pread, self.fd, offset, length)
+
+    async def readinto(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` from ``offset`` with preadv (no intermediate copy)."""
+        await _run(_preadinto, self.fd, offset, buf)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write all of ``data`` at ``offset``."""
+        await _run(_pwrite, self.fd, offset, data)
+
+    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        """Zero a range: punch a hole if ``may_unmap``, else zero-range, else
+        punch + re-allocate, else write zero buffers."""
+        await _run(_write_zeroes, self.fd, offset, length, may_unmap)
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Punch a hole (a no-op where the file system cannot)."""
+        await _run(_discard, self.fd, offset, length)
+
+    async def flush(self) -> None:
+        """fdatasync(2)."""
+        await _run(os.fdatasync, self.fd)
+
+    async def block_status(self, offset: int, length: int) -> tuple[bool, int]:
+        """:return: ``(is_data, n)``: the first ``n`` (>= 1, <= length) bytes
+        from ``offset`` are all data or all hole, per SEEK_DATA/SEEK_HOLE."""
+        return await _run(_block_status, self.fd, offset, length)
+
+    async def size(self) -> int:
+        """:return: the file size in bytes."""
+        st = await _run(os.fstat, self.fd)
+        return st.st_size
+
+    def allocated_size(self) -> int:
+        """:return: bytes allocated on disk (fstat ``st_blocks * 512``).
+
+        Synchronous: fstat of an open descriptor reads only inode metadata.
+        """
+        try:
+            return os.fstat(self.fd).st_blocks * 512
+        except OSError:
+            return -1
+
+    async def truncate(self, size: int) -> None:
+        """ftruncate(2) to ``size`` bytes."""
+        await _run(os.ftruncate, self.fd, size)
+
+    def close(self) -> None:
+        """Close the descriptor (idempotent)."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+async def copy_range(src: ImageFile, src_off: int, dst: ImageFile, dst_off: int, length: int) -> None:
+    """Copy ``length`` bytes with copy_file_range(2), falling back to
+    preadv/pwrite through one buffer when the kernel refuses."""
+    await _run(_copy_range, src.fd, src_off, dst.fd, dst_off, length)
+
+
+async def create_file(path: str, size: int) -> None:
+    """Create or truncate ``path`` to a sparse file of ``size`` bytes
+    (``blockdev-create`` driver ``file``)."""
+    await _run(_create, path, size)

@@ -1,0 +1,1 @@
+"""Shared test helpers: daemons on real sockets and a raw byte client."""
