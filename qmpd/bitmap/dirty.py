@@ -136,8 +136,9 @@ class DirtyBitmap:
 
         Each keyword selects whether that condition is checked.
 
-        :raises BitmapBusy: / :raises BitmapReadonly: /
-        :raises BitmapInconsistent: for the first selected condition that holds.
+        :raises BitmapBusy: if selected and busy.
+        :raises BitmapReadonly: if selected and read-only.
+        :raises BitmapInconsistent: if selected and inconsistent.
         """
         label = self.name or ""
         if busy and self.busy:
@@ -241,8 +242,9 @@ def merge(target: DirtyBitmap, sources: Iterable[DirtyBitmap]) -> None:
     is untouched on any error.  The target may be one of the sources; any
     granularities may be mixed; no sources is a no-op.
 
-    :raises BitmapBusy: / :raises BitmapReadonly: /
-    :raises BitmapInconsistent: from the checks.
+    :raises BitmapBusy: if the target or a source is busy.
+    :raises BitmapReadonly: if the target is read-only.
+    :raises BitmapInconsistent: if the target or a source is inconsistent.
     :raises BitmapError: if a source covers a different size.
     """
     target.check()
@@ -416,7 +418,8 @@ class BitmapList:
     def check_can_remove(bitmap: DirtyBitmap) -> None:
         """block-dirty-bitmap-remove: busy, then readonly.
 
-        :raises BitmapBusy: / :raises BitmapReadonly:
+        :raises BitmapBusy: if busy.
+        :raises BitmapReadonly: if read-only.
         """
         bitmap.check(inconsistent=False)
 
@@ -424,7 +427,9 @@ class BitmapList:
     def check_can_clear(bitmap: DirtyBitmap) -> None:
         """block-dirty-bitmap-clear: busy, readonly, inconsistent.
 
-        :raises BitmapBusy: / :raises BitmapReadonly: / :raises BitmapInconsistent:
+        :raises BitmapBusy: if busy.
+        :raises BitmapReadonly: if read-only.
+        :raises BitmapInconsistent: if inconsistent.
         """
         bitmap.check()
 
@@ -432,7 +437,8 @@ class BitmapList:
     def check_can_enable(bitmap: DirtyBitmap) -> None:
         """block-dirty-bitmap-enable: busy, then inconsistent.
 
-        :raises BitmapBusy: / :raises BitmapInconsistent:
+        :raises BitmapBusy: if busy.
+        :raises BitmapInconsistent: if inconsistent.
         """
         bitmap.check(readonly=False)
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from itertools import chain
 
 import numpy as np
 import numpy.typing as npt
@@ -43,7 +44,7 @@ from bitarray.util import zeros
 __all__ = ["HBitmap"]
 
 #: Bits examined per step by the run finder (bounds its temporary arrays).
-_WINDOW = 1 << 20
+_WINDOW = 1 << 21
 
 _IntArray = npt.NDArray[np.int64]
 _ByteArray = npt.NDArray[np.uint8]
@@ -276,19 +277,26 @@ class HBitmap:
         return (start, (stop if clean < 0 else clean) - start)
 
     def dirty_extents(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
-        """Yield ``(offset, length)`` of every maximal dirty run, in order.
+        """:return: an iterator of ``(offset, length)`` of every maximal
+            dirty run, in order, in bytes, clipped to ``[start, end)`` and to
+            :attr:`size`.
 
-        Runs are in bytes, clipped to ``[start, end)`` and to :attr:`size`.
-        Changing the bitmap while iterating is undefined.
+        Runs are found a window at a time, and each window's runs are handed
+        out by a C iterator.  Changing the bitmap while iterating is undefined.
         """
         stop = self._size if end is None else min(end, self._size)
         start = max(start, 0)
         if start >= stop or self._count == 0:
-            return
+            return iter(())
+        return chain.from_iterable(self._extent_batches(start, stop))
+
+    def _extent_batches(self, start: int, stop: int) -> Iterator[Iterator[tuple[int, int]]]:
         shift = self._shift
-        for first, last in _runs(self._bits, start >> shift, ((stop - 1) >> shift) + 1):
-            lo = max(first << shift, start)
-            yield lo, min(last << shift, stop) - lo
+        b0, b1 = start >> shift, ((stop - 1) >> shift) + 1
+        for firsts, lasts in _runs(self._bits, b0, b1):
+            lo = np.maximum(firsts << shift, start)
+            hi = np.minimum(lasts << shift, stop)
+            yield zip(lo.tolist(), (hi - lo).tolist())
 
     def to_bytes_le(self) -> bytes:
         """:return: ``ceil(nbits/8)`` bytes; bit i is bit ``i%8`` of byte ``i//8``."""
@@ -307,56 +315,78 @@ class HBitmap:
 # ------------------------------------------------------------------ helpers
 
 
-def _ones(bits: bitarray) -> _IntArray:
-    """:return: the sorted indices of the set bits of ``bits`` (numpy)."""
-    buf = np.frombuffer(bits.tobytes(), dtype=np.uint8)
-    nz = np.flatnonzero(buf)
-    rows, cols = np.nonzero(np.unpackbits(buf[nz][:, None], axis=1, bitorder="little"))
-    return nz[rows].astype(np.int64) * 8 + cols
+def _runs(bits: bitarray, b0: int, b1: int) -> Iterator[tuple[_IntArray, _IntArray]]:
+    """Yield arrays of ``first`` and ``last`` (exclusive) bit indices of the
+    runs of ones in ``[b0, b1)``, in order, a window of bits at a time.
 
-
-def _runs(bits: bitarray, b0: int, b1: int) -> Iterator[tuple[int, int]]:
-    """Yield ``(first, last)`` bit indices of the runs of ones in ``[b0, b1)``.
-
-    Each window of bits is XORed with itself shifted by one; the set bits of
-    the result are where runs start and end, alternately.
+    The bits XORed with themselves shifted by one are set where runs start
+    and end, alternately; numpy finds the set bits of each window.
     """
-    open_start = -1
-    for ws in range(b0, b1, _WINDOW):
-        we = min(ws + _WINDOW, b1)
-        sub = bits[ws:we]
-        if open_start < 0 and not sub.any():
+    sub = bits[b0:b1]
+    edges = np.frombuffer((sub ^ (sub >> 1)).tobytes(), dtype=np.uint8)
+    pending: _IntArray = np.empty(0, np.int64)
+    step = _WINDOW // 8 or 1
+    for w0 in range(0, edges.size, step):
+        window = edges[w0 : w0 + step]
+        nz = np.flatnonzero(window.view(np.bool_))
+        if nz.size == 0:
             continue
-        prev = sub >> 1
-        prev[0] = bits[ws - 1] if ws > b0 else 0
-        edges = (_ones(sub ^ prev) + ws).tolist()
-        if open_start >= 0:
-            if not edges:
-                continue
-            yield open_start, edges[0]
-            edges = edges[1:]
-            open_start = -1
-        if len(edges) % 2:
-            open_start = edges.pop()
-        yield from zip(edges[0::2], edges[1::2])
-    if open_start >= 0:
-        yield open_start, b1
+        flat = np.flatnonzero(np.unpackbits(window[nz], bitorder="little").view(np.bool_))
+        pos = nz[flat >> 3].astype(np.int64) * 8 + (flat & 7) + (b0 + w0 * 8)
+        if pending.size:
+            pos = np.concatenate([pending, pos])
+        cut = pos.size & ~1
+        pending = pos[cut:]
+        if cut:
+            yield pos[0:cut:2], pos[1:cut:2]
+    if pending.size:
+        yield pending, np.array([b1], np.int64)
 
 
-def _lut_compress(k: int) -> _ByteArray:
-    """Byte -> ``8/k`` bits, each the OR of ``k`` adjacent input bits."""
-    mask = (1 << k) - 1
-    table = [
-        sum(1 << j for j in range(8 // k) if (b >> (j * k)) & mask) for b in range(256)
-    ]
-    return np.array(table, dtype=np.uint8)
+_HALVE_STEPS = [
+    (1, 0x3333333333333333),
+    (2, 0x0F0F0F0F0F0F0F0F),
+    (4, 0x00FF00FF00FF00FF),
+    (8, 0x0000FFFF0000FFFF),
+    (16, 0x00000000FFFFFFFF),
+]
+
+_SPREAD_STEPS = [
+    (16, 0x0000FFFF0000FFFF),
+    (8, 0x00FF00FF00FF00FF),
+    (4, 0x0F0F0F0F0F0F0F0F),
+    (2, 0x3333333333333333),
+    (1, 0x5555555555555555),
+]
 
 
-def _lut_expand(k: int) -> npt.NDArray[np.generic]:
-    """Byte -> ``8*k`` bits, each input bit repeated ``k`` times (little-endian)."""
-    run = (1 << k) - 1
-    table = [sum(run << (j * k) for j in range(8) if b >> j & 1) for b in range(256)]
-    return np.array(table, dtype=f"<u{k}")
+def _halve(buf: _ByteArray) -> _ByteArray:
+    """OR adjacent pairs of bits: ``n`` bits (as bytes) -> ``ceil(n/2)`` bits.
+
+    Works on 64-bit words: OR each odd bit into the even bit below it, then
+    squeeze the even bits together with the usual mask-and-shift ladder.
+    """
+    buf = np.concatenate([buf, np.zeros(-buf.size % 8, np.uint8)])
+    x = buf.view("<u8")
+    x = (x | (x >> np.uint64(1))) & np.uint64(0x5555555555555555)
+    for shift, mask in _HALVE_STEPS:
+        x = (x | (x >> np.uint64(shift))) & np.uint64(mask)
+    out: _ByteArray = x.astype("<u4").view(np.uint8)
+    return out
+
+
+def _double(buf: _ByteArray) -> _ByteArray:
+    """Repeat every bit twice: ``n`` bits (as bytes) -> ``2n`` bits.
+
+    The inverse ladder of :func:`_halve`: spread 32 bits over the even bits
+    of a 64-bit word, then copy each even bit into the odd bit above it.
+    """
+    buf = np.concatenate([buf, np.zeros(-buf.size % 4, np.uint8)])
+    x = buf.view("<u4").astype("<u8")
+    for shift, mask in _SPREAD_STEPS:
+        x = (x | (x << np.uint64(shift))) & np.uint64(mask)
+    out: _ByteArray = (x | (x << np.uint64(1))).view(np.uint8)
+    return out
 
 
 def _convert(src: bitarray, src_shift: int, dst_shift: int, nbits: int) -> bitarray:
@@ -365,11 +395,10 @@ def _convert(src: bitarray, src_shift: int, dst_shift: int, nbits: int) -> bitar
     if src_shift < dst_shift:  # coarsen: OR groups of k bits
         k = 1 << (dst_shift - src_shift)
         if k < 8:
-            lut = _lut_compress(k)
-            buf = np.concatenate([buf, np.zeros(-buf.size % k, np.uint8)])
-            out = np.zeros(buf.size // k, np.uint8)
-            for r in range(k):
-                out |= lut[buf[r::k]] << np.uint8(r * 8 // k)
+            out = buf
+            while k > 1:
+                out = _halve(out)
+                k //= 2
         else:
             m = k // 8  # bytes per destination bit
             buf = np.concatenate([buf, np.zeros(-buf.size % m, np.uint8)])
@@ -384,7 +413,10 @@ def _convert(src: bitarray, src_shift: int, dst_shift: int, nbits: int) -> bitar
     else:  # refine: repeat every bit k times
         k = 1 << (src_shift - dst_shift)
         if k < 8:
-            out = _lut_expand(k)[buf].view(np.uint8)
+            out = buf
+            while k > 1:
+                out = _double(out)
+                k //= 2
         else:
             ones = np.unpackbits(buf, bitorder="little") * np.uint8(0xFF)
             out = np.repeat(ones, k // 8)

@@ -72,7 +72,8 @@ class BlkdebugDriver(BaseDriver):
         #: Current state (starts at 1).
         self.state = 1
         self._rules: dict[str, list[InjectRule | SetStateRule]] = {}
-        for rule in [*inject, *set_state]:
+        rules: list[InjectRule | SetStateRule] = [*inject, *set_state]
+        for rule in rules:
             self._rules.setdefault(rule.event, []).append(rule)
         self._active: list[InjectRule] = []
 

@@ -1,0 +1,295 @@
+"""The node graph: ``blockdev-add``, ``blockdev-del`` and node lookups.
+
+Options arrive as a plain, schema-validated mapping shaped like QAPI
+``BlockdevOptions`` (dashed keys).  Children are inline mappings (opened
+here, auto-named ``#block<n><2 digits>`` when nameless, owned by their
+parent) or the node-name of an existing node::
+
+    g = BlockGraph()
+    await g.add({"driver": "raw", "node-name": "drive0",
+                 "file": {"driver": "file", "filename": "/x.img"}})
+    g.names()   # ['#block123', 'drive0']  (creation order: children first)
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Container, Iterator, Mapping
+from typing import Any
+
+from qmpd.block.drivers import DRIVERS, OpenContext
+from qmpd.block.errors import NodeInUse, NodeNameError, NodeNotFound, NodeOpenError
+from qmpd.block.node import BlockNode
+
+__all__ = ["BlockGraph", "MAX_NODE_NAME"]
+
+#: Longest node-name (QEMU's 32-byte buffer minus the NUL).
+MAX_NODE_NAME = 31
+_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
+
+
+class BlockGraph:
+    """All nodes, in creation order.
+
+    :param device_names: BlockBackend (device) names, which node-names must
+        not clash with; empty unless the lead adds ``-drive`` style devices.
+    :param rng: random source for the two digits of automatic names.
+    """
+
+    def __init__(
+        self,
+        *,
+        device_names: Callable[[], Container[str]] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._nodes: dict[str, BlockNode] = {}
+        self._counter = 0
+        self._device_names = device_names or (lambda: ())
+        self._rng = rng or random.Random()
+        self._reserved: set[str] = set()
+
+    # ------------------------------------------------------------ lookups
+
+    def __iter__(self) -> Iterator[BlockNode]:
+        """Nodes in creation order (query-named-block-nodes)."""
+        return iter(list(self._nodes.values()))
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._nodes
+
+    def names(self) -> list[str]:
+        """:return: node-names in creation order."""
+        return list(self._nodes)
+
+    def get(self, name: str) -> BlockNode | None:
+        """:return: the node called ``name``, or None."""
+        return self._nodes.get(name)
+
+    def lookup(self, name: str, *, device: str | None = None) -> BlockNode:
+        """Device-or-node lookup (blockdev-backup, bitmap-add, HMP qemu-io).
+
+        :param device: the device name to print; defaults to ``name``
+            (backup and bitmap-add give the same name twice; HMP gives "").
+        :raise NodeNotFound: ``"Cannot find device='%s' nor node-name='%s'"``.
+        """
+        node = self._nodes.get(name)
+        if node is None:
+            dev = name if device is None else device
+            raise NodeNotFound(f"Cannot find device='{dev}' nor node-name='{name}'")
+        return node
+
+    def lookup_node(self, name: str) -> BlockNode:
+        """Lookup of the bitmap commands (remove/clear/enable/.../sha256).
+
+        :raise NodeNotFound: ``"Node '%s' not found"``.
+        """
+        node = self._nodes.get(name)
+        if node is None:
+            raise NodeNotFound(f"Node '{name}' not found")
+        return node
+
+    def info(self, flat: bool = False) -> list[dict[str, Any]]:
+        """:return: query-named-block-nodes (creation order)."""
+        return [node.info(flat) for node in self._nodes.values()]
+
+    # ------------------------------------------------------------ names
+
+    def check_node_name(self, name: str) -> None:
+        """Apply the node-name rules in QEMU's order.
+
+        :raise NodeNameError: ``"Invalid node-name: '%s'"``,
+            ``"node-name=%s is conflicting with a device id"``,
+            ``"Duplicate nodes with node-name='%s'"``, ``"Node name too long"``.
+        """
+        if not _NAME_RE.match(name):
+            raise NodeNameError(f"Invalid node-name: '{name}'")
+        if name in self._device_names():
+            raise NodeNameError(f"node-name={name} is conflicting with a device id")
+        if name in self._nodes or name in self._reserved:
+            raise NodeNameError(f"Duplicate nodes with node-name='{name}'")
+        if len(name) > MAX_NODE_NAME:
+            raise NodeNameError("Node name too long")
+
+    def generate_name(self) -> str:
+        """:return: a fresh ``#block<counter><2 random digits>`` name."""
+        while True:
+            self._counter += 1
+            name = f"#block{self._counter}{self._rng.randrange(100):02d}"
+            if name not in self._nodes and name not in self._reserved:
+                return name
+
+    # ------------------------------------------------------------ blockdev-add
+
+    async def add(self, options: Mapping[str, Any]) -> BlockNode:
+        """blockdev-add: open the node and its inline children.
+
+        On failure nothing stays behind: opened files are closed and no name
+        is registered.
+
+        :raise NodeNameError: missing/invalid/duplicate/too long name.
+        :raise NodeOpenError: the driver or a file could not be opened.
+        :raise NodeNotFound: a child given by name does not exist.
+        """
+        if options.get("node-name") is None:
+            raise NodeNameError("'node-name' must be specified for the root node")
+        created: list[BlockNode] = []
+        mine: set[str] = set()
+        try:
+            node = await self._open(options, None, created, mine)
+        except BaseException:
+            for n in reversed(created):
+                n.detach_children()
+                n.close()
+            raise
+        finally:
+            self._reserved -= mine
+        for n in created:
+            self._nodes[n.node_name] = n
+        return node
+
+    async def _open(
+        self,
+        options: Mapping[str, Any],
+        inherited: Mapping[str, Any] | None,
+        created: list[BlockNode],
+        mine: set[str],
+    ) -> BlockNode:
+        opts = dict(options)
+        if inherited is not None:
+            for key in ("read-only",):
+                if key in inherited and key not in opts:
+                    opts[key] = inherited[key]
+            cache = dict(inherited.get("cache") or {})
+            cache.update(opts.get("cache") or {})
+            opts["cache"] = cache
+            opts.setdefault("discard", "unmap")
+        name = opts.get("node-name")
+        auto = name is None
+        if name is None:
+            name = self.generate_name()
+        else:
+            self.check_node_name(str(name))
+        name = str(name)
+        self._reserved.add(name)
+        mine.add(name)
+        discard = "unmap" if opts.get("discard", "ignore") in ("unmap", "on") else "ignore"
+        detect = str(opts.get("detect-zeroes", "off"))
+        if detect == "unmap" and discard != "unmap":
+            raise NodeOpenError(
+                "setting detect-zeroes to unmap is not allowed "
+                "without setting discard operation to unmap"
+            )
+        read_only = bool(opts.get("read-only", False))
+        cache = opts.get("cache") or {}
+        driver_name = str(opts["driver"])
+        opener = DRIVERS.get(driver_name)
+        if opener is None:
+            raise NodeOpenError(f"Unknown driver '{driver_name}'")
+
+        async def open_child(ref: Any, role: str) -> BlockNode:
+            if isinstance(ref, str):
+                child = self._nodes.get(ref)
+                if child is None:
+                    raise NodeNotFound(f"Cannot find device='{ref}' nor node-name='{ref}'")
+            else:
+                child = await self._open(ref, opts, created, mine)
+            if child.read_only and not read_only:
+                raise NodeOpenError("Block node is read-only")
+            return child
+
+        ctx = OpenContext(name, read_only, bool(cache.get("direct", False)), open_child)
+        driver, children = await opener(opts, ctx)
+        try:
+            node = BlockNode(
+                name,
+                driver,
+                children=children,
+                read_only=read_only,
+                discard=discard,
+                detect_zeroes=detect,
+                cache_direct=bool(cache.get("direct", False)),
+                cache_no_flush=bool(cache.get("no-flush", False)),
+                auto_named=auto,
+                owned_by_monitor=inherited is None,
+            )
+        except BaseException:
+            driver.close()
+            raise
+        created.append(node)
+        return node
+
+    def add_node(self, node: BlockNode) -> None:
+        """Register a node built elsewhere (e.g. a job's filter).
+
+        :raise NodeNameError: the name is taken.
+        """
+        if node.node_name in self._nodes:
+            raise NodeNameError(f"Duplicate nodes with node-name='{node.node_name}'")
+        self._nodes[node.node_name] = node
+
+    def replace_node(self, old: BlockNode, new: BlockNode) -> None:
+        """Re-point every parent edge of ``old`` (except from ``new``) to ``new``.
+
+        Used to insert a filter above ``old`` and to remove it again.
+        """
+        for parent in list(old.parents):
+            if parent is new:
+                continue
+            for role, child in list(parent.children.items()):
+                if child is old:
+                    parent.attach_child(role, new)
+
+    # ------------------------------------------------------------ blockdev-del
+
+    def check_delete(self, name: str) -> BlockNode:
+        """blockdev-del's refusals, in QEMU's order.
+
+        :raise NodeNotFound: ``"Failed to find node with node-name='%s'"``.
+        :raise NodeInUse: ``"Node %s is in use"`` (attached to a device), the
+            op-blocker text, ``"Node %s is not owned by the monitor"``,
+            ``"Block device %s is in use"`` (a parent or holder references it).
+        """
+        node = self._nodes.get(name)
+        if node is None:
+            raise NodeNotFound(f"Failed to find node with node-name='{name}'")
+        if node.backend is not None:
+            raise NodeInUse(f"Node {name} is in use")
+        node.check_not_busy()
+        if not node.owned_by_monitor:
+            raise NodeInUse(f"Node {name} is not owned by the monitor")
+        if node.in_use:
+            raise NodeInUse(f"Block device {name} is in use")
+        return node
+
+    async def delete(self, name: str) -> None:
+        """blockdev-del: check, unregister, flush and close the node and the
+        inline children nobody else references.  Flush errors are ignored.
+
+        :raise NodeNotFound: / :raise NodeInUse: see :meth:`check_delete`.
+        """
+        await self.remove_node(self.check_delete(name))
+
+    async def remove_node(self, node: BlockNode) -> None:
+        """Drop ``node`` (no checks) and its now-unreferenced non-monitor
+        children; flushes before closing each."""
+        self._nodes.pop(node.node_name, None)
+        try:
+            await node.flush()
+        except OSError:
+            pass
+        for child in node.detach_children():
+            if not child.owned_by_monitor and not child.in_use:
+                await self.remove_node(child)
+        node.close()
+
+    async def close(self) -> None:
+        """Remove every node (daemon shutdown), parents first."""
+        for node in reversed(list(self._nodes.values())):
+            if node.node_name in self._nodes and not node.parents:
+                await self.remove_node(node)
+        for node in list(self._nodes.values()):
+            await self.remove_node(node)

@@ -1,0 +1,90 @@
+"""QMP output encoding, as QEMU's ``qobject/json-writer.c`` prints it.
+
+Compact form (``": "`` and ``", "``), ASCII only: characters below 0x20
+and from 0x7F on are ``\\uXXXX`` with upper-case hex (surrogate pairs above
+the BMP), ``"`` ``\\`` ``\\b`` ``\\f`` ``\\n`` ``\\r`` ``\\t`` use short escapes.
+One message per line, ending in CR LF.
+
+Deviations from QEMU, on purpose: floats are printed like Python's
+``repr`` (shortest round-trip form) instead of ``%.17g``; infinities are
+written ``1e999`` / ``-1e999`` (which JSON parsers, QEMU's included, read
+back as infinity) instead of the invalid token ``inf``; NaN is written
+``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+__all__ = ["encode"]
+
+_dumps = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(", ", ": ")).encode
+_escape = json.encoder.encode_basestring_ascii
+_LOWER_U = re.compile(r"\\(?:\\|u([0-9a-f]{4}))")
+
+
+def _upper_hex(match: re.Match[str]) -> str:
+    digits = match.group(1)
+    return "\\\\" if digits is None else "\\u" + digits.upper()
+
+
+def _fix_hex(text: str) -> str:
+    return _LOWER_U.sub(_upper_hex, text) if "\\u" in text else text
+
+
+def _float(value: float) -> str:
+    if math.isnan(value):
+        return "null"
+    if math.isinf(value):
+        return "1e999" if value > 0 else "-1e999"
+    return repr(value)
+
+
+def _slow(obj: object) -> str:
+    """Iterative encoder: for NaN/infinity and nesting too deep for ``json``."""
+    parts: list[str] = []
+    # Work items are values to encode or literal strings (wrapped in a tuple).
+    todo: list[Any] = [obj]
+    while todo:
+        item = todo.pop()
+        if type(item) is tuple:
+            parts.append(item[0])
+        elif isinstance(item, str):
+            parts.append(_escape(item))
+        elif item is None or item is True or item is False:
+            parts.append("null" if item is None else "true" if item else "false")
+        elif isinstance(item, int):
+            parts.append(int.__repr__(item))
+        elif isinstance(item, float):
+            parts.append(_float(item))
+        elif isinstance(item, dict):
+            seq: list[Any] = [("}",)]
+            for index, (key, value) in enumerate(reversed(item.items())):
+                seq.append(value)
+                sep = ", " if index < len(item) - 1 else ""
+                seq.append((sep + _escape(str(key)) + ": ",))
+            seq.append(("{",))
+            todo.extend(seq)
+        elif isinstance(item, (list, tuple)):
+            seq = [("]",)]
+            for index, value in enumerate(reversed(item)):
+                seq.append(value)
+                if index < len(item) - 1:
+                    seq.append((", ",))
+            seq.append(("[",))
+            todo.extend(seq)
+        else:
+            raise TypeError(f"cannot encode {type(item).__name__}")
+    return "".join(parts)
+
+
+def encode(obj: object) -> bytes:
+    """One QMP output line (compact QEMU formatting) ending in ``\\r\\n``."""
+    try:
+        text = _dumps(obj)
+    except (ValueError, RecursionError):
+        text = _slow(obj)
+    return (_fix_hex(text) + "\r\n").encode("ascii")

@@ -1,0 +1,174 @@
+"""Speculative framing plus ``json.loads`` for well-formed messages.
+
+At a clean point of the stream (no partial message, lexer in its start
+state) a message starting with ``{`` or ``[`` is *scanned* rather than
+lexed: string bodies and runs between brackets are swallowed by regular
+expressions, brackets are counted.  Once the brackets balance, the span is
+decoded with the C ``json`` module plus checks that make its result
+identical to QEMU's.  Anything unusual (a byte that could be a lexical
+error, a limit in sight, single quotes, invalid UTF-8, a parse failure...)
+makes the caller re-run the exact lexer and parser from the span start, so
+the fast path only ever decides "this is that value", never an error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from qmpd.protocol.parser import NONCHARACTER, parse_integer
+
+__all__ = ["Scanner", "NEED_MORE", "BAIL", "fast_decode"]
+
+NEED_MORE = -1
+BAIL = -2
+
+_WS = re.compile(rb"[ \t\r\n]*+")
+# Between tokens of valid JSON: whitespace, separators, keywords, numbers.
+_REGION = re.compile(rb"[ \t\r\n:,0-9a-z.+\-E]*+")
+# Region contents that QEMU lexes without a lexical error, and whose numbers
+# Python's json reads the same way ("0e5" is three tokens to QEMU: bail).
+_REGION_OK = re.compile(
+    rb"(?:[ \t\r\n:,]++|[a-z]++"
+    rb"|-?+(?:0(?![0-9eE])|[1-9][0-9]*+)(?:\.[0-9]++)?+(?:[eE][+-]?+[0-9]++)?+(?![.eE]))*+"
+)
+_STR_BODY = re.compile(rb'[^"\\\x00-\x1f\xfe\xff]*+(?:\\[\x20-\xfd][^"\\\x00-\x1f\xfe\xff]*+)*+')
+_OPEN = {0x7B: 0, 0x5B: 1}
+_CLOSE = {0x7D: 0, 0x5D: 1}
+#: Python's json C code recurses; stay well inside the recursion limit.
+_FAST_DEPTH = 200
+
+
+
+def _run_end(pattern: re.Pattern[bytes], buf: bytearray, pos: int) -> int:
+    """End of ``pattern``'s (always successful, possibly empty) match at ``pos``."""
+    match = pattern.match(buf, pos)
+    assert match is not None
+    return match.end()
+
+class Scanner:
+    """Incremental bracket scanner for one speculative message."""
+
+    __slots__ = ("start", "pos", "counts", "in_string", "max_depth")
+
+    def __init__(self, max_depth: int) -> None:
+        self.max_depth = min(max_depth, _FAST_DEPTH)
+        self.begin(0)
+
+    def begin(self, start: int) -> None:
+        self.start = start
+        self.pos = start
+        self.counts = [0, 0]
+        self.in_string = False
+
+    def scan(self, buf: bytearray, limit: int) -> int:
+        """Advance; return the span end, NEED_MORE or BAIL."""
+        n = len(buf)
+        pos = self.pos
+        counts = self.counts
+        while True:
+            if self.in_string:
+                pos = _run_end(_STR_BODY, buf, pos)
+                if pos >= n - 1 and (pos == n or buf[pos] == 0x5C):
+                    break
+                if buf[pos] != 0x22:
+                    return BAIL
+                pos += 1
+                self.in_string = False
+            end = _run_end(_REGION, buf, pos)
+            if end > pos:
+                if end >= n:  # the run may continue: check what is complete
+                    cut = buf.rfind(b",", pos, end)
+                    if cut >= 0 and not _REGION_OK.fullmatch(buf, pos, cut):
+                        return BAIL
+                    pos = cut + 1 if cut >= 0 else pos
+                    break
+                if not _REGION_OK.fullmatch(buf, pos, end):
+                    return BAIL
+                pos = end
+            if pos >= n:
+                break
+            c = buf[pos]
+            pos += 1
+            if c == 0x22:
+                self.in_string = True
+            elif c in _OPEN:
+                counts[_OPEN[c]] += 1
+                if counts[0] + counts[1] > self.max_depth:
+                    return BAIL
+            elif c in _CLOSE:
+                counts[_CLOSE[c]] -= 1
+                if counts[0] < 0 or counts[1] < 0:
+                    return BAIL
+                if counts[0] == counts[1] == 0:
+                    return pos if pos - self.start < limit else BAIL
+            else:
+                return BAIL
+            if pos - self.start >= limit:
+                return BAIL
+        self.pos = pos
+        return BAIL if pos - self.start >= limit else NEED_MORE
+
+
+class _Reject(ValueError):
+    pass
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _Reject("duplicate key")
+    return obj
+
+
+def _constant(name: str) -> Any:
+    raise _Reject(name)
+
+
+def _integer(text: str) -> int | float:
+    return parse_integer(text.encode("ascii"))
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_int=_integer, parse_constant=_constant)
+
+
+def _strings_ok(value: object) -> bool:
+    """No lone surrogate or noncharacter (possible through ``\\u`` escapes)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and (NONCHARACTER.search(item) or _SURROGATE.search(item)):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def fast_decode(raw: bytes, max_tokens: int) -> tuple[bool, object]:
+    """Decode a scanned span: ``(True, value)``, or ``(False, None)`` to fall back."""
+    if len(raw) > max_tokens // 2:
+        # Every scalar follows one of { [ , : so tokens <= 2 * structurals.
+        structurals = sum(raw.count(c) for c in (b"{", b"}", b"[", b"]", b":", b","))
+        if 2 * structurals > max_tokens:
+            return False, None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False, None
+    if not text.isascii() and NONCHARACTER.search(text):
+        return False, None
+    try:
+        value = _DECODER.decode(text)
+    except (ValueError, RecursionError):
+        return False, None
+    if "\\u" in text and not _strings_ok(value):
+        return False, None
+    return True, value
