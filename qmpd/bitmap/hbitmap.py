@@ -21,9 +21,11 @@ The bits live in one little-endian :class:`bitarray.bitarray` (``nbits/8``
 bytes), so bit ``i`` is bit ``i % 8`` of byte ``i // 8`` -- the byte layout of
 QEMU's leaf level on x86-64, hashed by :meth:`HBitmap.sha256`.  Every
 operation runs in C: range updates and searches in bitarray, run detection
-and granularity conversion in numpy.  Python loops only ever run once per
-dirty *extent* (or per window of 2**20 bits), never per bit.  The number of
-set bits is kept up to date on every change, so :meth:`HBitmap.count` is O(1).
+and granularity conversion in numpy (64-bit mask-and-shift ladders for
+factors 2 and 4, byte/word views beyond).  Python loops run once per window
+of 2**21 bits or per factor of two, never per bit; extents are handed out by
+a C iterator.  The number of set bits is kept up to date on every change, so
+:meth:`HBitmap.count` is O(1); bulk operations recount once (a popcount).
 
 Unlike QEMU's HBitmap there are no upper levels: bitarray's searches skip
 clean 64-bit words, which is fast enough at the sizes qmpd deals with
@@ -294,8 +296,9 @@ class HBitmap:
         shift = self._shift
         b0, b1 = start >> shift, ((stop - 1) >> shift) + 1
         for firsts, lasts in _runs(self._bits, b0, b1):
-            lo = np.maximum(firsts << shift, start)
-            hi = np.minimum(lasts << shift, stop)
+            lo, hi = firsts << shift, lasts << shift
+            lo[0] = max(int(lo[0]), start)  # only the very first run can
+            hi[-1] = min(int(hi[-1]), stop)  # stick out of [start, stop)
             yield zip(lo.tolist(), (hi - lo).tolist())
 
     def to_bytes_le(self) -> bytes:

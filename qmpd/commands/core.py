@@ -74,3 +74,9 @@ async def query_name(ctx: CommandContext, args: Any) -> dict[str, Any]:
 async def quit_(ctx: CommandContext, args: Any) -> None:
     """SHUTDOWN, force-cancel every job (with its events), then exit."""
     await ctx.state.request_shutdown("host-qmp-quit")
+
+
+@command("query-tpm")
+async def query_tpm(ctx: CommandContext, args: Any) -> list[dict[str, Any]]:
+    """qmpd emulates no TPM (backup tools such as qmpbackup ask anyway)."""
+    return []

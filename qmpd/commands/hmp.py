@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from qmpd.block.qemuio import run_qemu_io
 from qmpd.commands.context import CommandContext
 from qmpd.commands.registry import command
 from qmpd.errors import GenericError, QMPError
@@ -110,13 +111,11 @@ async def _qemu_io(ctx: CommandContext, rest: str) -> str:
         return 'qemu-io: block device name expected\r\nTry "help qemu-io" for more information\r\n'
     if len(words) < 2:
         return 'qemu-io: command expected\r\nTry "help qemu-io" for more information\r\n'
-    name, io_cmd = words[0], " ".join(words[1:]) if len(words) > 2 else words[1]
+    name, io_cmd = words[0], " ".join(words[1:])
     graph = ctx.state.block
-    node = graph.find(name) if graph is not None else None
-    if node is None:
-        return f"Error: Cannot find device='' nor node-name='{name}'\r\n"
-    from qmpd.block.qemuio import run_qemu_io
-
+    assert graph is not None
+    # A BlockBackend name first, then a node name; qmpd has only nodes.
+    node = graph.lookup(name, device="")
     output = await run_qemu_io(node, io_cmd)
     for line in output.splitlines():
         log.info("qemu-io %s: %s", name, line)

@@ -43,15 +43,21 @@ def _float(value: float) -> str:
     return repr(value)
 
 
+class _Lit(str):
+    """Literal output text on the work stack of :func:`_slow`."""
+
+    __slots__ = ()
+
+
 def _slow(obj: object) -> str:
     """Iterative encoder: for NaN/infinity and nesting too deep for ``json``."""
     parts: list[str] = []
-    # Work items are values to encode or literal strings (wrapped in a tuple).
+    # Work items are values to encode or literal text (_Lit).
     todo: list[Any] = [obj]
     while todo:
         item = todo.pop()
-        if type(item) is tuple:
-            parts.append(item[0])
+        if type(item) is _Lit:
+            parts.append(item)
         elif isinstance(item, str):
             parts.append(_escape(item))
         elif item is None or item is True or item is False:
@@ -61,20 +67,20 @@ def _slow(obj: object) -> str:
         elif isinstance(item, float):
             parts.append(_float(item))
         elif isinstance(item, dict):
-            seq: list[Any] = [("}",)]
+            seq: list[Any] = [_Lit("}")]
             for index, (key, value) in enumerate(reversed(item.items())):
                 seq.append(value)
                 sep = ", " if index < len(item) - 1 else ""
-                seq.append((sep + _escape(str(key)) + ": ",))
-            seq.append(("{",))
+                seq.append(_Lit(sep + _escape(str(key)) + ": "))
+            seq.append(_Lit("{"))
             todo.extend(seq)
         elif isinstance(item, (list, tuple)):
-            seq = [("]",)]
+            seq = [_Lit("]")]
             for index, value in enumerate(reversed(item)):
                 seq.append(value)
                 if index < len(item) - 1:
-                    seq.append((", ",))
-            seq.append(("[",))
+                    seq.append(_Lit(", "))
+            seq.append(_Lit("["))
             todo.extend(seq)
         else:
             raise TypeError(f"cannot encode {type(item).__name__}")

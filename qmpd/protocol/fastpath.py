@@ -19,7 +19,7 @@ from typing import Any
 
 from qmpd.protocol.parser import NONCHARACTER, parse_integer
 
-__all__ = ["Scanner", "NEED_MORE", "BAIL", "fast_decode"]
+__all__ = ["Scanner", "Window", "NEED_MORE", "BAIL", "fast_decode"]
 
 NEED_MORE = -1
 BAIL = -2
@@ -32,6 +32,14 @@ _REGION = re.compile(rb"[ \t\r\n:,0-9a-z.+\-E]*+")
 _REGION_OK = re.compile(
     rb"(?:[ \t\r\n:,]++|[a-z]++"
     rb"|-?+(?:0(?![0-9eE])|[1-9][0-9]*+)(?:\.[0-9]++)?+(?:[eE][+-]?+[0-9]++)?+(?![.eE]))*+"
+)
+# A region cut short by the end of the buffer: complete tokens, then maybe
+# the prefix of a number that has not hit a lexical error yet.
+_REGION_TAIL = re.compile(
+    rb"(?:[ \t\r\n:,]++|[a-z]++"
+    rb"|-?+(?:0(?![0-9eE])|[1-9][0-9]*+)(?:\.[0-9]++)?+(?:[eE][+-]?+[0-9]++)?+(?![.eE]))*+"
+    rb"(?:-?+(?:0(?:\.[0-9]++[eE][+-]?+[0-9]*+|\.[0-9]*+)?+"
+    rb"|[1-9][0-9]*+(?:\.[0-9]++[eE][+-]?+[0-9]*+|\.[0-9]*+|[eE][+-]?+[0-9]*+)?+)?+)?+"
 )
 _STR_BODY = re.compile(rb'[^"\\\x00-\x1f\xfe\xff]*+(?:\\[\x20-\xfd][^"\\\x00-\x1f\xfe\xff]*+)*+')
 _OPEN = {0x7B: 0, 0x5B: 1}
@@ -80,9 +88,12 @@ class Scanner:
             if end > pos:
                 if end >= n:  # the run may continue: check what is complete
                     cut = buf.rfind(b",", pos, end)
-                    if cut >= 0 and not _REGION_OK.fullmatch(buf, pos, cut):
-                        return BAIL
-                    pos = cut + 1 if cut >= 0 else pos
+                    if cut >= 0:
+                        if not _REGION_OK.fullmatch(buf, pos, cut):
+                            return BAIL
+                        pos = cut + 1
+                    if not _REGION_TAIL.fullmatch(buf, pos, end):
+                        return BAIL  # a lexical error is already certain
                     break
                 if not _REGION_OK.fullmatch(buf, pos, end):
                     return BAIL
@@ -127,7 +138,11 @@ def _constant(name: str) -> Any:
 
 
 def _integer(text: str) -> int | float:
-    return parse_integer(text.encode("ascii"))
+    if len(text) <= 21:
+        value = int(text)
+        if -(1 << 63) <= value < 1 << 64:
+            return value
+    return float(text)
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_int=_integer, parse_constant=_constant)
@@ -152,13 +167,71 @@ def _strings_ok(value: object) -> bool:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def _too_many_tokens(raw: bytes, max_tokens: int) -> bool:
+    if len(raw) <= max_tokens // 2:
+        return False
+    # Every scalar follows one of { [ , : so tokens <= 2 * structurals.
+    structurals = sum(raw.count(c) for c in (b"{", b"}", b"[", b"]", b":", b","))
+    return 2 * structurals > max_tokens
+
+
+#: "0e5" is one number to Python, three tokens to QEMU (0, e, 5).
+_ZERO_E = re.compile("(?<![0-9.])0[eE]")
+_WINDOW = 1 << 16
+
+
+class Window:
+    """Try ``json`` directly on the buffered bytes at a message start.
+
+    Decodes (a window of) the buffer once and lets ``raw_decode`` find the
+    end of the message; consecutive ASCII messages reuse the decoded text.
+    """
+
+    __slots__ = ("base", "text")
+
+    def __init__(self) -> None:
+        self.base = -1
+        self.text = ""
+
+    def invalidate(self) -> None:
+        self.base = -1
+
+    def decode_at(self, buf: bytearray, pos: int, max_bytes: int, max_tokens: int) -> tuple[int, object]:
+        """Return ``(end, value)``; ``end`` is NEED_MORE (unknown: scan) or BAIL (go exact)."""
+        idx = pos - self.base
+        if self.base < 0 or idx >= len(self.text):
+            self.base = pos
+            # surrogateescape: bad bytes become lone surrogates, checked below.
+            self.text = bytes(buf[pos:pos + _WINDOW]).decode("utf-8", "surrogateescape")
+            if not self.text.isascii():
+                self.base = -1  # index arithmetic only holds for ASCII
+            idx = 0
+        text = self.text
+        try:
+            value, end = _DECODER.raw_decode(text, idx)
+        except (ValueError, RecursionError) as exc:
+            # Incomplete at the window end, or a real problem: let the scanner decide.
+            return (BAIL if isinstance(exc, _Reject) else NEED_MORE), None
+        span = text[idx:end]
+        if span.isascii():
+            size = len(span)
+        else:
+            if _SURROGATE.search(span) or NONCHARACTER.search(span):
+                return BAIL, None
+            size = len(span.encode("utf-8"))
+        if ((("0e" in span or "0E" in span) and _ZERO_E.search(span)) or size >= max_bytes
+                or ("\\u" in span and not _strings_ok(value))
+                or _too_many_tokens(span.encode("ascii", "replace"), max_tokens)):
+            return BAIL, None
+        return pos + size, value
+
+
 def fast_decode(raw: bytes, max_tokens: int) -> tuple[bool, object]:
     """Decode a scanned span: ``(True, value)``, or ``(False, None)`` to fall back."""
-    if len(raw) > max_tokens // 2:
-        # Every scalar follows one of { [ , : so tokens <= 2 * structurals.
-        structurals = sum(raw.count(c) for c in (b"{", b"}", b"[", b"]", b":", b","))
-        if 2 * structurals > max_tokens:
-            return False, None
+    if _too_many_tokens(raw, max_tokens):
+        return False, None
+    if (b"0e" in raw or b"0E" in raw) and _ZERO_E.search(raw.decode("latin-1")):
+        return False, None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

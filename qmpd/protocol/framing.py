@@ -23,13 +23,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qmpd.protocol.fastpath import BAIL, NEED_MORE, Scanner, fast_decode
+from qmpd.protocol.encode import encode
+from qmpd.protocol.fastpath import BAIL, NEED_MORE, Scanner, Window, fast_decode
 from qmpd.protocol.lexer import (
     ERROR, LCURLY, LSQUARE, OVERSIZE, RCURLY, RSQUARE, Lexer,
 )
 from qmpd.protocol.parser import JsonParseError, parse_tokens, qemu_text
 
-__all__ = ["FramingError", "JsonStreamParser"]
+__all__ = ["FramingError", "JsonStreamParser", "encode"]
 
 _SIZE_DESC = "JSON token size limit exceeded"
 _COUNT_DESC = "JSON token count limit exceeded"
@@ -50,7 +51,7 @@ class JsonStreamParser:
 
     __slots__ = ("_max_bytes", "_max_tokens", "_max_depth", "_buf", "_pos", "_lexer",
                  "_scanner", "_speculating", "_exact", "_out", "_tokens", "_size",
-                 "_brace", "_bracket", "_fast")
+                 "_brace", "_bracket", "_fast", "_window", "_whole")
 
     def __init__(self, max_bytes: int = 64 << 20, max_tokens: int = 2 << 20,
                  max_depth: int = 1024) -> None:
@@ -59,6 +60,10 @@ class JsonStreamParser:
         self._max_depth = max_depth
         self._lexer = Lexer(max_bytes)
         self._scanner = Scanner(max_depth)
+        self._window = Window()
+        # raw_decode cannot check a nesting limit; Python's recursion limit
+        # (~1000) keeps what it accepts under QEMU's 1024.
+        self._whole = max_depth >= 1024
         self._out: list[object | FramingError] = []
         #: Tests switch the fast path off to compare it with the exact path.
         self._fast = True
@@ -86,6 +91,7 @@ class JsonStreamParser:
             self.reset()
             return out
         self._buf += data
+        self._window.invalidate()
         self._run()
         self._compact()
         return out
@@ -97,6 +103,7 @@ class JsonStreamParser:
         n = len(buf)
         while self._pos < n:
             if self._exact:
+                self._window.invalidate()
                 self._pos, idle = self._lexer.run(buf, self._pos, self, stop_when_idle=True)
                 if not idle:
                     return
@@ -113,6 +120,15 @@ class JsonStreamParser:
                 if buf[pos] not in b"{[" or not self._fast:
                     self._exact = True
                     continue
+                if self._whole:
+                    end, value = self._window.decode_at(buf, pos, self._max_bytes, self._max_tokens)
+                    if end >= 0:
+                        self._out.append(value)
+                        self._pos = end
+                        continue
+                    if end == BAIL:
+                        self._exact = True
+                        continue
                 scanner.begin(pos)
                 self._speculating = True
             end = scanner.scan(buf, self._max_bytes)

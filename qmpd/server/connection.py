@@ -14,7 +14,7 @@ import asyncio
 import collections
 import itertools
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from qmpd.protocol.framing import JsonStreamParser, encode
 from qmpd.protocol.session import Call, Session, SessionState
@@ -65,8 +65,8 @@ class Connection(asyncio.Protocol):
 
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses.
+        self._transport = cast(asyncio.Transport, transport)
         self.log.debug("connected")
         self._send(self._daemon.greeting)
         self._task = self._daemon.spawn(self._worker(), self.name)

@@ -20,10 +20,13 @@ from typing import Any
 from qmpd import commands as _commands  # noqa: F401  (registers the handlers)
 from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState
 from qmpd.commands.registry import REGISTRY, Registry
-from qmpd.errors import QMPError
+from qmpd.block import BlockGraph
+from qmpd.errors import GenericError, QMPError
 from qmpd.events import EventBus
 from qmpd.events.names import SHUTDOWN
+from qmpd.jobs import JobManager
 from qmpd.protocol.session import Call, Session
+from qmpd.qapi.keyval import parse_option_value
 from qmpd.qapi.service import SchemaService
 from qmpd.server.connection import Connection
 from qmpd.server.listeners import Listener, UnixListener, open_listener
@@ -87,19 +90,23 @@ class Daemon:
         self._setup_domain()
 
     def _setup_domain(self) -> None:
-        """Create the block graph and job manager when those layers exist."""
-        try:
-            from qmpd.block.graph import BlockGraph
-        except ImportError:  # pragma: no cover - during bring-up only
-            pass
-        else:
-            self.state.block = BlockGraph()
-        try:
-            from qmpd.jobs.manager import JobManager
-        except ImportError:  # pragma: no cover
-            pass
-        else:
-            self.state.jobs = JobManager(self.events)
+        """Create the block graph and the job manager."""
+        self.state.block = BlockGraph()
+        self.state.jobs = JobManager(self.events)
+
+    async def add_blockdevs(self, specs: list[str]) -> None:
+        """Create ``--blockdev`` nodes, in order, through ``blockdev-add``.
+
+        :raise QMPError: with blockdev-add's own error texts.
+        """
+        assert self.schema is not None and self.state.block is not None
+        options_type = self.schema.schema.lookup_type("BlockdevOptions")
+        for text in specs:
+            options = parse_option_value(text, options_type)
+            if not isinstance(options, dict):
+                raise GenericError("--blockdev expects an object")
+            self.schema.validate_arguments("blockdev-add", options)
+            await self.state.block.add(options)
 
     async def start(self) -> None:
         """Open every listener.  :raise OSError: when one cannot be bound."""
@@ -160,7 +167,7 @@ class Daemon:
         for task in pending:
             task.cancel()
         if self.state.block is not None:
-            await self.state.block.close_all()
+            await self.state.block.close()
 
     # -- commands ---------------------------------------------------------
     async def execute(self, call: Call, conn: Connection) -> dict[str, Any]:

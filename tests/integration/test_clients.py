@@ -34,7 +34,7 @@ async def test_qmpclient_basics(qmpd: RunningDaemon) -> None:
         with pytest.raises(ExecuteError) as info:
             await qmp.execute("query-name", {"bogus": 1})
         assert info.value.error_class == "GenericError"
-        assert info.value.error.desc == "Parameter 'bogus' is unexpected"
+        assert info.value.error.error.desc == "Parameter 'bogus' is unexpected"
         with pytest.raises(ExecuteError) as info:
             await qmp.execute("no-such-command")
         assert info.value.error_class == "CommandNotFound"
@@ -120,9 +120,11 @@ def test_qmp_shell_hmp_mode(qmpd_proc: DaemonProcess) -> None:
         "Welcome to the HMP shell!",
         "Connected to QEMU 9.0.0",
         "",
+        # qmp-shell prints HMP output with end=" ", so the next prompt
+        # follows a space.
         "(QEMU) 9.0.0qmpd-0.1.0",
-        "(QEMU) VM status: running",
-        "(QEMU) quit|q  -- quit the emulator",
-        "(QEMU) unknown command: 'foo'",
-        "(QEMU) ",
+        " (QEMU) VM status: running",
+        " (QEMU) quit|q  -- quit the emulator",
+        " (QEMU) unknown command: 'foo'",
+        " (QEMU) ",
     ]

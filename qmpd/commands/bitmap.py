@@ -1,0 +1,216 @@
+"""Dirty bitmap commands and their transaction actions (spec §5.3, §2.6)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from qmpd.bitmap import BitmapList, DirtyBitmap, merge
+from qmpd.bitmap.errors import empty_name
+from qmpd.bitmap.hbitmap import HBitmap
+from qmpd.block import BlockNode
+from qmpd.commands.actions import TxnContext, action, run_actions
+from qmpd.commands.block import graph_of
+from qmpd.commands.context import CommandContext
+from qmpd.commands.registry import command
+
+__all__: list[str] = []
+
+
+def _lookup(ctx: CommandContext, node_name: str, name: str) -> tuple[BlockNode, DirtyBitmap]:
+    """QEMU's bitmap lookup: "Node '%s' not found", then "Dirty bitmap '%s' not found"."""
+    node = graph_of(ctx).lookup_node(node_name)
+    return node, node.bitmaps.lookup(name)
+
+
+class AddAction:
+    """block-dirty-bitmap-add: undo removes the new bitmap."""
+
+    def __init__(self, ctx: CommandContext, data: Any, txn: TxnContext) -> None:
+        self.ctx, self.data = ctx, data
+        self.node: BlockNode | None = None
+        self.bitmap: DirtyBitmap | None = None
+
+    async def prepare(self) -> None:
+        d = self.data
+        if d.name == "":
+            raise empty_name()
+        self.node = graph_of(self.ctx).lookup(d.node)
+        self.bitmap = self.node.bitmaps.add(d.name, d.granularity, disabled=bool(d.disabled),
+                                            persistent=bool(d.persistent))
+
+    def commit(self) -> None:
+        pass
+
+    async def abort(self) -> None:
+        if self.node is not None and self.bitmap is not None:
+            self.node.bitmaps.remove(self.bitmap)
+
+    def clean(self) -> None:
+        pass
+
+
+class RemoveAction:
+    """block-dirty-bitmap-remove: busy until commit, released then."""
+
+    def __init__(self, ctx: CommandContext, data: Any, txn: TxnContext) -> None:
+        self.ctx, self.data = ctx, data
+        self.node: BlockNode | None = None
+        self.bitmap: DirtyBitmap | None = None
+
+    async def prepare(self) -> None:
+        self.node, self.bitmap = _lookup(self.ctx, self.data.node, self.data.name)
+        BitmapList.check_can_remove(self.bitmap)
+        self.bitmap.busy = True
+
+    def commit(self) -> None:
+        assert self.node is not None and self.bitmap is not None
+        self.bitmap.busy = False
+        self.node.bitmaps.remove(self.bitmap)
+
+    async def abort(self) -> None:
+        if self.bitmap is not None:
+            self.bitmap.busy = False
+
+    def clean(self) -> None:
+        pass
+
+
+class ClearAction:
+    """block-dirty-bitmap-clear: undo restores the old bits."""
+
+    def __init__(self, ctx: CommandContext, data: Any, txn: TxnContext) -> None:
+        self.ctx, self.data = ctx, data
+        self.bitmap: DirtyBitmap | None = None
+        self.saved: HBitmap | None = None
+
+    async def prepare(self) -> None:
+        _, self.bitmap = _lookup(self.ctx, self.data.node, self.data.name)
+        BitmapList.check_can_clear(self.bitmap)
+        self.saved = self.bitmap.snapshot()
+        self.bitmap.clear()
+
+    def commit(self) -> None:
+        pass
+
+    async def abort(self) -> None:
+        if self.bitmap is not None and self.saved is not None:
+            self.bitmap.restore(self.saved)
+
+    def clean(self) -> None:
+        self.saved = None
+
+
+class ToggleAction:
+    """block-dirty-bitmap-enable/-disable: undo restores the previous state."""
+
+    def __init__(self, ctx: CommandContext, data: Any, txn: TxnContext, *, enable: bool) -> None:
+        self.ctx, self.data, self.enable = ctx, data, enable
+        self.bitmap: DirtyBitmap | None = None
+        self.was_disabled = False
+
+    async def prepare(self) -> None:
+        _, self.bitmap = _lookup(self.ctx, self.data.node, self.data.name)
+        BitmapList.check_can_enable(self.bitmap)
+        self.was_disabled = self.bitmap.disabled
+        self.bitmap.disabled = not self.enable
+
+    def commit(self) -> None:
+        pass
+
+    async def abort(self) -> None:
+        if self.bitmap is not None:
+            self.bitmap.disabled = self.was_disabled
+
+    def clean(self) -> None:
+        pass
+
+
+class MergeAction:
+    """block-dirty-bitmap-merge: all-or-nothing; undo restores the target."""
+
+    def __init__(self, ctx: CommandContext, data: Any, txn: TxnContext) -> None:
+        self.ctx, self.data = ctx, data
+        self.target: DirtyBitmap | None = None
+        self.saved: HBitmap | None = None
+
+    def _sources(self, node: BlockNode) -> Iterator[DirtyBitmap]:
+        for src in self.data.bitmaps:
+            if isinstance(src, str):
+                yield node.bitmaps.lookup(src)
+            else:
+                yield _lookup(self.ctx, src.node, src.name)[1]
+
+    async def prepare(self) -> None:
+        node, self.target = _lookup(self.ctx, self.data.node, self.data.target)
+        saved = self.target.snapshot()
+        merge(self.target, self._sources(node))
+        self.saved = saved
+
+    def commit(self) -> None:
+        pass
+
+    async def abort(self) -> None:
+        if self.target is not None and self.saved is not None:
+            self.target.restore(self.saved)
+
+    def clean(self) -> None:
+        self.saved = None
+
+
+action("block-dirty-bitmap-add")(AddAction)
+action("block-dirty-bitmap-remove")(RemoveAction)
+action("block-dirty-bitmap-clear")(ClearAction)
+action("block-dirty-bitmap-merge")(MergeAction)
+
+
+@action("block-dirty-bitmap-enable")
+def _enable(ctx: CommandContext, data: Any, txn: TxnContext) -> ToggleAction:
+    return ToggleAction(ctx, data, txn, enable=True)
+
+
+@action("block-dirty-bitmap-disable")
+def _disable(ctx: CommandContext, data: Any, txn: TxnContext) -> ToggleAction:
+    return ToggleAction(ctx, data, txn, enable=False)
+
+
+async def _one(ctx: CommandContext, act: Any) -> None:
+    await run_actions([act])
+
+
+@command("block-dirty-bitmap-add")
+async def block_dirty_bitmap_add(ctx: CommandContext, args: Any) -> None:
+    """Create a bitmap, enabled unless ``disabled``."""
+    await _one(ctx, AddAction(ctx, args, TxnContext()))
+
+
+@command("block-dirty-bitmap-remove")
+async def block_dirty_bitmap_remove(ctx: CommandContext, args: Any) -> None:
+    await _one(ctx, RemoveAction(ctx, args, TxnContext()))
+
+
+@command("block-dirty-bitmap-clear")
+async def block_dirty_bitmap_clear(ctx: CommandContext, args: Any) -> None:
+    await _one(ctx, ClearAction(ctx, args, TxnContext()))
+
+
+@command("block-dirty-bitmap-enable")
+async def block_dirty_bitmap_enable(ctx: CommandContext, args: Any) -> None:
+    await _one(ctx, ToggleAction(ctx, args, TxnContext(), enable=True))
+
+
+@command("block-dirty-bitmap-disable")
+async def block_dirty_bitmap_disable(ctx: CommandContext, args: Any) -> None:
+    await _one(ctx, ToggleAction(ctx, args, TxnContext(), enable=False))
+
+
+@command("block-dirty-bitmap-merge")
+async def block_dirty_bitmap_merge(ctx: CommandContext, args: Any) -> None:
+    await _one(ctx, MergeAction(ctx, args, TxnContext()))
+
+
+@command("x-debug-block-dirty-bitmap-sha256")
+async def x_debug_block_dirty_bitmap_sha256(ctx: CommandContext, args: Any) -> dict[str, str]:
+    """SHA-256 of the bitmap's bits as QEMU lays them out (spec §5.6)."""
+    _, bitmap = _lookup(ctx, args.node, args.name)
+    return {"sha256": bitmap.hbitmap.sha256()}

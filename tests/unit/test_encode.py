@@ -1,0 +1,76 @@
+"""QMP output encoding: QEMU's compact json-writer format, exact bytes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from qmpd.protocol import JsonStreamParser, encode
+
+
+@pytest.mark.parametrize(
+    ("value", "wire"),
+    [
+        ({"return": {}, "id": 1}, b'{"return": {}, "id": 1}\r\n'),
+        ({"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": ["oob"]}},
+         b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": ["oob"]}}\r\n'),
+        ({"b": 1, "a": [1, 2, 3], "c": None}, b'{"b": 1, "a": [1, 2, 3], "c": null}\r\n'),
+        ([], b"[]\r\n"),
+        ([True, False, None], b"[true, false, null]\r\n"),
+        (2**64 - 1, b"18446744073709551615\r\n"),
+        (-(2**63), b"-9223372036854775808\r\n"),
+        (1.5, b"1.5\r\n"),
+        (1e16, b"1e+16\r\n"),
+        (-0.0, b"-0.0\r\n"),
+        (math.inf, b"1e999\r\n"),
+        (-math.inf, b"-1e999\r\n"),
+        (math.nan, b"null\r\n"),
+        ({"x": [1.0, math.inf]}, b'{"x": [1.0, 1e999]}\r\n'),
+        # recorded from QEMU 7.2 (id echo)
+        ("\x00\x1f\x7f\x80\u00e9\U0001f600\"\\/\b\f\n\r\t",
+         b'"\\u0000\\u001F\\u007F\\u0080\\u00E9\\uD83D\\uDE00\\"\\\\/\\b\\f\\n\\r\\t"\r\n'),
+        ("\u20ac\uabcd", b'"\\u20AC\\uABCD"\r\n'),
+        # a literal backslash followed by "u..." stays as it is
+        ("\\u00e9", b'"\\\\u00e9"\r\n'),
+        ({"k\u00e9y": "v"}, b'{"k\\u00E9y": "v"}\r\n'),
+    ],
+)
+def test_exact_bytes(value: object, wire: bytes) -> None:
+    assert encode(value) == wire
+
+
+def test_bool_is_not_an_int() -> None:
+    assert encode({"a": True, "b": 1}) == b'{"a": true, "b": 1}\r\n'
+
+
+def test_tuple_encodes_as_list() -> None:
+    assert encode({"a": (1, 2)}) == b'{"a": [1, 2]}\r\n'
+    assert encode({"a": (1, "x"), "b": math.inf}) == b'{"a": [1, "x"], "b": 1e999}\r\n'
+
+
+def test_deep_nesting_and_slow_path_agree() -> None:
+    deep: object = 1
+    for _ in range(1100):
+        deep = [deep]
+    wire = encode(deep)
+    assert wire == b"[" * 1100 + b"1" + b"]" * 1100 + b"\r\n"
+    nested = {"a": [{"b": math.inf, "c": "\u00e9"}, {}], "d": []}
+    assert encode(nested) == b'{"a": [{"b": 1e999, "c": "\\u00E9"}, {}], "d": []}\r\n'
+
+
+def test_unencodable_raises_type_error() -> None:
+    with pytest.raises(TypeError):
+        encode({"a": object()})
+    with pytest.raises(TypeError):
+        encode({"a": math.inf, "b": object()})
+
+
+def test_output_is_ascii_json_that_parses_back() -> None:
+    value = {"s": "a\u0000b\u00e9\U0001f600", "n": [0, -1, 2.5, 2**64 - 1], "t": None}
+    wire = encode(value)
+    assert wire.endswith(b"\r\n") and wire.count(b"\n") == 1
+    assert wire.isascii()
+    assert json.loads(wire) == value
+    assert JsonStreamParser().feed(wire) == [value]
