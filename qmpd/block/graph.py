@@ -147,8 +147,17 @@ class BlockGraph:
             raise
         finally:
             self._reserved -= mine
-        for n in created:
-            self._nodes[n.node_name] = n
+        # QEMU names a node before it opens the node's children, so a parent
+        # comes before its inline children in creation order.
+        new = set(map(id, created))
+
+        def register(n: BlockNode) -> None:
+            if id(n) in new and n.node_name not in self._nodes:
+                self._nodes[n.node_name] = n
+                for child in n.children.values():
+                    register(child)
+
+        register(node)
         return node
 
     async def _open(

@@ -320,7 +320,21 @@ class BlockNode:
         if actual is not None:
             info["actual-size"] = actual
         info["virtual-size"] = self.driver.length
+        if self._reports_dirty_flag():
+            info["dirty-flag"] = False
         return info
+
+    def _reports_dirty_flag(self) -> bool:
+        """QEMU 7.2 lists ``dirty-flag`` when bdrv_get_info() works: file
+        nodes, and raw nodes straight over one."""
+        node: BlockNode | None = self
+        while node is not None:
+            if node.driver.name == "file":
+                return True
+            if node.driver.name != "raw":
+                return False
+            node = node.children.get("file")
+        return False
 
     def info(self, flat: bool = False) -> dict[str, Any]:
         """:return: BlockDeviceInfo in QEMU 7.2's shape and member order (no ``children``,

@@ -58,8 +58,11 @@ __all__ = ["QAPIModel", "COMMAND_ARGS", "COMMAND_RETURNS", "EVENT_DATA"]
 class QAPIModel(BaseModel):
     """Base of every generated struct model."""
 
+    # defer_build: each model's validator is built on first use, not at
+    # import, which keeps the daemon's start-up short.
     model_config = ConfigDict(
-        extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True
+        extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True,
+        defer_build=True,
     )
 '''
 
@@ -174,7 +177,7 @@ class _Gen:
             doc = f"Arguments of ``{cmd.name}``."
             if arg is not None and arg.variants:
                 self.out.append(f"\n\nclass {self.claim(name)}(RootModel[{arg.name}]):\n"
-                                f"    \"\"\"{doc}\"\"\"\n\n    model_config = ConfigDict(frozen=True)\n")
+                                f"    \"\"\"{doc}\"\"\"\n\n    model_config = ConfigDict(frozen=True, defer_build=True)\n")
             elif arg is not None and not arg.implicit:
                 self.klass(name, arg.name, doc, [])
             else:
@@ -200,8 +203,8 @@ class _Gen:
                        for e in self.schema.events.values())
         self.out.append(f"\n#: Data model of every event.\n"
                         f"EVENT_DATA: dict[str, type[BaseModel]] = {{\n{rows}}}\n")
-        self.out.append("\nfor _model in [*COMMAND_ARGS.values(), *EVENT_DATA.values()]:\n"
-                        "    _model.model_rebuild()\n")
+        # No eager model_rebuild(): with defer_build each model resolves its
+        # forward references and builds its validator on first use.
 
 
 def generate_models(schema: Schema) -> str:

@@ -133,3 +133,36 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class AsyncRawClient:
+    """An asyncio byte-level client (for tests sharing the daemon's loop)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.events: list[dict[str, Any]] = []
+
+    @classmethod
+    async def connect(cls, path: str) -> AsyncRawClient:
+        reader, writer = await asyncio.open_unix_connection(path)
+        client = cls(reader, writer)
+        await reader.readline()
+        writer.write(b'{"execute": "qmp_capabilities"}')
+        assert await reader.readline() == b'{"return": {}}\r\n'
+        return client
+
+    async def execute(self, request: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Send ``request``; :return: its reply and the events that came first."""
+        self.writer.write(json.dumps(request).encode())
+        events = []
+        while True:
+            msg: dict[str, Any] = json.loads(await asyncio.wait_for(self.reader.readline(), 30))
+            if "event" in msg:
+                events.append(msg)
+                continue
+            return msg, events
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()

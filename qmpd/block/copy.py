@@ -1,0 +1,400 @@
+"""Block-copy: the copy engine shared by the backup job and copy-before-write.
+
+A :class:`BlockCopy` copies clusters of a *source* node to a *target* node
+of the same length.  It owns the *copy bitmap* (a set bit = "still to be
+copied"; an anonymous, disabled :class:`~qmpd.bitmap.DirtyBitmap` whose
+placement the caller chooses) and keeps the job's progress meter (spec 4.3).
+
+The algorithm is QEMU's (spec 4.4)::
+
+    chunk   = maximal run of dirty clusters from the cursor, capped at
+              min(1 MiB, max-chunk) (one cluster when compressing)
+    claim   : clear the chunk's bits (now "in flight")
+    status  : block status at the chunk start; an extent shorter than a
+              cluster (or a failed query) means one data cluster; an extent
+              reaching the disk end is rounded up, others down; the tail past
+              it is given back (bits re-set)
+    hole    : write zeroes on the target (the source is not read)
+    data    : one read of the chunk, then one write
+    failure : bits re-set, the first error kept, no new chunks, pass ends
+
+:meth:`BlockCopy.run` is the background loop (``max_workers`` chunks in
+flight, strict ascending order with 1, the job's throttle before each
+chunk, re-passes until nothing is dirty); :meth:`BlockCopy.copy_range` is
+copy-before-write's synchronous entry point, which copies only the
+still-dirty clusters of a range, waits for chunks already in flight there,
+and ignores the rate limit.
+
+When both ends are plain ``raw``-over-``file`` (or ``file``) chains without
+blkdebug, hooks or detect-zeroes, data chunks go through
+``copy_file_range(2)`` between the two files and the source's block status
+is cached per extent; the observable behaviour is the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from qmpd.bitmap import DirtyBitmap
+from qmpd.block.drivers.file import FileDriver
+from qmpd.block.drivers.raw import RawDriver
+from qmpd.block.errors import BlockIOError
+from qmpd.block.io import ImageFile, copy_range
+from qmpd.block.node import BlockNode
+
+__all__ = ["BlockCopy", "CopyFailure", "ProgressSink", "DEFAULT_CLUSTER", "MAX_CHUNK"]
+
+#: Backup cluster size when the target reports none (spec 4.2).
+DEFAULT_CLUSTER = 64 * 1024
+#: Chunk limit of read/write copying (QEMU's BLOCK_COPY_MAX_BUFFER).
+MAX_CHUNK = 1 << 20
+
+
+class ProgressSink(Protocol):
+    """The part of a job's progress meter block-copy drives."""
+
+    def work_done(self, nbytes: int) -> None: ...
+
+    def set_remaining(self, nbytes: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CopyFailure:
+    """Why a pass failed: the errno and whether the read (source) failed."""
+
+    error: BlockIOError
+    is_read: bool
+
+
+class _Chunk:
+    """One claimed chunk ``[start, start + length)``; ``done`` once it ended."""
+
+    __slots__ = ("start", "length", "done")
+
+    def __init__(self, start: int, length: int) -> None:
+        self.start = start
+        self.length = length
+        self.done = asyncio.Event()
+
+
+@dataclass(frozen=True, slots=True)
+class _FileView:
+    """A node that is a window of one image file: ``node offset + base``."""
+
+    image: ImageFile
+    base: int
+    #: The chain from the node down to the file node, with each node's base.
+    chain: tuple[tuple[BlockNode, int], ...]
+
+
+def _file_view(node: BlockNode, *, for_write: bool) -> _FileView | None:
+    """:return: the file behind a plain ``raw``/``file`` node, or None."""
+    chain: list[tuple[BlockNode, int]] = []
+    base = 0
+    cur = node
+    while True:
+        if cur.driver.has_events:
+            return None
+        if for_write and (cur.read_only or cur.detect_zeroes != "off" or cur._hooks):
+            return None
+        chain.append((cur, base))
+        drv = cur.driver
+        if isinstance(drv, FileDriver):
+            return _FileView(drv.image, base, tuple(chain))
+        if isinstance(drv, RawDriver):
+            base += drv.offset
+            cur = drv.file
+            continue
+        return None
+
+
+class BlockCopy:
+    """Copies dirty clusters of ``source`` to ``target``.
+
+    :param copy_bitmap: the copy bitmap (granularity = ``cluster_size``,
+        size = source length); the caller fills it and places it.
+    :param max_chunk: ``x-perf.max-chunk`` (0 = no limit).
+    :param compress: one cluster per chunk.
+    :param progress: the job's progress meter, or None.
+    """
+
+    def __init__(
+        self,
+        source: BlockNode,
+        target: BlockNode,
+        copy_bitmap: DirtyBitmap,
+        *,
+        cluster_size: int = DEFAULT_CLUSTER,
+        max_chunk: int = 0,
+        compress: bool = False,
+        progress: ProgressSink | None = None,
+    ) -> None:
+        self.source = source
+        self.target = target
+        self.copy_bitmap = copy_bitmap
+        self.bits = copy_bitmap.hbitmap
+        self.cluster_size = cluster_size
+        #: Bytes covered (the source length; the last cluster may be partial).
+        self.len = copy_bitmap.size
+        limit = cluster_size if compress else max(cluster_size, MAX_CHUNK)
+        if max_chunk:
+            limit = min(limit, max_chunk)
+        #: Largest chunk in bytes.
+        self.chunk_limit = limit
+        self.progress = progress
+        self.in_flight_bytes = 0
+        self._in_flight: list[_Chunk] = []
+        #: Cached block status: (write_gen, start, end, is_data) in source offsets.
+        self._status_cache: tuple[int, int, int, bool] | None = None
+        self._fast: tuple[_FileView, _FileView] | None = None
+        self._fast_checked = False
+
+    # ------------------------------------------------------------ accounting
+
+    def _align_up(self, n: int) -> int:
+        c = self.cluster_size
+        return -(-n // c) * c
+
+    def _update_remaining(self) -> None:
+        if self.progress is not None:
+            self.progress.set_remaining(self.bits.dirty_bytes() + self.in_flight_bytes)
+
+    @property
+    def dirty_bytes(self) -> int:
+        """Bytes still to copy, cluster-rounded (not counting in-flight chunks)."""
+        return self.bits.dirty_bytes()
+
+    @property
+    def busy(self) -> bool:
+        """Some chunk is in flight."""
+        return bool(self._in_flight)
+
+    def _find(self, start: int, end: int) -> tuple[int, int] | None:
+        """:return: the next chunk (claimable dirty run) in ``[start, end)``."""
+        area = self.bits.next_dirty_area(start, end, self.chunk_limit)
+        if area is None:
+            return None
+        offset, length = area
+        return offset, min(self._align_up(length), self.chunk_limit)
+
+    def _claim(self, offset: int, length: int) -> _Chunk:
+        self.bits.reset(offset, min(length, self.len - offset))
+        chunk = _Chunk(offset, length)
+        self._in_flight.append(chunk)
+        self.in_flight_bytes += length
+        return chunk
+
+    # ------------------------------------------------------------ one chunk
+
+    def _fast_path(self) -> tuple[_FileView, _FileView] | None:
+        if not self._fast_checked:
+            src = _file_view(self.source, for_write=False)
+            dst = _file_view(self.target, for_write=True)
+            self._fast = (src, dst) if src is not None and dst is not None else None
+            self._fast_checked = True
+        if self._fast is not None and self._fast[1].chain[0][0]._hooks:
+            return None  # someone hooked the target since
+        return self._fast
+
+    async def _block_status(self, offset: int, length: int) -> tuple[bool, int]:
+        """Block status at ``offset`` with spec 4.4 step 3's rounding."""
+        fast = self._fast_path()
+        gen = fast[0].chain[-1][0].write_gen if fast is not None else -1
+        cached = self._status_cache
+        if fast is not None and cached is not None and cached[0] == gen and cached[1] <= offset < cached[2]:
+            is_data, n = cached[3], min(cached[2] - offset, length)
+        else:
+            try:
+                if fast is not None:
+                    is_data, n = await self.source.block_status(offset, self.len - offset)
+                    self._status_cache = (gen, offset, offset + n, is_data)
+                    n = min(n, length)
+                else:
+                    is_data, n = await self.source.block_status(offset, length)
+            except BlockIOError:
+                return True, self.cluster_size
+        if n < self.cluster_size:
+            return True, self.cluster_size
+        if offset + n >= self.len:
+            return is_data, self._align_up(n)
+        return is_data, n - n % self.cluster_size
+
+    async def _start_chunk(self, offset: int, length: int) -> tuple[_Chunk, bool]:
+        """Claim a chunk, ask the block status and shrink the chunk to it.
+
+        :return: the chunk and whether it is data (else a hole).
+        """
+        chunk = self._claim(offset, length)
+        try:
+            is_data, n = await self._block_status(chunk.start, chunk.length)
+        except BaseException:
+            self._end_chunk(chunk, False)
+            raise
+        if n < chunk.length:
+            tail = chunk.start + n
+            self.bits.set(tail, min(chunk.length - n, self.len - tail))
+            self.in_flight_bytes -= chunk.length - n
+            chunk.length = n
+        return chunk, is_data
+
+    def _end_chunk(self, chunk: _Chunk, ok: bool) -> None:
+        self.in_flight_bytes -= chunk.length
+        if ok:
+            if self.progress is not None:
+                self.progress.work_done(chunk.length)
+        else:
+            self.bits.set(chunk.start, min(chunk.length, self.len - chunk.start))
+        self._in_flight.remove(chunk)
+        chunk.done.set()
+        self._update_remaining()
+
+    async def _run_chunk(self, chunk: _Chunk, is_data: bool) -> CopyFailure | None:
+        """Copy one started chunk; on failure give its bits back."""
+        failure: CopyFailure | None = None
+        ok = False
+        try:
+            nbytes = min(chunk.start + chunk.length, self.len) - chunk.start
+            if not is_data:
+                try:
+                    await self.target.write_zeroes(chunk.start, nbytes)
+                except BlockIOError as exc:
+                    failure = CopyFailure(exc, False)
+            else:
+                failure = await self._copy_data(chunk.start, nbytes)
+            ok = failure is None
+            return failure
+        finally:
+            self._end_chunk(chunk, ok)
+
+    async def _copy_data(self, offset: int, nbytes: int) -> CopyFailure | None:
+        fast = self._fast_path()
+        if fast is not None:
+            src, dst = fast
+            try:
+                await copy_range(src.image, src.base + offset, dst.image, dst.base + offset, nbytes)
+            except BlockIOError as exc:
+                # Tell a failed read from a failed write as far as the
+                # kernel lets us: ENOSPC/EDQUOT/EFBIG/EROFS are the target's.
+                is_read = exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+                return CopyFailure(exc, is_read)
+            finally:
+                for node, base in dst.chain:
+                    node.write_gen += 1
+                    if node.bitmaps:
+                        node.bitmaps.mark_dirty(base + offset, nbytes)
+            return None
+        try:
+            data = await self.source.read(offset, nbytes)
+        except BlockIOError as exc:
+            return CopyFailure(exc, True)
+        try:
+            await self.target.write(offset, data)
+        except BlockIOError as exc:
+            return CopyFailure(exc, False)
+        return None
+
+    # ------------------------------------------------------------ background
+
+    async def run(
+        self,
+        *,
+        max_workers: int = 64,
+        throttle: Callable[[int], Awaitable[None]] | None = None,
+    ) -> CopyFailure | None:
+        """Copy until the copy bitmap is clean (passes from offset 0).
+
+        Before each chunk, ``await throttle(nbytes)`` (the job's pause point
+        and rate limiter) runs; whatever it raises (e.g. ``JobCancelled``)
+        propagates once the chunks in flight have ended.
+
+        :return: None when everything was copied, else the first failure of
+            the pass (its chunk is dirty again; no new chunk was started).
+        """
+        while True:
+            failure = await self._pass(max_workers, throttle)
+            if failure is not None:
+                return failure
+            if self._in_flight:
+                # Chunks of copy-before-write may still fail and re-dirty.
+                await asyncio.gather(*(c.done.wait() for c in list(self._in_flight)))
+                continue
+            if self.bits.is_empty():
+                return None
+
+    async def _pass(
+        self, max_workers: int, throttle: Callable[[int], Awaitable[None]] | None
+    ) -> CopyFailure | None:
+        cursor = 0
+        tasks: set[asyncio.Task[CopyFailure | None]] = set()
+        first: CopyFailure | None = None
+        try:
+            while first is None:
+                area = self._find(cursor, self.len)
+                if area is None:
+                    break
+                if throttle is not None:
+                    await throttle(area[1])
+                    area = self._find(cursor, self.len)
+                    if area is None:
+                        break
+                chunk, is_data = await self._start_chunk(*area)
+                cursor = chunk.start + chunk.length
+                if max_workers == 1:
+                    first = await self._run_chunk(chunk, is_data)
+                    continue
+                tasks.add(asyncio.ensure_future(self._run_chunk(chunk, is_data)))
+                if len(tasks) >= max_workers:
+                    done, tasks_left = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    tasks = set(tasks_left)
+                    first = first or _first_failure(done)
+        finally:
+            if tasks:
+                done, _ = await asyncio.wait(tasks)
+                first = first or _first_failure(done)
+        return first
+
+    # ------------------------------------------------------------ copy-before-write
+
+    async def copy_range(self, offset: int, length: int) -> None:
+        """Copy the still-dirty clusters touching ``[offset, offset+length)``
+        before a write lands there (copy-before-write; no rate limit).
+
+        Waits for chunks already in flight in the range; chunks of the range
+        run concurrently.
+
+        :raise BlockIOError: a chunk failed (its bits are dirty again).
+        """
+        c = self.cluster_size
+        start = offset - offset % c
+        end = min(self._align_up(offset + length), self._align_up(self.len))
+        while True:
+            busy = [ch for ch in self._in_flight if ch.start < end and start < ch.start + ch.length]
+            if busy:
+                await asyncio.gather(*(ch.done.wait() for ch in busy))
+                continue
+            started: list[tuple[_Chunk, bool]] = []
+            cursor = start
+            try:
+                while (area := self._find(cursor, min(end, self.len))) is not None:
+                    chunk, is_data = await self._start_chunk(*area)
+                    started.append((chunk, is_data))
+                    cursor = chunk.start + chunk.length
+            finally:
+                results = await asyncio.gather(*(self._run_chunk(ch, d) for ch, d in started))
+            if not started:
+                return
+            for failure in results:
+                if failure is not None:
+                    raise failure.error
+
+
+def _first_failure(done: set[asyncio.Task[CopyFailure | None]]) -> CopyFailure | None:
+    """:return: a failure among finished chunk tasks (re-raising any crash)."""
+    for task in done:
+        if (failure := task.result()) is not None:
+            return failure
+    return None
