@@ -1,23 +1,21 @@
-"""qemu-io write throughput through qmpd's block layer.
+#!/usr/bin/env python3
+"""qemu-io write throughput over QMP: qmpd against QEMU, side by side.
 
-Writes SIZE bytes (default 1 GiB) in CHUNK (1 MiB) qemu-io ``write`` commands
-to a fresh sparse raw image, driven through the Python API
-(``BlockGraph.add`` + ``run_qemu_io``, i.e. the same parser and request path
-as HMP ``qemu-io``, minus the QMP socket), with 0 and with 4 enabled dirty
-bitmaps, and compares with a plain ``os.pwrite`` loop and ``dd`` on the same
-file system as ceilings.  Every variant ends with fdatasync, so figures are
-close to what the disk (or page cache) sustains.
+Each server gets a raw node over a preallocated image and is sent SIZE
+(default 1 GiB) of ``qemu-io NODE "write -P 0xab OFF 1M"`` through HMP
+(``human-monitor-command``), one round trip per MiB, then a ``flush``; with
+0 and with 4 enabled dirty bitmaps.  QEMU is ``qemu-system-x86_64 -machine
+none`` (no guest), driven by the same client code.  ``dd`` of the same
+amount on the same file system is printed as the ceiling.  Figures are the
+median of --reps runs; ratios matter more than absolute numbers here.
 
-    .venv/bin/python bench/io.py [--size-mib 1024] [--reps 3] [--dir DIR]
-
-:func:`qemu_io_write_throughput` is the reusable measurement (the lead's
-QMP-level and QEMU side-by-side variants call it or mirror it).
+    .venv/bin/python bench/io.py [--size-mib 1024] [--reps 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
 import os
 import shutil
 import statistics
@@ -27,140 +25,89 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from qmpd.block import BlockGraph, run_qemu_io  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, RawQMP, Server, qemu_servers, qmpd_server  # noqa: E402
 
 MIB = 1 << 20
 
 
-#: When True, images are fully written once (untimed) and then overwritten,
-#: which takes page allocation out of the figures (set by --overwrite).
-OVERWRITE = False
+def _cmd(c: RawQMP, name: str, args: dict[str, object]) -> dict[str, object]:
+    reply: dict[str, object] = json.loads(c.roundtrip(json.dumps({"execute": name, "arguments": args}).encode()))
+    if "error" in reply:
+        raise RuntimeError(f"{name}: {reply['error']}")
+    return reply
 
 
-def _fresh(path: str, size: int) -> None:
-    if OVERWRITE and os.path.exists(path) and os.path.getsize(path) == size:
-        return
-    if os.path.exists(path):
-        os.unlink(path)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        if OVERWRITE:
-            for off in range(0, size, MIB):
-                f.write(b"\x01" * MIB)
-
-
-async def qemu_io_write_throughput(
-    path: str,
-    size: int = 1 << 30,
-    chunk: int = MIB,
-    bitmaps: int = 0,
-    pattern: int = 0xCD,
-    sync: bool = True,
-) -> float:
-    """Write ``size`` bytes to a fresh raw image at ``path`` with one qemu-io
-    ``write -P pattern off chunk`` per chunk, then ``flush``.
-
-    :param bitmaps: number of enabled 64 KiB dirty bitmaps on the raw node.
-    :param sync: end with qemu-io ``flush`` (fdatasync) inside the timing.
-    :return: bytes per second (timing covers the writes and the flush).
-    """
-    _fresh(path, size)
-    graph = BlockGraph()
-    node = await graph.add(
-        {"driver": "raw", "node-name": "drive0", "file": {"driver": "file", "filename": path}}
-    )
+def run_writes(sock: str, image: str, size: int, bitmaps: int) -> float:
+    """:return: MB/s of qemu-io writes through QMP on a fresh node."""
+    c = RawQMP(sock)
+    node = f"n{time.monotonic_ns()}"
+    _cmd(c, "blockdev-add", {"driver": "raw", "node-name": node,
+                             "file": {"driver": "file", "filename": image}})
     for i in range(bitmaps):
-        node.bitmaps.add(f"bitmap{i}")
-    cmds = [f"write -q -P {pattern} {off} {chunk}" for off in range(0, size, chunk)]
-    start = time.perf_counter()
-    for cmd in cmds:
-        out = await run_qemu_io(node, cmd)
-        if out:
-            raise RuntimeError(out)
-    if sync:
-        await run_qemu_io(node, "flush")
-    elapsed = time.perf_counter() - start
-    if bitmaps:
-        assert all(bm.count == size for bm in node.bitmaps)
-    await graph.close()
-    return size / elapsed
+        _cmd(c, "block-dirty-bitmap-add", {"node": node, "name": f"b{i}"})
+    hmp = [json.dumps({"execute": "human-monitor-command", "arguments": {
+        "command-line": f'qemu-io {node} "write -P 0xab {off} 1M"'}}).encode() for off in range(0, size, MIB)]
+    flush = json.dumps({"execute": "human-monitor-command",
+                        "arguments": {"command-line": f'qemu-io {node} "flush"'}}).encode()
+    t0 = time.perf_counter()
+    for req in hmp:
+        c.roundtrip(req)
+    c.roundtrip(flush)
+    elapsed = time.perf_counter() - t0
+    for i in range(bitmaps):
+        _cmd(c, "block-dirty-bitmap-remove", {"node": node, "name": f"b{i}"})
+    _cmd(c, "blockdev-del", {"node-name": node})
+    c.close()
+    return size / elapsed / 1e6
 
 
-def pwrite_throughput(path: str, size: int = 1 << 30, chunk: int = MIB, sync: bool = True) -> float:
-    """Ceiling: a synchronous ``os.pwrite`` loop (plus fdatasync); bytes/s."""
-    _fresh(path, size)
-    buf = b"\xcd" * chunk
-    fd = os.open(path, os.O_RDWR)
-    try:
-        start = time.perf_counter()
-        for off in range(0, size, chunk):
-            os.pwrite(fd, buf, off)
-        if sync:
-            os.fdatasync(fd)
-        elapsed = time.perf_counter() - start
-    finally:
-        os.close(fd)
-    return size / elapsed
-
-
-def dd_throughput(
-    path: str, size: int = 1 << 30, chunk: int = MIB, sync: bool = True
-) -> float | None:
-    """Ceiling: ``dd if=/dev/zero bs=chunk conv=notrunc[,fdatasync]``; bytes/s."""
-    if shutil.which("dd") is None:
-        return None
-    _fresh(path, size)
-    start = time.perf_counter()
-    subprocess.run(
-        ["dd", "if=/dev/zero", f"of={path}", f"bs={chunk}", f"count={size // chunk}",
-         "conv=notrunc,fdatasync" if sync else "conv=notrunc", "status=none"],
-        check=True,
-    )
-    return size / (time.perf_counter() - start)
+def dd_ceiling(image: str, size: int) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={image}", "bs=1M", f"count={size // MIB}", "conv=notrunc,fdatasync"],
+                   check=True, capture_output=True)
+    return size / (time.perf_counter() - t0) / 1e6
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--dir", default=None, help="directory for the image (default: a temp dir)")
-    ap.add_argument("--no-sync", dest="sync", action="store_false",
-                    help="no fdatasync: measures qmpd's CPU path (use with a tmpfs --dir)")
-    ap.add_argument("--overwrite", action="store_true",
-                    help="overwrite a fully allocated image instead of filling a sparse one")
+    ap.add_argument("--dir", default=str(ROOT / ".bench-tmp"))
     args = ap.parse_args()
-    global OVERWRITE
-    OVERWRITE = args.overwrite
     size = args.size_mib * MIB
-    results: dict[str, list[float]] = {"dd": [], "pwrite": [], "qemu-io": [], "qemu-io+4bm": []}
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        path = os.path.join(tmp, "bench.img")
-        for _ in range(args.reps):  # interleaved, so drift hits all variants
-            dd = dd_throughput(path, size, sync=args.sync)
-            if dd is not None:
-                results["dd"].append(dd)
-            results["pwrite"].append(pwrite_throughput(path, size, sync=args.sync))
-            results["qemu-io"].append(
-                asyncio.run(qemu_io_write_throughput(path, size, sync=args.sync))
-            )
-            results["qemu-io+4bm"].append(
-                asyncio.run(qemu_io_write_throughput(path, size, bitmaps=4, sync=args.sync))
-            )
-    med = {k: statistics.median(v) for k, v in results.items() if v}
-    where = ("fdatasync at end" if args.sync else "no sync") + (
-        ", overwriting allocated data" if args.overwrite else ", sparse image")
-    print(f"qemu-io write throughput, {args.size_mib} MiB in 1 MiB writes, {where}, "
-          f"median of {args.reps} (MB/s = 10^6 B/s):")
-    for name, value in med.items():
-        spread = ", ".join(f"{v / 1e6:.0f}" for v in results[name])
-        print(f"  {name:12s} {value / 1e6:8.0f} MB/s   (runs: {spread})")
-    ceiling = max(med.get("dd", 0.0), med["pwrite"])
-    print(f"  qemu-io / best ceiling       {med['qemu-io'] / ceiling:6.3f}")
-    print(f"  qemu-io+4bm / best ceiling   {med['qemu-io+4bm'] / ceiling:6.3f}")
-    slowdown = 1 - med["qemu-io+4bm"] / med["qemu-io"]
-    print(f"  slowdown with 4 bitmaps      {slowdown * 100:6.2f} %  (target < 5 %)")
+    os.makedirs(args.dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="io-", dir=args.dir) as tmp:
+        image = os.path.join(tmp, "disk.img")
+        with open(image, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+        sock_tmp = tempfile.mkdtemp(prefix="iob-")
+        servers = [("qmpd", lambda: qmpd_server(sock_tmp, 1))]
+        for name, argv, socks in qemu_servers(sock_tmp, 1):
+            if name == "qemu-system-x86_64":  # QSD has no HMP
+                servers.append((name, lambda argv=argv, socks=socks, name=name: Server(name, argv, socks)))
+        results: dict[str, dict[int, float]] = {}
+        ceiling = statistics.median(dd_ceiling(image, size) for _ in range(args.reps))
+        for name, make in servers:
+            srv = make()
+            try:
+                results[name] = {
+                    nb: statistics.median(run_writes(srv.sockets[0], image, size, nb) for _ in range(args.reps))
+                    for nb in (0, 4)
+                }
+            finally:
+                srv.stop()
+        shutil.rmtree(sock_tmp, ignore_errors=True)
+    print(f"qemu-io writes over QMP, {args.size_mib} MiB in 1 MiB requests, median of {args.reps}")
+    print(f"{'server':<22}{'0 bitmaps MB/s':>16}{'4 bitmaps MB/s':>16}{'slowdown':>10}{'of dd':>8}")
+    for name, r in results.items():
+        slow = (1 - r[4] / r[0]) * 100
+        print(f"{name:<22}{r[0]:>16,.0f}{r[4]:>16,.0f}{slow:>9.1f}%{r[0] / ceiling:>8.2f}")
+    print(f"{'dd (ceiling)':<22}{ceiling:>16,.0f}")
+    if "qemu-system-x86_64" in results:
+        q, m = results["qemu-system-x86_64"], results["qmpd"]
+        print(f"ratio qmpd/QEMU: 0 bitmaps {m[0] / q[0]:.2f}x, 4 bitmaps {m[4] / q[4]:.2f}x")
+    print("target: 4-bitmap slowdown under 5 %")
 
 
 if __name__ == "__main__":

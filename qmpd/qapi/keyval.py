@@ -85,16 +85,19 @@ def _int(path: str, type_name: str, text: str) -> int:
     if type_name == "size":
         m = _SIZE_RE.match(text)
         if not m:
-            raise GenericError(f"Parameter '{path}' expects a non-negative number below 2^64")
+            raise GenericError(f"Parameter '{path}' expects size")
         number = float(m.group(1)) if "." in m.group(1) else int(m.group(1))
         return int(number * _SUFFIX[m.group(2).lower() or "b"])
+    # QEMU's keyval visitor parses every integer as int64 or uint64 first.
+    wide = "uint64" if type_name.startswith("uint") else "int"
     try:
         value = int(text, 0)
     except ValueError:
-        raise GenericError(f"Parameter '{path}' expects {type_name}") from None
+        raise GenericError(f"Parameter '{path}' expects {wide}") from None
     lo, hi = INT_RANGES[type_name]
     if not lo <= value <= hi:
-        raise GenericError(f"Parameter '{path}' expects {type_name}")
+        raise GenericError(f"Parameter '{path}' expects {type_name}_t" if type_name not in ("int", "uint64")
+                           else f"Parameter '{path}' expects {wide}")
     return value
 
 

@@ -146,3 +146,37 @@ def test_live_socket_is_not_stolen(qmpd_proc: DaemonProcess) -> None:
     out = _run("--socket", qmpd_proc.path)
     assert out.returncode == 1
     assert "another server is listening there" in out.stderr
+
+
+def test_blockdev_option_forms(sock_dir: Path) -> None:
+    img = sock_dir / "a.img"
+    with open(img, "wb") as f:
+        f.truncate(1 << 20)
+    proc = DaemonProcess(sock_dir, "--blockdev", f"driver=file,node-name=f0,filename={img},read-only=on",
+                         "--blockdev", '{"driver": "raw", "node-name": "d0", "file": "f0", "read-only": true}',
+                         "--blockdev", "driver=null-co,node-name=n0,size=2097152,read-zeroes=on")
+    try:
+        client = RawClient(proc.path)
+        nodes = client.cmd("query-named-block-nodes")["return"]
+        assert [(n["node-name"], n["drv"], n["ro"], n["image"]["virtual-size"]) for n in nodes] == [
+            ("f0", "file", True, 1 << 20), ("d0", "raw", True, 1 << 20), ("n0", "null-co", False, 2 << 20)]
+        client.close()
+    finally:
+        assert proc.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "blockdev,message",
+    [
+        ("driver=file,node-name=f0,filename=/nonexistent/x.img",
+         "qmpd: Could not open '/nonexistent/x.img': No such file or directory"),
+        ("driver=file,node-name=f0", "qmpd: Parameter 'filename' is missing"),
+        ("driver=null-co,node-name=n0,size=2M", "qmpd: Parameter 'size' expects int"),
+        ("driver=file,node-name=f0,filename=/x,read-only=maybe", "qmpd: Parameter 'read-only' expects 'on' or 'off'"),
+    ],
+)
+def test_bad_blockdev_option(blockdev: str, message: str) -> None:
+    out = _run("--socket", "/tmp/qmpd-never-bound.sock", "--blockdev", blockdev)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [message]
+    assert not os.path.exists("/tmp/qmpd-never-bound.sock")
