@@ -21,6 +21,7 @@ run: $(VENV)/.installed
 	$(VENV)/bin/qmpd --socket $(SOCKET) $(ARGS)
 
 test: $(VENV)/.installed
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 typecheck: $(VENV)/.installed

@@ -59,7 +59,7 @@ async def _info_name(ctx: CommandContext, rest: str) -> str:
 
 
 async def _info_block_jobs(ctx: CommandContext, rest: str) -> str:
-    jobs = ctx.state.jobs.block_job_infos() if ctx.state.jobs is not None else []
+    jobs = ctx.state.jobs.query_block_jobs() if ctx.state.jobs is not None else []
     if not jobs:
         return "No active jobs\r\n"
     lines = []

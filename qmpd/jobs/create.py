@@ -36,7 +36,7 @@ class CreateFileJob(Job):
         self.preallocation = preallocation
 
     async def run(self) -> None:
-        await self.pause_point()
+        self.progress.set_remaining(1)
         try:
             await create_file(self.filename, self.size)
             if self.preallocation in ("falloc", "full") and self.size:
@@ -48,4 +48,4 @@ class CreateFileJob(Job):
         except BlockIOError as exc:
             code = exc.errno or _errno.EIO
             raise JobError(code, f"Could not create '{self.filename}': {exc.strerror}") from exc
-        self.progress.set_remaining(0)
+        self.progress.work_done(1)

@@ -67,7 +67,8 @@ def parse_keyval(text: str) -> dict[str, Any]:
         if parts[-1] in node:
             raise GenericError(f"Parameter '{key}' is set more than once")
         node[parts[-1]] = value
-    return _lists(root)
+    result: dict[str, Any] = _lists(root)
+    return result
 
 
 def _lists(value: Any) -> Any:

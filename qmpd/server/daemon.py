@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Coroutine
@@ -112,7 +113,7 @@ class Daemon:
         """Open every listener.  :raise OSError: when one cannot be bound."""
         for spec in self.listeners:
             label = spec.path if isinstance(spec, UnixListener) else f"{spec.host}:{spec.port}"
-            server = await open_listener(spec, lambda label=label: self._new_connection(label))
+            server = await open_listener(spec, functools.partial(self._new_connection, label))
             self._servers.append(server)
             log.info("listening on %s", label)
 
