@@ -38,8 +38,8 @@ import hashlib
 from collections.abc import Iterator
 from itertools import chain
 
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any
+
 from bitarray import bitarray
 from bitarray.util import zeros
 
@@ -48,8 +48,19 @@ __all__ = ["HBitmap"]
 #: Bits examined per step by the run finder (bounds its temporary arrays).
 _WINDOW = 1 << 21
 
-_IntArray = npt.NDArray[np.int64]
-_ByteArray = npt.NDArray[np.uint8]
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    _IntArray = npt.NDArray[np.int64]
+    _ByteArray = npt.NDArray[np.uint8]
+
+
+def _np() -> Any:
+    """numpy, imported on first use: it costs ~0.1 s of daemon start-up."""
+    import numpy
+
+    return numpy
 
 
 def _check_range(size: int, offset: int, length: int) -> None:
@@ -325,6 +336,7 @@ def _runs(bits: bitarray, b0: int, b1: int) -> Iterator[tuple[_IntArray, _IntArr
     The bits XORed with themselves shifted by one are set where runs start
     and end, alternately; numpy finds the set bits of each window.
     """
+    np = _np()
     sub = bits[b0:b1]
     edges = np.frombuffer((sub ^ (sub >> 1)).tobytes(), dtype=np.uint8)
     pending: _IntArray = np.empty(0, np.int64)
@@ -369,6 +381,7 @@ def _halve(buf: _ByteArray) -> _ByteArray:
     Works on 64-bit words: OR each odd bit into the even bit below it, then
     squeeze the even bits together with the usual mask-and-shift ladder.
     """
+    np = _np()
     buf = np.concatenate([buf, np.zeros(-buf.size % 8, np.uint8)])
     x = buf.view("<u8")
     x = (x | (x >> np.uint64(1))) & np.uint64(0x5555555555555555)
@@ -384,6 +397,7 @@ def _double(buf: _ByteArray) -> _ByteArray:
     The inverse ladder of :func:`_halve`: spread 32 bits over the even bits
     of a 64-bit word, then copy each even bit into the odd bit above it.
     """
+    np = _np()
     buf = np.concatenate([buf, np.zeros(-buf.size % 4, np.uint8)])
     x = buf.view("<u4").astype("<u8")
     for shift, mask in _SPREAD_STEPS:
@@ -394,6 +408,7 @@ def _double(buf: _ByteArray) -> _ByteArray:
 
 def _convert(src: bitarray, src_shift: int, dst_shift: int, nbits: int) -> bitarray:
     """Re-sample ``src`` at another granularity (outward), as ``nbits`` bits."""
+    np = _np()
     buf = np.frombuffer(src.tobytes(), dtype=np.uint8)
     if src_shift < dst_shift:  # coarsen: OR groups of k bits
         k = 1 << (dst_shift - src_shift)

@@ -85,6 +85,8 @@ class BackupJob(Job):
         self.filter: BlockNode | None = None
         #: Extra clean-up (drive-backup closes its target), run by clean().
         self.cleanups: list[Callable[[], None]] = []
+        #: Flush the target after a successful copy (drive-backup's own target).
+        self.flush_target = False
         self._blocked: list[BlockNode] = []
         self._cleaned = False
 
@@ -107,6 +109,8 @@ class BackupJob(Job):
         while True:
             failure = await copy.run(max_workers=self.max_workers, throttle=self.throttle)
             if failure is None:
+                if self.flush_target:
+                    await self.target.flush()
                 return
             policy = self.on_source_error if failure.is_read else self.on_target_error
             action = await self.handle_error(failure.error, is_read=failure.is_read, on_error=policy)

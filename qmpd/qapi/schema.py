@@ -227,8 +227,9 @@ class Schema:
 
 
 def default_schema_dir() -> Path:
-    """:return: the ``schema/`` directory next to the ``qmpd`` package."""
-    return Path(__file__).resolve().parent.parent.parent / "schema"
+    """:return: the QAPI definitions: ``qmpd/schema``, a link to the top-level
+    ``schema/`` in a checkout, and a copy of it in an installed wheel."""
+    return Path(__file__).resolve().parent.parent / "schema"
 
 
 @lru_cache(maxsize=4)
