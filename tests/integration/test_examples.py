@@ -19,3 +19,33 @@ def test_hello(qmpd_proc: DaemonProcess) -> None:
     assert lines[0] == "QEMU 9.0.0 (qmpd-0.1.0)"
     assert "query-version" in lines[1:] and "qmp_capabilities" in lines[1:]
     assert lines[1:] == sorted(lines[1:])
+
+
+def _example(name: str, proc: DaemonProcess, workdir: Path) -> list[str]:
+    out = subprocess.run([sys.executable, str(EXAMPLES / name), proc.path, str(workdir)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout.splitlines()
+
+
+def test_full_then_incremental(qmpd_proc: DaemonProcess, tmp_path: Path) -> None:
+    lines = _example("full_then_incremental.py", qmpd_proc, tmp_path)
+    assert lines == [
+        "full backup: 67108864 of 67108864 bytes",
+        "bitmap0 before the incremental: 262144 dirty bytes",
+        "incremental backup: 262144 of 262144 bytes",
+        "restored image matches the live disk",
+    ]
+
+
+def test_resume_failed_backup(qmpd_proc: DaemonProcess, tmp_path: Path) -> None:
+    lines = _example("resume_failed_backup.py", qmpd_proc, tmp_path)
+    # with max-workers 1 the chunks are {0}, {3}, {17}, {64,65}, {200}, {511}...:
+    # the sixth read fails after 6 clusters were copied
+    assert lines == [
+        "dirty before the backup: 12 clusters",
+        "first run: Input/output error, copied 393216 of 786432 bytes",
+        "still dirty after the failure: 6 clusters",
+        "second run: ok, copied 393216 of 393216 bytes",
+        "target matches the source on every written cluster",
+    ]

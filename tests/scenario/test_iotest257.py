@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu.qmp import QMPClient
+from qemu.qmp import EventListener, QMPClient
 
 from tests.support.daemon import running_daemon, short_socket_dir
 from tests.support.qmp import bitmap_count, bitmaps, create_raw_target, next_event, qemu_io, wait_job_status
@@ -101,7 +101,7 @@ class Run:
     def __init__(self, qmp: QMPClient, tmp: Path) -> None:
         self.qmp = qmp
         self.tmp = tmp
-        self.listener = qmp.listener()
+        self.listener = EventListener()
         qmp.register_listener(self.listener)
 
     async def write_group(self, group: int, node: str = "drive0") -> None:
