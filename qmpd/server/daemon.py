@@ -22,7 +22,7 @@ from qmpd import commands as _commands  # noqa: F401  (registers the handlers)
 from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState
 from qmpd.commands.registry import REGISTRY, Registry
 from qmpd.block import BlockGraph
-from qmpd.errors import GenericError, QMPError
+from qmpd.errors import GenericError, QMPError, SchemaError
 from qmpd.events import EventBus
 from qmpd.events.names import SHUTDOWN
 from qmpd.jobs import JobManager
@@ -32,7 +32,11 @@ from qmpd.qapi.service import SchemaService
 from qmpd.server.connection import Connection
 from qmpd.server.listeners import Listener, UnixListener, open_listener
 
-__all__ = ["Daemon"]
+__all__ = ["Daemon", "UNIMPLEMENTED"]
+
+#: Schema commands deliberately left without a handler.  They are neither
+#: advertised nor accepted; today every schema command is implemented.
+UNIMPLEMENTED: frozenset[str] = frozenset()
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,9 @@ class Daemon:
         self._registry.freeze()
         self.schema = SchemaService.load()
         names = self.schema.check_registry(set(self._registry))
+        missing = set(self.schema.schema.commands) - set(names) - UNIMPLEMENTED
+        if missing:
+            raise SchemaError("schema commands without a handler: " + ", ".join(sorted(missing)))
         self.command_names = frozenset(names)
         self.oob_commands = self._registry.oob_commands
         self.state.command_names = tuple(sorted(names))

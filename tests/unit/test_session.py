@@ -66,3 +66,13 @@ def test_success_and_failure_shapes() -> None:
     no_id = s.handle({"execute": "query-name"})
     assert isinstance(no_id, Call)
     assert Session.success(no_id, [1]) == {"return": [1]}
+
+
+def test_registry_and_schema_agree() -> None:
+    """Every schema command has a handler and every handler a schema entry."""
+    from qmpd import commands  # noqa: F401
+    from qmpd.commands.registry import REGISTRY
+    from qmpd.qapi.schema import load_schema
+    from qmpd.server.daemon import UNIMPLEMENTED
+
+    assert set(load_schema().commands) - UNIMPLEMENTED == set(REGISTRY)
