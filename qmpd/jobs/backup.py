@@ -107,7 +107,8 @@ class BackupJob(Job):
             while True:
                 await self.job_yield()
         while True:
-            failure = await copy.run(max_workers=self.max_workers, throttle=self.throttle)
+            failure = await copy.run(max_workers=self.max_workers, throttle=self.throttle,
+                                     batch=self.speed == 0)
             if failure is None:
                 if self.flush_target:
                     await self.target.flush()

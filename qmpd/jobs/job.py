@@ -313,7 +313,8 @@ class Job(abc.ABC):
                 await self._yield(None)
         finally:
             self.paused = False
-        self._transition(JobStatus.READY if ready else JobStatus.RUNNING)
+        if self.status is parked:  # resume may have moved it on already
+            self._transition(JobStatus.READY if ready else JobStatus.RUNNING)
 
     async def job_yield(self) -> None:
         """Wait for :meth:`enter` (or a pause/cancel), then pass a pause point.

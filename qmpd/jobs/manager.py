@@ -366,6 +366,10 @@ class JobManager:
         job.user_paused = True
         job.pause_count += 1
         if not job.paused:
+            if job.status is JobStatus.RUNNING and job.started and not job.busy:
+                # QEMU enters an idle job's coroutine from the command itself,
+                # so it reaches its pause point (and says so) before the reply.
+                job._transition(JobStatus.PAUSED)
             job._enter()
 
     def resume(self, job: Job) -> None:
@@ -382,6 +386,9 @@ class JobManager:
         job.user_paused = False
         job.pause_count -= 1
         if job.pause_count == 0:
+            if job.status is JobStatus.PAUSED and job.started:
+                # As for pause: the job leaves its pause point inside the command.
+                job._transition(JobStatus.RUNNING)
             job._enter(only_no_timer=True)
 
     def set_speed(self, job: Job, speed: int) -> None:

@@ -1,0 +1,166 @@
+"""Job events relative to command replies, verbs and quit, on the wire (spec §3.5)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.daemon import AsyncRawClient, RunningDaemon
+
+SIZE = 8 << 20
+
+
+def _jsc(job: str, *statuses: str) -> list[tuple[str, Any]]:
+    return [("JOB_STATUS_CHANGE", {"id": job, "status": s}) for s in statuses]
+
+
+def _brief(msgs: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    return [(m["event"], m.get("data")) if "event" in m else ("reply", m.get("return", m.get("error")))
+            for m in msgs]
+
+
+async def _client(qmpd: RunningDaemon, tmp_path: Path) -> AsyncRawClient:
+    for name in ("disk.img", "target.img"):
+        with open(tmp_path / name, "wb") as f:
+            f.truncate(SIZE)
+    client = await AsyncRawClient.connect(qmpd.path)
+    for node, name in (("drive0", "disk.img"), ("target", "target.img")):
+        reply, _ = await client.execute({"execute": "blockdev-add", "arguments": {
+            "driver": "raw", "node-name": node, "file": {"driver": "file", "filename": str(tmp_path / name)}}})
+        assert reply == {"return": {}}
+    reply, _ = await client.execute({"execute": "human-monitor-command", "arguments": {
+        "command-line": 'qemu-io drive0 "write -P 7 0 8M"'}})
+    return client
+
+
+async def _read_until(client: AsyncRawClient, pred: Any) -> list[dict[str, Any]]:
+    out = []
+    while True:
+        msg = json.loads(await asyncio.wait_for(client.reader.readline(), 30))
+        out.append(msg)
+        if pred(msg):
+            return out
+
+
+def _start(job: str, **extra: Any) -> dict[str, Any]:
+    return {"execute": "blockdev-backup", "arguments": {
+        "device": "drive0", "target": "target", "sync": "full", "job-id": job, **extra}}
+
+
+@pytest.mark.asyncio
+async def test_start_events_precede_the_reply_and_cancel_follows_it(qmpd: RunningDaemon, tmp_path: Path) -> None:
+    client = await _client(qmpd, tmp_path)
+    try:
+        reply, events = await client.execute(_start("j", speed=1))
+        assert _brief([*events, reply]) == [*_jsc("j", "created", "running", "paused", "running"), ("reply", {})]
+        # speed=1: exactly one 1 MiB chunk is copied before the first throttle sleep
+        await asyncio.sleep(0.2)
+        reply, events = await client.execute({"execute": "query-block-jobs"})
+        assert reply["return"][0]["offset"] == 1 << 20 and reply["return"][0]["len"] == SIZE
+        assert reply["return"][0]["busy"] is False
+        # (e) cancel while running: the reply first, then the wind-down
+        client.writer.write(b'{"execute": "job-cancel", "arguments": {"id": "j"}}')
+        msgs = await _read_until(client, lambda m: m.get("data") == {"id": "j", "status": "null"})
+        assert _brief(msgs) == [("reply", {}), *_jsc("j", "aborting"),
+                                ("BLOCK_JOB_CANCELLED", {"type": "backup", "device": "j", "len": SIZE,
+                                                         "offset": 1 << 20, "speed": 1}),
+                                *_jsc("j", "concluded", "null")]
+    finally:
+        await client.close()
+
+
+@pytest.mark.asyncio
+async def test_pause_resume_set_speed_and_verbs(qmpd: RunningDaemon, tmp_path: Path) -> None:
+    client = await _client(qmpd, tmp_path)
+    try:
+        await client.execute(_start("j", speed=1, **{"auto-finalize": False, "auto-dismiss": False}))
+        refusals = [
+            ({"execute": "job-finalize", "arguments": {"id": "j"}},
+             "Job 'j' in state 'running' cannot accept command verb 'finalize'"),
+            ({"execute": "job-dismiss", "arguments": {"id": "j"}},
+             "Job 'j' in state 'running' cannot accept command verb 'dismiss'"),
+            ({"execute": "block-job-complete", "arguments": {"device": "j"}},
+             "Job 'j' in state 'running' cannot accept command verb 'complete'"),
+            ({"execute": "job-resume", "arguments": {"id": "j"}}, "Can't resume a job that was not paused"),
+            ({"execute": "block-job-set-speed", "arguments": {"device": "j", "speed": -1}},
+             "Parameter 'speed' expects a non-negative value"),
+            ({"execute": "job-pause", "arguments": {"id": "nope"}}, "Job not found"),
+        ]
+        for req, desc in refusals:
+            reply, _ = await client.execute(req)
+            assert reply == {"error": {"class": "GenericError", "desc": desc}}, req
+        reply, _ = await client.execute({"execute": "block-job-pause", "arguments": {"device": "nope"}})
+        assert reply == {"error": {"class": "DeviceNotActive", "desc": "Block job 'nope' not found"}}
+
+        # the job sleeps in the rate limiter: like QEMU, it reaches its pause
+        # point inside the command, so the event precedes the reply
+        reply, events = await client.execute({"execute": "job-pause", "arguments": {"id": "j"}})
+        assert _brief([*events, reply]) == [*_jsc("j", "paused"), ("reply", {})]
+        reply, _ = await client.execute({"execute": "job-pause", "arguments": {"id": "j"}})
+        assert reply == {"error": {"class": "GenericError", "desc": "Job is already paused"}}
+        reply, _ = await client.execute({"execute": "block-job-cancel", "arguments": {"device": "j"}})
+        assert reply == {"error": {"class": "GenericError",
+                                   "desc": "The block job for device 'j' is currently paused"}}
+        reply, _ = await client.execute({"execute": "query-block-jobs"})
+        info = reply["return"][0]
+        assert (info["status"], info["paused"], info["busy"], info["speed"]) == ("paused", True, False, 1)
+        # raise the speed while paused, resume: the job runs to pending at full speed
+        assert (await client.execute({"execute": "block-job-set-speed",
+                                      "arguments": {"device": "j", "speed": 0}}))[0] == {"return": {}}
+        reply, events = await client.execute({"execute": "job-resume", "arguments": {"id": "j"}})
+        msgs = [*events, reply, *await _read_until(client, lambda m: m.get("event") == "BLOCK_JOB_PENDING")]
+        assert _brief(msgs) == [*_jsc("j", "running"), ("reply", {}), *_jsc("j", "waiting", "pending"),
+                                ("BLOCK_JOB_PENDING", {"type": "backup", "id": "j"})]
+        # (c)+(d) finalize runs synchronously: its events come before its reply
+        reply, events = await client.execute({"execute": "job-finalize", "arguments": {"id": "j"}})
+        assert _brief([*events, reply]) == [
+            ("BLOCK_JOB_COMPLETED", {"type": "backup", "device": "j", "len": SIZE, "offset": SIZE, "speed": 0}),
+            *_jsc("j", "concluded"), ("reply", {})]
+        reply, _ = await client.execute({"execute": "query-jobs"})
+        assert reply["return"] == [{"id": "j", "type": "backup", "status": "concluded",
+                                    "current-progress": SIZE, "total-progress": SIZE}]
+        reply, _ = await client.execute({"execute": "job-cancel", "arguments": {"id": "j"}})
+        assert reply["error"]["desc"] == "Job 'j' in state 'concluded' cannot accept command verb 'cancel'"
+        reply, events = await client.execute({"execute": "job-dismiss", "arguments": {"id": "j"}})
+        assert _brief([*events, reply]) == [*_jsc("j", "null"), ("reply", {})]
+        assert (tmp_path / "target.img").read_bytes() == (tmp_path / "disk.img").read_bytes()
+    finally:
+        await client.close()
+
+
+@pytest.mark.asyncio
+async def test_negative_speed_at_creation(qmpd: RunningDaemon, tmp_path: Path) -> None:
+    client = await _client(qmpd, tmp_path)
+    try:
+        reply, events = await client.execute(_start("j", speed=-1))
+        assert _brief([*events, reply]) == [
+            *_jsc("j", "created", "null"),
+            ("reply", {"class": "GenericError", "desc": "Parameter 'speed' expects a non-negative value"})]
+        reply, _ = await client.execute({"execute": "query-named-block-nodes"})
+        assert [n["node-name"] for n in reply["return"]][::2] == ["drive0", "target"]
+        assert all("dirty-bitmaps" not in n for n in reply["return"])
+    finally:
+        await client.close()
+
+
+@pytest.mark.asyncio
+async def test_quit_cancels_running_jobs(qmpd: RunningDaemon, tmp_path: Path) -> None:
+    client = await _client(qmpd, tmp_path)
+    try:
+        await client.execute(_start("j", speed=1))
+        client.writer.write(b'{"execute": "quit", "id": "q"}')
+        msgs = await _read_until(client, lambda m: m.get("id") == "q")
+        brief = _brief(msgs)
+        assert brief[0] == ("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+        assert brief[1:] == [*_jsc("j", "aborting"),
+                             ("BLOCK_JOB_CANCELLED", {"type": "backup", "device": "j", "len": SIZE,
+                                                      "offset": 1 << 20, "speed": 1}),
+                             *_jsc("j", "concluded", "null"), ("reply", {})]
+        assert qmpd.daemon.stopping
+        assert qmpd.daemon.state.jobs is not None and qmpd.daemon.state.jobs.jobs == []
+    finally:
+        await client.close()
