@@ -46,6 +46,17 @@ async def _read_until(client: AsyncRawClient, pred: Any) -> list[dict[str, Any]]
             return out
 
 
+async def _wait_idle(client: AsyncRawClient, job: str) -> None:
+    """Until the job has copied its first chunk and sleeps in the limiter."""
+    for _ in range(500):
+        reply, _ = await client.execute({"execute": "query-block-jobs"})
+        info = next(j for j in reply["return"] if j["device"] == job)
+        if info["offset"] > 0 and not info["busy"]:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("job never went idle")
+
+
 def _start(job: str, **extra: Any) -> dict[str, Any]:
     return {"execute": "blockdev-backup", "arguments": {
         "device": "drive0", "target": "target", "sync": "full", "job-id": job, **extra}}
@@ -58,7 +69,8 @@ async def test_start_events_precede_the_reply_and_cancel_follows_it(qmpd: Runnin
         reply, events = await client.execute(_start("j", speed=1))
         assert _brief([*events, reply]) == [*_jsc("j", "created", "running", "paused", "running"), ("reply", {})]
         # speed=1: exactly one 1 MiB chunk is copied before the first throttle sleep
-        await asyncio.sleep(0.2)
+        await _wait_idle(client, "j")
+        await asyncio.sleep(0.1)
         reply, events = await client.execute({"execute": "query-block-jobs"})
         assert reply["return"][0]["offset"] == 1 << 20 and reply["return"][0]["len"] == SIZE
         assert reply["return"][0]["busy"] is False
@@ -96,6 +108,7 @@ async def test_pause_resume_set_speed_and_verbs(qmpd: RunningDaemon, tmp_path: P
         reply, _ = await client.execute({"execute": "block-job-pause", "arguments": {"device": "nope"}})
         assert reply == {"error": {"class": "DeviceNotActive", "desc": "Block job 'nope' not found"}}
 
+        await _wait_idle(client, "j")
         # the job sleeps in the rate limiter: like QEMU, it reaches its pause
         # point inside the command, so the event precedes the reply
         reply, events = await client.execute({"execute": "job-pause", "arguments": {"id": "j"}})
