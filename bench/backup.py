@@ -242,8 +242,8 @@ def main() -> int:
                 if name == "qemu-system-x86_64":
                     servers.append(("qemu", Server(name, argv, socks)))
         results: dict[str, dict[str, float]] = {}
-        for label, server in servers:
-            b = Bench(server)
+        benches = [(label, Bench(server)) for label, server in servers]
+        for label, b in benches:
             try:
                 b.add("dense", dense)
                 b.add("holes", holes)
@@ -254,8 +254,11 @@ def main() -> int:
                                                for _ in range(opts.reps))
                 r["incr"] = statistics.median(b.incremental("dense", tgt, size, dirty)
                                               for _ in range(opts.reps))
-            finally:
-                b.close()
+            except BaseException:
+                for _, other in benches:
+                    other.close()
+                raise
+            b.close()
         tgt.unlink(missing_ok=True)
         cp_dense, cfr_dense = ceiling(dense, tgt, opts.reps)
         cp_holes, cfr_holes = ceiling(holes, tgt, opts.reps)

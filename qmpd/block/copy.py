@@ -44,11 +44,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from qmpd.bitmap import DirtyBitmap
-from qmpd.block.drivers.file import FileDriver
-from qmpd.block.drivers.raw import RawDriver
-from qmpd.block.errors import BlockIOError
 from qmpd.block import io as _io
-from qmpd.block.io import ImageFile, copy_range
+from qmpd.block.errors import BlockIOError
+from qmpd.block.fastcopy import FileView, copy_list, file_view, mark_written
+from qmpd.block.io import copy_range
 from qmpd.block.node import BlockNode
 
 __all__ = ["BlockCopy", "CopyFailure", "ProgressSink", "DEFAULT_CLUSTER", "MAX_CHUNK"]
@@ -90,37 +89,6 @@ class _Chunk:
         self.done = asyncio.Event()
 
 
-@dataclass(frozen=True, slots=True)
-class _FileView:
-    """A node that is a window of one image file: ``node offset + base``."""
-
-    image: ImageFile
-    base: int
-    #: The chain from the node down to the file node, with each node's base.
-    chain: tuple[tuple[BlockNode, int], ...]
-
-
-def _file_view(node: BlockNode, *, for_write: bool) -> _FileView | None:
-    """:return: the file behind a plain ``raw``/``file`` node, or None."""
-    chain: list[tuple[BlockNode, int]] = []
-    base = 0
-    cur = node
-    while True:
-        if cur.driver.has_events:
-            return None
-        if for_write and (cur.read_only or cur.detect_zeroes != "off" or cur._hooks):
-            return None
-        chain.append((cur, base))
-        drv = cur.driver
-        if isinstance(drv, FileDriver):
-            return _FileView(drv.image, base, tuple(chain))
-        if isinstance(drv, RawDriver):
-            base += drv.offset
-            cur = drv.file
-            continue
-        return None
-
-
 class BlockCopy:
     """Copies dirty clusters of ``source`` to ``target``.
 
@@ -159,7 +127,7 @@ class BlockCopy:
         self._in_flight: list[_Chunk] = []
         #: Cached block status: (write_gen, start, end, is_data) in source offsets.
         self._status_cache: tuple[int, int, int, bool] | None = None
-        self._fast: tuple[_FileView, _FileView] | None = None
+        self._fast: tuple[FileView, FileView] | None = None
         self._fast_checked = False
 
     # ------------------------------------------------------------ accounting
@@ -199,10 +167,10 @@ class BlockCopy:
 
     # ------------------------------------------------------------ one chunk
 
-    def _fast_path(self) -> tuple[_FileView, _FileView] | None:
+    def _fast_path(self) -> tuple[FileView, FileView] | None:
         if not self._fast_checked:
-            src = _file_view(self.source, for_write=False)
-            dst = _file_view(self.target, for_write=True)
+            src = file_view(self.source, for_write=False)
+            dst = file_view(self.target, for_write=True)
             self._fast = (src, dst) if src is not None and dst is not None else None
             self._fast_checked = True
         if self._fast is not None and self._fast[1].chain[0][0]._hooks:
@@ -297,7 +265,7 @@ class BlockCopy:
             dst = fast[1]
             is_data, n = await dst.image.block_status(dst.base + offset, nbytes)
             if not is_data and n >= nbytes:
-                _mark_written(dst, offset, nbytes)
+                mark_written(dst, offset, nbytes)
                 return
         await self.target.write_zeroes(offset, nbytes)
 
@@ -314,12 +282,12 @@ class BlockCopy:
             else:
                 ranges.append((ch.start, n))
         try:
-            await _io._run(_copy_list, src.image.fd, src.base, dst.image.fd, dst.base, ranges)
+            await _io._run(copy_list, src.image.fd, src.base, dst.image.fd, dst.base, ranges)
         except BlockIOError as exc:
             return CopyFailure(exc, exc.errno not in _TARGET_ERRNOS)
         finally:
             for offset, n in ranges:
-                _mark_written(dst, offset, n)
+                mark_written(dst, offset, n)
         return None
 
     async def _copy_data(self, offset: int, nbytes: int) -> CopyFailure | None:
@@ -333,7 +301,7 @@ class BlockCopy:
                 # kernel lets us: ENOSPC/EDQUOT/EFBIG/EROFS are the target's.
                 return CopyFailure(exc, exc.errno not in _TARGET_ERRNOS)
             finally:
-                _mark_written(dst, offset, nbytes)
+                mark_written(dst, offset, nbytes)
             return None
         try:
             data = await self.source.read(offset, nbytes)
@@ -454,21 +422,6 @@ class BlockCopy:
             for failure in results:
                 if failure is not None:
                     raise failure.error
-
-
-def _copy_list(src_fd: int, src_base: int, dst_fd: int, dst_base: int,
-               ranges: list[tuple[int, int]]) -> None:
-    """(In the I/O pool.) copy_file_range each range, via io's own helper."""
-    for offset, n in ranges:
-        _io._copy_range(src_fd, src_base + offset, dst_fd, dst_base + offset, n)
-
-
-def _mark_written(view: _FileView, offset: int, nbytes: int) -> None:
-    """What the node path does after a write: generation and bitmaps."""
-    for node, base in view.chain:
-        node.write_gen += 1
-        if node.bitmaps:
-            node.bitmaps.mark_dirty(base + offset, nbytes)
 
 
 def _first_failure(done: set[asyncio.Task[CopyFailure | None]]) -> CopyFailure | None:
