@@ -8,31 +8,13 @@ implied first key (``socket`` for ``--chardev``, ``chardev`` for
 
 from __future__ import annotations
 
+from qmpd.qapi.keyval import split_items
+
 __all__ = ["parse_option_string", "parse_bool", "OptionError"]
 
 
 class OptionError(ValueError):
     """A command-line option string is malformed."""
-
-
-def _split(text: str) -> list[str]:
-    items: list[str] = []
-    cur: list[str] = []
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == ",":
-            if i + 1 < len(text) and text[i + 1] == ",":
-                cur.append(",")
-                i += 2
-                continue
-            items.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-        i += 1
-    items.append("".join(cur))
-    return items
 
 
 def parse_option_string(text: str, implied: str) -> dict[str, str]:
@@ -41,7 +23,7 @@ def parse_option_string(text: str, implied: str) -> dict[str, str]:
     :raise OptionError: on an empty item or a repeated key.
     """
     result: dict[str, str] = {}
-    for index, item in enumerate(_split(text)):
+    for index, item in enumerate(split_items(text)):
         if not item:
             raise OptionError(f"Invalid parameter '' in '{text}'")
         if "=" in item:

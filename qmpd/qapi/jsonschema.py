@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import jsonschema
+from functools import lru_cache
 
 from qmpd.qapi.schema import (
     INT_RANGES, AlternateType, ArrayType, BuiltinType, EnumType, ObjectType,
     QAPIType, Schema,
 )
 
-__all__ = ["to_json_schema", "QAPIValidator", "command_ref", "event_ref", "SCHEMA_ID"]
+__all__ = ["to_json_schema", "qapi_validator_class", "command_ref", "event_ref", "SCHEMA_ID"]
 
 JSON = dict[str, Any]
 SCHEMA_ID = "urn:qmpd:qapi"
@@ -35,11 +35,17 @@ def _is_int(checker: object, instance: object) -> bool:
     return isinstance(instance, int) and not isinstance(instance, bool)
 
 
-#: Draft 2020-12 validator whose ``integer`` means a JSON integer literal.
-QAPIValidator: Any = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
-    jsonschema.Draft202012Validator,
-    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_int),
-)
+@lru_cache(maxsize=1)
+def qapi_validator_class() -> Any:
+    """:return: the Draft 2020-12 validator class whose ``integer`` means a
+    JSON integer literal.  ``jsonschema`` is imported on first use: it costs
+    about 0.1 s of daemon start-up, and validators are built lazily anyway."""
+    import jsonschema
+
+    return jsonschema.validators.extend(  # type: ignore[no-untyped-call]
+        jsonschema.Draft202012Validator,
+        type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_int),
+    )
 
 
 def command_ref(name: str) -> str:

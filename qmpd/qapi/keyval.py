@@ -22,14 +22,17 @@ from qmpd.qapi.schema import (
     INT_RANGES, AlternateType, ArrayType, BuiltinType, EnumType, ObjectType, QAPIType,
 )
 
-__all__ = ["parse_keyval", "coerce", "parse_option_value"]
+__all__ = ["parse_keyval", "coerce", "parse_option_value", "split_items"]
 
 _SUFFIX = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)([bkmgtpe]?)$", re.IGNORECASE)
 
 
-def _split(text: str) -> list[str]:
-    items, cur, i = [], [], 0
+def split_items(text: str) -> list[str]:
+    """Split on commas; ``,,`` stands for a literal comma."""
+    items: list[str] = []
+    cur: list[str] = []
+    i = 0
     while i < len(text):
         if text[i] == ",":
             if text[i + 1:i + 2] == ",":
@@ -51,7 +54,7 @@ def parse_keyval(text: str) -> dict[str, Any]:
     :raise GenericError: on malformed input.
     """
     root: dict[str, Any] = {}
-    for item in _split(text):
+    for item in split_items(text):
         if "=" not in item:
             raise GenericError(f"Expected '=' after parameter '{item}'")
         key, value = item.split("=", 1)

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from qmpd.errors import CommandNotFound, GenericError
 from qmpd.qapi import models
-from qmpd.qapi.jsonschema import QAPIValidator, command_ref
+from qmpd.qapi.jsonschema import command_ref, qapi_validator_class
 from qmpd.qapi.schema import ObjectType, Schema, default_schema_dir, load_schema
 from qmpd.qapi.walk import first_error, normalize, uses_wrapping
 
@@ -66,7 +66,7 @@ class ArgumentValidator:
         v = self._validators.get(command)
         if v is None:
             root = _inline(self._defs, self._defs[command_ref(command)], ())
-            v = QAPIValidator({"$defs": self._defs, **root})
+            v = qapi_validator_class()({"$defs": self._defs, **root})
             self._validators[command] = v
         return v
 
