@@ -177,3 +177,74 @@ async def test_quit_cancels_running_jobs(qmpd: RunningDaemon, tmp_path: Path) ->
         assert qmpd.daemon.state.jobs is not None and qmpd.daemon.state.jobs.jobs == []
     finally:
         await client.close()
+
+
+@pytest.mark.asyncio
+async def test_k_transaction_rollback_after_backup_created(qmpd: RunningDaemon, tmp_path: Path) -> None:
+    client = await _client(qmpd, tmp_path)
+    try:
+        await client.execute({"execute": "block-dirty-bitmap-add", "arguments": {"node": "drive0", "name": "b0"}})
+        await client.execute({"execute": "human-monitor-command", "arguments": {
+            "command-line": 'qemu-io drive0 "write -P 9 64k 128k"'}})
+        before, _ = await client.execute({"execute": "x-debug-block-dirty-bitmap-sha256",
+                                          "arguments": {"node": "drive0", "name": "b0"}})
+        reply, events = await client.execute({"execute": "transaction", "arguments": {"actions": [
+            {"type": "block-dirty-bitmap-clear", "data": {"node": "drive0", "name": "b0"}},
+            {"type": "blockdev-backup", "data": {"device": "drive0", "target": "target", "sync": "incremental",
+                                                 "bitmap": "b0", "job-id": "j"}},
+            {"type": "block-dirty-bitmap-add", "data": {"node": "drive0", "name": "b1"}},
+            {"type": "abort", "data": {}},
+        ]}})
+        assert _brief([*events, reply]) == [
+            *_jsc("j", "created", "aborting", "concluded", "null"),
+            ("reply", {"class": "GenericError", "desc": "Transaction aborted using Abort action"})]
+        after, _ = await client.execute({"execute": "x-debug-block-dirty-bitmap-sha256",
+                                         "arguments": {"node": "drive0", "name": "b0"}})
+        assert after == before
+        nodes, _ = await client.execute({"execute": "query-named-block-nodes"})
+        assert [n["node-name"] for n in nodes["return"] if not n["node-name"].startswith("#")] == [
+            "drive0", "target"]
+        drive0 = nodes["return"][0]
+        assert drive0["dirty-bitmaps"] == [{"name": "b0", "recording": True, "persistent": False, "busy": False,
+                                            "granularity": 65536, "count": 131072}]
+        assert (await client.execute({"execute": "query-jobs"}))[0] == {"return": []}
+    finally:
+        await client.close()
+
+
+@pytest.mark.asyncio
+async def test_l_grouped_one_failure_cancels_the_other(qmpd: RunningDaemon, tmp_path: Path) -> None:
+    client = await _client(qmpd, tmp_path)
+    try:
+        with open(tmp_path / "t2.img", "wb") as f:
+            f.truncate(SIZE)
+        # the second target fails its first write
+        reply, _ = await client.execute({"execute": "blockdev-add", "arguments": {
+            "driver": "raw", "node-name": "bad", "file": {
+                "driver": "blkdebug", "image": {"driver": "file", "filename": str(tmp_path / "t2.img")},
+                "inject-error": [{"event": "write_aio", "errno": 5}]}}})
+        assert reply == {"return": {}}
+        reply, events = await client.execute({"execute": "transaction", "arguments": {
+            "actions": [
+                {"type": "blockdev-backup", "data": {"device": "drive0", "target": "target", "sync": "full",
+                                                     "job-id": "ok", "speed": 1}},
+                {"type": "blockdev-backup", "data": {"device": "drive0", "target": "bad", "sync": "full",
+                                                     "job-id": "fail"}},
+            ],
+            "properties": {"completion-mode": "grouped"}}})
+        assert reply == {"return": {}}
+        msgs = list(events)
+        while not all(("JOB_STATUS_CHANGE", {"id": j, "status": "null"}) in _brief(msgs) for j in ("ok", "fail")):
+            msgs += await _read_until(client, lambda m: True)
+        brief = _brief(msgs)
+        assert ("BLOCK_JOB_ERROR", {"device": "fail", "operation": "write", "action": "report"}) in brief
+        completed = [b for b in brief if b[0] == "BLOCK_JOB_COMPLETED"]
+        cancelled = [b for b in brief if b[0] == "BLOCK_JOB_CANCELLED"]
+        assert [c[1]["device"] for c in completed] == ["fail"]
+        assert completed[0][1]["error"] == "Input/output error"
+        assert [c[1]["device"] for c in cancelled] == ["ok"]
+        # the later action's job started first (commit runs in reverse)
+        assert brief.index(("JOB_STATUS_CHANGE", {"id": "fail", "status": "running"})) < brief.index(
+            ("JOB_STATUS_CHANGE", {"id": "ok", "status": "running"}))
+    finally:
+        await client.close()
