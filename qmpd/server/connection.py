@@ -16,7 +16,7 @@ import itertools
 import logging
 from typing import TYPE_CHECKING, Any, cast
 
-from qmpd.protocol.framing import JsonStreamParser, encode
+from qmpd.protocol.framing import FramingError, JsonStreamParser, encode
 from qmpd.protocol.session import Call, Session, SessionState
 
 if TYPE_CHECKING:
@@ -102,9 +102,10 @@ class Connection(asyncio.Protocol):
         transport = self._transport
         if self._closed or transport is None or transport.is_closing():
             return
+        data = encode(msg)
         if self._daemon.trace:
-            self.log.info("<-- %s", msg)
-        transport.write(encode(msg))
+            self.log.info("<-- %s", data[:-2].decode("ascii"))
+        transport.write(data)
         if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
             self.log.warning("client is not reading its replies; disconnecting")
             self.close()
@@ -136,7 +137,7 @@ class Connection(asyncio.Protocol):
                 continue
             item = items.popleft()
             if daemon.trace:
-                self.log.info("--> %s", item)
+                self.log.info("--> %s", item.desc if isinstance(item, FramingError) else encode(item)[:-2].decode())
             work = session.handle(item)
             if isinstance(work, Call):
                 reply = await daemon.execute(work, self)

@@ -180,3 +180,15 @@ def test_bad_blockdev_option(blockdev: str, message: str) -> None:
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [message]
     assert not os.path.exists("/tmp/qmpd-never-bound.sock")
+
+
+def test_trace_qmp_logs_every_message(sock_dir: Path) -> None:
+    proc = DaemonProcess(sock_dir, "--trace-qmp")
+    client = RawClient(proc.path)
+    assert client.cmd("query-name") == {"return": {}, "id": "t"}
+    client.close()
+    assert proc.stop() == 0
+    assert proc.proc.stderr is not None
+    log = proc.proc.stderr.read().decode()
+    assert '--> {"execute": "query-name", "id": "t"}' in log
+    assert '<-- {"return": {}, "id": "t"}' in log
