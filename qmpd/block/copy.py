@@ -31,8 +31,8 @@ blkdebug, hooks or detect-zeroes (the *fast path*), data chunks go through
 cached per extent, zeroing a range the target file already has as a hole
 is skipped, and (without a rate limit) up to 32 chunks of one kind are
 dispatched as one request (contiguous ones for holes; any for data, copied
-in one job of :mod:`qmpd.block.io`'s pool with its own helper).  Bitmaps, progress and the target's contents
-are the same as on the generic path.
+by one :func:`qmpd.block.io.copy_ranges` call).  Bitmaps, progress and the
+target's contents are the same as on the generic path.
 """
 
 from __future__ import annotations
@@ -44,10 +44,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from qmpd.bitmap import DirtyBitmap
-from qmpd.block import io as _io
 from qmpd.block.errors import BlockIOError
-from qmpd.block.fastcopy import FileView, copy_list, file_view, mark_written
-from qmpd.block.io import copy_range
+from qmpd.block.fastcopy import FileView, file_view, mark_written
+from qmpd.block.io import copy_range, copy_ranges
 from qmpd.block.node import BlockNode
 
 __all__ = ["BlockCopy", "CopyFailure", "ProgressSink", "DEFAULT_CLUSTER", "MAX_CHUNK"]
@@ -97,6 +96,9 @@ class BlockCopy:
     :param max_chunk: ``x-perf.max-chunk`` (0 = no limit).
     :param compress: one cluster per chunk.
     :param progress: the job's progress meter, or None.
+    :param skip_hole_zeroing: on the fast path, leave a target range that is
+        already a hole alone instead of zeroing it (QEMU allocates zeroed
+        blocks there; fleecing passes False to match QEMU's allocation).
     """
 
     def __init__(
@@ -109,8 +111,10 @@ class BlockCopy:
         max_chunk: int = 0,
         compress: bool = False,
         progress: ProgressSink | None = None,
+        skip_hole_zeroing: bool = True,
     ) -> None:
         self.source = source
+        self.skip_hole_zeroing = skip_hole_zeroing
         self.target = target
         self.copy_bitmap = copy_bitmap
         self.bits = copy_bitmap.hbitmap
@@ -171,9 +175,10 @@ class BlockCopy:
         if not self._fast_checked:
             src = file_view(self.source, for_write=False)
             dst = file_view(self.target, for_write=True)
-            self._fast = (src, dst) if src is not None and dst is not None else None
+            same = self.source.length == self.target.length  # else the bounds checks matter
+            self._fast = (src, dst) if src is not None and dst is not None and same else None
             self._fast_checked = True
-        if self._fast is not None and self._fast[1].chain[0][0]._hooks:
+        if self._fast is not None and self._fast[1].chain[0][0].has_hooks:
             return None  # someone hooked the target since
         return self._fast
 
@@ -261,7 +266,7 @@ class BlockCopy:
         file already has as a hole is left alone (it reads as zeroes; QEMU
         would allocate zeroed blocks), with the write's side effects kept."""
         fast = self._fast_path()
-        if fast is not None:
+        if fast is not None and self.skip_hole_zeroing:
             dst = fast[1]
             is_data, n = await dst.image.block_status(dst.base + offset, nbytes)
             if not is_data and n >= nbytes:
@@ -282,7 +287,7 @@ class BlockCopy:
             else:
                 ranges.append((ch.start, n))
         try:
-            await _io._run(copy_list, src.image.fd, src.base, dst.image.fd, dst.base, ranges)
+            await copy_ranges(src.image, src.base, dst.image, dst.base, ranges)
         except BlockIOError as exc:
             return CopyFailure(exc, exc.errno not in _TARGET_ERRNOS)
         finally:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qmpd.block import io as _io
 from qmpd.block.drivers.file import FileDriver
 from qmpd.block.drivers.raw import RawDriver
 from qmpd.block.io import ImageFile
 from qmpd.block.node import BlockNode
 
-__all__ = ["FileView", "file_view", "copy_list", "mark_written"]
+__all__ = ["FileView", "file_view", "mark_written"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +36,7 @@ def file_view(node: BlockNode, *, for_write: bool) -> FileView | None:
     while True:
         if cur.driver.has_events:
             return None
-        if for_write and (cur.read_only or cur.detect_zeroes != "off" or cur._hooks):
+        if for_write and (cur.read_only or cur.detect_zeroes != "off" or cur.has_hooks):
             return None
         chain.append((cur, base))
         drv = cur.driver
@@ -48,13 +47,6 @@ def file_view(node: BlockNode, *, for_write: bool) -> FileView | None:
             cur = drv.file
             continue
         return None
-
-
-def copy_list(src_fd: int, src_base: int, dst_fd: int, dst_base: int,
-               ranges: list[tuple[int, int]]) -> None:
-    """(In the I/O pool.) copy_file_range each range, via io's own helper."""
-    for offset, n in ranges:
-        _io._copy_range(src_fd, src_base + offset, dst_fd, dst_base + offset, n)
 
 
 def mark_written(view: FileView, offset: int, nbytes: int) -> None:

@@ -8,7 +8,16 @@ parent) or the node-name of an existing node::
     g = BlockGraph()
     await g.add({"driver": "raw", "node-name": "drive0",
                  "file": {"driver": "file", "filename": "/x.img"}})
-    g.names()   # ['#block123', 'drive0']  (creation order: children first)
+    g.names()   # ['drive0', '#block123']  (listing order, see below)
+
+Order: QEMU keeps named nodes in the order they were named and
+query-named-block-nodes lists them newest first.  A format or filter
+driver (``raw``, ``copy-before-write``) has its ``file`` child opened before
+it is named; a protocol driver (``blkdebug``) is named before it opens its
+children, and so are a filter's other children (``target``).  So one
+blockdev-add of raw over file lists ``drive0`` then its file node, and a
+later blockdev-add comes before both.  :meth:`BlockGraph.names`, iteration
+and :meth:`BlockGraph.info` all use this listing order.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 
 
 class BlockGraph:
-    """All nodes, in creation order.
+    """All nodes, in QEMU's listing order (module docstring).
 
     :param device_names: BlockBackend (device) names, which node-names must
         not clash with; empty unless the lead adds ``-drive`` style devices.
@@ -43,6 +52,7 @@ class BlockGraph:
         device_names: Callable[[], Container[str]] | None = None,
         rng: random.Random | None = None,
     ) -> None:
+        #: Named nodes in QEMU's naming order (the reverse of the listing).
         self._nodes: dict[str, BlockNode] = {}
         self._counter = 0
         self._device_names = device_names or (lambda: ())
@@ -52,8 +62,8 @@ class BlockGraph:
     # ------------------------------------------------------------ lookups
 
     def __iter__(self) -> Iterator[BlockNode]:
-        """Nodes in creation order (query-named-block-nodes)."""
-        return iter(list(self._nodes.values()))
+        """Nodes in listing order (query-named-block-nodes: newest first)."""
+        return iter(list(reversed(self._nodes.values())))
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -62,8 +72,8 @@ class BlockGraph:
         return name in self._nodes
 
     def names(self) -> list[str]:
-        """:return: node-names in creation order."""
-        return list(self._nodes)
+        """:return: node-names in listing order."""
+        return list(reversed(self._nodes))
 
     def get(self, name: str) -> BlockNode | None:
         """:return: the node called ``name``, or None."""
@@ -93,8 +103,8 @@ class BlockGraph:
         return node
 
     def info(self, flat: bool = False) -> list[dict[str, Any]]:
-        """:return: query-named-block-nodes (creation order)."""
-        return [node.info(flat) for node in self._nodes.values()]
+        """:return: query-named-block-nodes (listing order)."""
+        return [node.info(flat) for node in self]
 
     # ------------------------------------------------------------ names
 
@@ -124,22 +134,27 @@ class BlockGraph:
 
     # ------------------------------------------------------------ blockdev-add
 
-    async def add(self, options: Mapping[str, Any]) -> BlockNode:
+    async def add(self, options: Mapping[str, Any], *, auto_root: bool = False) -> BlockNode:
         """blockdev-add: open the node and its inline children.
 
         On failure nothing stays behind: opened files are closed and no name
         is registered.
 
+        :param auto_root: open a node for the daemon itself (e.g.
+            drive-backup's target): ``options`` carry no ``node-name``, the
+            root gets a ``#block...`` name and, like an inline child, is not
+            owned by the monitor (blockdev-del refuses it) and defaults to
+            ``discard: unmap``.  Drop it with :meth:`unregister`.
         :raise NodeNameError: missing/invalid/duplicate/too long name.
         :raise NodeOpenError: the driver or a file could not be opened.
         :raise NodeNotFound: a child given by name does not exist.
         """
-        if options.get("node-name") is None:
+        if not auto_root and options.get("node-name") is None:
             raise NodeNameError("'node-name' must be specified for the root node")
         created: list[BlockNode] = []
         mine: set[str] = set()
         try:
-            node = await self._open(options, None, created, mine)
+            node = await self._open(options, {} if auto_root else None, created, mine)
         except BaseException:
             for n in reversed(created):
                 n.detach_children()
@@ -147,17 +162,8 @@ class BlockGraph:
             raise
         finally:
             self._reserved -= mine
-        # QEMU names a node before it opens the node's children, so a parent
-        # comes before its inline children in creation order.
-        new = set(map(id, created))
-
-        def register(n: BlockNode) -> None:
-            if id(n) in new and n.node_name not in self._nodes:
-                self._nodes[n.node_name] = n
-                for child in n.children.values():
-                    register(child)
-
-        register(node)
+        for n in created:
+            self._nodes[n.node_name] = n
         return node
 
     async def _open(
@@ -199,18 +205,27 @@ class BlockGraph:
         if opener is None:
             raise NodeOpenError(f"Unknown driver '{driver_name}'")
 
+        mark = len(created)
+        #: ``created`` slices holding the inline ``file`` children.
+        file_subtrees: list[tuple[int, int]] = []
+
         async def open_child(ref: Any, role: str) -> BlockNode:
             if isinstance(ref, str):
                 child = self._nodes.get(ref)
                 if child is None:
                     raise NodeNotFound(f"Cannot find device='{ref}' nor node-name='{ref}'")
             else:
+                start = len(created)
                 child = await self._open(ref, opts, created, mine)
+                if role == "file":
+                    file_subtrees.append((start, len(created)))
             if child.read_only and not read_only:
                 raise NodeOpenError("Block node is read-only")
             return child
 
-        ctx = OpenContext(name, read_only, bool(cache.get("direct", False)), open_child)
+        ctx = OpenContext(
+            name, read_only, bool(cache.get("direct", False)), open_child, self.lookup_node
+        )
         driver, children = await opener(opts, ctx)
         try:
             node = BlockNode(
@@ -228,8 +243,29 @@ class BlockGraph:
         except BaseException:
             driver.close()
             raise
-        created.append(node)
+        # Naming order (module docstring): a non-protocol driver's inline
+        # ``file`` child first, then this node, then its other children.
+        before: list[BlockNode] = []
+        if not driver.is_protocol:
+            for start, end in file_subtrees:
+                before.extend(created[start:end])
+        taken = set(map(id, before))
+        after = [n for n in created[mark:] if id(n) not in taken]
+        created[mark:] = [*before, node, *after]
+        driver.node_opened(node)
         return node
+
+    def unregister(self, node: BlockNode) -> list[BlockNode]:
+        """Drop ``node`` from the graph now, without a flush (for synchronous
+        callers such as job finalisation): unregister it, drop its child
+        edges and close it.  No checks; the children stay registered.
+
+        :return: the former children (the caller decides their fate).
+        """
+        self._nodes.pop(node.node_name, None)
+        children = node.detach_children()
+        node.close()
+        return children
 
     def add_node(self, node: BlockNode) -> None:
         """Register a node built elsewhere (e.g. a job's filter).
@@ -297,7 +333,7 @@ class BlockGraph:
 
     async def close(self) -> None:
         """Remove every node (daemon shutdown), parents first."""
-        for node in reversed(list(self._nodes.values())):
+        for node in self:
             if node.node_name in self._nodes and not node.parents:
                 await self.remove_node(node)
         for node in list(self._nodes.values()):

@@ -23,12 +23,13 @@ import ctypes.util
 import errno
 import os
 import stat
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from qmpd.block.errors import BlockIOError
 
-__all__ = ["ImageFile", "copy_range", "create_file", "set_max_workers"]
+__all__ = ["ImageFile", "copy_range", "copy_ranges", "create_file", "run_blocking", "set_max_workers"]
 
 _T = TypeVar("_T")
 
@@ -57,8 +58,10 @@ def _pool() -> ThreadPoolExecutor:
     return _executor
 
 
-async def _run(fn: Callable[..., _T], *args: object) -> _T:
-    """Run ``fn(*args)`` in the I/O pool; OSError becomes BlockIOError."""
+async def run_blocking(fn: Callable[..., _T], *args: object) -> _T:
+    """Run the blocking ``fn(*args)`` in the I/O pool; OSError becomes
+    BlockIOError.  For callers outside this module that must run blocking
+    work next to the file I/O (they must not touch image files themselves)."""
     loop = asyncio.get_running_loop()
     try:
         return await loop.run_in_executor(_pool(), fn, *args)
@@ -261,42 +264,42 @@ class ImageFile:
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         if direct:
             flags |= getattr(os, "O_DIRECT", 0)
-        fd = await _run(_open, path, flags)
+        fd = await run_blocking(_open, path, flags)
         return cls(path, fd, read_only)
 
     async def read(self, offset: int, length: int) -> bytes:
         """:return: ``length`` bytes at ``offset`` (zeros past EOF)."""
-        return await _run(_pread, self.fd, offset, length)
+        return await run_blocking(_pread, self.fd, offset, length)
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` from ``offset`` with preadv (no intermediate copy)."""
-        await _run(_preadinto, self.fd, offset, buf)
+        await run_blocking(_preadinto, self.fd, offset, buf)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data`` at ``offset``."""
-        await _run(_pwrite, self.fd, offset, data)
+        await run_blocking(_pwrite, self.fd, offset, data)
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
         """Zero a range: punch a hole if ``may_unmap``, else zero-range, else
         punch + re-allocate, else write zero buffers."""
-        await _run(_write_zeroes, self.fd, offset, length, may_unmap)
+        await run_blocking(_write_zeroes, self.fd, offset, length, may_unmap)
 
     async def discard(self, offset: int, length: int) -> None:
         """Punch a hole (a no-op where the file system cannot)."""
-        await _run(_discard, self.fd, offset, length)
+        await run_blocking(_discard, self.fd, offset, length)
 
     async def flush(self) -> None:
         """fdatasync(2)."""
-        await _run(os.fdatasync, self.fd)
+        await run_blocking(os.fdatasync, self.fd)
 
     async def block_status(self, offset: int, length: int) -> tuple[bool, int]:
         """:return: ``(is_data, n)``: the first ``n`` (>= 1, <= length) bytes
         from ``offset`` are all data or all hole, per SEEK_DATA/SEEK_HOLE."""
-        return await _run(_block_status, self.fd, offset, length)
+        return await run_blocking(_block_status, self.fd, offset, length)
 
     async def size(self) -> int:
         """:return: the file size in bytes."""
-        st = await _run(os.fstat, self.fd)
+        st = await run_blocking(os.fstat, self.fd)
         return st.st_size
 
     def allocated_size(self) -> int:
@@ -311,7 +314,7 @@ class ImageFile:
 
     async def truncate(self, size: int) -> None:
         """ftruncate(2) to ``size`` bytes."""
-        await _run(os.ftruncate, self.fd, size)
+        await run_blocking(os.ftruncate, self.fd, size)
 
     def close(self) -> None:
         """Close the descriptor (idempotent)."""
@@ -323,10 +326,24 @@ class ImageFile:
 async def copy_range(src: ImageFile, src_off: int, dst: ImageFile, dst_off: int, length: int) -> None:
     """Copy ``length`` bytes with copy_file_range(2), falling back to
     preadv/pwrite through one buffer when the kernel refuses."""
-    await _run(_copy_range, src.fd, src_off, dst.fd, dst_off, length)
+    await run_blocking(_copy_range, src.fd, src_off, dst.fd, dst_off, length)
+
+
+def _copy_ranges(src: int, src_base: int, dst: int, dst_base: int,
+                 ranges: Sequence[tuple[int, int]]) -> None:
+    for offset, length in ranges:
+        _copy_range(src, src_base + offset, dst, dst_base + offset, length)
+
+
+async def copy_ranges(src: ImageFile, src_base: int, dst: ImageFile, dst_base: int,
+                      ranges: Sequence[tuple[int, int]]) -> None:
+    """Copy each ``(offset, length)`` of ``ranges`` from ``src_base + offset``
+    to ``dst_base + offset`` as :func:`copy_range` does, all in one job of
+    the I/O pool (block-copy's batched fast path)."""
+    await run_blocking(_copy_ranges, src.fd, src_base, dst.fd, dst_base, list(ranges))
 
 
 async def create_file(path: str, size: int) -> None:
     """Create or truncate ``path`` to a sparse file of ``size`` bytes
     (``blockdev-create`` driver ``file``)."""
-    await _run(_create, path, size)
+    await run_blocking(_create, path, size)

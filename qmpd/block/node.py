@@ -188,6 +188,12 @@ class BlockNode:
         self._hooks = (*self._hooks, hook)
         return HookHandle(self, hook)
 
+    @property
+    def has_hooks(self) -> bool:
+        """Some before-write hook is registered (e.g. copy-before-write);
+        block-copy's fast path must then not write this node's file directly."""
+        return bool(self._hooks)
+
     def debug_event(self, event: str) -> None:
         """Raise blkdebug event ``event`` on this node (no-op unless blkdebug)."""
         if self._debug is not None:
@@ -324,28 +330,46 @@ class BlockNode:
             info["dirty-flag"] = False
         return info
 
+    @property
+    def filtered_child(self) -> BlockNode | None:
+        """The child a filter (blkdebug, copy-before-write) passes data to."""
+        return self.primary_child if self.driver.is_filter else None
+
     def _reports_dirty_flag(self) -> bool:
         """QEMU 7.2 lists ``dirty-flag`` when bdrv_get_info() works: file
-        nodes, and raw nodes straight over one."""
+        nodes, and raw nodes and filters over one."""
         node: BlockNode | None = self
         while node is not None:
             if node.driver.name == "file":
                 return True
-            if node.driver.name != "raw":
+            if node.driver.is_filter:
+                node = node.filtered_child
+            elif node.driver.name == "raw":
+                node = node.children.get("file")
+            else:
                 return False
-            node = node.children.get("file")
         return False
 
     def info(self, flat: bool = False) -> dict[str, Any]:
         """:return: BlockDeviceInfo in QEMU 7.2's shape and member order (no ``children``,
         no ``active``); ``dirty-bitmaps`` only if the node has bitmaps.
-        ``flat`` is accepted; raw images have no backing chain to omit."""
+        Unless ``flat``, a filter's ``image`` nests the filtered child's
+        ImageInfo as ``backing-image`` (recursively; ``backing_file_depth``
+        counts the levels), as QEMU reports filters."""
+        image = self.image_info()
+        depth = 0
+        if not flat:
+            level, node = image, self.filtered_child
+            while node is not None:
+                depth += 1
+                level["backing-image"] = node.image_info()
+                level, node = level["backing-image"], node.filtered_child
         info: dict[str, Any] = {
             "file": self.driver.filename,
             "node-name": self.node_name,
             "ro": self.read_only,
             "drv": self.driver.name,
-            "backing_file_depth": 0,
+            "backing_file_depth": depth,
             "encrypted": False,
             "detect_zeroes": self.detect_zeroes,
             "bps": 0,
@@ -354,7 +378,7 @@ class BlockNode:
             "iops": 0,
             "iops_rd": 0,
             "iops_wr": 0,
-            "image": self.image_info(),
+            "image": image,
             "cache": {
                 "writeback": True,
                 "direct": self.cache_direct,

@@ -36,7 +36,7 @@ async def test_add_raw_over_file_creation_order_and_auto_name(tmp_path: Path) ->
     g = BlockGraph(rng=random.Random(1))
     node = await g.add(raw_opts(image(tmp_path)))
     names = g.names()
-    # as in QEMU 7.2: the parent is named (and listed) before its inline child
+    # as in QEMU 7.2: the parent is listed before its inline file child
     assert names[0] == "drive0"
     child = g.get(names[1])
     assert child is not None and node.children == {"file": child}
@@ -45,9 +45,10 @@ async def test_add_raw_over_file_creation_order_and_auto_name(tmp_path: Path) ->
     assert node.owned_by_monitor and not node.auto_named
     assert child.parents == [node]
     assert node.length == SIZE and node.drv == "raw"
-    # counter increments across adds
+    # counter increments across adds; the newest add is listed first
     await g.add(raw_opts(image(tmp_path, "b.img"), "drive1"))
-    assert g.names()[3].startswith("#block2")
+    assert g.names()[0] == "drive1" and g.names()[1].startswith("#block2")
+    assert g.names()[2:] == names
 
 
 async def test_root_node_name_mandatory(tmp_path: Path) -> None:

@@ -154,7 +154,8 @@ async def test_negative_speed_at_creation(qmpd: RunningDaemon, tmp_path: Path) -
             *_jsc("j", "created", "null"),
             ("reply", {"class": "GenericError", "desc": "Parameter 'speed' expects a non-negative value"})]
         reply, _ = await client.execute({"execute": "query-named-block-nodes"})
-        assert [n["node-name"] for n in reply["return"]][::2] == ["drive0", "target"]
+        # newest first, as QEMU lists them
+        assert [n["node-name"] for n in reply["return"]][::2] == ["target", "drive0"]
         assert all("dirty-bitmaps" not in n for n in reply["return"])
     finally:
         await client.close()
@@ -203,8 +204,8 @@ async def test_k_transaction_rollback_after_backup_created(qmpd: RunningDaemon, 
         assert after == before
         nodes, _ = await client.execute({"execute": "query-named-block-nodes"})
         assert [n["node-name"] for n in nodes["return"] if not n["node-name"].startswith("#")] == [
-            "drive0", "target"]
-        drive0 = nodes["return"][0]
+            "target", "drive0"]
+        drive0 = next(n for n in nodes["return"] if n["node-name"] == "drive0")
         assert drive0["dirty-bitmaps"] == [{"name": "b0", "recording": True, "persistent": False, "busy": False,
                                             "granularity": 65536, "count": 131072}]
         assert (await client.execute({"execute": "query-jobs"}))[0] == {"return": []}

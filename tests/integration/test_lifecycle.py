@@ -159,7 +159,7 @@ def test_blockdev_option_forms(sock_dir: Path) -> None:
         client = RawClient(proc.path)
         nodes = client.cmd("query-named-block-nodes")["return"]
         assert [(n["node-name"], n["drv"], n["ro"], n["image"]["virtual-size"]) for n in nodes] == [
-            ("f0", "file", True, 1 << 20), ("d0", "raw", True, 1 << 20), ("n0", "null-co", False, 2 << 20)]
+            ("n0", "null-co", False, 2 << 20), ("d0", "raw", True, 1 << 20), ("f0", "file", True, 1 << 20)]
         client.close()
     finally:
         assert proc.stop() == 0

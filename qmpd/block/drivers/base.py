@@ -32,6 +32,9 @@ class BlockDriver(Protocol):
     is_filter: bool
     #: True if :meth:`debug_event` does anything (blkdebug); lets nodes skip it.
     has_events: bool
+    #: True for QEMU protocol drivers (file, null-co, blkdebug): named before
+    #: their children are opened (listing order, see ``qmpd.block.graph``).
+    is_protocol: bool
 
     @property
     def length(self) -> int:
@@ -65,6 +68,10 @@ class BlockDriver(Protocol):
     def actual_size(self) -> int | None:
         """Bytes allocated on disk, or None when unknown (no ``actual-size``)."""
 
+    def node_opened(self, node: BlockNode) -> None:
+        """Called once by the graph with the node built around this driver
+        (before it is registered); :meth:`close` undoes whatever it did."""
+
     def close(self) -> None:
         """Release files; called once when the node goes away."""
 
@@ -75,6 +82,7 @@ class BaseDriver:
     name = "?"
     is_filter = False
     has_events = False
+    is_protocol = False
 
     def debug_event(self, event: str) -> None:
         """Ignore blkdebug events."""
@@ -82,6 +90,9 @@ class BaseDriver:
     def actual_size(self) -> int | None:
         """Unknown by default."""
         return None
+
+    def node_opened(self, node: BlockNode) -> None:
+        """Nothing to set up."""
 
     async def flush_to_disk(self) -> None:
         """Nothing of its own to flush."""
@@ -103,6 +114,9 @@ class OpenContext:
     #: ``await open_child(ref, role)`` opens an inline child (a mapping) or
     #: looks up a named node (a string) and returns it, not yet attached.
     open_child: Callable[[Any, str], Awaitable[BlockNode]]
+    #: ``lookup_node(name)`` finds any registered node (e.g. a bitmap's);
+    #: raises ``NodeNotFound`` ``"Node '%s' not found"``.
+    lookup_node: Callable[[str], BlockNode]
 
 
 #: ``await opener(options, ctx)`` returns the open driver plus its children

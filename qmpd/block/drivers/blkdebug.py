@@ -64,6 +64,7 @@ class BlkdebugDriver(BaseDriver):
     name = "blkdebug"
     is_filter = True
     has_events = True
+    is_protocol = True
 
     def __init__(
         self, image: BlockNode, inject: Iterable[InjectRule], set_state: Iterable[SetStateRule]

@@ -1,25 +1,33 @@
 """Driver ``copy-before-write``: the point-in-time filter of backup (spec 4.6).
 
 A :class:`CopyBeforeWrite` sits above a source node for a backup job's
-lifetime (or as a ``blockdev-add``-ed fleecing filter).  Before any write,
-write-zeroes or effective discard changes a cluster of the source whose
-copy-bitmap bit is still set, the old cluster is copied to the target with
-:meth:`~qmpd.block.copy.BlockCopy.copy_range`; if that copy fails the write
-fails too (``break-guest-write``), or, with ``break-snapshot``, the write
-goes through and copy-before-write stops for good.  (Only the backup job
-creates the filter; ``blockdev-add`` of this driver is not supported.)
+lifetime, or as a ``blockdev-add``-ed fleecing filter (:func:`open_cbw`:
+``file`` = the disk, ``target`` = the fleece node, as qmpbackup does).
+Before any write, write-zeroes or effective discard changes a cluster of the
+source whose copy-bitmap bit is still set, the old cluster is copied to the
+target with :meth:`~qmpd.block.copy.BlockCopy.copy_range`; if that copy
+fails (or outlasts ``cbw-timeout``) the write fails too
+(``break-guest-write``), or, with ``break-snapshot``, the write goes
+through and copy-before-write stops for good.
 
-**Documented choice (differs from QEMU):** the copy runs in a before-write
-hook on the *source* node, so writes addressed to the bare source node name
-are preserved as well as writes through the filter (QEMU refuses the former
-with a permission error while a backup runs, spec §10).  The filter itself
-only forwards to the source, so a write through the filter passes the hook
-exactly once and is never copied twice.
+Where the copy hooks in:
+
+* the backup job's filter (**documented choice, differs from QEMU**): a
+  before-write hook on the *source* node, so writes addressed to the bare
+  source node name are preserved as well as writes through the filter
+  (QEMU refuses the former with a permission error while a backup runs,
+  spec §10).  The filter only forwards to the source, so a write through
+  it passes the hook exactly once and is never copied twice.
+* a ``blockdev-add``-ed filter (as QEMU 7.2): a hook on the *filter* node;
+  writes addressed to the source node directly bypass copy-before-write.
+  Its copy bitmap starts all set, or as ``bitmap`` (at cluster
+  granularity); only those clusters are ever copied.
 
 Internal bitmaps follow QEMU 7.2 up to 9.0 (spec 4.10): on the filter a
 *done* bitmap (clusters processed by copy-before-write) and, newer, an
-*access* bitmap (all set); the copy bitmap lives on the source node.  All
-three are anonymous and disabled (``recording: false``)::
+*access* bitmap (all set for the job; a copy of the initial copy bitmap for
+a ``blockdev-add``-ed filter); the copy bitmap lives on the source node.
+All three are anonymous and disabled (``recording: false``)::
 
     backup-top: [{count 67108864}, {count 458752}]        access, done
     drive0:     [{count 0, recording false}, successor..., bitmap0...]
@@ -27,19 +35,24 @@ three are anonymous and disabled (``recording: false``)::
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-from qmpd.bitmap import DirtyBitmap
-from qmpd.block.copy import BlockCopy
-from qmpd.block.drivers.base import BaseDriver
-from qmpd.block.errors import BlockIOError
+from qmpd.bitmap import BitmapError, BitmapNotFound, DirtyBitmap
+from qmpd.bitmap.errors import sizes_differ
+from qmpd.block.copy import DEFAULT_CLUSTER, BlockCopy
+from qmpd.block.drivers import register_driver
+from qmpd.block.drivers.base import BaseDriver, BlockDriver, OpenContext
+from qmpd.block.errors import BlockIOError, NodeOpenError
 from qmpd.block.node import BlockNode, HookHandle
 
 if TYPE_CHECKING:
     from qmpd.block.graph import BlockGraph
 
-__all__ = ["CopyBeforeWrite", "insert_filter", "remove_filter", "unregister_node"]
+__all__ = ["CopyBeforeWrite", "insert_filter", "open_cbw", "remove_filter"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +65,31 @@ class CopyBeforeWrite(BaseDriver):
 
     :param copy: the block-copy state whose copy bitmap decides what to copy.
     :param break_snapshot: ``on-cbw-error: break-snapshot``.
+    :param standalone: opened by ``blockdev-add`` (module docstring): hook
+        the filter node, not the source; the access bitmap starts as the
+        copy bitmap.
+    :param timeout: ``cbw-timeout`` in seconds (0: none); a copy taking
+        longer fails the write (or breaks the snapshot) with ETIMEDOUT and
+        finishes in the background.
     """
 
     name = DRIVER_NAME
     is_filter = True
 
-    def __init__(self, source: BlockNode, copy: BlockCopy, *, break_snapshot: bool = False) -> None:
+    def __init__(
+        self,
+        source: BlockNode,
+        copy: BlockCopy,
+        *,
+        break_snapshot: bool = False,
+        standalone: bool = False,
+        timeout: float = 0,
+    ) -> None:
         self.source = source
         self.copy = copy
         self.break_snapshot = break_snapshot
+        self.standalone = standalone
+        self.timeout = timeout
         #: A copy failed under ``break-snapshot``: the snapshot is invalid.
         self.snapshot_error: BlockIOError | None = None
         self.done_bitmap: DirtyBitmap | None = None
@@ -72,13 +101,22 @@ class CopyBeforeWrite(BaseDriver):
 
     def activate(self, node: BlockNode) -> None:
         """Create the filter's internal bitmaps on ``node`` (the filter node)
-        and start copying before writes to the source."""
+        and start copying before writes to the source (standalone: to the
+        filter)."""
         self._node = node
         cluster, size = self.copy.cluster_size, self.source.length
         self.done_bitmap = node.bitmaps.create_anonymous(cluster, disabled=True, size=size)
         self.access_bitmap = node.bitmaps.create_anonymous(cluster, disabled=True, size=size)
-        self.access_bitmap.hbitmap.fill()
-        self._hook = self.source.add_before_write_hook(self._before_write)
+        if self.standalone:
+            self.access_bitmap.hbitmap.merge_from(self.copy.bits)
+            self._hook = node.add_before_write_hook(self._before_write)
+        else:
+            self.access_bitmap.hbitmap.fill()
+            self._hook = self.source.add_before_write_hook(self._before_write)
+
+    def node_opened(self, node: BlockNode) -> None:
+        """blockdev-add built the filter node: :meth:`activate` it."""
+        self.activate(node)
 
     def deactivate(self) -> None:
         """Stop copying and drop the internal bitmaps (idempotent)."""
@@ -95,7 +133,7 @@ class CopyBeforeWrite(BaseDriver):
         if self.snapshot_error is not None:
             return
         try:
-            await self.copy.copy_range(offset, length)
+            await self._copy(offset, length)
         except BlockIOError as exc:
             if not self.break_snapshot:
                 raise
@@ -108,6 +146,19 @@ class CopyBeforeWrite(BaseDriver):
             end = min(-(-(offset + length) // c) * c, self.done_bitmap.size)
             if end > start:
                 self.done_bitmap.hbitmap.set(start, end - start)
+
+    async def _copy(self, offset: int, length: int) -> None:
+        if not self.timeout:
+            await self.copy.copy_range(offset, length)
+            return
+        task = asyncio.ensure_future(self.copy.copy_range(offset, length))
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self.timeout)
+        except TimeoutError:
+            # The copy goes on in the background (as QEMU's); its outcome
+            # only shows in the copy bitmap.
+            task.add_done_callback(_consume)
+            raise BlockIOError(errno.ETIMEDOUT) from None
 
     # ------------------------------------------------------------ requests
 
@@ -142,6 +193,62 @@ class CopyBeforeWrite(BaseDriver):
         bm = self.copy.copy_bitmap
         if bm in self.source.bitmaps:
             self.source.bitmaps.remove(bm)
+
+
+def _consume(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("timed-out copy-before-write failed: %s", task.exception())
+
+
+# ---------------------------------------------------------------- blockdev-add
+
+
+async def open_cbw(
+    options: Mapping[str, Any], ctx: OpenContext
+) -> tuple[BlockDriver, dict[str, BlockNode]]:
+    """Opener of ``blockdev-add`` driver ``copy-before-write`` (QEMU 7.2):
+    ``file``, ``target`` (BlockdevRef), ``bitmap`` {node, name},
+    ``on-cbw-error``, ``cbw-timeout``.  Checks in QEMU's order: the
+    children, the bitmap's node (``"Node '%s' not found"``) and name
+    (``"Dirty bitmap '%s' not found"``), then the merge into the copy
+    bitmap (busy/inconsistent/size, prefixed ``"Cannot create
+    block-copy-state: Failed to merge bitmap '%s' to internal
+    copy-bitmap: "``).  The target may differ in size from ``file``.
+    """
+    source = await ctx.open_child(options["file"], "file")
+    target = await ctx.open_child(options["target"], "target")
+    bitmap: DirtyBitmap | None = None
+    ref = options.get("bitmap")
+    if ref is not None:
+        bitmap = ctx.lookup_node(str(ref["node"])).bitmaps.find(str(ref["name"]))
+        if bitmap is None:
+            raise BitmapNotFound(str(ref["name"]))
+    copy_bitmap = source.bitmaps.create_anonymous(DEFAULT_CLUSTER, disabled=True)
+    if bitmap is None:
+        copy_bitmap.hbitmap.fill()
+    else:
+        try:
+            bitmap.check(readonly=False)
+            if bitmap.size != copy_bitmap.size:
+                raise sizes_differ(copy_bitmap.size, bitmap.size)
+        except BitmapError as exc:
+            source.bitmaps.remove(copy_bitmap)
+            raise NodeOpenError(
+                "Cannot create block-copy-state: Failed to merge bitmap "
+                f"'{bitmap.name}' to internal copy-bitmap: {exc.desc}"
+            ) from exc
+        copy_bitmap.hbitmap.merge_from(bitmap.hbitmap)
+    driver = CopyBeforeWrite(
+        source,
+        BlockCopy(source, target, copy_bitmap, cluster_size=DEFAULT_CLUSTER, skip_hole_zeroing=False),
+        break_snapshot=options.get("on-cbw-error") == "break-snapshot",
+        standalone=True,
+        timeout=float(options.get("cbw-timeout") or 0),
+    )
+    return driver, {"file": source, "target": target}
+
+
+register_driver(DRIVER_NAME, open_cbw)
 
 
 # ---------------------------------------------------------------- graph surgery
@@ -180,25 +287,4 @@ def remove_filter(graph: BlockGraph, node: BlockNode) -> None:
     assert isinstance(driver, CopyBeforeWrite)
     driver.deactivate()
     graph.replace_node(node, driver.source)
-    node.detach_children()
-    unregister_node(graph, node)
-
-
-def unregister_node(graph: BlockGraph, node: BlockNode) -> None:
-    """Drop a childless node from ``graph`` now; close it.
-
-    ``BlockGraph.remove_node`` is a coroutine because it flushes; a
-    read-only, childless node has nothing to flush, so the coroutine ends
-    at its first step and is driven here without the event loop.
-    """
-    node.read_only = True
-    coro = graph.remove_node(node)
-    try:
-        coro.send(None)
-    except StopIteration:
-        return
-    # Not expected: the node is already out of the graph (the first step
-    # unregisters it); close it here rather than leave a suspended coroutine.
-    coro.close()
-    logger.error("remove_node(%s) suspended; closed synchronously", node.node_name)
-    node.close()
+    graph.unregister(node)

@@ -25,6 +25,7 @@ class FileDriver(BaseDriver):
     """
 
     name = "file"
+    is_protocol = True
 
     def __init__(self, image: ImageFile, size: int) -> None:
         self.image = image

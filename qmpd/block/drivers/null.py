@@ -20,6 +20,8 @@ class NullDriver(BaseDriver):
     """See the module docstring.  Block status reports zeroes only with
     ``read-zeroes`` (otherwise the content is undefined, i.e. data)."""
 
+    is_protocol = True
+
     def __init__(self, name: str, size: int, read_zeroes: bool, latency_ns: int) -> None:
         self.name = name
         self._size = size
