@@ -233,11 +233,13 @@ class DirtyBitmap:
 def merge(target: DirtyBitmap, sources: Iterable[DirtyBitmap]) -> None:
     """``target |= every source``, all or nothing (block-dirty-bitmap-merge).
 
-    Checks in QEMU's order: the target (busy, readonly, inconsistent), then
-    each source as ``sources`` yields it (busy, inconsistent, size).  The
-    command layer may pass a generator that looks sources up lazily, so a
-    lookup failure of the third source is reported after the checks of the
-    first two, as in QEMU; anything it raises propagates.  Sources are ORed
+    Checks in QEMU 7.2's order: each source as ``sources`` yields it (busy,
+    inconsistent, size), then the target (busy, readonly, inconsistent):
+    QEMU merges the sources into an anonymous bitmap first and checks the
+    target only when merging that into it.  The command layer may pass a
+    generator that looks sources up lazily, so a lookup failure of the third
+    source is reported after the checks of the first two, as in QEMU;
+    anything it raises propagates.  Sources are ORed
     into a scratch bitmap at the target's granularity first, so the target
     is untouched on any error.  The target may be one of the sources; any
     granularities may be mixed; no sources is a no-op.
@@ -247,7 +249,6 @@ def merge(target: DirtyBitmap, sources: Iterable[DirtyBitmap]) -> None:
     :raises BitmapInconsistent: if the target or a source is inconsistent.
     :raises BitmapError: if a source covers a different size.
     """
-    target.check()
     scratch: HBitmap | None = None
     for src in sources:
         src.check(readonly=False)
@@ -256,6 +257,7 @@ def merge(target: DirtyBitmap, sources: Iterable[DirtyBitmap]) -> None:
         if scratch is None:
             scratch = HBitmap(target.size, target.granularity)
         scratch.merge_from(src.hbitmap)
+    target.check()
     if scratch is not None:
         target.hbitmap.merge_from(scratch)
 

@@ -38,6 +38,10 @@ MAX_NODE_NAME = 31
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 
 
+#: Format drivers: QEMU opens their ``file`` child before naming the node.
+FORMAT_DRIVERS = frozenset({"raw"})
+
+
 class BlockGraph:
     """All nodes, in QEMU's listing order (module docstring).
 
@@ -58,6 +62,8 @@ class BlockGraph:
         self._device_names = device_names or (lambda: ())
         self._rng = rng or random.Random()
         self._reserved: set[str] = set()
+        #: Names of the nodes whose driver is being opened (outermost first).
+        self._opening: list[str] = []
 
     # ------------------------------------------------------------ lookups
 
@@ -182,6 +188,38 @@ class BlockGraph:
             cache.update(opts.get("cache") or {})
             opts["cache"] = cache
             opts.setdefault("discard", "unmap")
+        driver_name = str(opts["driver"])
+        opener = DRIVERS.get(driver_name)
+        if opener is None:
+            raise NodeOpenError(f"Unknown driver '{driver_name}'")
+        read_only = bool(opts.get("read-only", False))
+        cache = opts.get("cache") or {}
+        mark = len(created)
+        #: ``created`` slices holding the inline ``file`` children.
+        file_subtrees: list[tuple[int, int]] = []
+        name: Any = None
+
+        async def open_child(ref: Any, role: str) -> BlockNode:
+            if isinstance(ref, str):
+                child = self._nodes.get(ref)
+                if child is None and ref in self._opening:
+                    raise NodeOpenError(f"Making '{ref}' a {role} child of '{name}' would create a cycle")
+                if child is None:
+                    raise NodeNotFound(f"Cannot find device='{ref}' nor node-name='{ref}'")
+            else:
+                start = len(created)
+                child = await self._open(ref, opts, created, mine)
+                if role == "file":
+                    file_subtrees.append((start, len(created)))
+            if child.read_only and not read_only:
+                raise NodeOpenError("Block node is read-only")
+            return child
+
+        # QEMU opens a format driver's ``file`` child before it names (and
+        # checks the name of) the node itself: the child's errors come first.
+        early: dict[str, BlockNode] = {}
+        if driver_name in FORMAT_DRIVERS and "file" in opts:
+            early["file"] = await open_child(opts["file"], "file")
         name = opts.get("node-name")
         auto = name is None
         if name is None:
@@ -198,35 +236,18 @@ class BlockGraph:
                 "setting detect-zeroes to unmap is not allowed "
                 "without setting discard operation to unmap"
             )
-        read_only = bool(opts.get("read-only", False))
-        cache = opts.get("cache") or {}
-        driver_name = str(opts["driver"])
-        opener = DRIVERS.get(driver_name)
-        if opener is None:
-            raise NodeOpenError(f"Unknown driver '{driver_name}'")
 
-        mark = len(created)
-        #: ``created`` slices holding the inline ``file`` children.
-        file_subtrees: list[tuple[int, int]] = []
-
-        async def open_child(ref: Any, role: str) -> BlockNode:
-            if isinstance(ref, str):
-                child = self._nodes.get(ref)
-                if child is None:
-                    raise NodeNotFound(f"Cannot find device='{ref}' nor node-name='{ref}'")
-            else:
-                start = len(created)
-                child = await self._open(ref, opts, created, mine)
-                if role == "file":
-                    file_subtrees.append((start, len(created)))
-            if child.read_only and not read_only:
-                raise NodeOpenError("Block node is read-only")
-            return child
+        async def ctx_open_child(ref: Any, role: str) -> BlockNode:
+            return early.pop(role) if role in early else await open_child(ref, role)
 
         ctx = OpenContext(
-            name, read_only, bool(cache.get("direct", False)), open_child, self.lookup_node
+            name, read_only, bool(cache.get("direct", False)), ctx_open_child, self.lookup_node
         )
-        driver, children = await opener(opts, ctx)
+        self._opening.append(name)
+        try:
+            driver, children = await opener(opts, ctx)
+        finally:
+            self._opening.pop()
         try:
             node = BlockNode(
                 name,

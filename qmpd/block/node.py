@@ -325,7 +325,8 @@ class BlockNode:
         actual = self.driver.actual_size()
         if actual is not None:
             info["actual-size"] = actual
-        info["virtual-size"] = self.driver.length
+        # QEMU counts whole sectors (bdrv_getlength() rounds the size up).
+        info["virtual-size"] = -(-self.driver.length // 512) * 512
         if self._reports_dirty_flag():
             info["dirty-flag"] = False
         return info

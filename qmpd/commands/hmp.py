@@ -110,7 +110,7 @@ async def _qemu_io(ctx: CommandContext, rest: str) -> str:
     if not words:
         return 'qemu-io: block device name expected\r\nTry "help qemu-io" for more information\r\n'
     if len(words) < 2:
-        return 'qemu-io: command expected\r\nTry "help qemu-io" for more information\r\n'
+        return 'qemu-io: string expected\r\nTry "help qemu-io" for more information\r\n'
     name, io_cmd = words[0], " ".join(words[1:])
     graph = ctx.state.block
     assert graph is not None

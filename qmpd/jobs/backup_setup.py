@@ -157,7 +157,10 @@ def _insert_filter(
     if mcs and mcs & (mcs - 1):
         raise GenericError("min-cluster-size needs to be a power of 2")
     if opts.filter_node_name is not None:
-        graph.check_node_name(opts.filter_node_name)
+        try:
+            graph.check_node_name(opts.filter_node_name)
+        except GenericError as err:  # QEMU 7.2 prefixes the filter's open error
+            raise GenericError(f"Could not create node: {err.desc}") from err
     source = job.source
     cluster = max(DEFAULT_CLUSTER, mcs)
     copy_bitmap = source.bitmaps.create_anonymous(cluster, disabled=True)

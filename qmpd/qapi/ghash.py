@@ -11,7 +11,10 @@ quadratic probing, tombstones, resizes).  Modelled on GLib 2.74 and QEMU
 
 from __future__ import annotations
 
-__all__ = ["first_remaining_key"]
+import json
+from typing import Any
+
+__all__ = ["first_remaining_key", "qdict_json", "qdict_order"]
 
 _M32 = 0xFFFFFFFF
 _PRIMES = [1, 2, 3, 7, 13, 31, 61, 127, 251, 509, 1021, 2039, 4093, 8191, 16381,
@@ -40,6 +43,20 @@ def qdict_order(keys: list[str]) -> list[str]:
     for k in keys:
         buckets.setdefault(_tdb_hash(k.encode()) % 512, []).insert(0, k)
     return [k for b in sorted(buckets) for k in buckets[b]]
+
+
+def qdict_json(value: Any, copied: bool = False) -> str:
+    """:return: *value* as QEMU's ``qobject_to_json`` writes it: objects in
+    QDict iteration order, ``", "`` and ``": "`` separators.  ``copied``:
+    the top-level dict was copied once more (keys sharing a bucket keep
+    their order instead of reversing, as in blkdebug's flattened options)."""
+    if isinstance(value, dict):
+        keys = qdict_order(list(value)[::-1] if copied else list(value))
+        items = (f"{json.dumps(k)}: {qdict_json(value[k])}" for k in keys)
+        return "{" + ", ".join(items) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(qdict_json(v) for v in value) + "]"
+    return json.dumps(value)
 
 
 class _GHashSet:

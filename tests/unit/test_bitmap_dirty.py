@@ -366,3 +366,22 @@ def test_random_successor_scenarios_against_shadow() -> None:
             result, expect = bm.reclaim(), shadow_old | shadow_new
         assert bits(result) == expect and result.name == "b" and list(bl) == [result]
         assert result.disabled == disabled and not result.busy
+
+
+def test_merge_checks_sources_before_a_busy_target() -> None:
+    """QEMU 7.2 merges into an anonymous bitmap first: a missing or bad
+    source is reported before a busy target (seen with tools/differential.py)."""
+    bl = make_list()
+    t = bl.add("t")
+    t.busy = True
+    s1 = bl.add("s1")
+
+    def lookups(names: list[str]) -> Iterator[DirtyBitmap]:
+        for name in names:
+            yield bl.lookup(name)
+
+    with pytest.raises(BitmapNotFound):
+        merge(t, lookups(["s1", "nope"]))
+    with pytest.raises(BitmapBusy):
+        merge(t, lookups(["s1"]))
+    assert s1.count == 0

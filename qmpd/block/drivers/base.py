@@ -44,6 +44,9 @@ class BlockDriver(Protocol):
     def filename(self) -> str:
         """``file``/``image.filename`` of query output."""
 
+    def full_options(self) -> dict[str, Any]:
+        """The options a parent's ``json:`` filename nests for this node."""
+
     async def pread(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes."""
 
@@ -86,6 +89,10 @@ class BaseDriver:
 
     def debug_event(self, event: str) -> None:
         """Ignore blkdebug events."""
+
+    def full_options(self) -> dict[str, Any]:
+        """The options QEMU's ``json:`` filenames nest for this node."""
+        return {"driver": self.name, "filename": getattr(self, "filename")}
 
     def actual_size(self) -> int | None:
         """Unknown by default."""

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from qmpd.block.drivers.base import BaseDriver, BlockDriver, OpenContext
-from qmpd.block.errors import BlockIOError
+from qmpd.block.errors import BlockIOError, NodeOpenError
+from qmpd.qapi.ghash import qdict_json, qdict_order
 
 if TYPE_CHECKING:
     from qmpd.block.node import BlockNode
@@ -77,6 +78,8 @@ class BlkdebugDriver(BaseDriver):
         for rule in rules:
             self._rules.setdefault(rule.event, []).append(rule)
         self._active: list[InjectRule] = []
+        #: Flattened options that make QEMU name the node ``json:{...}``.
+        self.strong: dict[str, Any] = {}
 
     @property
     def length(self) -> int:
@@ -84,7 +87,14 @@ class BlkdebugDriver(BaseDriver):
 
     @property
     def filename(self) -> str:
+        if self.strong:
+            return "json:" + qdict_json(self.full_options(), copied=True)
         return f"blkdebug::{self.image.driver.filename}"
+
+    def full_options(self) -> dict[str, Any]:
+        if not self.strong:
+            return super().full_options()
+        return {"driver": "blkdebug", "image": self.image.driver.full_options(), **self.strong}
 
     @property
     def active_rules(self) -> list[InjectRule]:
@@ -151,7 +161,7 @@ class BlkdebugDriver(BaseDriver):
         return await self.image.block_status(offset, length)
 
     def actual_size(self) -> int | None:
-        return self.image.driver.actual_size()
+        return None  # QEMU 7.2 lists no actual-size for blkdebug
 
 
 def _inject_rule(opts: Mapping[str, Any]) -> InjectRule:
@@ -175,15 +185,55 @@ def _set_state_rule(opts: Mapping[str, Any]) -> SetStateRule:
     )
 
 
+def _check_limits(options: Mapping[str, Any]) -> None:
+    """QEMU's constraint checks on ``align`` and the transfer limits (in its order).
+
+    :raise NodeOpenError: ``Cannot meet constraints with NAME VALUE``.
+    """
+    def get(key: str) -> int:
+        return int(options.get(key, 0))
+
+    align = get("align")
+    if align and (align >= 0x7FFFFFFF or align & (align - 1)):
+        raise NodeOpenError(f"Cannot meet constraints with align {align}")
+    align = max(align, 1)
+    opt_wz, opt_dis = get("opt-write-zero"), get("opt-discard")
+    for key, unit in (("max-transfer", align), ("opt-write-zero", align),
+                      ("max-write-zero", max(opt_wz, align)), ("opt-discard", align),
+                      ("max-discard", max(opt_dis, align))):
+        value = get(key)
+        if value and (value % unit or (key == "max-transfer" and value >= 0x7FFFFFFF)):
+            raise NodeOpenError(f"Cannot meet constraints with {key} {value}")
+
+
 async def open_blkdebug(
     options: Mapping[str, Any], ctx: OpenContext
 ) -> tuple[BlockDriver, dict[str, BlockNode]]:
     """Open the ``image`` child and load the rules.
 
-    ``config`` files, ``align`` and the transfer limits are accepted and
-    ignored.
+    ``config`` files are accepted and ignored; ``align`` and the transfer
+    limits are checked as QEMU checks them, then ignored.
     """
     inject = [_inject_rule(r) for r in options.get("inject-error", ())]
     set_state = [_set_state_rule(r) for r in options.get("set-state", ())]
     image = await ctx.open_child(options["image"], "image")
-    return BlkdebugDriver(image, inject, set_state), {"image": image}
+    _check_limits(options)
+    driver = BlkdebugDriver(image, inject, set_state)
+    driver.strong = _strong_options(options)
+    return driver, {"image": image}
+
+
+_STRONG = ("config", "align", "max-transfer", "opt-write-zero", "max-write-zero", "opt-discard",
+           "max-discard")
+
+
+def _strong_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options QEMU lists in a blkdebug node's ``json:`` filename, flattened
+    (``inject-error.0.event``) in QDict order of each rule."""
+    out: dict[str, Any] = {}
+    for key in ("inject-error", "set-state"):
+        for i, rule in enumerate(options.get(key, ())):
+            for member in qdict_order(list(rule)):
+                out[f"{key}.{i}.{member}"] = rule[member]
+    out.update((k, options[k]) for k in _STRONG if k in options)
+    return out

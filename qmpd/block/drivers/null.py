@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from qmpd.block.drivers.base import BaseDriver, BlockDriver, OpenContext
+from qmpd.qapi.ghash import qdict_json
 
 if TYPE_CHECKING:
     from qmpd.block.node import BlockNode
@@ -22,8 +23,11 @@ class NullDriver(BaseDriver):
 
     is_protocol = True
 
-    def __init__(self, name: str, size: int, read_zeroes: bool, latency_ns: int) -> None:
+    def __init__(self, name: str, size: int, read_zeroes: bool, latency_ns: int,
+                 explicit: dict[str, Any] | None = None) -> None:
         self.name = name
+        #: ``size``/``read-zeroes`` as given: QEMU then names the node ``json:{...}``.
+        self.explicit = explicit or {}
         self._size = size
         self.read_zeroes = read_zeroes
         self._latency = latency_ns / 1e9
@@ -34,7 +38,15 @@ class NullDriver(BaseDriver):
 
     @property
     def filename(self) -> str:
+        if self.explicit:
+            return "json:" + qdict_json(self.full_options())
         return f"{self.name}://"
+
+    def full_options(self) -> dict[str, Any]:
+        return {"driver": self.name, **self.explicit}
+
+    def actual_size(self) -> int | None:
+        return 0  # QEMU lists actual-size 0 for null nodes
 
     async def _delay(self) -> None:
         if self._latency:
@@ -70,6 +82,7 @@ async def open_null(
             int(options.get("size", 1 << 30)),
             bool(options.get("read-zeroes", False)),
             int(options.get("latency-ns", 0)),
+            {k: options[k] for k in ("read-zeroes", "size") if k in options},
         ),
         {},
     )

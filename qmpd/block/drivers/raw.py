@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from qmpd.block.drivers.base import BaseDriver, BlockDriver, OpenContext
 from qmpd.block.errors import NodeOpenError
+from qmpd.qapi.ghash import qdict_json
 
 if TYPE_CHECKING:
     from qmpd.block.node import BlockNode
@@ -23,10 +24,13 @@ class RawDriver(BaseDriver):
 
     name = "raw"
 
-    def __init__(self, file: BlockNode, offset: int, size: int | None) -> None:
+    def __init__(self, file: BlockNode, offset: int, size: int | None,
+                 explicit: dict[str, Any] | None = None) -> None:
         self.file = file
         self.offset = offset
         self.size = size
+        #: ``offset``/``size`` as given: QEMU then names the node ``json:{...}``.
+        self.explicit = explicit or {}
 
     @property
     def length(self) -> int:
@@ -35,7 +39,14 @@ class RawDriver(BaseDriver):
 
     @property
     def filename(self) -> str:
+        if self.explicit:
+            return "json:" + qdict_json(self.full_options())
         return self.file.driver.filename
+
+    def full_options(self) -> dict[str, Any]:
+        if not self.explicit:
+            return self.file.driver.full_options()
+        return {"driver": "raw", "file": self.file.driver.full_options(), **self.explicit}
 
     async def pread(self, offset: int, length: int) -> bytes:
         self.file.debug_event("read_aio")
@@ -63,8 +74,7 @@ async def open_raw(
 ) -> tuple[BlockDriver, dict[str, BlockNode]]:
     """Open the ``file`` child, then check ``offset``/``size`` against it.
 
-    :raise NodeOpenError: QEMU's offset/size texts (which print the
-        not-yet-applied offset and size as 0, as QEMU does).
+    :raise NodeOpenError: QEMU's offset/size texts (a size not given prints as 0).
     """
     file = await ctx.open_child(options["file"], "file")
     offset = int(options.get("offset", 0))
@@ -72,13 +82,14 @@ async def open_raw(
     real = file.length
     if offset > real:
         raise NodeOpenError(
-            f"Offset (0) cannot be greater than size of the containing file ({real})"
+            f"Offset ({offset}) cannot be greater than size of the containing file ({real})"
         )
     if size is not None and real - offset < int(size):
         raise NodeOpenError(
-            "The sum of offset (0) and size (0) has to be smaller or equal to the "
+            f"The sum of offset ({offset}) and size ({int(size)}) has to be smaller or equal to the "
             f" actual size of the containing file ({real})"
         )
     if size is not None and int(size) % SECTOR:
         raise NodeOpenError(f"Specified size is not multiple of {SECTOR}")
-    return RawDriver(file, offset, None if size is None else int(size)), {"file": file}
+    explicit = {k: options[k] for k in ("offset", "size") if k in options}
+    return RawDriver(file, offset, None if size is None else int(size), explicit), {"file": file}
