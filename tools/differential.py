@@ -66,6 +66,7 @@ class Peer:
                     raise
                 time.sleep(0.02)
         self.buf = b""
+        self.jobs: list[Msg] = []  # the last query-jobs answer (from settle)
         self.greeting = self.read(10)
         self.send({"execute": "qmp_capabilities"})
 
@@ -104,7 +105,7 @@ class Peer:
         while time.monotonic() < deadline:
             reply, evs = self.send({"execute": "query-jobs"})
             events += evs
-            jobs = reply.get("return", [])
+            jobs = self.jobs = reply.get("return", [])
             if not any(j["status"] in TRANSIENT for j in jobs):
                 break
             snap = [(j["id"], j["status"], j["current-progress"]) for j in jobs]
@@ -201,7 +202,7 @@ class Runner:
         self.qemu: Peer | None = None
         self.qmpd: Peer | None = None
         self.label = ""
-        self.qemu_replies: list[Msg] = []
+        self.last_reply: Msg = {}  # QEMU's normalised reply to the last request
 
     def start(self, label: str) -> None:
         self.stop()
@@ -246,7 +247,25 @@ class Runner:
         if "crash" in qr:
             raise ConnectionError("QEMU died")
         qemu_reply: dict[str, Any] = qr
+        self.last_reply = qemu_reply
         return qemu_reply
+
+    def writable(self, backups: dict[str, tuple[str, str | None]], node: str) -> str | None:
+        """The node a write meant for ``node`` can go to in QEMU: the topmost filter of the
+        backups (``backups``: job -> (source, filter), oldest first) that QEMU still runs
+        above it (each new filter goes right above its source), or None if that one is
+        auto-named.  QEMU refuses writes below a backup filter, qmpd copies before them."""
+        live = {j["id"] for j in (self.qemu.jobs if self.qemu else []) if j["status"] != "concluded"}
+        above: dict[str, str] = {}
+        for n, (job, (src, flt)) in enumerate(backups.items()):
+            if job in live:
+                name = flt or f"#auto{n}"
+                if src in above:
+                    above[name] = above[src]
+                above[src] = name
+        while node in above:
+            node = above[node]
+        return None if node.startswith("#auto") else node
 
 
 # ---------------------------------------------------------------- builders
@@ -498,7 +517,10 @@ FAMILIES: dict[str, Callable[[Runner], None]] = {
 
 # ---------------------------------------------------------------- random sequences
 
-def random_requests(rng: random.Random, steps: int) -> Iterator[Msg]:
+def random_requests(rng: random.Random, steps: int, r: Runner) -> Iterator[Msg]:
+    """Random requests; ``r`` tells which backups QEMU accepted (writes below their filter,
+    a deliberate difference, go to the topmost filter or are skipped)."""
+    backups: dict[str, tuple[str, str | None]] = {}
     nodes = ["drive0", "target0"]
     bms = ["bm0"]
     names = ["drive0", "target0", "n1", "r1", "f1", "nosuch", "flt", "bm0", ""]
@@ -563,7 +585,10 @@ def random_requests(rng: random.Random, steps: int) -> Iterator[Msg]:
             off, ln = rng.randrange(0, 16 * MiB, 512), rng.choice([512, 4096, 65536, MiB])
             cmd = rng.choice([f"write -P 0x{rng.randrange(256):02x} {off} {ln}", f"write -z -u {off} {ln}",
                               f"write -z {off} {ln}", f"discard {off} {ln}", "flush", f"read {off} {ln}"])
-            yield qio(rng.choice(["drive0", "drive0", "flt", node]), cmd)
+            target = rng.choice(["drive0", "drive0", "flt", node])
+            top = target if cmd.startswith(("read", "flush")) else r.writable(backups, target)
+            if top:
+                yield qio(top, cmd)
         elif k < 0.70:
             acts = []
             for _ in range(rng.randint(1, 3)):
@@ -588,7 +613,11 @@ def random_requests(rng: random.Random, steps: int) -> Iterator[Msg]:
                 a["auto-dismiss"] = False
             job = rng.choice(["j0", "j1"])
             job_n += 1
-            yield backup(rng.choice(["drive0", "drive0", node]), rng.choice(["target0", node]), sync, job=job, **a)
+            src = rng.choice(["drive0", "drive0", node])
+            yield backup(src, rng.choice(["target0", node]), sync, job=job, **a)
+            if "return" in r.last_reply:
+                backups.pop(job, None)
+                backups[job] = (src, a.get("filter-node-name"))
         elif k < 0.83:
             yield ex("blockdev-create", **{"job-id": "c0"},
                      options={"driver": "file", "filename": f"TEST_DIR/c{job_n}.img", "size": rng.choice([MiB, 0])})
@@ -629,7 +658,7 @@ def main() -> int:
                 r.start(f"seed{seed}")
                 base_setup(r)
                 try:
-                    for req in random_requests(random.Random(seed), opts.steps):
+                    for req in random_requests(random.Random(seed), opts.steps, r):
                         r.run(req)
                 except (ConnectionError, Diverged) as e:
                     print(f"[seed{seed}] stopped: {e}")

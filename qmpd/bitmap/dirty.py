@@ -233,13 +233,14 @@ class DirtyBitmap:
 def merge(target: DirtyBitmap, sources: Iterable[DirtyBitmap]) -> None:
     """``target |= every source``, all or nothing (block-dirty-bitmap-merge).
 
-    Checks in QEMU 7.2's order: each source as ``sources`` yields it (busy,
-    inconsistent, size), then the target (busy, readonly, inconsistent):
-    QEMU merges the sources into an anonymous bitmap first and checks the
-    target only when merging that into it.  The command layer may pass a
-    generator that looks sources up lazily, so a lookup failure of the third
-    source is reported after the checks of the first two, as in QEMU;
-    anything it raises propagates.  Sources are ORed
+    Checks in QEMU 7.2's order (as observed): the first source is looked up,
+    then the target is checked (busy, readonly, inconsistent), then each
+    source as ``sources`` yields it (busy, inconsistent, size): QEMU merges
+    the sources one by one straight into the target, checking the target
+    with the first.  With no sources the target is checked at the end.  The
+    command layer may pass a generator that looks sources up lazily, so a
+    lookup failure of the third source is reported after the checks of the
+    first two, as in QEMU; anything it raises propagates.  Sources are ORed
     into a scratch bitmap at the target's granularity first, so the target
     is untouched on any error.  The target may be one of the sources; any
     granularities may be mixed; no sources is a no-op.
@@ -251,14 +252,17 @@ def merge(target: DirtyBitmap, sources: Iterable[DirtyBitmap]) -> None:
     """
     scratch: HBitmap | None = None
     for src in sources:
+        if scratch is None:
+            target.check()
         src.check(readonly=False)
         if src.size != target.size:
             raise sizes_differ(target.size, src.size)
         if scratch is None:
             scratch = HBitmap(target.size, target.granularity)
         scratch.merge_from(src.hbitmap)
-    target.check()
-    if scratch is not None:
+    if scratch is None:
+        target.check()
+    else:
         target.hbitmap.merge_from(scratch)
 
 

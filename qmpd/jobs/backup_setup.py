@@ -161,6 +161,7 @@ def _insert_filter(
             graph.check_node_name(opts.filter_node_name)
         except GenericError as err:  # QEMU 7.2 prefixes the filter's open error
             raise GenericError(f"Could not create node: {err.desc}") from err
+    _check_target_writable(graph, job.target, opts.filter_node_name)
     source = job.source
     cluster = max(DEFAULT_CLUSTER, mcs)
     copy_bitmap = source.bitmaps.create_anonymous(cluster, disabled=True)
@@ -181,6 +182,20 @@ def _insert_filter(
         source.bitmaps.remove(copy_bitmap)
         raise
     job.copy = copy
+
+
+def _check_target_writable(graph: BlockGraph, target: BlockNode, filter_name: str | None) -> None:
+    """QEMU's permission check when the new filter attaches its ``target``
+    child: another backup's filter unshares ``write`` on its source."""
+    for node in graph:
+        if (isinstance(node.driver, CopyBeforeWrite) and not node.owned_by_monitor
+                and node.driver.source is target):
+            name = filter_name if filter_name is not None else graph.generate_name()
+            raise GenericError(
+                f"Could not create node: Permission conflict on node '{target.node_name}': permissions "
+                f"'write' are both required by node '{name}' (uses node '{target.node_name}' as "
+                f"'target' child) and unshared by node '{node.node_name}' (uses node '{target.node_name}' "
+                "as 'file' child).")
 
 
 def _undo(graph: BlockGraph, job: BackupJob, bitmap: DirtyBitmap | None) -> None:

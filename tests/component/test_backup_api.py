@@ -131,6 +131,32 @@ async def test_job_id_in_use_and_busy_target(tmp_path: Path) -> None:
     await env.wait_status("j", "null")
 
 
+async def test_target_is_another_backups_source(tmp_path: Path) -> None:
+    """QEMU 7.2: the running backup's filter unshares 'write' on its source, so
+    a second backup cannot write there; refused before the job ID is checked
+    (tools/differential.py seed 55)."""
+    env, _ = await world(tmp_path)
+    await env.node("t2", SIZE)
+    await env.backup(**BASE, speed=1)
+    filt = next(n.node_name for n in env.graph if n.drv == "copy-before-write")
+    conflict = ("Could not create node: Permission conflict on node 'drive0': permissions 'write' are "
+                "both required by node '{}' (uses node 'drive0' as 'target' child) and unshared by "
+                f"node '{filt}' (uses node 'drive0' as 'file' child).")
+    await refused(env, conflict.format("flt"), device="t2", target="drive0", sync="none", job_id="j",
+                  filter_node_name="flt")
+    before = env.state()
+    with pytest.raises(GenericError) as err:
+        await env.backup(device="t2", target="drive0", sync="none", job_id="k")
+    auto = err.value.desc.split("required by node '")[1].split("'")[0]
+    assert auto.startswith("#block") and auto != filt and err.value.desc == conflict.format(auto)
+    assert env.state() == before
+    await env.jobs.cancel(env.jobs.find_job("j"), force=True)
+    await env.wait_status("j", "null")
+    await env.backup(device="t2", target="drive0", sync="none", job_id="k", speed=1)  # free again
+    await env.jobs.cancel(env.jobs.find_job("k"), force=True)
+    await env.wait_status("k", "null")
+
+
 async def test_negative_speed_created_then_null(tmp_path: Path) -> None:
     env, bm = await world(tmp_path)
     before_nodes = env.graph.names()

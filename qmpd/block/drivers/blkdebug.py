@@ -87,12 +87,12 @@ class BlkdebugDriver(BaseDriver):
 
     @property
     def filename(self) -> str:
-        if self.strong:
+        if self.strong or self.image.driver.filename.startswith("json:"):
             return "json:" + qdict_json(self.full_options(), copied=True)
         return f"blkdebug::{self.image.driver.filename}"
 
     def full_options(self) -> dict[str, Any]:
-        if not self.strong:
+        if not self.strong and not self.image.driver.filename.startswith("json:"):
             return super().full_options()
         return {"driver": "blkdebug", "image": self.image.driver.full_options(), **self.strong}
 

@@ -38,14 +38,19 @@ class RawDriver(BaseDriver):
         return avail if self.size is None else min(self.size, avail)
 
     @property
+    def _inherits_filename(self) -> bool:
+        """QEMU reuses the child's filename only with no strong options and a
+        protocol child that has a plain (not ``json:``) filename itself."""
+        child = self.file.driver
+        return not self.explicit and child.is_protocol and not child.filename.startswith("json:")
+
+    @property
     def filename(self) -> str:
-        if self.explicit:
+        if not self._inherits_filename:
             return "json:" + qdict_json(self.full_options())
         return self.file.driver.filename
 
     def full_options(self) -> dict[str, Any]:
-        if not self.explicit:
-            return self.file.driver.full_options()
         return {"driver": "raw", "file": self.file.driver.full_options(), **self.explicit}
 
     async def pread(self, offset: int, length: int) -> bytes:
