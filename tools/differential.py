@@ -166,11 +166,12 @@ def drop_drain_pairs(events: list[Msg]) -> list[Msg]:
     """QEMU's transient paused→running pairs from drains (spec §10: not to be copied)."""
     out: list[Msg] = []
     for ev in events:
-        if (out and ev.get("event") == "JOB_STATUS_CHANGE" and ev["data"]["status"] == "running"
-                and out[-1].get("event") == "JOB_STATUS_CHANGE" and out[-1]["data"]["status"] == "paused"
-                and out[-1]["data"]["id"] == ev["data"]["id"]):
-            out.pop()
-            continue
+        if ev.get("event") == "JOB_STATUS_CHANGE" and ev["data"]["status"] == "running":
+            mine = [i for i, e in enumerate(out)  # other jobs' events may come in between
+                    if e.get("event") == "JOB_STATUS_CHANGE" and e["data"]["id"] == ev["data"]["id"]]
+            if mine and out[mine[-1]]["data"]["status"] == "paused":
+                del out[mine[-1]]
+                continue
         out.append(ev)
     return out
 
