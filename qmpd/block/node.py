@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qmpd.bitmap.dirty import BitmapList
 from qmpd.block.drivers.base import BlockDriver
 from qmpd.block.errors import BlockIOError, NodeInUse
 from qmpd.block.rangelock import RangeLock
+
+if TYPE_CHECKING:
+    from qmpd.block.persist import NodeJournal
 
 __all__ = ["BeforeWriteHook", "BlockNode", "HookHandle"]
 
@@ -108,6 +111,8 @@ class BlockNode:
         self.flushed_gen = 0
         self.bitmaps = BitmapList(driver.length, node_label=lambda: self.node_name)
         self._hooks: tuple[BeforeWriteHook, ...] = ()
+        #: Persistent-bitmap journal (qmpd.block.persist): write-ahead dirtying.
+        self.write_ahead: NodeJournal | None = None
         self._lock = RangeLock()
         self._debug = driver.debug_event if driver.has_events else None
         for role, child in (children or {}).items():
@@ -192,7 +197,7 @@ class BlockNode:
     def has_hooks(self) -> bool:
         """Some before-write hook is registered (e.g. copy-before-write);
         block-copy's fast path must then not write this node's file directly."""
-        return bool(self._hooks)
+        return bool(self._hooks) or self.write_ahead is not None
 
     def debug_event(self, event: str) -> None:
         """Raise blkdebug event ``event`` on this node (no-op unless blkdebug)."""
@@ -255,6 +260,11 @@ class BlockNode:
         try:
             for hook in self._hooks:
                 await hook(self, offset, length)
+            # --- persistent bitmaps: the covering bits durable first ---
+            wal = self.write_ahead
+            if wal is not None:
+                await wal.before_write(offset, length)
+            # ---
             debug = self._debug
             try:
                 if kind == _WRITE:
@@ -274,6 +284,8 @@ class BlockNode:
                 self.write_gen += 1
                 if self.bitmaps:
                     self.bitmaps.mark_dirty(offset, length)
+                if wal is not None:  # persistent bitmaps: fine bits set
+                    wal.after_write(offset, length)
         finally:
             lock.release(held)
 

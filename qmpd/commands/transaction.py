@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from qmpd.commands.actions import ACTIONS, Action, TxnContext, action, run_actions
+from qmpd.commands.bitmap import sync_persistent
 from qmpd.commands.context import CommandContext
 from qmpd.commands.registry import command
 from qmpd.errors import GenericError
@@ -53,3 +54,4 @@ async def transaction(ctx: CommandContext, args: Any) -> None:
     txn = TxnContext(job_txn=JobTxn() if mode == "grouped" else None)
     actions: list[Action] = [ACTIONS[kind](ctx, a.data, txn) for kind, a in zip(kinds, args.actions)]
     await run_actions(actions)
+    await sync_persistent(ctx, actions)
