@@ -354,6 +354,16 @@ class WriteIntent:
             else:
                 del inflight[i]
 
+    def load_durable(self, bits: bitarray) -> None:
+        """Start from the bits found on disk (after a crash): syncs rewrite
+        whole bytes, which must keep them until a snapshot covers them.
+
+        :raise ValueError: ``bits`` has another length.
+        """
+        if len(bits) != len(self.durable):
+            raise ValueError("write-intent layer of another size")
+        self.durable |= bits
+
     def running_bits(self) -> list[int]:
         """:return: the bits under a write in flight."""
         return list(self._inflight)

@@ -197,7 +197,8 @@ class BlockNode:
     def has_hooks(self) -> bool:
         """Some before-write hook is registered (e.g. copy-before-write);
         block-copy's fast path must then not write this node's file directly."""
-        return bool(self._hooks) or self.write_ahead is not None
+        wal = self.write_ahead
+        return bool(self._hooks) or (wal is not None and wal.active)
 
     def debug_event(self, event: str) -> None:
         """Raise blkdebug event ``event`` on this node (no-op unless blkdebug)."""

@@ -208,6 +208,11 @@ class NodeJournal:
                 if self._file is not None and not clean:
                     await self._file.write_durable(0, encode_intent(self.intent.size, self.intent.shift, mask))
 
+    @property
+    def flush_scheduled(self) -> bool:
+        """A lazy store is due or running."""
+        return self._timer is not None or self._flusher is not None
+
     def _schedule_flush(self) -> None:
         if self._timer is None and self._flusher is None and not self._closed:
             loop = asyncio.get_running_loop()
@@ -267,8 +272,9 @@ class NodeJournal:
                 if not idata:
                     raise JournalFormatError("write-intent layer missing")
                 isize, ishift, intent_bits = decode_intent(idata)
-                if ishift != snap.coarse_shift:
+                if ishift != snap.coarse_shift or len(intent_bits) != self.intent.nbits:
                     raise JournalFormatError("write-intent layer of another layout")
+                self.intent.load_durable(intent_bits)
             except JournalFormatError as exc:
                 reason = f"it was not closed cleanly and {exc}"
         recovered = recover(snap, intent_bits, snap.coarse_shift) if reason is None else None
@@ -285,7 +291,12 @@ class NodeJournal:
                         self.image, ", ".join(r.name for r in snap.records), reason)
         elif not snap.clean:
             log.info("bitmaps of %s recovered from the journal after an unclean stop", self.image)
-        await self.store()
+        self.active = any(bm.persistent for bm in self.node.bitmaps)
+        if snap.clean or reason is not None:
+            # Clear the CLEAN flag before the first write (and keep the
+            # verdict).  After a crash the stored state stays valid as it is
+            # (old snapshot + coarse bits); the next lazy store folds it in.
+            await self.store()
 
     async def close(self) -> None:
         """Store the bitmaps with the clean-close record and stop."""

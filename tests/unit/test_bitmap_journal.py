@@ -226,6 +226,17 @@ class _Model:
     def crash_check(self) -> None:
         self._crash_check()
 
+    def crash_and_restart(self) -> None:
+        """kill -9 now, then open again: the recovered bits become the
+        bitmap and the layer on disk is where the new run starts from."""
+        snap = Snapshot("/x", IDENT, False, 1, self.shift,
+                        [BitmapRecord("b", self.gran, self.size, True, False, self.disk_snap)])
+        self.bm = recover(snap, self.disk_intent, self.shift)[0]
+        self.wi = WriteIntent(self.size, self.shift)
+        self.wi.load_durable(self.disk_intent)
+        self.writes = []
+        self.captured = None
+
 
 @pytest.mark.parametrize("seed", range(12))
 def test_replay_against_shadow_crash_anywhere(seed: int) -> None:
@@ -241,6 +252,8 @@ def test_replay_against_shadow_crash_anywhere(seed: int) -> None:
         elif r < 0.08:
             m.snapshot_durable_then_reset(torn=True)
             m.captured = None
+        elif r < 0.10:
+            m.crash_and_restart()
         else:
             rng.choice(steps)()
         m.crash_check()
