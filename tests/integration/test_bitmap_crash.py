@@ -182,6 +182,7 @@ async def _chaos(c: Client, sock: str, rng: random.Random, n: int,
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_kill9_during_writes_and_backups(tmp_path: Path) -> None:
     rng = random.Random(int(os.environ.get("QMPD_CRASH_SEED", "12")))
     disk, target, state = tmp_path / "disk.img", tmp_path / "backup.img", tmp_path / "state"

@@ -106,6 +106,22 @@ def test_write_intent_group_commit_shape() -> None:
     assert not wi.has_pending
 
 
+def test_sequential_stream_syncs_log_n_times() -> None:
+    wi = WriteIntent(1 << 30, 20)
+    syncs = 0
+    for mib in range(512):
+        need = wi.begin(mib << 20, 1 << 20)
+        if need:
+            wi.request(need)
+            wi.mark_durable(wi.take_pending())
+            syncs += 1
+        wi.end(mib << 20, 1 << 20)
+    assert syncs == 9  # bits 0, 1-2, 3-6, 7-14, ...: the window doubles
+    assert wi.durable.count() == 766  # less than twice what the stream wrote
+    wi.begin(900 << 20, 4096)  # a random write does not read ahead
+    assert wi.begin(1000 << 20, 4096) == [1000]
+
+
 def test_recover_ors_coarse_bits_into_recording_bitmaps_only() -> None:
     snap = _snapshot()
     intent = bitarray("01000000", endian="little")
