@@ -105,6 +105,7 @@ def test_refused_without_state_dir(env: Env) -> None:
     assert "state-dir" not in info
 
 
+@pytest.mark.slow
 def test_stored_on_blockdev_del_quit_and_sigterm(env: Env) -> None:
     c = env.start()
     assert stat.S_IMODE(os.stat(env.state).st_mode) == 0o700
@@ -177,6 +178,7 @@ def test_kill9_recovers_every_write_and_shows_restart(env: Env) -> None:
     assert _bitmaps(c)[0]["count"] == 0
 
 
+@pytest.mark.slow
 def test_image_changed_behind_qmpds_back(env: Env) -> None:
     c = env.start()
     _ok(c, "block-dirty-bitmap-add", node="d0", name="b0", persistent=True)
