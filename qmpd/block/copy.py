@@ -171,6 +171,11 @@ class BlockCopy:
 
     # ------------------------------------------------------------ one chunk
 
+    @property
+    def fast_path(self) -> bool:
+        """Both ends are file windows: data chunks are copied file to file."""
+        return self._fast_path() is not None
+
     def _fast_path(self) -> tuple[FileView, FileView] | None:
         if not self._fast_checked:
             src = file_view(self.source, for_write=False)

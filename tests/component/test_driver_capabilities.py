@@ -98,7 +98,7 @@ async def test_fast_path_asks_file_window_not_driver_class(tmp_path: Path) -> No
     bm = DirtyBitmap(src.length, K64)
     bm.hbitmap.fill()
     copy = BlockCopy(src, dst, bm, cluster_size=K64)
-    assert copy._fast_path() is not None  # the fast path applies to a non-raw window
+    assert copy.fast_path  # the fast path applies to a non-raw window
     assert await copy.run() is None
     assert await dst.read(0, K64) == b"\xab" * K64
     assert await dst.read(K64, K64) == bytes(K64)
