@@ -76,12 +76,17 @@ def _identity(st: os.stat_result) -> ImageIdentity:
 
 
 def image_path_of(node: BlockNode) -> str | None:
-    """:return: the image file of a raw node directly over a ``file`` node
-    (the nodes whose persistent bitmaps live in the state directory)."""
-    if node.driver.name != "raw":
+    """:return: the image file of a format node whose bytes are a window of
+    its ``file`` child's file (raw over file): the nodes whose persistent
+    bitmaps live in the state directory.  A format that stores bitmaps in
+    the image itself (qcow2) has no file window and is not matched."""
+    if not node.driver.is_format or node.driver.file_window() is None:
         return None
     child = node.children.get("file")
-    if child is None or child.driver.name != "file":
+    if child is None:
+        return None
+    window = child.driver.file_window()
+    if window is None or window.image is None:
         return None
     return child.driver.filename
 

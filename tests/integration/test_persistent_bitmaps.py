@@ -73,8 +73,9 @@ class Env:
         self.proc: DaemonProcess | None = None
 
     def start(self, *extra: str, state: bool = True) -> RawClient:
-        if self.proc is not None and os.path.exists(self.proc.path):
-            os.unlink(self.proc.path)
+        for stale in ("qmpd.sock", "qmpd.sock.pid"):  # left behind by kill -9
+            if os.path.exists(self.sock_dir / stale):
+                os.unlink(self.sock_dir / stale)
         args = ["--blockdev", json.dumps({"driver": "raw", "node-name": "d0",
                                           "file": {"driver": "file", "filename": str(self.disk)}})]
         if state:
