@@ -298,6 +298,8 @@ class BlockGraph:
         :return: the former children (the caller decides their fate).
         """
         self._nodes.pop(node.node_name, None)
+        if self.bitmap_state is not None:
+            self.bitmap_state.drop(node)
         children = node.detach_children()
         node.close()
         return children

@@ -187,6 +187,10 @@ class NodeJournal:
         """
         async with self._store_lock:
             records = self._records()
+            if records and self._file is None:
+                # The first persistent bitmap of this image: a fresh layer.
+                self._file = await open_state_file(self.intent_path)
+                await self._file.write_durable(0, encode_intent(self.intent.size, self.intent.shift))
             if records and not self.active:
                 # Writes already running began without waiting: make their
                 # bits durable before the snapshot that makes them matter.
@@ -252,10 +256,9 @@ class NodeJournal:
         """
         data = await read_state_file(self.snap_path)
         current = _identity(await stat_path(self.image))
-        self._file = await open_state_file(self.intent_path)
         if data is None:
-            await self._file.write_durable(0, encode_intent(self.intent.size, self.intent.shift))
-            return
+            return  # no files until a persistent bitmap is added
+        self._file = await open_state_file(self.intent_path)
         try:
             snap = decode_snapshot(data)
         except JournalFormatError as exc:
@@ -302,6 +305,18 @@ class NodeJournal:
             # verdict).  After a crash the stored state stays valid as it is
             # (old snapshot + coarse bits); the next lazy store folds it in.
             await self.store()
+
+    def drop(self) -> None:
+        """Stop without storing (the node left the graph synchronously)."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._flusher is not None:
+            self._flusher.cancel()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     async def close(self) -> None:
         """Store the bitmaps with the clean-close record and stop."""
@@ -396,6 +411,17 @@ class BitmapStateDir:
             await journal.close()
         except BlockIOError as exc:
             log.error("cannot store the bitmaps of %s in %s: %s", journal.image, self.path, exc)
+
+    def drop(self, node: BlockNode) -> None:
+        """Forget the node's journal without storing (a node the daemon
+        opened for itself and drops synchronously, e.g. drive-backup's
+        target; it never has persistent bitmaps)."""
+        journal = self._forget(node)
+        if journal is not None:
+            node.write_ahead = None
+            if journal.active:
+                log.warning("bitmaps of %s not stored: node '%s' dropped", journal.image, node.node_name)
+            journal.drop()
 
     async def sync(self, nodes: list[BlockNode] | None = None) -> None:
         """Store now the bitmaps of ``nodes`` (default: every journaled node),
