@@ -113,6 +113,8 @@ class NodeJournal:
         self._timer: asyncio.TimerHandle | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
+        #: Names of the bitmaps loaded at open, in stored (directory) order.
+        self._order: list[str] = []
         #: Syncs of the write-intent layer so far (group commits), for tests/bench.
         self.intent_syncs = 0
 
@@ -166,10 +168,17 @@ class NodeJournal:
     # ------------------------------------------------------------ snapshots
 
     def _records(self) -> list[BitmapRecord]:
+        """The persistent bitmaps in stored order, which is QEMU's qcow2
+        bitmap-directory order: the bitmaps loaded at open keep their place,
+        the others follow in list order (newest first), as QEMU writes the
+        directory at close; loading adds them in that order, each in front,
+        so a reload lists them as QEMU does."""
+        named = {bm.name: bm for bm in self.node.bitmaps if bm.name is not None and bm.persistent}
+        self._order = [n for n in self._order if n in named]  # as QEMU drops a removed one
+        order = self._order + [n for n in named if n not in self._order]
         out = []
-        for bm in self.node.bitmaps:
-            if bm.name is None or not bm.persistent:
-                continue
+        for name in order:
+            bm = named[name]
             hb = bm.hbitmap
             if bm.successor is not None:
                 hb = hb.copy()
@@ -287,7 +296,8 @@ class NodeJournal:
                 reason = f"it was not closed cleanly and {exc}"
         recovered = recover(snap, intent_bits, snap.coarse_shift) if reason is None else None
         size = self.node.bitmaps.size
-        for i, rec in reversed(list(enumerate(snap.records))):
+        self._order = [rec.name for rec in snap.records]
+        for i, rec in enumerate(snap.records):
             bad = reason is not None or rec.inconsistent or rec.size != size
             bm = self.node.bitmaps.add(rec.name, rec.granularity, persistent=True,
                                        disabled=bad or not rec.recording)
