@@ -183,7 +183,7 @@ class NodeJournal:
             if bm.successor is not None:
                 hb = hb.copy()
                 hb.merge_from(bm.successor.hbitmap)
-            out.append(BitmapRecord(bm.name, bm.granularity, bm.size, bm.recording,
+            out.append(BitmapRecord(name, bm.granularity, bm.size, bm.recording,
                                     bm.inconsistent, hb.to_bytes_le()))
         return out
 
