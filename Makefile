@@ -21,12 +21,16 @@ run: $(VENV)/.installed
 	$(VENV)/bin/qmpd --socket $(SOCKET) $(ARGS)
 
 test: $(VENV)/.installed
+	$(PY) -m ruff check .
 	$(PY) -m mypy
 	$(PY) -m pytest -q -m "not slow"
 
 # Long scenario, harness and crash tests (marked `slow`); CI runs them too.
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
 
 typecheck: $(VENV)/.installed
 	$(PY) -m mypy

@@ -39,7 +39,6 @@ MAX_NODE_NAME = 31
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 
 
-
 class BlockGraph:
     """All nodes, in QEMU's listing order (module docstring).
 

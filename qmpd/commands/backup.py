@@ -19,7 +19,7 @@ from qmpd.block import BlockGraph, BlockNode
 from qmpd.block.detached import close_detached, open_detached
 from qmpd.block.errors import BlockIOError
 from qmpd.block.io import create_file
-from qmpd.commands.actions import TxnContext, action, run_actions
+from qmpd.commands.actions import BaseAction, TxnContext, action, run_actions
 from qmpd.commands.block import graph_of
 from qmpd.commands.context import CommandContext
 from qmpd.commands.jobs import jobs_of
@@ -57,7 +57,7 @@ def backup_options(d: Any) -> BackupOptions:
     )
 
 
-class BlockdevBackupAction:
+class BlockdevBackupAction(BaseAction):
     """The ``blockdev-backup`` transaction action."""
 
     def __init__(self, ctx: CommandContext, data: Any, txn: TxnContext) -> None:
@@ -93,9 +93,6 @@ class BlockdevBackupAction:
     async def abort(self) -> None:
         if self.job is not None:
             await jobs_of(self.ctx).abort_created(self.job)
-
-    def clean(self) -> None:
-        pass
 
 
 class DriveBackupAction(BlockdevBackupAction):

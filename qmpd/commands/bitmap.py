@@ -9,7 +9,7 @@ from qmpd.bitmap import BitmapList, DirtyBitmap, merge
 from qmpd.bitmap.errors import empty_name
 from qmpd.bitmap.hbitmap import HBitmap
 from qmpd.block import BlockNode
-from qmpd.commands.actions import TxnContext, action, run_actions
+from qmpd.commands.actions import BaseAction, TxnContext, action, run_actions
 from qmpd.commands.block import graph_of
 from qmpd.commands.context import CommandContext
 from qmpd.commands.registry import command
@@ -23,7 +23,7 @@ def _lookup(ctx: CommandContext, node_name: str, name: str) -> tuple[BlockNode, 
     return node, node.bitmaps.lookup(name)
 
 
-class AddAction:
+class AddAction(BaseAction):
     """block-dirty-bitmap-add: undo removes the new bitmap."""
 
     def __init__(self, ctx: CommandContext, data: Any, txn: TxnContext) -> None:
@@ -39,18 +39,12 @@ class AddAction:
         self.bitmap = self.node.bitmaps.add(d.name, d.granularity, disabled=bool(d.disabled),
                                             persistent=bool(d.persistent))
 
-    def commit(self) -> None:
-        pass
-
     async def abort(self) -> None:
         if self.node is not None and self.bitmap is not None:
             self.node.bitmaps.remove(self.bitmap)
 
-    def clean(self) -> None:
-        pass
 
-
-class RemoveAction:
+class RemoveAction(BaseAction):
     """block-dirty-bitmap-remove: busy until commit, released then."""
 
     def __init__(self, ctx: CommandContext, data: Any, txn: TxnContext) -> None:
@@ -72,11 +66,8 @@ class RemoveAction:
         if self.bitmap is not None:
             self.bitmap.busy = False
 
-    def clean(self) -> None:
-        pass
 
-
-class ClearAction:
+class ClearAction(BaseAction):
     """block-dirty-bitmap-clear: undo restores the old bits."""
 
     def __init__(self, ctx: CommandContext, data: Any, txn: TxnContext) -> None:
@@ -90,9 +81,6 @@ class ClearAction:
         self.saved = self.bitmap.snapshot()
         self.bitmap.clear()
 
-    def commit(self) -> None:
-        pass
-
     async def abort(self) -> None:
         if self.bitmap is not None and self.saved is not None:
             self.bitmap.restore(self.saved)
@@ -101,7 +89,7 @@ class ClearAction:
         self.saved = None
 
 
-class ToggleAction:
+class ToggleAction(BaseAction):
     """block-dirty-bitmap-enable/-disable: undo restores the previous state."""
 
     def __init__(self, ctx: CommandContext, data: Any, txn: TxnContext, *, enable: bool) -> None:
@@ -115,18 +103,12 @@ class ToggleAction:
         self.was_disabled = self.bitmap.disabled
         self.bitmap.disabled = not self.enable
 
-    def commit(self) -> None:
-        pass
-
     async def abort(self) -> None:
         if self.bitmap is not None:
             self.bitmap.disabled = self.was_disabled
 
-    def clean(self) -> None:
-        pass
 
-
-class MergeAction:
+class MergeAction(BaseAction):
     """block-dirty-bitmap-merge: all-or-nothing; undo restores the target."""
 
     def __init__(self, ctx: CommandContext, data: Any, txn: TxnContext) -> None:
@@ -146,9 +128,6 @@ class MergeAction:
         saved = self.target.snapshot()
         merge(self.target, self._sources(node))
         self.saved = saved
-
-    def commit(self) -> None:
-        pass
 
     async def abort(self) -> None:
         if self.target is not None and self.saved is not None:

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from qmpd.commands.context import CommandContext
+from qmpd.commands.context import OFFERED_CAPABILITIES, CommandContext
 from qmpd.commands.registry import command
 from qmpd.errors import CommandNotFound, GenericError
 
 __all__: list[str] = []
-
-#: Capabilities qmpd offers in its greeting.
-OFFERED_CAPABILITIES = ("oob",)
 
 
 def _enum_value(item: Any) -> str:
@@ -30,19 +27,10 @@ async def qmp_capabilities(ctx: CommandContext, args: Any) -> None:
     ctx.session.negotiate("oob" in enable)
 
 
-def version_info(ctx: CommandContext) -> dict[str, Any]:
-    """:return: the VersionInfo of ``query-version`` and the greeting."""
-    major, minor, micro = ctx.state.config.qemu_version
-    return {
-        "qemu": {"micro": micro, "minor": minor, "major": major},
-        "package": ctx.state.config.package,
-    }
-
-
 @command("query-version")
 async def query_version(ctx: CommandContext, args: Any) -> dict[str, Any]:
     """The QEMU version qmpd claims, and qmpd's own identity in ``package``."""
-    return version_info(ctx)
+    return ctx.state.config.version_info()
 
 
 @command("query-commands")

@@ -41,8 +41,7 @@ class HmpCommand:
 
 
 def _version(ctx: CommandContext) -> str:
-    major, minor, micro = ctx.state.config.qemu_version
-    return f"{major}.{minor}.{micro}{ctx.state.config.package}\r\n"
+    return ctx.state.config.version_text() + "\r\n"
 
 
 async def _info_version(ctx: CommandContext, rest: str) -> str:

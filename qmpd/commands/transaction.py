@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qmpd.commands.actions import ACTIONS, Action, TxnContext, action, run_actions
+from qmpd.commands.actions import ACTIONS, Action, BaseAction, TxnContext, action, run_actions
 from qmpd.commands.context import CommandContext
 from qmpd.commands.registry import command
 from qmpd.errors import GenericError
@@ -16,7 +16,7 @@ __all__: list[str] = []
 _GROUPABLE = frozenset({"blockdev-backup", "drive-backup"})
 
 
-class AbortAction:
+class AbortAction(BaseAction):
     """The ``abort`` action: always fails, rolling back what came before."""
 
     def __init__(self, ctx: CommandContext, data: Any, txn: TxnContext) -> None:
@@ -24,15 +24,6 @@ class AbortAction:
 
     async def prepare(self) -> None:
         raise GenericError("Transaction aborted using Abort action")
-
-    def commit(self) -> None:
-        pass
-
-    async def abort(self) -> None:
-        pass
-
-    def clean(self) -> None:
-        pass
 
 
 action("abort")(AbortAction)

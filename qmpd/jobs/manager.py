@@ -32,9 +32,8 @@ from typing import Any, TypeVar
 from qmpd.errors import DeviceNotActive, GenericError
 from qmpd.events import EventSink
 from qmpd.jobs.clock import Clock, LoopClock
-from qmpd.jobs.errors import JobCancelled
 from qmpd.jobs.job import Job
-from qmpd.jobs.status import IoStatus, JobStatus, JobVerb
+from qmpd.jobs.status import JobStatus, JobVerb
 
 __all__ = ["JobManager", "JobTxn", "id_wellformed"]
 

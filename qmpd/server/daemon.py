@@ -87,16 +87,7 @@ class Daemon:
         self.oob_commands = self._registry.oob_commands
         self.state.command_names = tuple(sorted(names))
         self.state.introspection = self.schema.introspection(names)
-        major, minor, micro = self.config.qemu_version
-        self.greeting = {
-            "QMP": {
-                "version": {
-                    "qemu": {"micro": micro, "minor": minor, "major": major},
-                    "package": self.config.package,
-                },
-                "capabilities": ["oob"],
-            }
-        }
+        self.greeting = self.config.greeting()
         self._setup_domain()
 
     def _setup_domain(self) -> None:
