@@ -18,7 +18,7 @@ name is checked); a protocol driver (``blkdebug``) is named before it opens its
 children, and so are a filter's other children (``target``).  So one
 blockdev-add of raw over file lists ``drive0`` then its file node, and a
 later blockdev-add comes before both.  :meth:`BlockGraph.names`, iteration
-and :meth:`BlockGraph.info` all use this listing order.
+and query-named-block-nodes all use this listing order.
 """
 
 from __future__ import annotations
@@ -104,10 +104,6 @@ class BlockGraph:
         if node is None:
             raise NodeNotFound(f"Node '{name}' not found")
         return node
-
-    def info(self, flat: bool = False) -> list[dict[str, Any]]:
-        """:return: query-named-block-nodes (listing order)."""
-        return [node.info(flat) for node in self]
 
     # ------------------------------------------------------------ names
 

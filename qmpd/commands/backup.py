@@ -29,13 +29,22 @@ from qmpd.jobs import OnError
 from qmpd.jobs.backup import BackupJob
 from qmpd.jobs.backup_setup import BackupOptions, create_backup
 from qmpd.jobs.create import CreateFileJob
+from qmpd.qapi.models import (
+    BackupCommon,
+    BlockdevBackup,
+    BlockdevBackupArgs,
+    BlockdevCreateArgs,
+    BlockdevCreateOptionsFileBranch,
+    DriveBackup,
+    DriveBackupArgs,
+)
 
 __all__ = ["BlockdevBackupAction", "DriveBackupAction", "backup_options"]
 
 logger = logging.getLogger(__name__)
 
 
-def backup_options(d: Any) -> BackupOptions:
+def backup_options(d: BackupCommon) -> BackupOptions:
     """:return: BackupCommon members of a ``BlockdevBackup``/``DriveBackup``
     model, with QEMU's defaults."""
     perf = d.x_perf
@@ -60,7 +69,7 @@ def backup_options(d: Any) -> BackupOptions:
 class BlockdevBackupAction(BaseAction):
     """The ``blockdev-backup`` transaction action."""
 
-    def __init__(self, ctx: CommandContext, data: Any, txn: TxnContext) -> None:
+    def __init__(self, ctx: CommandContext, data: BlockdevBackup | DriveBackup, txn: TxnContext) -> None:
         self.ctx, self.data, self.txn = ctx, data, txn
         self.job: BackupJob | None = None
 
@@ -102,6 +111,7 @@ class DriveBackupAction(BlockdevBackupAction):
 
     async def _target(self, graph: BlockGraph, source: BlockNode, opts: BackupOptions) -> BlockNode:
         d = self.data
+        assert isinstance(d, DriveBackup)
         mode = str(d.mode or "absolute-paths")
         existing = mode == "existing"
         fmt = d.format if d.format is not None else (None if existing else _format_of(source))
@@ -150,21 +160,27 @@ action("drive-backup")(DriveBackupAction)
 
 
 @command("blockdev-backup")
-async def blockdev_backup(ctx: CommandContext, args: Any) -> None:
+async def blockdev_backup(ctx: CommandContext, args: BlockdevBackupArgs) -> None:
     """Start a backup to an existing node (a one-action transaction)."""
     await run_actions([BlockdevBackupAction(ctx, args, TxnContext())])
 
 
 @command("drive-backup")
-async def drive_backup(ctx: CommandContext, args: Any) -> None:
+async def drive_backup(ctx: CommandContext, args: DriveBackupArgs) -> None:
     """Start a backup to a file (a one-action transaction; deprecated in QEMU)."""
     await run_actions([DriveBackupAction(ctx, args, TxnContext())])
 
 
 @command("blockdev-create")
-async def blockdev_create(ctx: CommandContext, args: Any) -> None:
-    """Start a ``create`` job making a host file of ``size`` bytes."""
+async def blockdev_create(ctx: CommandContext, args: BlockdevCreateArgs) -> None:
+    """Start a ``create`` job making a host file of ``size`` bytes.
+
+    :raise GenericError: "Driver does not support blockdev-create" (every
+        driver but ``file``, as QEMU 7.2 answers for raw, null-co, blkdebug).
+    """
     opts = args.options
+    if not isinstance(opts, BlockdevCreateOptionsFileBranch):
+        raise GenericError("Driver does not support blockdev-create")
     prealloc = "off" if opts.preallocation is None else str(opts.preallocation)
     mgr = jobs_of(ctx)
     job = mgr.create(CreateFileJob(args.job_id, opts.filename, opts.size, prealloc))

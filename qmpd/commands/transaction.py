@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 from qmpd.commands.actions import ACTIONS, Action, BaseAction, TxnContext, action, run_actions
 from qmpd.commands.context import CommandContext
 from qmpd.commands.registry import command
 from qmpd.errors import GenericError
 from qmpd.jobs import JobTxn
+from qmpd.qapi.models import Abort, TransactionArgs
 
 __all__: list[str] = []
 
@@ -19,7 +19,7 @@ _GROUPABLE = frozenset({"blockdev-backup", "drive-backup"})
 class AbortAction(BaseAction):
     """The ``abort`` action: always fails, rolling back what came before."""
 
-    def __init__(self, ctx: CommandContext, data: Any, txn: TxnContext) -> None:
+    def __init__(self, ctx: CommandContext, data: Abort, txn: TxnContext) -> None:
         pass
 
     async def prepare(self) -> None:
@@ -30,7 +30,7 @@ action("abort")(AbortAction)
 
 
 @command("transaction")
-async def transaction(ctx: CommandContext, args: Any) -> None:
+async def transaction(ctx: CommandContext, args: TransactionArgs) -> None:
     """Prepare every action in order; commit all in reverse, or undo all."""
     mode = "individual"
     if args.properties is not None and args.properties.completion_mode is not None:

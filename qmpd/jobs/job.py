@@ -589,14 +589,6 @@ class Job(abc.ABC):
             return None
         return self.err if self.err is not None else os.strerror(-self.ret)
 
-    def job_info(self) -> dict[str, Any]:
-        """:return: a QAPI ``JobInfo`` (query-jobs)."""
-        return info.job_info(self)
-
-    def block_job_info(self) -> dict[str, Any]:
-        """:return: a QAPI ``BlockJobInfo`` (query-block-jobs), fields in spec order."""
-        return info.block_job_info(self)
-
     def _emit_finished(self) -> None:
         if (event := info.finished_event(self)) is not None:
             self._emit(*event)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from qmpd.errors import DeviceNotActive, GenericError
 from qmpd.events import EventSink
@@ -111,14 +111,6 @@ class JobManager:
         if job is None or not job.block_job:
             raise DeviceNotActive(f"Block job '{job_id}' not found")
         return job
-
-    def query_jobs(self) -> list[dict[str, Any]]:
-        """:return: ``JobInfo`` of every job, newest first."""
-        return [job.job_info() for job in self._jobs]
-
-    def query_block_jobs(self) -> list[dict[str, Any]]:
-        """:return: ``BlockJobInfo`` of every block job, newest first."""
-        return [job.block_job_info() for job in self._jobs if job.block_job]
 
     # -- life cycle -----------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import pytest
 import qmpd.block.copy as copy_mod
 from qmpd.block import BlockIOError, BlockNode
 from qmpd.jobs import ManualClock
+from qmpd.commands.views import bitmap_infos
 from tests.component.backup_env import CLUSTER, MiB, BackupEnv, rand, read
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
@@ -132,7 +133,7 @@ async def test_bitmap_len_and_holes(tmp_path: Path) -> None:
     job = env.jobs.find_job("j")
     await env.wait_status("j", "pending")
     assert (job.progress.total, job.progress.current) == (393216, 393216)
-    infos = {n.node_name: n.bitmaps.infos() for n in env.graph if n.bitmaps}
+    infos = {n.node_name: bitmap_infos(n.bitmaps) for n in env.graph if n.bitmaps}
     filt = next(n for n in env.graph if n.drv == "copy-before-write")
     # QEMU 7.2 .. 9.0 layout (spec 4.10): access + done on the filter,
     # copy bitmap (newest), successor, bitmap0 on the source.
@@ -194,7 +195,7 @@ async def test_fleecing_sync_none(tmp_path: Path) -> None:
         assert chunk == (old[c * CLUSTER:(c + 1) * CLUSTER] if c in (1, 48, 49) else bytes(CLUSTER)), c
     job = env.jobs.find_job("j")
     assert (job.progress.current, job.progress.total) == (3 * CLUSTER, SIZE)
-    done = [b["count"] for b in filt.bitmaps.infos()]
+    done = [b["count"] for b in bitmap_infos(filt.bitmaps)]
     assert done == [SIZE, 3 * CLUSTER]  # access, done
     await env.jobs.cancel(job, force=True)
     await env.wait_status("j", "null")

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from qmpd.jobs import ManualClock
+from qmpd.commands.views import block_job_info
 from tests.component.backup_env import CLUSTER, MiB, BackupEnv, rand, read
 from tests.component.test_job_helpers import jsc
 
@@ -115,7 +116,7 @@ async def test_h_stop_then_resume(tmp_path: Path, errno: int, policy: str, iosta
     await env.wait_status(J, "paused")
     job = env.jobs.find_job(J)
     await env.wait_for(lambda: not job.busy)
-    info = job.block_job_info()
+    info = block_job_info(job)
     assert (info["status"], info["paused"], info["io-status"], info["busy"]) == ("paused", True, iostatus, False)
     assert env.named("BLOCK_JOB_ERROR") == [("BLOCK_JOB_ERROR", {"device": J, "operation": "write",
                                                                  "action": "stop"})]
@@ -152,6 +153,6 @@ async def test_speed_one_copies_one_chunk(tmp_path: Path) -> None:
     await backup(env, speed=1)
     job = env.jobs.find_job(J)
     await env.wait_for(lambda: job.progress.current == MiB and not job.busy)
-    assert job.block_job_info()["offset"] == MiB
+    assert block_job_info(job)["offset"] == MiB
     env.jobs.set_speed(job, 0)
     await env.wait_status(J, "null")

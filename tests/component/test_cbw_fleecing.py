@@ -17,6 +17,7 @@ import pytest
 from qmpd.bitmap import BitmapNotFound
 from qmpd.block import BlockGraph, BlockIOError, BlockNode
 from qmpd.block.drivers.cbw import CopyBeforeWrite
+from qmpd.commands.views import bitmap_infos, named_block_nodes
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
@@ -132,7 +133,7 @@ async def test_missing_bitmap_leaves_nothing_behind(tmp_path: Path) -> None:
         await g.add({"driver": "copy-before-write", "node-name": "cbw2", "file": "drive0",
                      "target": "fleece", "bitmap": {"node": "drive0", "name": "zz"}})
     assert ei.value.desc == "Dirty bitmap 'zz' not found"
-    assert g.names() == before and len(drive0.bitmaps.infos()) == 1  # cbw's copy bitmap only
+    assert g.names() == before and len(bitmap_infos(drive0.bitmaps)) == 1  # cbw's copy bitmap only
     await g.close()
 
 
@@ -206,5 +207,5 @@ async def test_listing_order_as_qemu(tmp_path: Path) -> None:
         ("rdbg", "raw"), ("#", "file"), ("#", "blkdebug"),
         ("#", "file"), ("dbg", "blkdebug"),
     ]
-    assert [i["node-name"] for i in g.info()] == g.names()
+    assert [i["node-name"] for i in named_block_nodes(g)] == g.names()
     await g.close()

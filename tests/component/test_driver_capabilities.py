@@ -18,6 +18,7 @@ from qmpd.block import BlockGraph, BlockIOError, BlockNode
 from qmpd.block.copy import BlockCopy
 from qmpd.block.drivers import DRIVERS, BaseDriver, FileWindow
 from qmpd.block.fastcopy import file_view
+from qmpd.commands.views import image_info
 
 pytestmark = [pytest.mark.timeout(30)]
 
@@ -186,10 +187,10 @@ async def test_dirty_flag_and_allocation(tmp_path: Path) -> None:
     raw = await g.add({"driver": "raw", "node-name": "r",
                        "file": {"driver": "file", "filename": image(tmp_path, "a.img")}})
     null = await g.add({"driver": "null-co", "node-name": "n"})
-    assert raw.dirty_flag() is False and raw.image_info()["dirty-flag"] is False
-    assert null.dirty_flag() is None and "dirty-flag" not in null.image_info()
+    assert raw.dirty_flag() is False and image_info(raw)["dirty-flag"] is False
+    assert null.dirty_flag() is None and "dirty-flag" not in image_info(null)
     shifted = BlockNode("s", Shift(raw, K64), children={"file": raw})
-    assert shifted.image_info()["dirty-flag"] is True
+    assert image_info(shifted)["dirty-flag"] is True
     dbg = BlockNode("d", _Filter(shifted), children={"image": shifted})
     assert dbg.dirty_flag() is True  # a filter answers for its filtered child
     assert await raw.is_allocated(0, SIZE) == (True, SIZE)
