@@ -73,16 +73,8 @@ class BackupEnv:
         return None
 
     async def wait_status(self, job_id: str, status: str, timeout: float = 10.0) -> None:
-        async def poll() -> None:
-            while status not in self.events.statuses(job_id):
-                await asyncio.sleep(0.001)
-        await asyncio.wait_for(poll(), timeout)
-
-    async def wait_for(self, cond: Any, timeout: float = 10.0) -> None:
-        async def poll() -> None:
-            while not cond():
-                await asyncio.sleep(0.001)
-        await asyncio.wait_for(poll(), timeout)
+        """Wait for the JOB_STATUS_CHANGE of ``job_id`` to ``status``."""
+        await asyncio.wait_for(self.events.wait(lambda: status in self.events.statuses(job_id)), timeout)
 
     def state(self) -> Any:
         """Everything a failed command must leave unchanged."""

@@ -145,6 +145,18 @@ async def test_bitmap_len_and_holes(tmp_path: Path) -> None:
     assert filt.node_name not in env.graph
 
 
+async def _throttled_or_done(env: BackupEnv, clock: ManualClock, job_id: str) -> None:
+    """Wait until a timer is pending on ``clock`` or ``job_id`` reached null."""
+    waits = [asyncio.ensure_future(clock.wait_timer()),
+             asyncio.ensure_future(env.events.wait(lambda: "null" in env.events.statuses(job_id)))]
+    try:
+        await asyncio.wait_for(asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED), 30)
+    finally:
+        for w in waits:
+            w.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+
+
 async def test_point_in_time_under_random_writes(tmp_path: Path) -> None:
     clock = ManualClock()
     env = BackupEnv(tmp_path, clock)
@@ -171,7 +183,8 @@ async def test_point_in_time_under_random_writes(tmp_path: Path) -> None:
                 await node.write_zeroes(off, n)
             else:
                 await node.discard(off, n)
-        await asyncio.sleep(0.005)
+        # let the job copy until it sleeps in its rate limiter (or ends)
+        await _throttled_or_done(env, clock, "j")
         clock.advance_to_next()
     assert read(tmp_path / "t.img") == snapshot
     _, data = env.finished("j")  # type: ignore[misc]
