@@ -106,6 +106,9 @@ class BlockNode:
         #: Incremented by every write-type request; compared by flush.
         self.write_gen = 0
         self.flushed_gen = 0
+        #: Bytes read and written (zero writes included) through this node.
+        self.bytes_read = 0
+        self.bytes_written = 0
         self.bitmaps = BitmapList(driver.length, node_label=lambda: self.node_name)
         self._hooks: tuple[BeforeWriteHook, ...] = ()
         self._lock = RangeLock()
@@ -211,6 +214,7 @@ class BlockNode:
         :raise BlockIOError: out of range (EIO) or the I/O failed.
         """
         self._check(offset, length)
+        self.bytes_read += length
         return await self.driver.pread(offset, length)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -272,6 +276,8 @@ class BlockNode:
                 if debug is not None and kind != _DISCARD:
                     debug("pwritev_done")
                 self.write_gen += 1
+                if kind != _DISCARD:
+                    self.bytes_written += length
                 if self.bitmaps:
                     self.bitmaps.mark_dirty(offset, length)
         finally:

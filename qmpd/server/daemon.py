@@ -15,11 +15,12 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from qmpd import commands as _commands  # noqa: F401  (registers the handlers)
-from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState
+from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState, SessionControl
 from qmpd.commands.registry import REGISTRY, Registry
 from qmpd.block import BlockGraph
 from qmpd.errors import GenericError, QMPError, SchemaError
@@ -39,6 +40,10 @@ __all__ = ["Daemon", "UNIMPLEMENTED"]
 UNIMPLEMENTED: frozenset[str] = frozenset()
 
 log = logging.getLogger(__name__)
+
+#: Told of every executed command: ``(name, outcome, seconds)``, where
+#: ``outcome`` is ``"ok"`` or the error class.  The web layer's metrics use it.
+RequestObserver = Callable[[str, str, float], None]
 
 
 class Daemon:
@@ -68,6 +73,8 @@ class Daemon:
         self.greeting: dict[str, Any] = {}
         self.state = DaemonState(config=config, events=self.events, request_shutdown=self.request_shutdown)
         self.schema: SchemaService | None = None
+        #: Called once per executed command (see :data:`RequestObserver`).
+        self.request_observer: RequestObserver | None = None
 
     # -- lifecycle --------------------------------------------------------
     def setup(self) -> None:
@@ -129,6 +136,15 @@ class Daemon:
         self._connections.add(conn)
         return conn
 
+    def forget(self, conn: Connection) -> None:
+        """A connection ended; it no longer counts as a client."""
+        self._connections.discard(conn)
+
+    @property
+    def connections(self) -> list[Connection]:
+        """The QMP socket connections currently open."""
+        return list(self._connections)
+
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run ``coro`` as a task the daemon awaits at clean-up."""
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -178,22 +194,29 @@ class Daemon:
             await self.state.block.close()
 
     # -- commands ---------------------------------------------------------
-    async def execute(self, call: Call, conn: Connection) -> dict[str, Any]:
+    async def execute(self, call: Call, conn: SessionControl) -> dict[str, Any]:
         """Validate and run one command; commands never overlap.
 
         :return: the reply message (success or error).
         """
         assert self.schema is not None
+        started = time.perf_counter()
+        outcome = "ok"
         async with self._lock:
             try:
                 args = self.schema.build_arguments(call.name, call.arguments)
                 spec = self._registry[call.name]
                 result = await spec.handler(CommandContext(self.state, conn), args)
+                reply = Session.success(call, result)
             except QMPError as err:
-                return Session.failure(call, err.error_class, err.desc)
+                outcome = err.error_class
+                reply = Session.failure(call, err.error_class, err.desc)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("command %s failed unexpectedly", call.name)
-                return Session.failure(call, "GenericError", "Internal error in qmpd; see its log")
-            return Session.success(call, result)
+                outcome = "GenericError"
+                reply = Session.failure(call, "GenericError", "Internal error in qmpd; see its log")
+        if self.request_observer is not None:
+            self.request_observer(call.name, outcome, time.perf_counter() - started)
+        return reply
