@@ -45,7 +45,7 @@ from typing import Protocol
 
 from qmpd.bitmap import DirtyBitmap
 from qmpd.block.errors import BlockIOError
-from qmpd.block.fastcopy import FileView, file_view, mark_written
+from qmpd.block.fastcopy import FileView, file_view, mark_read, mark_written
 from qmpd.block.io import copy_range, copy_ranges
 from qmpd.block.node import BlockNode
 
@@ -286,6 +286,7 @@ class BlockCopy:
                 ranges[-1] = (ranges[-1][0], ranges[-1][1] + n)
             else:
                 ranges.append((ch.start, n))
+        mark_read(src, sum(n for _, n in ranges))
         try:
             await copy_ranges(src.image, src.base, dst.image, dst.base, ranges)
         except BlockIOError as exc:
@@ -299,6 +300,7 @@ class BlockCopy:
         fast = self._fast_path()
         if fast is not None:
             src, dst = fast
+            mark_read(src, nbytes)
             try:
                 await copy_range(src.image, src.base + offset, dst.image, dst.base + offset, nbytes)
             except BlockIOError as exc:

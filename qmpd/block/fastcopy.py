@@ -15,7 +15,7 @@ from qmpd.block.drivers.raw import RawDriver
 from qmpd.block.io import ImageFile
 from qmpd.block.node import BlockNode
 
-__all__ = ["FileView", "file_view", "mark_written"]
+__all__ = ["FileView", "file_view", "mark_written", "mark_read"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,5 +53,12 @@ def mark_written(view: FileView, offset: int, nbytes: int) -> None:
     """What the node path does after a write: generation and bitmaps."""
     for node, base in view.chain:
         node.write_gen += 1
+        node.bytes_written += nbytes
         if node.bitmaps:
             node.bitmaps.mark_dirty(base + offset, nbytes)
+
+
+def mark_read(view: FileView, nbytes: int) -> None:
+    """What the node path counts for a read: bytes read on every node."""
+    for node, _ in view.chain:
+        node.bytes_read += nbytes
