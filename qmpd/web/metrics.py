@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from bisect import bisect_left
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -32,6 +34,7 @@ __all__ = ["Metrics", "CONTENT_TYPE"]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                    0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+_FIRST_BUCKET = LATENCY_BUCKETS[0]
 
 
 class _DomainCollector(Collector):
@@ -103,28 +106,70 @@ class _DomainCollector(Collector):
         yield events
 
 
+class _RequestStats:
+    """Counts and latency buckets of one command: plain ints, no locks (the
+    daemon runs one event loop; scrapes read them on the same loop)."""
+
+    __slots__ = ("errors", "buckets", "total")
+
+    def __init__(self) -> None:
+        #: Failed requests by error class; the rest succeeded.
+        self.errors: dict[str, int] = {}
+        #: Non-cumulative: ``buckets[i]`` counts durations in
+        #: (LATENCY_BUCKETS[i-1], LATENCY_BUCKETS[i]]; the last slot is +Inf.
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+    def outcomes(self) -> dict[str, int]:
+        """:return: requests by outcome (``ok`` or the error class)."""
+        out = dict(self.errors)
+        ok = sum(self.buckets) - sum(self.errors.values())
+        if ok:
+            out["ok"] = ok
+        return out
+
+
+class _RequestCollector(Collector):
+    def __init__(self, stats: dict[str, _RequestStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("qmpd_qmp_requests", "QMP commands executed",
+                                       labels=["command", "outcome"])
+        latency = HistogramMetricFamily("qmpd_qmp_request_duration_seconds",
+                                        "Time to execute a QMP command (waiting for the command lock included)",
+                                        labels=["command"])
+        for command, st in sorted(self._stats.items()):
+            for outcome, n in sorted(st.outcomes().items()):
+                requests.add_metric([command, outcome], n)
+            running = 0
+            cumulative = []
+            for bound, n in zip((*map(str, LATENCY_BUCKETS), "+Inf"), st.buckets):
+                running += n
+                cumulative.append((bound, running))
+            latency.add_metric([command], cumulative, st.total)
+        yield requests
+        yield latency
+
+
 class Metrics:
     """The registry of one web server; :meth:`observe_request` is the hook."""
 
     def __init__(self, model: WebModel) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self._requests = Counter("qmpd_qmp_requests", "QMP commands executed",
-                                 ["command", "outcome"], registry=self.registry)
-        self._latency = Histogram("qmpd_qmp_request_duration_seconds",
-                                  "Time to execute a QMP command (queueing included)",
-                                  ["command"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._stats: dict[str, _RequestStats] = {}
+        self.registry.register(_RequestCollector(self._stats))
         self.registry.register(_DomainCollector(model))
-        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def observe_request(self, command: str, outcome: str, seconds: float) -> None:
-        """Count one executed command (called by the daemon's dispatcher)."""
-        key = (command, outcome)
-        pair = self._children.get(key)
-        if pair is None:
-            pair = (self._requests.labels(command, outcome), self._latency.labels(command))
-            self._children[key] = pair
-        pair[0].inc()
-        pair[1].observe(seconds)
+        """Count one executed command (called by the daemon's dispatcher; cheap)."""
+        st = self._stats.get(command)
+        if st is None:
+            st = self._stats[command] = _RequestStats()
+        if outcome != "ok":
+            st.errors[outcome] = st.errors.get(outcome, 0) + 1
+        st.buckets[0 if seconds <= _FIRST_BUCKET else bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        st.total += seconds
 
     def render(self) -> bytes:
         """:return: the text exposition."""
