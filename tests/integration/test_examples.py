@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import DaemonProcess, RawClient
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -49,3 +49,21 @@ def test_resume_failed_backup(qmpd_proc: DaemonProcess, tmp_path: Path) -> None:
         "second run: ok, copied 393216 of 393216 bytes",
         "target matches the source on every written cluster",
     ]
+
+
+def test_examples_back_to_back_on_one_daemon(qmpd_proc: DaemonProcess, tmp_path: Path) -> None:
+    """Each example owns its node names and files and cleans up, even run
+    repeatedly and in the same directory; without WORKDIR it uses a temporary one."""
+    full = _example("full_then_incremental.py", qmpd_proc, tmp_path)
+    resume = _example("resume_failed_backup.py", qmpd_proc, tmp_path)
+    assert _example("full_then_incremental.py", qmpd_proc, tmp_path) == full
+    assert _example("resume_failed_backup.py", qmpd_proc, tmp_path) == resume
+    out = subprocess.run([sys.executable, str(EXAMPLES / "full_then_incremental.py"), qmpd_proc.path],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.splitlines() == full, out.stderr
+    client = RawClient(qmpd_proc.path)
+    try:
+        assert client.cmd("query-named-block-nodes") == {"return": [], "id": "t"}
+        assert client.cmd("query-jobs") == {"return": [], "id": "t"}
+    finally:
+        client.close()
