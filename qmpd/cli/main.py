@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", action="append", default=[], metavar="PATH",
                    help=f"serve QMP on a UNIX socket (repeatable; default {DEFAULT_SOCKET})")
     p.add_argument("--chardev", action="append", default=[], metavar="OPTS",
-                   help="socket,id=ID,path=PATH|host=H,port=P,server=on,wait=off")
+                   help="socket,id=ID,path=PATH|host=H,port=P,server=on,wait=off (host defaults to 127.0.0.1)")
     p.add_argument("--monitor", action="append", default=[], metavar="OPTS",
                    help="[chardev=]ID[,mode=control][,pretty=off], or inline socket options")
     p.add_argument("--blockdev", action="append", default=[], metavar="OPTS",
