@@ -214,6 +214,12 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
 
     daemon = Daemon(config, listeners, trace=args.trace_qmp)
     daemon.setup()
+    # Before anything listens: a signal right after a socket appears shuts down cleanly.
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(
+            sig, lambda: daemon.spawn(daemon.request_shutdown("host-signal"), "signal")
+        )
     web_server = None
     try:
         await daemon.add_blockdevs(args.blockdev)
@@ -223,11 +229,6 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
         sys.stderr.write(f"qmpd: {getattr(err, 'desc', None) or err}\n")
         await daemon.cleanup()
         return 1
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(
-            sig, lambda: daemon.spawn(daemon.request_shutdown("host-signal"), "signal")
-        )
     if args.pidfile:
         with open(args.pidfile, "w", encoding="ascii") as f:
             f.write(f"{os.getpid()}\n")
