@@ -89,7 +89,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.log.info("client disconnected%s", f": {exc}" if exc else "")
-        self._daemon.forget(self)
+        self._daemon.connection_closed(self)
         self._closed = True
         self._items.clear()
         self._parser.reset()

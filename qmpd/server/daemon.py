@@ -140,8 +140,8 @@ class Daemon:
         self._connections.add(conn)
         return conn
 
-    def forget(self, conn: Connection) -> None:
-        """A connection ended; it no longer counts as a client."""
+    def connection_closed(self, conn: Connection) -> None:
+        """Forget a connection once its transport is gone."""
         self._connections.discard(conn)
 
     @property
@@ -199,28 +199,34 @@ class Daemon:
 
     # -- commands ---------------------------------------------------------
     async def execute(self, call: Call, conn: SessionControl) -> dict[str, Any]:
+        """Run one command (:meth:`_dispatch`) and tell the request observer.
+
+        :return: the reply message (success or error).
+        """
+        started = time.perf_counter()
+        reply = await self._dispatch(call, conn)
+        observer = self.request_observer
+        if observer is not None:
+            error = reply.get("error")
+            observer(call.name, "ok" if error is None else error["class"], time.perf_counter() - started)
+        return reply
+
+    async def _dispatch(self, call: Call, conn: SessionControl) -> dict[str, Any]:
         """Validate and run one command; commands never overlap.
 
         :return: the reply message (success or error).
         """
         assert self.schema is not None
-        started = time.perf_counter()
-        outcome = "ok"
         async with self._lock:
             try:
                 args = self.schema.build_arguments(call.name, call.arguments)
                 spec = self._registry[call.name]
                 result = await spec.handler(CommandContext(self.state, conn), args)
-                reply = Session.success(call, result)
             except QMPError as err:
-                outcome = err.error_class
-                reply = Session.failure(call, err.error_class, err.desc)
+                return Session.failure(call, err.error_class, err.desc)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("command %s failed unexpectedly", call.name)
-                outcome = "GenericError"
-                reply = Session.failure(call, "GenericError", "Internal error in qmpd; see its log")
-        if self.request_observer is not None:
-            self.request_observer(call.name, outcome, time.perf_counter() - started)
-        return reply
+                return Session.failure(call, "GenericError", "Internal error in qmpd; see its log")
+            return Session.success(call, result)
