@@ -14,7 +14,8 @@ Routes (``--http HOST:PORT``):
 It reads the domain through :class:`~qmpd.web.model.WebModel` and changes
 state only through :meth:`Daemon.execute <qmpd.server.daemon.Daemon.execute>`,
 the dispatcher QMP uses.  One middleware (:func:`_errors`) turns every
-exception into an HTTP error with a JSON body.
+exception into an HTTP error with a JSON body, after refusing requests
+that a foreign web page could make (:func:`check_origin`).
 """
 
 from __future__ import annotations
@@ -65,10 +66,44 @@ class _WebControl:
         raise AssertionError("the dashboard does not negotiate")
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """The one place that turns exceptions into HTTP errors."""
+#: Host names a loopback-bound server answers to (DNS rebinding defence).
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
+
+
+def check_origin(request: web.Request, loopback_only: bool) -> None:
+    """Refuse requests a web page elsewhere could make on the user's behalf.
+
+    * On a loopback-bound server the ``Host`` must be a loopback name, so a
+      DNS-rebinding page (``evil.example`` resolving to 127.0.0.1) is refused.
+    * A WebSocket handshake carrying an ``Origin`` (browsers always send one)
+      must come from this very server: browsers let any page open a
+      WebSocket anywhere, and ``/live`` needs no token.
+
+    :raise web.HTTPForbidden: either check failed.
+    """
+    host = request.host
+    if loopback_only:
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if name not in LOOPBACK_NAMES:
+            raise web.HTTPForbidden(reason=f"Host '{host}' is not this server")
+    origin = request.headers.get("Origin")
+    if origin is not None and request.headers.get("Upgrade", "").lower() == "websocket":
+        if origin.lower() not in (f"http://{host}".lower(), f"https://{host}".lower()):
+            raise web.HTTPForbidden(reason=f"Origin '{origin}' is not this server")
+
+
+def _errors_middleware(loopback_only: bool) -> Any:
+    @web.middleware
+    async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
+        return await _errors(request, handler, loopback_only)
+    return errors
+
+
+async def _errors(request: web.Request, handler: Any, loopback_only: bool) -> web.StreamResponse:
+    """The one place that turns exceptions into HTTP errors (and that checks
+    where a request comes from, see :func:`check_origin`)."""
     try:
+        check_origin(request, loopback_only)
         response: web.StreamResponse = await handler(request)
         return response
     except web.HTTPException as err:
@@ -114,7 +149,8 @@ class WebServer:
     # -- lifecycle ------------------------------------------------------------
     def build_app(self) -> web.Application:
         """:return: the application with its route table (frozen by the runner)."""
-        app = web.Application(middlewares=[_errors], client_max_size=1 << 20)
+        app = web.Application(middlewares=[_errors_middleware(is_loopback(self.host))],
+                              client_max_size=1 << 20)
         app.add_routes([
             web.get("/", self._index),
             web.get("/live", self._live),

@@ -107,3 +107,26 @@ def test_help_shows_defaults() -> None:
                     "host defaults to 127.0.0.1", "default: off"):
         assert default in text, default
 
+
+
+@pytest.mark.asyncio
+async def test_foreign_pages_are_refused(sock_dir: Path) -> None:
+    """DNS rebinding (a foreign Host) and cross-site WebSockets (a foreign Origin) get 403."""
+    import aiohttp
+
+    from tests.support.web import TOKEN, web_daemon
+
+    async with web_daemon(sock_dir) as wd:
+        port = wd.web.port
+        async with aiohttp.ClientSession() as http:
+            async with http.get(wd.url + "api/state", headers={"Host": f"evil.example:{port}"}) as resp:
+                assert resp.status == 403
+                assert (await resp.json())["error"]["desc"] == f"Host 'evil.example:{port}' is not this server"
+            async with http.get(wd.url + "metrics", headers={"Host": f"localhost:{port}"}) as resp:
+                assert resp.status == 200
+            for path in ("live", f"qmp?token={TOKEN}"):
+                with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                    await http.ws_connect(wd.url + path, origin="http://evil.example")
+                assert err.value.status == 403
+            async with http.ws_connect(wd.url + "live", origin=f"http://127.0.0.1:{port}") as ws:
+                assert '"jobs"' in await ws.receive_str(timeout=10)
