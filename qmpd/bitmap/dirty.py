@@ -113,20 +113,6 @@ class DirtyBitmap:
             self.successor is not None and not self.successor.disabled
         )
 
-    def info(self) -> dict[str, str | int | bool]:
-        """:return: the BlockDirtyInfo members, in QAPI order."""
-        out: dict[str, str | int | bool] = {}
-        if self.name is not None:
-            out["name"] = self.name
-        out["count"] = self.count
-        out["granularity"] = self.granularity
-        out["recording"] = self.recording
-        out["busy"] = self.busy
-        out["persistent"] = self.persistent
-        if self.inconsistent:
-            out["inconsistent"] = True
-        return out
-
     # ---------------------------------------------------------------- checks
 
     def check(
@@ -399,10 +385,6 @@ class BitmapList:
         if bm is None:
             raise BitmapNotFound(name)
         return bm
-
-    def infos(self) -> list[dict[str, str | int | bool]]:
-        """:return: BlockDirtyInfo of every bitmap, anonymous ones included."""
-        return [bm.info() for bm in self._bitmaps]
 
     # ------------------------------------------------------------- the write path
 

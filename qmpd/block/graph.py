@@ -18,11 +18,12 @@ name is checked); a protocol driver (``blkdebug``) is named before it opens its
 children, and so are a filter's other children (``target``).  So one
 blockdev-add of raw over file lists ``drive0`` then its file node, and a
 later blockdev-add comes before both.  :meth:`BlockGraph.names`, iteration
-and :meth:`BlockGraph.info` all use this listing order.
+and query-named-block-nodes all use this listing order.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from collections.abc import Callable, Container, Iterator, Mapping
@@ -33,12 +34,13 @@ from qmpd.block.errors import NodeInUse, NodeNameError, NodeNotFound, NodeOpenEr
 from qmpd.block.node import BlockNode
 from qmpd.block.persist import BitmapStateDir
 
+log = logging.getLogger(__name__)
+
 __all__ = ["BlockGraph", "MAX_NODE_NAME"]
 
 #: Longest node-name (QEMU's 32-byte buffer minus the NUL).
 MAX_NODE_NAME = 31
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
-
 
 
 class BlockGraph:
@@ -110,10 +112,6 @@ class BlockGraph:
             raise NodeNotFound(f"Node '{name}' not found")
         return node
 
-    def info(self, flat: bool = False) -> list[dict[str, Any]]:
-        """:return: query-named-block-nodes (listing order)."""
-        return [node.info(flat) for node in self]
-
     # ------------------------------------------------------------ names
 
     def check_node_name(self, name: str) -> None:
@@ -175,6 +173,8 @@ class BlockGraph:
                 await self.bitmap_state.attach(n)
         for n in created:
             self._nodes[n.node_name] = n
+        log.info("node %s added (%s%s)", node.node_name, node.drv,
+                 f", {node.driver.filename}" if node.driver.filename else "")
         return node
 
     async def sync_bitmaps(self, nodes: list[BlockNode] | None = None) -> None:
@@ -358,7 +358,8 @@ class BlockGraph:
     async def remove_node(self, node: BlockNode) -> None:
         """Drop ``node`` (no checks) and its now-unreferenced non-monitor
         children; flushes before closing each."""
-        self._nodes.pop(node.node_name, None)
+        if self._nodes.pop(node.node_name, None) is not None and not node.auto_named:
+            log.info("node %s removed", node.node_name)
         try:
             await node.flush()
         except OSError:

@@ -111,6 +111,9 @@ class BlockNode:
         #: Incremented by every write-type request; compared by flush.
         self.write_gen = 0
         self.flushed_gen = 0
+        #: Bytes read and written (zero writes included) through this node.
+        self.bytes_read = 0
+        self.bytes_written = 0
         self.bitmaps = BitmapList(driver.length, node_label=lambda: self.node_name)
         self._hooks: tuple[BeforeWriteHook, ...] = ()
         #: Persistent-bitmap journal (qmpd.block.persist): write-ahead dirtying.
@@ -224,6 +227,7 @@ class BlockNode:
         :raise BlockIOError: out of range (EIO) or the I/O failed.
         """
         self._check(offset, length)
+        self.bytes_read += length
         return await self.driver.pread(offset, length)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -289,19 +293,22 @@ class BlockNode:
             finally:
                 if debug is not None and kind != _DISCARD:
                     debug("pwritev_done")
-                self.record_write(offset, length)
+                self.record_write(offset, length, data=kind != _DISCARD)
                 if wal is not None:  # persistent bitmaps: fine bits set
                     wal.after_write(offset, length)
         finally:
             lock.release(held)
 
-    def record_write(self, offset: int, length: int) -> None:
+    def record_write(self, offset: int, length: int, *, data: bool = True) -> None:
         """Account for a write-type request on ``[offset, offset+length)``
         that ended (even in failure): bump the write generation (flush) and
         dirty the bitmaps.  Every path that changes the node's data ends
         here: the request path, and :meth:`write_around` for the nodes below
-        a direct file write."""
+        a direct file write.  ``data`` (not a discard) counts the bytes as
+        written."""
         self.write_gen += 1
+        if data:
+            self.bytes_written += length
         if self.bitmaps:
             self.bitmaps.mark_dirty(offset, length)
 
@@ -422,64 +429,10 @@ class BlockNode:
 
     # ------------------------------------------------------------ queries
 
-    def image_info(self) -> dict[str, Any]:
-        """:return: ImageInfo (``filename``, ``format``, ``virtual-size``,
-        ``actual-size`` when known)."""
-        info: dict[str, Any] = {"filename": self.driver.filename, "format": self.driver.name}
-        actual = self.driver.actual_size()
-        if actual is not None:
-            info["actual-size"] = actual
-        # QEMU counts whole sectors (bdrv_getlength() rounds the size up).
-        info["virtual-size"] = -(-self.driver.length // 512) * 512
-        flag = self.dirty_flag()
-        if flag is not None:
-            info["dirty-flag"] = flag
-        return info
-
     @property
     def filtered_child(self) -> BlockNode | None:
         """The child a filter (blkdebug, copy-before-write) passes data to."""
         return self.primary_child if self.driver.is_filter else None
-
-    def info(self, flat: bool = False) -> dict[str, Any]:
-        """:return: BlockDeviceInfo in QEMU 7.2's shape and member order (no ``children``,
-        no ``active``); ``dirty-bitmaps`` only if the node has bitmaps.
-        Unless ``flat``, a filter's ``image`` nests the filtered child's
-        ImageInfo as ``backing-image`` (recursively; ``backing_file_depth``
-        counts the levels), as QEMU reports filters."""
-        image = self.image_info()
-        depth = 0
-        if not flat:
-            level, node = image, self.filtered_child
-            while node is not None:
-                depth += 1
-                level["backing-image"] = node.image_info()
-                level, node = level["backing-image"], node.filtered_child
-        info: dict[str, Any] = {
-            "file": self.driver.filename,
-            "node-name": self.node_name,
-            "ro": self.read_only,
-            "drv": self.driver.name,
-            "backing_file_depth": depth,
-            "encrypted": False,
-            "detect_zeroes": self.detect_zeroes,
-            "bps": 0,
-            "bps_rd": 0,
-            "bps_wr": 0,
-            "iops": 0,
-            "iops_rd": 0,
-            "iops_wr": 0,
-            "image": image,
-            "cache": {
-                "writeback": True,
-                "direct": self.cache_direct,
-                "no-flush": self.cache_no_flush,
-            },
-            "write_threshold": 0,
-        }
-        if self.bitmaps:
-            info["dirty-bitmaps"] = self.bitmaps.infos()
-        return info
 
     def close(self) -> None:
         """Close the driver (files); the node must be out of the graph."""

@@ -11,7 +11,10 @@ if TYPE_CHECKING:
     from qmpd.block.graph import BlockGraph
     from qmpd.jobs.manager import JobManager
 
-__all__ = ["CommandContext", "DaemonConfig", "DaemonState", "SessionControl"]
+__all__ = ["CommandContext", "DaemonConfig", "DaemonState", "OFFERED_CAPABILITIES", "SessionControl"]
+
+#: Capabilities qmpd offers in its greeting (and accepts in qmp_capabilities).
+OFFERED_CAPABILITIES = ("oob",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +31,23 @@ class DaemonConfig:
     state_dir: str | None = None
     #: ``--state-flush-interval``: seconds before fine bits are stored lazily.
     state_flush_interval: float = 5.0
+
+    def version_info(self) -> dict[str, Any]:
+        """:return: the VersionInfo of ``query-version`` and the greeting."""
+        major, minor, micro = self.qemu_version
+        return {
+            "qemu": {"micro": micro, "minor": minor, "major": major},
+            "package": self.package,
+        }
+
+    def version_text(self) -> str:
+        """:return: the version as HMP ``info version`` prints it (``7.2.0`` + package)."""
+        major, minor, micro = self.qemu_version
+        return f"{major}.{minor}.{micro}{self.package}"
+
+    def greeting(self) -> dict[str, Any]:
+        """:return: the QMP greeting."""
+        return {"QMP": {"version": self.version_info(), "capabilities": list(OFFERED_CAPABILITIES)}}
 
 
 class SessionControl(Protocol):
