@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blockdev", action="append", default=[], metavar="OPTS",
                    help="a block node, as key=value pairs or JSON (like blockdev-add)")
     p.add_argument("--name", help="the name answered by query-name")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="keep persistent bitmaps of raw images here, crash-consistently "
+                        "(created 0700; default: none, persistent: true is refused on raw "
+                        "nodes as in QEMU)")
+    p.add_argument("--state-flush-interval", type=float, default=5.0, metavar="SECS",
+                   help="seconds after a write before its fine bitmap bits are stored "
+                        "(default %(default)s)")
     p.add_argument("--pidfile", metavar="PATH", help="write the daemon's PID here")
     p.add_argument("--daemonize", action="store_true",
                    help="detach once the listeners are ready")
@@ -192,6 +199,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
             qemu_version=_parse_version(args.qemu_version),
             package=f"qmpd-{__version__}",
             name=args.name,
+            state_dir=args.state_dir,
+            state_flush_interval=args.state_flush_interval,
         )
         args.http_address = parse_http(args.http) if args.http else None
     except OptionError as err:

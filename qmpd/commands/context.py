@@ -27,6 +27,10 @@ class DaemonConfig:
     package: str = ""
     #: ``--name``: answered by ``query-name``.
     name: str | None = None
+    #: ``--state-dir``: where persistent bitmaps of raw images live (None: off).
+    state_dir: str | None = None
+    #: ``--state-flush-interval``: seconds before fine bits are stored lazily.
+    state_flush_interval: float = 5.0
 
     def version_info(self) -> dict[str, Any]:
         """:return: the VersionInfo of ``query-version`` and the greeting."""
@@ -71,6 +75,10 @@ class DaemonState:
     command_names: tuple[str, ...] = ()
     #: Cached ``query-qmp-schema`` answer.
     introspection: list[dict[str, Any]] = field(default_factory=list)
+    #: Random identity of this daemon run (``__org.qmpd_query-instance``).
+    boot_id: str = ""
+    #: Start time, seconds since the epoch (wall clock).
+    start_time: float = 0.0
 
 
 @dataclass(slots=True)

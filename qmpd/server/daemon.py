@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -24,6 +25,7 @@ from qmpd.commands.block import add_blockdev
 from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState, SessionControl
 from qmpd.commands.registry import REGISTRY, Registry
 from qmpd.block import BlockGraph
+from qmpd.block.persist import BitmapStateDir
 from qmpd.errors import GenericError, QMPError, SchemaError
 from qmpd.events import EventBus
 from qmpd.events.names import SHUTDOWN
@@ -73,7 +75,8 @@ class Daemon:
         self.command_names: frozenset[str] = frozenset()
         self.oob_commands: frozenset[str] = frozenset()
         self.greeting: dict[str, Any] = {}
-        self.state = DaemonState(config=config, events=self.events, request_shutdown=self.request_shutdown)
+        self.state = DaemonState(config=config, events=self.events, request_shutdown=self.request_shutdown,
+                                 boot_id=str(uuid.uuid4()), start_time=time.time())
         self.schema: SchemaService | None = None
         #: Called once per executed command (see :data:`RequestObserver`).
         self.request_observer: RequestObserver | None = None
@@ -99,7 +102,11 @@ class Daemon:
 
     def _setup_domain(self) -> None:
         """Create the block graph and the job manager."""
-        self.state.block = BlockGraph()
+        bitmap_state = None
+        if self.config.state_dir is not None:
+            bitmap_state = BitmapStateDir(self.config.state_dir,
+                                          flush_interval=self.config.state_flush_interval)
+        self.state.block = BlockGraph(bitmap_state=bitmap_state)
         self.state.jobs = JobManager(self.events)
 
     async def add_blockdevs(self, specs: list[str]) -> None:
@@ -109,6 +116,7 @@ class Daemon:
         :raise QMPError: with blockdev-add's own error texts.
         """
         assert self.schema is not None and self.state.block is not None
+        await self.prepare_state_dir()
         options_type = self.schema.schema.lookup_type("BlockdevOptions")
         for text in specs:
             options = parse_option_value(text, options_type)
@@ -118,8 +126,17 @@ class Daemon:
             assert isinstance(args, BlockdevAddArgs)
             await add_blockdev(self.state.block, args)
 
+    async def prepare_state_dir(self) -> None:
+        """Create ``--state-dir`` (mode 0700) if configured.
+
+        :raise BlockIOError: it cannot be created.
+        """
+        if self.state.block is not None and self.state.block.bitmap_state is not None:
+            await self.state.block.bitmap_state.prepare()
+
     async def start(self) -> None:
         """Open every listener.  :raise OSError: when one cannot be bound."""
+        await self.prepare_state_dir()
         for spec in self.listeners:
             label = spec.path if isinstance(spec, UnixListener) else f"{spec.host}:{spec.port}"
             server = await open_listener(spec, functools.partial(self._new_connection, label))
