@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from qmpd.block.graph import BlockGraph
     from qmpd.jobs.manager import JobManager
 
-__all__ = ["CommandContext", "DaemonConfig", "DaemonState", "SessionControl"]
+__all__ = ["CommandContext", "DaemonConfig", "DaemonState", "NbdControl", "SessionControl"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +37,26 @@ class SessionControl(Protocol):
         """Switch the connection to command mode after this reply."""
 
 
+class NbdControl(Protocol):
+    """The NBD server as the commands drive it (``qmpd.nbd.server``)."""
+
+    async def start(self, addr: dict[str, Any], *, max_connections: int = 0,
+                    tls_creds: str | None = None, tls_authz: str | None = None) -> None:
+        """nbd-server-start with a flat SocketAddress."""
+
+    async def stop(self) -> None:
+        """nbd-server-stop."""
+
+    def add(self, **kwargs: Any) -> None:
+        """block-export-add type=nbd / nbd-server-add."""
+
+    def delete(self, export_id: str, mode: str = "safe") -> None:
+        """block-export-del / nbd-server-remove."""
+
+    def query(self) -> list[dict[str, Any]]:
+        """query-block-exports."""
+
+
 @dataclass
 class DaemonState:
     """The daemon's global state, shared by every connection."""
@@ -47,6 +67,8 @@ class DaemonState:
     request_shutdown: Any = None
     block: BlockGraph | None = None
     jobs: JobManager | None = None
+    #: The NBD server (set up by the daemon).
+    nbd: NbdControl | None = None
     #: Names of every advertised command (frozen registry).
     command_names: tuple[str, ...] = ()
     #: Cached ``query-qmp-schema`` answer.

@@ -26,6 +26,7 @@ from qmpd.errors import GenericError, QMPError, SchemaError
 from qmpd.events import EventBus
 from qmpd.events.names import SHUTDOWN
 from qmpd.jobs import JobManager
+from qmpd.nbd.server import NbdServer
 from qmpd.protocol.session import Call, Session
 from qmpd.qapi.keyval import parse_option_value
 from qmpd.qapi.service import SchemaService
@@ -68,6 +69,7 @@ class Daemon:
         self.greeting: dict[str, Any] = {}
         self.state = DaemonState(config=config, events=self.events, request_shutdown=self.request_shutdown)
         self.schema: SchemaService | None = None
+        self.nbd: NbdServer | None = None
 
     # -- lifecycle --------------------------------------------------------
     def setup(self) -> None:
@@ -101,6 +103,12 @@ class Daemon:
         """Create the block graph and the job manager."""
         self.state.block = BlockGraph()
         self.state.jobs = JobManager(self.events)
+        self.nbd = NbdServer(self._graph, self.events)
+        self.state.nbd = self.nbd
+
+    def _graph(self) -> BlockGraph:
+        assert self.state.block is not None
+        return self.state.block
 
     async def add_blockdevs(self, specs: list[str]) -> None:
         """Create ``--blockdev`` nodes, in order, through ``blockdev-add``.
@@ -169,6 +177,8 @@ class Daemon:
         for server in self._servers:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), 2.0)
+        if self.nbd is not None:
+            await self.nbd.cleanup()
         pending = [t for t in self._tasks if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=2.0)
