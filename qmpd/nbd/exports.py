@@ -105,8 +105,9 @@ class Export:
             read_only=not self.settings.writable,
             description=self.settings.description,
             contexts=tuple(contexts),
-            # QEMU 7.2: multi-conn only for read-only exports.
-            multi_conn=not self.settings.writable,
+            # QEMU 7.2 advertises multi-conn on every export (its flush
+            # reaches the one node all connections share).
+            multi_conn=True,
         )
 
     # ------------------------------------------------------------ requests

@@ -155,13 +155,18 @@ class ExportInfo:
     pref_block: int = 4096
     max_block: int = MAX_BUFFER
 
-    @property
-    def flags(self) -> int:
-        """Transmission flags, as QEMU 7.2 sets them."""
+    def flags(self, structured: bool) -> int:
+        """Transmission flags as QEMU 7.2 sets them: DF only once structured
+        replies are negotiated; TRIM, WRITE_ZEROES and FAST_ZERO only when
+        writable (recorded with qemu-nbd --list against qemu-storage-daemon)."""
         f = NBD_FLAGS
-        flags = (f["HAS_FLAGS"] | f["SEND_FLUSH"] | f["SEND_FUA"] | f["SEND_WRITE_ZEROES"]
-                 | f["SEND_FAST_ZERO"] | f["SEND_DF"] | f["SEND_CACHE"])
-        flags |= f["READ_ONLY"] if self.read_only else f["SEND_TRIM"]
+        flags = f["HAS_FLAGS"] | f["SEND_FLUSH"] | f["SEND_FUA"] | f["SEND_CACHE"]
+        if self.read_only:
+            flags |= f["READ_ONLY"]
+        else:
+            flags |= f["SEND_TRIM"] | f["SEND_WRITE_ZEROES"] | f["SEND_FAST_ZERO"]
+        if structured:
+            flags |= f["SEND_DF"]
         if self.multi_conn:
             flags |= f["CAN_MULTI_CONN"]
         return flags
@@ -457,7 +462,7 @@ class ServerConnection:
             self._close("export not found")
             return
         tail = b"" if self.no_zeroes else bytes(124)
-        self._out.append(struct.pack(">QH", exp.size, exp.flags) + tail)
+        self._out.append(struct.pack(">QH", exp.size, exp.flags(self.structured)) + tail)
         self._attach(exp)
 
     def _info(self, opt: int, data: bytes) -> None:
@@ -480,7 +485,7 @@ class ServerConnection:
         minimum = exp.min_block if (opt == Opt.INFO or INFO_BLOCK_SIZE in wanted) else 1
         self._option_reply(opt, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, minimum,
                                                       max(exp.pref_block, minimum), exp.max_block))
-        self._option_reply(opt, REP_INFO, struct.pack(">HQH", INFO_EXPORT, exp.size, exp.flags))
+        self._option_reply(opt, REP_INFO, struct.pack(">HQH", INFO_EXPORT, exp.size, exp.flags(self.structured)))
         self._option_reply(opt, REP_ACK)
         if opt == Opt.GO:
             self._attach(exp)

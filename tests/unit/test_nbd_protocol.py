@@ -65,7 +65,7 @@ def test_go_replies_block_size_export_ack() -> None:
     conn.receive_data(opt(Opt.GO, s32("disk") + struct.pack(">HH", 1, 3)))
     assert conn.data_to_send() == (
         rep(Opt.GO, 3, struct.pack(">H", 3) + struct.pack(">III", 1, 4096, 32 * MiB))
-        + rep(Opt.GO, 3, struct.pack(">HQH", 0, 4 * MiB, 0x1 | 0x4 | 0x8 | 0x20 | 0x40 | 0x80 | 0x400 | 0x800))
+        + rep(Opt.GO, 3, struct.pack(">HQH", 0, 4 * MiB, 0x1 | 0x4 | 0x8 | 0x20 | 0x40 | 0x400 | 0x800))
         + rep(Opt.GO, 1)
     )
     assert conn.phase is Phase.TRANSMISSION
@@ -76,7 +76,7 @@ def test_info_names_and_description_and_unknown_export() -> None:
     conn.receive_data(opt(Opt.INFO, s32("ro") + struct.pack(">HHH", 2, 1, 2)))
     out = conn.data_to_send()
     assert out.startswith(rep(Opt.INFO, 3, struct.pack(">H", 1) + b"ro"))
-    flags = 0x1 | 0x2 | 0x4 | 0x8 | 0x40 | 0x80 | 0x100 | 0x400 | 0x800
+    flags = 0x1 | 0x2 | 0x4 | 0x8 | 0x100 | 0x400  # read-only: no TRIM/ZEROES/FAST_ZERO; no DF yet
     assert out.endswith(rep(Opt.INFO, 3, struct.pack(">HQH", 0, MiB, flags)) + rep(Opt.INFO, 1))
     conn.receive_data(opt(Opt.INFO, s32("nope") + struct.pack(">H", 0)))
     assert conn.data_to_send() == rep(Opt.INFO, (1 << 31) + 6, b"export 'nope' not present")
@@ -123,7 +123,7 @@ def test_export_name_old_style() -> None:
     conn.receive_data(struct.pack(">I", 1))  # no NO_ZEROES: 124 zero bytes follow
     conn.receive_data(opt(Opt.EXPORT_NAME, b"ro"))
     out = conn.data_to_send()
-    assert out[:10] == struct.pack(">QH", MiB, EXPORTS["ro"].flags) and out[10:] == bytes(124)
+    assert out[:10] == struct.pack(">QH", MiB, EXPORTS["ro"].flags(False)) and out[10:] == bytes(124)
     conn2 = negotiated()
     conn2.receive_data(opt(Opt.EXPORT_NAME, b"missing"))
     assert conn2.closed
