@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SOCKET ?= ./qmpd.sock
 ARGS ?=
 
-.PHONY: run test venv lint typecheck bench schema clean
+.PHONY: run test test-slow venv lint typecheck bench schema clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m mypy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+# Long scenario, harness and crash tests (marked `slow`); CI runs them too.
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
 
 typecheck: $(VENV)/.installed
 	$(PY) -m mypy
