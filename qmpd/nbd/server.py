@@ -33,7 +33,7 @@ from qmpd.block.node import BlockNode
 from qmpd.errors import GenericError
 from qmpd.events import EventBus
 from qmpd.nbd.exports import Export, ExportSettings
-from qmpd.nbd.protocol import (CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE,
+from qmpd.nbd.protocol import (CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE,
                                MAX_STRING, Closed, Cmd, ExportInfo, Request, ServerConnection,
                                StartTLS)
 from qmpd.server.listeners import Listener, TcpListener, UnixListener, open_listener
@@ -380,7 +380,9 @@ class _Client:
         assert exp is not None
         fua = bool(req.flags & CMD_FLAG_FUA)
         if req.cmd == Cmd.READ:
-            segments = await exp.read(req.offset, req.length, holes=self.conn.structured)
+            # DF: one OFFSET_DATA chunk, holes included.
+            holes = self.conn.structured and not req.flags & CMD_FLAG_DF
+            segments = await exp.read(req.offset, req.length, holes=holes)
             self.conn.reply_read(req, segments)
             return
         if req.cmd == Cmd.WRITE:
