@@ -191,7 +191,9 @@ class NbdServer:
 
     def add_export(self, req: ExportRequest) -> Export:
         """:meth:`add` with its arguments as one value."""
-        if not self.running:
+        # block-export-add checks the id and the node before the driver
+        # (QEMU 7.2's blk_exp_add); nbd-server-add the server first.
+        if req.legacy and not self.running:
             raise GenericError("NBD server not running")
         if not req.legacy:
             if not _ID_RE.match(req.id):
@@ -202,6 +204,8 @@ class NbdServer:
         node = graph.get(req.node_name)
         if node is None:
             raise GenericError(f"Cannot find device='' nor node-name='{req.node_name}'")
+        if not self.running:
+            raise GenericError("NBD server not running")
         name = req.name if req.name is not None else req.node_name
         if len(name.encode()) > MAX_STRING:
             raise GenericError(f"export name '{name}' too long")

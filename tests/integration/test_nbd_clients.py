@@ -190,3 +190,42 @@ def test_max_connections(env: NbdDaemon) -> None:
     assert c.recv(18)[:8] == b"NBDMAGIC"
     b.close()
     c.close()
+
+
+def test_qsd_command_line(tmp_path: Path) -> None:
+    """--nbd-server and --export as qemu-storage-daemon: the export serves at
+    start-up, and bad options fail with QSD's line (program name aside)."""
+    import subprocess
+    import sys
+    with short_socket_dir(tmp_path) as tmp:
+        make_disk(tmp / "disk.img", size=4 * MiB)
+        nbd_sock = str(tmp / "n.sock")
+        blockdevs = ["--blockdev", f"driver=file,node-name=f0,filename={tmp / 'disk.img'}",
+                     "--blockdev", "driver=raw,node-name=drive0,file=f0"]
+        from tests.support.daemon import DaemonProcess
+        d = DaemonProcess(tmp, *blockdevs, "--nbd-server", f"addr.type=unix,addr.path={nbd_sock}",
+                          "--export", "nbd,id=e0,node-name=drive0,writable=on,description=hi")
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                proc = run("nbdinfo", "--json", f"nbd+unix:///drive0?socket={nbd_sock}", check=False)
+                if proc.returncode == 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+            info = json.loads(proc.stdout)["exports"][0]
+            assert (info["export-size"], info["is_read_only"], info["description"]) == (4 * MiB, False, "hi")
+        finally:
+            assert d.stop() == 0
+        bad = [["--nbd-server", "addr.type=unix"],
+               ["--nbd-server", f"addr.type=unix,addr.path={tmp / 'x.sock'}", "--export", "nbd,id=e0,node-name=nosuch"],
+               ["--export", "nbd,id=e0,node-name=nosuch"],
+               ["--nbd-server", f"addr.type=unix,addr.path={tmp / 'x.sock'},tls-creds=x"]]
+        for argv in bad:
+            ours = subprocess.run([sys.executable, "-m", "qmpd", "--socket", str(tmp / "q.sock"), *argv],
+                                  capture_output=True, text=True, timeout=30)
+            assert ours.returncode == 1
+            if have("qemu-storage-daemon"):
+                theirs = subprocess.run(["qemu-storage-daemon", *argv], capture_output=True, text=True,
+                                        timeout=30)
+                assert theirs.returncode == 1
+                assert ours.stderr.removeprefix("qmpd: ") == theirs.stderr.removeprefix("qemu-storage-daemon: ")
