@@ -32,6 +32,7 @@ from qmpd.block.graph import BlockGraph
 from qmpd.block.node import BlockNode
 from qmpd.errors import GenericError
 from qmpd.events import EventBus
+from qmpd.events.names import BLOCK_EXPORT_DELETED
 from qmpd.nbd.exports import Export, ExportSettings
 from qmpd.nbd.protocol import (CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE,
                                MAX_STRING, Closed, Cmd, ExportInfo, Request, ServerConnection,
@@ -42,9 +43,12 @@ __all__ = ["NbdServer", "ExportRequest", "BLOCK_EXPORT_DELETED"]
 
 log = logging.getLogger(__name__)
 
-from qmpd.events.names import BLOCK_EXPORT_DELETED
+MiB = 1 << 20
 #: Requests of one client run at once (more wait in the socket).
 CLIENT_DEPTH = 16
+#: Of those, requests over 1 MiB (their replies stay buffered until the
+#: client reads them, so this bounds a client's memory to about 80 MiB).
+CLIENT_BIG = 2
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 
 
@@ -308,6 +312,7 @@ class _Client:
         self.task: asyncio.Task[Any] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._depth = asyncio.Semaphore(CLIENT_DEPTH)
+        self._big = asyncio.Semaphore(CLIENT_BIG)
 
     def abort(self) -> None:
         """Drop the connection (hard export removal, server stop)."""
@@ -363,21 +368,29 @@ class _Client:
             if self.export is None:
                 return False
             await self._depth.acquire()
-            task = asyncio.get_running_loop().create_task(self._serve(event))
+            big = event.length > MiB
+            if big:
+                await self._big.acquire()
+            task = asyncio.get_running_loop().create_task(self._serve(event, big))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
         return True
 
-    async def _serve(self, req: Request) -> None:
+    async def _serve(self, req: Request, big: bool) -> None:
         try:
-            await self._run_request(req)
-        except BlockIOError as exc:
-            self.conn.reply_error(req, exc.errno or errno.EIO, os.strerror(exc.errno or errno.EIO))
-        except OSError as exc:
-            self.conn.reply_error(req, errno.EIO, str(exc))
+            try:
+                await self._run_request(req)
+            except BlockIOError as exc:
+                self.conn.reply_error(req, exc.errno or errno.EIO, os.strerror(exc.errno or errno.EIO))
+            except OSError as exc:
+                self.conn.reply_error(req, errno.EIO, str(exc))
+            self._flush()
+            with contextlib.suppress(ConnectionError):
+                await self.writer.drain()   # the slot frees once the client reads
         finally:
             self._depth.release()
-        self._flush()
+            if big:
+                self._big.release()
 
     async def _run_request(self, req: Request) -> None:
         exp = self.export

@@ -184,6 +184,48 @@ SCENARIOS: dict[str, Callable[[str], dict[str, Any]]] = {
     "writes": writes, "errors": errors,
 }
 
+
+
+def pull(sock: str, export: str, bitmap: str, target: str) -> dict[str, Any]:
+    """A pull-mode backup client: read only the extents the exported bitmap
+    marks dirty and write them into ``target`` at the same offsets."""
+    ctx = f"qemu:dirty-bitmap:{bitmap}"
+    h = handle(sock, export, contexts=(ctx,))
+    size = h.get_size()
+    dirty: list[list[int]] = []
+    pos = 0
+    while pos < size:
+        got: list[int] = []
+
+        def cb(meta: str, offset: int, entries: list[int], error: Any) -> int:
+            if meta == ctx:
+                got.extend(entries)
+            return 0
+
+        h.block_status(min(size - pos, 1 << 30), pos, cb)
+        for i in range(0, len(got), 2):
+            n, flag = got[i], got[i + 1]
+            if flag & 1:
+                if dirty and dirty[-1][0] + dirty[-1][1] == pos:
+                    dirty[-1][1] += n
+                else:
+                    dirty.append([pos, n])
+            pos += n
+    with open(target, "r+b") as f:
+        for off, n in dirty:
+            done = 0
+            while done < n:
+                step = min(n - done, 16 * MiB)
+                f.seek(off + done)
+                f.write(h.pread(step, off + done))
+                done += step
+    h.shutdown()
+    return {"dirty": dirty}
+
+
+SCENARIOS["pull"] = lambda sock: pull(sock, *sys.argv[3:6])
+
+
 if __name__ == "__main__":
     _FILE = sys.argv[3] if len(sys.argv) > 3 else ""
     print(json.dumps(SCENARIOS[sys.argv[1]](sys.argv[2])))
