@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from qmpd.bitmap import DirtyBitmap
 from qmpd.block.errors import BlockIOError
+from qmpd.block.fastcopy import file_view
 from qmpd.block.node import BlockNode
 from qmpd.nbd.protocol import ExportInfo
 
@@ -81,6 +82,8 @@ class Export:
             self.node.hold()
         for bm in self.bitmaps.values():
             bm.busy = True
+            # Load the extent search now (numpy), not on the first request.
+            next(iter(bm.hbitmap.dirty_extents(0, bm.size)), None)
 
     def close(self) -> None:
         """Give back what :meth:`open` took (idempotent)."""
@@ -112,19 +115,25 @@ class Export:
 
     # ------------------------------------------------------------ requests
 
-    async def read(self, offset: int, length: int, *, holes: bool) -> list[tuple[int, bytes | int]]:
+    async def read(self, offset: int, length: int, *,
+                   holes: bool) -> list[tuple[int, bytes | bytearray | int]]:
         """:return: READ segments: ``(offset, data)``, or ``(offset, n)`` for
         a run of zeroes the node reports as a hole (only if ``holes``)."""
         node = self.node
         if not holes or length == 0:
             return [(offset, await node.read(offset, length))]
-        segments: list[tuple[int, bytes | int]] = []
+        view = file_view(node, for_write=False)
+        if view is not None:   # a plain raw/file chain: one pool call
+            if offset + length > node.length:
+                raise BlockIOError(errno.EIO)
+            return await view.image.read_sparse(offset + view.base, length, base=view.base)
+        segments: list[tuple[int, bytes | bytearray | int]] = []
         pos, end = offset, offset + length
         while pos < end:
             is_data, n = await node.block_status(pos, end - pos)
             if is_data:
                 data = await node.read(pos, n)
-                if segments and isinstance(prev := segments[-1][1], bytes):
+                if segments and isinstance(prev := segments[-1][1], (bytes, bytearray)):
                     segments[-1] = (segments[-1][0], prev + data)
                 else:
                     segments.append((pos, data))

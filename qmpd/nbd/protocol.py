@@ -293,7 +293,7 @@ class ServerConnection:
         self.contexts: tuple[tuple[int, str], ...] = ()
         self._meta_export = ""
         self._in = bytearray()
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray] = []
         self._events: list[Event] = []
         #: Bytes of an oversized payload still to skip, then the reply to give.
         self._skip = 0
@@ -330,6 +330,11 @@ class ServerConnection:
         """:return: and forget the bytes queued for the client."""
         out = b"".join(self._out)
         self._out.clear()
+        return out
+
+    def buffers_to_send(self) -> list[bytes | bytearray]:
+        """:return: and forget the queued buffers, uncopied (for writev)."""
+        out, self._out = self._out, []
         return out
 
     def tls_started(self) -> None:
@@ -602,13 +607,13 @@ class ServerConnection:
         else:
             self._out.append(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, err, cookie))
 
-    def reply_read(self, req: Request, segments: Sequence[tuple[int, bytes | int]]) -> None:
+    def reply_read(self, req: Request, segments: Sequence[tuple[int, bytes | bytearray | int]]) -> None:
         """Answer a READ with ``segments``: ``(offset, data)`` or
         ``(offset, hole_length)``, in order, covering the request.  Holes are
         OFFSET_HOLE chunks with structured replies, zeroes otherwise."""
         if not self.structured:
-            parts = [struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, req.cookie)]
-            parts += [s if isinstance(s, bytes) else bytes(s) for _, s in segments]
+            parts: list[bytes | bytearray] = [struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, req.cookie)]
+            parts += [bytes(s) if isinstance(s, int) else s for _, s in segments]
             self._out.append(b"".join(parts))
             return
         if req.length == 0 or not segments:
