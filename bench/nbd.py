@@ -59,13 +59,24 @@ def start(argv: list[str], sock: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def timed_copy(src: str, reps: int) -> float:
-    times = []
+def cpu_seconds(pid: int | None) -> float:
+    """user + system CPU of a process (all its threads) so far."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_copy(src: str, reps: int, pid: int | None = None) -> tuple[float, float]:
+    """:return: median wall seconds and median server CPU seconds."""
+    times, cpus = [], []
     for _ in range(reps):
+        c = cpu_seconds(pid)
         t = time.perf_counter()
         subprocess.run(["nbdcopy", src, "null:"], check=True)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        cpus.append(cpu_seconds(pid) - c)
+    return statistics.median(times), statistics.median(cpus)
 
 
 def throughput(tmp: Path, size: int, reps: int) -> None:
@@ -73,9 +84,10 @@ def throughput(tmp: Path, size: int, reps: int) -> None:
     make_image(img, size)
     common = ["--blockdev", f"driver=file,node-name=f0,filename={img}",
               "--blockdev", "driver=raw,node-name=drive0,file=f0"]
-    ceiling = timed_copy(str(img), reps)
+    ceiling, _ = timed_copy(str(img), reps)
     gib = size / (1 << 30)
-    print(f"nbdcopy of a {size // MiB} MiB dense export to null: (median of {reps})")
+    print(f"nbdcopy of a {size // MiB} MiB dense export to null: (median of {reps}; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     print(f"  ceiling (nbdcopy of the file) {ceiling:7.3f} s  {gib / ceiling:6.2f} GiB/s")
     results = {}
     servers = {"qmpd": [sys.executable, "-m", "qmpd", "--socket", str(tmp / "q.sock")]}
@@ -86,12 +98,13 @@ def throughput(tmp: Path, size: int, reps: int) -> None:
         proc = start([*argv, *common, "--nbd-server", f"addr.type=unix,addr.path={sock}",
                       "--export", "nbd,id=e0,node-name=drive0"], sock)
         try:
-            results[name] = timed_copy(f"nbd+unix:///drive0?socket={sock}", reps)
+            results[name], cpu = timed_copy(f"nbd+unix:///drive0?socket={sock}", reps, proc.pid)
         finally:
             proc.terminate()
             proc.wait()
         t = results[name]
-        print(f"  {name:28s} {t:7.3f} s  {gib / t:6.2f} GiB/s  {ceiling / t:5.2f}x ceiling")
+        print(f"  {name:28s} {t:7.3f} s  {gib / t:6.2f} GiB/s  {ceiling / t:5.2f}x ceiling  "
+              f"server CPU {cpu:5.2f} s")
     if "qemu-storage-daemon" in results:
         print(f"  qmpd / qemu-storage-daemon throughput ratio: "
               f"{results['qemu-storage-daemon'] / results['qmpd']:.2f}x")
