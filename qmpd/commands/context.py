@@ -9,6 +9,7 @@ from qmpd.events import EventBus
 
 if TYPE_CHECKING:
     from qmpd.block.graph import BlockGraph
+    from qmpd.commands.objects import ObjectStore
     from qmpd.jobs.manager import JobManager
 
 __all__ = ["CommandContext", "DaemonConfig", "DaemonState", "NbdControl", "SessionControl"]
@@ -69,6 +70,8 @@ class DaemonState:
     jobs: JobManager | None = None
     #: The NBD server (set up by the daemon).
     nbd: NbdControl | None = None
+    #: Objects made by object-add (set up by the daemon).
+    objects: ObjectStore = None  # type: ignore[assignment]
     #: Names of every advertised command (frozen registry).
     command_names: tuple[str, ...] = ()
     #: Cached ``query-qmp-schema`` answer.

@@ -20,6 +20,7 @@ from typing import Any
 
 from qmpd import commands as _commands  # noqa: F401  (registers the handlers)
 from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState
+from qmpd.commands.objects import ObjectStore
 from qmpd.commands.registry import REGISTRY, Registry
 from qmpd.block import BlockGraph
 from qmpd.errors import GenericError, QMPError, SchemaError
@@ -103,7 +104,8 @@ class Daemon:
         """Create the block graph and the job manager."""
         self.state.block = BlockGraph()
         self.state.jobs = JobManager(self.events)
-        self.nbd = NbdServer(self._graph, self.events)
+        self.state.objects = ObjectStore()
+        self.nbd = NbdServer(self._graph, self.events, tls_creds=self.state.objects.get)
         self.state.nbd = self.nbd
 
     def _graph(self) -> BlockGraph:

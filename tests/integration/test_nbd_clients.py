@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import short_socket_dir
-from tests.support.nbd import MiB, NbdDaemon, have, make_disk, run
+from tests.support.nbd import MiB, NbdDaemon, have, make_disk, option_replies, run
 
 pytestmark = [
     pytest.mark.timeout(180),
@@ -229,3 +229,38 @@ def test_qsd_command_line(tmp_path: Path) -> None:
                                         timeout=30)
                 assert theirs.returncode == 1
                 assert ours.stderr.removeprefix("qmpd: ") == theirs.stderr.removeprefix("qemu-storage-daemon: ")
+
+
+_N = struct.pack(">I", 6) + b"drive0"
+#: Handshakes with misuse in them; each option's first reply must be QEMU's.
+HANDSHAKES = {
+    "unknown option": [(0x55, b"x"), (3, b"")],
+    "list meta context before structured replies": [(9, _N + b"\0\0\0\0")],
+    "set meta context before structured replies": [(10, _N + b"\0\0\0\0")],
+    "list with payload": [(3, b"x")],
+    "structured reply twice, with payload": [(8, b"x"), (8, b""), (8, b"")],
+    "bad info": [(6, b"\0\0\0\xff"), (6, _N), (6, _N + b"\0\1"), (6, struct.pack(">I", 4) + b"nope\0\0")],
+    "info of everything": [(6, _N + b"\0\3\0\0\0\1\0\2")],
+    "go with names": [(7, _N + b"\0\2\0\1\0\2")],
+    "meta contexts": [(8, b""), (9, _N + b"\0\0\0\0"), (9, _N + b"\0\0\0\1" + struct.pack(">I", 5) + b"qemu:"),
+                      (10, _N + b"\0\0\0\1" + struct.pack(">I", 15) + b"base:allocation"),
+                      (10, struct.pack(">I", 4) + b"nope\0\0\0\0")],
+    "starttls without tls": [(5, b""), (5, b"x")],
+    "abort with payload": [(2, b"x")],
+    "export name of nothing": [(1, b"nope")],
+}
+
+
+@pytest.mark.skipif(not have("qemu-storage-daemon"), reason="needs qemu-storage-daemon")
+def test_handshake_replies_as_qsd(env: NbdDaemon) -> None:
+    """Byte-for-byte the option replies (and texts) of qemu-storage-daemon 7.2."""
+    env.add_raw("drive0", env.tmp / "disk.img")
+    env.start_server()
+    env.ok("block-export-add", type="nbd", id="e0", **{"node-name": "drive0"}, description="dd")
+    proc, qsock = _qsd(env.tmp, "nbd,id=e0,node-name=drive0,description=dd")
+    try:
+        for label, options in HANDSHAKES.items():
+            assert option_replies(env.sock, options) == option_replies(qsock, options), label
+    finally:
+        proc.terminate()  # type: ignore[attr-defined]
+        proc.wait()  # type: ignore[attr-defined]

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import random
+import socket
+import struct
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tests.support.daemon import DaemonProcess, RawClient
 
 MiB = 1 << 20
+IHAVEOPT = 0x49484156454F5054
 
 
 def have(*tools: str) -> bool:
@@ -102,3 +106,39 @@ class NbdDaemon:
         """Stop the daemon (its exit status must be 0)."""
         self.qmp.close()
         assert self.proc.stop() == 0
+
+
+def option_replies(sock: str, options: Sequence[tuple[int, bytes]]) -> list[bytes]:
+    """Send each option of a fixed-newstyle handshake and collect the
+    server's reply bytes (greeting first, b"" once the server closed)."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(sock)
+    replies = [s.recv(18)]
+    s.sendall(struct.pack(">I", 3))
+    for code, data in options:
+        s.sendall(struct.pack(">QII", IHAVEOPT, code, len(data)) + data)
+        head = b""
+        while len(head) < 20:
+            try:
+                chunk = s.recv(20 - len(head))
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                break
+            head += chunk
+        body = b""
+        if len(head) == 20:
+            (n,) = struct.unpack_from(">I", head, 16)
+            while len(body) < n:
+                body += s.recv(n - len(body))
+        replies.append(head + body)
+    s.settimeout(2)
+    try:
+        replies.append(s.recv(10))
+    except TimeoutError:
+        replies.append(b"(open)")
+    except ConnectionResetError:
+        replies.append(b"")
+    s.close()
+    return replies
