@@ -123,16 +123,23 @@ class Cmd(enum.IntEnum):
     BLOCK_STATUS = 7
 
 
-#: Flags each command accepts (DF only with structured replies, checked apart).
+#: Flags each command accepts (DF only with structured replies, checked
+#: apart).  QEMU 7.2 accepts FUA on every command.
 _VALID_FLAGS = {
     Cmd.READ: CMD_FLAG_FUA | CMD_FLAG_DF,
     Cmd.WRITE: CMD_FLAG_FUA,
-    Cmd.DISC: 0,
-    Cmd.FLUSH: 0,
+    Cmd.DISC: CMD_FLAG_FUA,
+    Cmd.FLUSH: CMD_FLAG_FUA,
     Cmd.TRIM: CMD_FLAG_FUA,
-    Cmd.CACHE: 0,
+    Cmd.CACHE: CMD_FLAG_FUA,
     Cmd.WRITE_ZEROES: CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-    Cmd.BLOCK_STATUS: CMD_FLAG_REQ_ONE,
+    Cmd.BLOCK_STATUS: CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+}
+#: QEMU's command names (nbd_cmd_lookup), as its error texts print them.
+_CMD_NAMES = {
+    Cmd.READ: "read", Cmd.WRITE: "write", Cmd.DISC: "disconnect", Cmd.FLUSH: "flush",
+    Cmd.TRIM: "trim", Cmd.CACHE: "cache", Cmd.WRITE_ZEROES: "write zeroes",
+    Cmd.BLOCK_STATUS: "block status",
 }
 _WRITES = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
 
@@ -578,8 +585,9 @@ class ServerConnection:
         if cmd == Cmd.DISC:
             return 0, ""
         if cmd == Cmd.READ and length > MAX_BUFFER:
-            return _errno.EINVAL, f"len ({length}) is larger than max len ({MAX_BUFFER})"
+            return _errno.EINVAL, f"len ({length} ) is larger than max len ({MAX_BUFFER})"   # sic
         if cmd in _WRITES and self.export.read_only:
+            # The spec's EPERM; QEMU 7.2 sends EINVAL here (deliberate difference).
             return _errno.EPERM, "Export is read-only"
         if offset > self.export.size or length > self.export.size - offset:
             text = f"operation past EOF; From: {offset}, Len: {length}, Size: {self.export.size}"
@@ -588,7 +596,7 @@ class ServerConnection:
         if cmd == Cmd.READ and not self.structured:
             valid &= ~CMD_FLAG_DF
         if flags & ~valid:
-            return _errno.EINVAL, f"unsupported flags for command {cmd.name} (got 0x{flags:x})"
+            return _errno.EINVAL, f"unsupported flags for command {_CMD_NAMES[cmd]} (got 0x{flags:x})"
         if cmd == Cmd.BLOCK_STATUS and not (self.structured and self.contexts):
             return _errno.EINVAL, "CMD_BLOCK_STATUS not negotiated"
         return 0, ""

@@ -264,3 +264,57 @@ def test_handshake_replies_as_qsd(env: NbdDaemon) -> None:
     finally:
         proc.terminate()  # type: ignore[attr-defined]
         proc.wait()  # type: ignore[attr-defined]
+
+
+def _requests_replies(sock: str, structured: bool, requests: list[bytes]) -> list[bytes]:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(sock)
+    s.recv(18)
+    s.sendall(struct.pack(">I", 3))
+    if structured:
+        s.sendall(struct.pack(">QII", 0x49484156454F5054, 8, 0))
+    s.sendall(struct.pack(">QII", 0x49484156454F5054, 7, len(_N) + 2) + _N + b"\0\0")
+    want = 20 * (2 if structured else 1) + 20 + 12 + 20 + 14 + 20
+    got = b""
+    while not got.endswith(struct.pack(">QIII", 0x3E889045565A9, 7, 1, 0)):
+        got += s.recv(want)
+    out = []
+    for req in requests:
+        s.sendall(req)
+        out.append(s.recv(200))
+    s.close()
+    return out
+
+
+def _req(typ: int, offset: int, length: int, flags: int = 0) -> bytes:
+    return struct.pack(">IHHQQI", 0x25609513, flags, typ, 1, offset, length)
+
+
+@pytest.mark.skipif(not have("qemu-storage-daemon"), reason="needs qemu-storage-daemon")
+def test_transmission_errors_as_qsd(env: NbdDaemon) -> None:
+    """Bad requests get qemu-storage-daemon 7.2's replies byte for byte
+    (errno, error text), except writes to a read-only export: EPERM as the
+    protocol says, where QEMU sends EINVAL."""
+    env.add_raw("drive0", env.tmp / "disk.img")
+    env.start_server()
+    env.ok("block-export-add", type="nbd", id="e0", **{"node-name": "drive0"})
+    proc, qsock = _qsd(env.tmp, "nbd,id=e0,node-name=drive0")
+    size = 64 * MiB
+    requests = [_req(42, 0, 0), _req(0, size, 512), _req(0, 0, 33 * MiB), _req(3, 0, 0, flags=1),
+                _req(7, 0, 512), _req(0, 0, 512, flags=0x80), _req(5, size, 512), _req(0, size - 256, 512)]
+    read_only = [_req(1, 0, 512) + b"x" * 512, _req(6, 0, 512), _req(4, 0, 512)]
+    try:
+        for structured in (False, True):
+            assert _requests_replies(env.sock, structured, requests) == \
+                _requests_replies(qsock, structured, requests)
+            ours = _requests_replies(env.sock, structured, read_only)
+            theirs = _requests_replies(qsock, structured, read_only)
+            eperm, einval = struct.pack(">I", 1), struct.pack(">I", 22)
+            at = 20 if structured else 4
+            for o, t in zip(ours, theirs):
+                assert o[at:at + 4] == eperm and t[at:at + 4] == einval
+                assert o[:at] + o[at + 4:] == t[:at] + t[at + 4:]
+    finally:
+        proc.terminate()  # type: ignore[attr-defined]
+        proc.wait()  # type: ignore[attr-defined]
