@@ -171,9 +171,11 @@ def test_transmission_errors_structured() -> None:
     assert error_of(req(Cmd.READ, 2, MiB, 1)) == (errno.EINVAL, b"operation past EOF; From: 1048576, Len: 1, Size: 1048576")
     assert error_of(req(Cmd.READ, 3, 0, 32 * MiB + 1))[0] == errno.EINVAL
     assert error_of(req(99, 4, 0, 0)) == (errno.EINVAL, b"invalid request type (99) received")
-    assert error_of(req(Cmd.FLUSH, 5, 0, 0, flags=1))[0] == errno.EINVAL
+    assert error_of(req(Cmd.READ, 5, 0, 1, flags=0x80)) == (errno.EINVAL, b"unsupported flags for command read (got 0x80)")
     assert error_of(req(Cmd.BLOCK_STATUS, 6, 0, 1)) == (errno.EINVAL, b"CMD_BLOCK_STATUS not negotiated")
     assert list(conn.events()) == []
+    conn.receive_data(req(Cmd.FLUSH, 7, 0, 0, flags=1))   # FUA is valid on any command (QEMU)
+    assert [e.cmd for e in conn.events() if isinstance(e, Request)] == [Cmd.FLUSH]
     conn.receive_data(req(Cmd.DISC, 9, 0, 0))
     assert list(conn.events()) == [Closed("client sent NBD_CMD_DISC")]
 
