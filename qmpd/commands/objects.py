@@ -23,6 +23,7 @@ from typing import Any
 from qmpd.commands.context import CommandContext
 from qmpd.commands.registry import command
 from qmpd.errors import GenericError
+from qmpd.qapi.models import ObjectAddArgs, ObjectDelArgs
 
 __all__ = ["ObjectStore", "TlsCredsX509"]
 
@@ -95,13 +96,13 @@ class ObjectStore:
 
 
 @command("object-add")
-async def object_add(ctx: CommandContext, args: Any) -> None:
+async def object_add(ctx: CommandContext, args: ObjectAddArgs) -> None:
     """Create an object (``tls-creds-x509``)."""
     options = args.root.model_dump(mode="json", by_alias=True, exclude_none=True)
     ctx.state.objects.add(options)
 
 
 @command("object-del")
-async def object_del(ctx: CommandContext, args: Any) -> None:
+async def object_del(ctx: CommandContext, args: ObjectDelArgs) -> None:
     """Destroy an object; its users keep it until they let go."""
     ctx.state.objects.delete(args.id)

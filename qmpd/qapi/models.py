@@ -1347,6 +1347,22 @@ class ObjectOptionsTlsCredsX509Branch(QAPIModel):
     passwordid: str | None = Field(default=None, alias='passwordid')
 
 
+class QmpdTimestamp(QAPIModel):
+    """QAPI struct ``QmpdTimestamp``."""
+
+    seconds: int = Field(alias='seconds')
+    microseconds: int = Field(alias='microseconds')
+
+
+class QmpdInstanceInfo(QAPIModel):
+    """QAPI struct ``QmpdInstanceInfo``."""
+
+    boot_id: str = Field(alias='boot-id')
+    start_time: QmpdTimestamp = Field(alias='start-time')
+    pid: int = Field(alias='pid')
+    state_dir: str | None = Field(default=None, alias='state-dir')
+
+
 SchemaInfo: TypeAlias = Annotated[
     Union[
         SchemaInfoBuiltinBranch,
@@ -1688,6 +1704,10 @@ class ObjectDelArgs(QAPIModel):
     id: str = Field(alias='id')
 
 
+class OrgQmpdQueryInstanceArgs(QAPIModel):
+    """Arguments of ``__org.qmpd_query-instance``."""
+
+
 class ShutdownData(QAPIModel):
     """Data of ``SHUTDOWN``."""
 
@@ -1803,6 +1823,7 @@ COMMAND_ARGS: dict[str, type[BaseModel]] = {
     'query-block-exports': QueryBlockExportsArgs,
     'object-add': ObjectAddArgs,
     'object-del': ObjectDelArgs,
+    '__org.qmpd_query-instance': OrgQmpdQueryInstanceArgs,
 }
 
 #: Return type of every command (``None``: returns ``{}``).
@@ -1855,6 +1876,7 @@ COMMAND_RETURNS: dict[str, Any] = {
     'query-block-exports': list[BlockExportInfo],
     'object-add': None,
     'object-del': None,
+    '__org.qmpd_query-instance': QmpdInstanceInfo,
 }
 
 #: Data model of every event.

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import short_socket_dir
-from tests.support.nbd import MiB, NbdDaemon, have, make_disk, option_replies, run
+from tests.support.nbd import MiB, NbdDaemon, have, make_disk, option_replies, run, wait_listening
 
 pytestmark = [
     pytest.mark.timeout(180),
@@ -83,10 +83,7 @@ def _qsd(tmp: Path, export: str) -> tuple[object, str]:
          "--blockdev", "raw,node-name=drive0,file=f0",
          "--nbd-server", f"addr.type=unix,addr.path={sock}", "--export", export],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while not Path(sock).exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_listening(sock, proc)
     return proc, sock
 
 
@@ -206,12 +203,8 @@ def test_qsd_command_line(tmp_path: Path) -> None:
         d = DaemonProcess(tmp, *blockdevs, "--nbd-server", f"addr.type=unix,addr.path={nbd_sock}",
                           "--export", "nbd,id=e0,node-name=drive0,writable=on,description=hi")
         try:
-            deadline = time.monotonic() + 10
-            while True:
-                proc = run("nbdinfo", "--json", f"nbd+unix:///drive0?socket={nbd_sock}", check=False)
-                if proc.returncode == 0 or time.monotonic() > deadline:
-                    break
-                time.sleep(0.02)
+            wait_listening(nbd_sock, d.proc)
+            proc = run("nbdinfo", "--json", f"nbd+unix:///drive0?socket={nbd_sock}")
             info = json.loads(proc.stdout)["exports"][0]
             assert (info["export-size"], info["is_read_only"], info["description"]) == (4 * MiB, False, "hi")
         finally:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import short_socket_dir
-from tests.support.nbd import MiB, NbdDaemon, have, make_disk, option_replies, run
+from tests.support.nbd import MiB, NbdDaemon, have, make_disk, option_replies, run, wait_listening
 from tests.support.tls import make_certs
 
 pytestmark = [
@@ -89,10 +89,7 @@ def test_handshake_before_starttls_as_qsd(env: NbdDaemon) -> None:
          "--nbd-server", f"addr.type=unix,addr.path={qsock},tls-creds=tls0",
          "--export", "nbd,id=e0,node-name=drive0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while not qsock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_listening(qsock, proc)
         ours = option_replies(env.sock, BEFORE_TLS)
         theirs = option_replies(str(qsock), BEFORE_TLS)
         assert ours == theirs

@@ -32,6 +32,26 @@ def run(*argv: str, check: bool = True, timeout: float = 120) -> subprocess.Comp
     return proc
 
 
+def wait_listening(path: str | Path, proc: subprocess.Popen[bytes]) -> None:
+    """Wait until another process accepts connections on the UNIX socket
+    ``path`` (its file appears at bind(), a moment before listen()).
+
+    :raise AssertionError: the process exited or 20 s passed.
+    """
+    deadline = time.monotonic() + 20
+    while True:
+        assert proc.poll() is None, f"{proc.args} exited"
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(str(path))
+            return
+        except (FileNotFoundError, ConnectionRefusedError):
+            assert time.monotonic() < deadline, f"nothing listens on {path}"
+            time.sleep(0.01)
+        finally:
+            probe.close()
+
+
 def make_disk(path: Path, size: int = 64 * MiB, seed: int = 3) -> None:
     """A sparse image with ten random 100000-byte extents."""
     rng = random.Random(seed)
@@ -54,15 +74,8 @@ class NbdDaemon:
         self.events: list[dict[str, Any]] = []
 
     def _connect(self) -> RawClient:
-        # The socket file appears at bind(), a moment before listen().
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                return RawClient(self.proc.path, timeout=60)
-            except ConnectionRefusedError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        wait_listening(self.proc.path, self.proc.proc)
+        return RawClient(self.proc.path, timeout=60)
 
     def q(self, command: str, **arguments: Any) -> dict[str, Any]:
         """:return: the reply (``return`` or ``error``) of ``command``."""
