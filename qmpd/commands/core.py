@@ -16,6 +16,7 @@ from qmpd.qapi.models import (
     QueryQmpSchemaArgs,
     QueryStatusArgs,
     QueryTpmArgs,
+    OrgQmpdQueryInstanceArgs,
     QueryVersionArgs,
     QuitArgs,
 )
