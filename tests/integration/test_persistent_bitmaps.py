@@ -10,6 +10,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -270,3 +271,11 @@ def test_nbd_writes_then_kill9(env: Env) -> None:
     _ok(c, "blockdev-backup", device="d0", target="t0", sync="incremental", bitmap="b0", job_id="i")
     _wait_event(c, "BLOCK_JOB_COMPLETED")
     assert target.read_bytes() == env.disk.read_bytes()
+
+
+def test_unusable_state_dir_is_one_line_and_exit_1(tmp_path: Path, sock_dir: Path) -> None:
+    afile = tmp_path / "not-a-dir"
+    afile.write_bytes(b"")
+    out = subprocess.run([sys.executable, "-m", "qmpd", "--socket", str(sock_dir / "x.sock"),
+                          "--state-dir", str(afile)], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stderr) == (1, f"qmpd: --state-dir {afile}: File exists\n")
