@@ -23,6 +23,7 @@ and query-named-block-nodes all use this listing order.
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from collections.abc import Callable, Container, Iterator, Mapping
@@ -31,6 +32,8 @@ from typing import Any
 from qmpd.block.drivers import DRIVERS, OpenContext
 from qmpd.block.errors import NodeInUse, NodeNameError, NodeNotFound, NodeOpenError
 from qmpd.block.node import BlockNode
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BlockGraph", "MAX_NODE_NAME"]
 
@@ -163,6 +166,8 @@ class BlockGraph:
             self._reserved -= mine
         for n in created:
             self._nodes[n.node_name] = n
+        log.info("node %s added (%s%s)", node.node_name, node.drv,
+                 f", {node.driver.filename}" if node.driver.filename else "")
         return node
 
     async def _open(
@@ -335,7 +340,8 @@ class BlockGraph:
     async def remove_node(self, node: BlockNode) -> None:
         """Drop ``node`` (no checks) and its now-unreferenced non-monitor
         children; flushes before closing each."""
-        self._nodes.pop(node.node_name, None)
+        if self._nodes.pop(node.node_name, None) is not None and not node.auto_named:
+            log.info("node %s removed", node.node_name)
         try:
             await node.flush()
         except OSError:

@@ -110,6 +110,9 @@ class BlockNode:
         #: Incremented by every write-type request; compared by flush.
         self.write_gen = 0
         self.flushed_gen = 0
+        #: Bytes read and written (zero writes included) through this node.
+        self.bytes_read = 0
+        self.bytes_written = 0
         self.bitmaps = BitmapList(driver.length, node_label=lambda: self.node_name)
         self._hooks: tuple[BeforeWriteHook, ...] = ()
         self._lock = RangeLock()
@@ -220,6 +223,7 @@ class BlockNode:
         :raise BlockIOError: out of range (EIO) or the I/O failed.
         """
         self._check(offset, length)
+        self.bytes_read += length
         return await self.driver.pread(offset, length)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -280,17 +284,20 @@ class BlockNode:
             finally:
                 if debug is not None and kind != _DISCARD:
                     debug("pwritev_done")
-                self.record_write(offset, length)
+                self.record_write(offset, length, data=kind != _DISCARD)
         finally:
             lock.release(held)
 
-    def record_write(self, offset: int, length: int) -> None:
+    def record_write(self, offset: int, length: int, *, data: bool = True) -> None:
         """Account for a write-type request on ``[offset, offset+length)``
         that ended (even in failure): bump the write generation (flush) and
         dirty the bitmaps.  Every path that changes the node's data ends
         here: the request path, and :meth:`write_around` for the nodes below
-        a direct file write."""
+        a direct file write.  ``data`` (not a discard) counts the bytes as
+        written."""
         self.write_gen += 1
+        if data:
+            self.bytes_written += length
         if self.bitmaps:
             self.bitmaps.mark_dirty(offset, length)
 

@@ -15,12 +15,13 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from qmpd import commands as _commands  # noqa: F401  (registers the handlers)
 from qmpd.commands.block import add_blockdev
-from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState
+from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState, SessionControl
 from qmpd.commands.registry import REGISTRY, Registry
 from qmpd.block import BlockGraph
 from qmpd.errors import GenericError, QMPError, SchemaError
@@ -41,6 +42,10 @@ __all__ = ["Daemon", "UNIMPLEMENTED"]
 UNIMPLEMENTED: frozenset[str] = frozenset()
 
 log = logging.getLogger(__name__)
+
+#: Told of every executed command: ``(name, outcome, seconds)``, where
+#: ``outcome`` is ``"ok"`` or the error class.  The web layer's metrics use it.
+RequestObserver = Callable[[str, str, float], None]
 
 
 class Daemon:
@@ -70,6 +75,8 @@ class Daemon:
         self.greeting: dict[str, Any] = {}
         self.state = DaemonState(config=config, events=self.events, request_shutdown=self.request_shutdown)
         self.schema: SchemaService | None = None
+        #: Called once per executed command (see :data:`RequestObserver`).
+        self.request_observer: RequestObserver | None = None
 
     # -- lifecycle --------------------------------------------------------
     def setup(self) -> None:
@@ -124,6 +131,15 @@ class Daemon:
         self._connections.add(conn)
         return conn
 
+    def connection_closed(self, conn: Connection) -> None:
+        """Forget a connection once its transport is gone."""
+        self._connections.discard(conn)
+
+    @property
+    def connections(self) -> list[Connection]:
+        """The QMP socket connections currently open."""
+        return list(self._connections)
+
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run ``coro`` as a task the daemon awaits at clean-up."""
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -173,7 +189,20 @@ class Daemon:
             await self.state.block.close()
 
     # -- commands ---------------------------------------------------------
-    async def execute(self, call: Call, conn: Connection) -> dict[str, Any]:
+    async def execute(self, call: Call, conn: SessionControl) -> dict[str, Any]:
+        """Run one command (:meth:`_dispatch`) and tell the request observer.
+
+        :return: the reply message (success or error).
+        """
+        started = time.perf_counter()
+        reply = await self._dispatch(call, conn)
+        observer = self.request_observer
+        if observer is not None:
+            error = reply.get("error")
+            observer(call.name, "ok" if error is None else error["class"], time.perf_counter() - started)
+        return reply
+
+    async def _dispatch(self, call: Call, conn: SessionControl) -> dict[str, Any]:
         """Validate and run one command; commands never overlap.
 
         :return: the reply message (success or error).

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import DaemonProcess, RawClient
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -51,10 +51,10 @@ def _numbers(line: str) -> list[int]:
 
 def test_full_then_incremental(qmpd_proc: DaemonProcess, tmp_path: Path) -> None:
     lines = _example("full_then_incremental.py", qmpd_proc, tmp_path)
-    disk = (tmp_path / "disk.img").read_bytes()
-    full, inc = tmp_path / "full.img", tmp_path / "inc.img"
+    disk = (tmp_path / "fti-disk.img").read_bytes()
+    full, inc = tmp_path / "fti-full.img", tmp_path / "fti-inc.img"
     # the restore the example did, checked here on the files themselves
-    assert (tmp_path / "restored.img").read_bytes() == disk
+    assert (tmp_path / "fti-restored.img").read_bytes() == disk
     # the incremental holds exactly the clusters written after the full
     # backup, with the live data; everything else there is a hole
     later = [(0x10000, 65536), (5 << 20, 65536), (33 << 20, 65536), ((64 << 20) - (128 << 10), 65536)]
@@ -77,13 +77,13 @@ def test_resume_failed_backup(qmpd_proc: DaemonProcess, tmp_path: Path) -> None:
     lines = _example("resume_failed_backup.py", qmpd_proc, tmp_path)
     cluster = 64 << 10
     written = [0, 3, 17, 64, 65, 200, 511, 700, 701, 702, 900, 1023]  # as the example writes them
-    src, dst = (tmp_path / "disk.img").read_bytes(), (tmp_path / "target.img").read_bytes()
+    src, dst = (tmp_path / "rfb-disk.img").read_bytes(), (tmp_path / "rfb-target.img").read_bytes()
     # after the failed run and the resumed one, every written cluster is in
     # the target, and nothing else was copied
     for c in written:
         assert dst[c * cluster:(c + 1) * cluster] == src[c * cluster:(c + 1) * cluster] == \
             bytes([c % 251 + 1]) * cluster, c
-    assert [o // cluster for o, _ in _data_extents(tmp_path / "target.img")] == \
+    assert [o // cluster for o, _ in _data_extents(tmp_path / "rfb-target.img")] == \
         [0, 3, 17, 64, 200, 511, 700, 900, 1023]  # 64-65 and 700-702 are runs
     # the printed figures add up: the second run copies exactly what the
     # first left dirty, and the two copy every written cluster once
@@ -96,3 +96,21 @@ def test_resume_failed_backup(qmpd_proc: DaemonProcess, tmp_path: Path) -> None:
     assert second.startswith("second run: ok") and total1 == len(written) * cluster
     assert 0 < copied1 < total1 and copied2 == total2 == left_clusters * cluster == total1 - copied1
     assert last == "target matches the source on every written cluster"
+
+
+def test_examples_back_to_back_on_one_daemon(qmpd_proc: DaemonProcess, tmp_path: Path) -> None:
+    """Each example owns its node names and files and cleans up, even run
+    repeatedly and in the same directory; without WORKDIR it uses a temporary one."""
+    full = _example("full_then_incremental.py", qmpd_proc, tmp_path)
+    resume = _example("resume_failed_backup.py", qmpd_proc, tmp_path)
+    assert _example("full_then_incremental.py", qmpd_proc, tmp_path) == full
+    assert _example("resume_failed_backup.py", qmpd_proc, tmp_path) == resume
+    out = subprocess.run([sys.executable, str(EXAMPLES / "full_then_incremental.py"), qmpd_proc.path],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.splitlines() == full, out.stderr
+    client = RawClient(qmpd_proc.path)
+    try:
+        assert client.cmd("query-named-block-nodes") == {"return": [], "id": "t"}
+        assert client.cmd("query-jobs") == {"return": [], "id": "t"}
+    finally:
+        client.close()
