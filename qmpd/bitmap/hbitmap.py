@@ -352,6 +352,21 @@ class HBitmap:
         """:return: ``ceil(nbits/8)`` bytes; bit i is bit ``i%8`` of byte ``i//8``."""
         return self._bits.tobytes()
 
+    def merge_bytes_le(self, data: bytes) -> None:
+        """``self |= bits`` where ``data`` is the layout of :meth:`to_bytes_le`
+        of a bitmap of the same shape (persistent bitmaps read back).
+
+        :raises ValueError: if ``data`` is not ``ceil(nbits/8)`` bytes long.
+        """
+        nbits = len(self._bits)
+        if len(data) != -(-nbits // 8):
+            raise ValueError(f"{len(data)} bytes do not hold {nbits} bits")
+        other = bitarray(endian="little")
+        other.frombytes(data)
+        del other[nbits:]
+        self._bits |= other
+        self._count = self._bits.count()
+
     def sha256(self) -> str:
         """:return: QEMU's ``x-debug-block-dirty-bitmap-sha256`` of this bitmap.
 

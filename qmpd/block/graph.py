@@ -32,6 +32,7 @@ from typing import Any
 from qmpd.block.drivers import DRIVERS, OpenContext
 from qmpd.block.errors import NodeInUse, NodeNameError, NodeNotFound, NodeOpenError
 from qmpd.block.node import BlockNode
+from qmpd.block.persist import BitmapStateDir
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class BlockGraph:
         *,
         device_names: Callable[[], Container[str]] | None = None,
         rng: random.Random | None = None,
+        bitmap_state: BitmapStateDir | None = None,
     ) -> None:
         #: Named nodes in QEMU's naming order (the reverse of the listing).
         self._nodes: dict[str, BlockNode] = {}
@@ -64,6 +66,8 @@ class BlockGraph:
         self._reserved: set[str] = set()
         #: Names of the nodes whose driver is being opened (outermost first).
         self._opening: list[str] = []
+        #: ``--state-dir``: persistent bitmaps of raw nodes (None: refused).
+        self.bitmap_state = bitmap_state
 
     # ------------------------------------------------------------ lookups
 
@@ -164,11 +168,23 @@ class BlockGraph:
             raise
         finally:
             self._reserved -= mine
+        if self.bitmap_state is not None:
+            for n in created:
+                await self.bitmap_state.attach(n)
         for n in created:
             self._nodes[n.node_name] = n
         log.info("node %s added (%s%s)", node.node_name, node.drv,
                  f", {node.driver.filename}" if node.driver.filename else "")
         return node
+
+    async def sync_bitmaps(self, nodes: list[BlockNode] | None = None) -> None:
+        """Make the persistent bitmaps of ``nodes`` (default: all) durable
+        now (after bitmap commands; a no-op without ``--state-dir``).
+
+        :raise BlockIOError: the state directory could not be written.
+        """
+        if self.bitmap_state is not None:
+            await self.bitmap_state.sync(nodes)
 
     async def _open(
         self,
@@ -282,6 +298,8 @@ class BlockGraph:
         :return: the former children (the caller decides their fate).
         """
         self._nodes.pop(node.node_name, None)
+        if self.bitmap_state is not None:
+            self.bitmap_state.drop(node)
         children = node.detach_children()
         node.close()
         return children
@@ -346,6 +364,8 @@ class BlockGraph:
             await node.flush()
         except OSError:
             pass
+        if self.bitmap_state is not None:
+            await self.bitmap_state.detach(node)
         for child in node.detach_children():
             if not child.owned_by_monitor and not child.in_use:
                 await self.remove_node(child)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     # Type only: the drivers package imports block-copy, which imports this
     # module; a run-time import here would close that cycle.
     from qmpd.block.drivers.base import BlockDriver
+    from qmpd.block.persist import NodeJournal
 
 __all__ = ["BeforeWriteHook", "BlockNode", "HookHandle"]
 
@@ -115,6 +116,8 @@ class BlockNode:
         self.bytes_written = 0
         self.bitmaps = BitmapList(driver.length, node_label=lambda: self.node_name)
         self._hooks: tuple[BeforeWriteHook, ...] = ()
+        #: Persistent-bitmap journal (qmpd.block.persist): write-ahead dirtying.
+        self.write_ahead: NodeJournal | None = None
         self._lock = RangeLock()
         self._debug = driver.debug_event if driver.has_events else None
         for role, child in (children or {}).items():
@@ -204,7 +207,8 @@ class BlockNode:
     def has_hooks(self) -> bool:
         """Some before-write hook is registered (e.g. copy-before-write);
         block-copy's fast path must then not write this node's file directly."""
-        return bool(self._hooks)
+        wal = self.write_ahead
+        return bool(self._hooks) or (wal is not None and wal.active)
 
     def debug_event(self, event: str) -> None:
         """Raise blkdebug event ``event`` on this node (no-op unless blkdebug)."""
@@ -268,6 +272,11 @@ class BlockNode:
         try:
             for hook in self._hooks:
                 await hook(self, offset, length)
+            # --- persistent bitmaps: the covering bits durable first ---
+            wal = self.write_ahead
+            if wal is not None:
+                await wal.before_write(offset, length)
+            # ---
             debug = self._debug
             try:
                 if kind == _WRITE:
@@ -285,6 +294,8 @@ class BlockNode:
                 if debug is not None and kind != _DISCARD:
                     debug("pwritev_done")
                 self.record_write(offset, length, data=kind != _DISCARD)
+                if wal is not None:  # persistent bitmaps: fine bits set
+                    wal.after_write(offset, length)
         finally:
             lock.release(held)
 
@@ -331,13 +342,24 @@ class BlockNode:
             for hook in self._hooks:
                 for offset, length in ranges:
                     await hook(self, offset, length)
+            # --- persistent bitmaps: the covering bits durable first ---
+            wal = self.write_ahead
+            started: list[tuple[int, int]] = []
             try:
+                if wal is not None:
+                    for offset, length in ranges:
+                        await wal.before_write(offset, length)
+                        started.append((offset, length))
+                # ---
                 await io()
             finally:
                 for offset, length in ranges:
                     self.record_write(offset, length)
                     for node, base in below:
                         node.record_write(base + offset, length)
+                if wal is not None:  # persistent bitmaps: fine bits set
+                    for offset, length in started:
+                        wal.after_write(offset, length)
         finally:
             lock.release(held)
 

@@ -166,6 +166,28 @@ def _disable(ctx: CommandContext, data: BlockDirtyBitmap, txn: TxnContext) -> To
 
 async def _one(ctx: CommandContext, act: Action) -> None:
     await run_actions([act])
+    await sync_persistent(ctx, [act])
+
+
+#: Actions whose effect on persistent bitmaps must be durable before the
+#: reply (clear needs no sync: a stored bitmap may hold more, never less).
+_SYNCED = (AddAction, RemoveAction, ToggleAction, MergeAction)
+
+
+async def sync_persistent(ctx: CommandContext, actions: list[Action]) -> None:
+    """Store the persistent bitmaps the committed ``actions`` changed
+    (``--state-dir``; a no-op otherwise)."""
+    graph = graph_of(ctx)
+    if graph.bitmap_state is None:
+        return
+    nodes = []
+    for act in actions:
+        if isinstance(act, _SYNCED):
+            node = graph.get(act.data.node)
+            if node is not None and node not in nodes:
+                nodes.append(node)
+    if nodes:
+        await graph.sync_bitmaps(nodes)
 
 
 @command("block-dirty-bitmap-add")

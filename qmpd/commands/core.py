@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from qmpd.commands.context import OFFERED_CAPABILITIES, CommandContext
@@ -14,6 +15,7 @@ from qmpd.qapi.models import (
     QueryQmpSchemaArgs,
     QueryStatusArgs,
     QueryTpmArgs,
+    OrgQmpdQueryInstanceArgs,
     QueryVersionArgs,
     QuitArgs,
 )
@@ -78,3 +80,20 @@ async def quit_(ctx: CommandContext, args: QuitArgs) -> None:
 async def query_tpm(ctx: CommandContext, args: QueryTpmArgs) -> list[dict[str, Any]]:
     """qmpd emulates no TPM (backup tools such as qmpbackup ask anyway)."""
     return []
+
+
+@command("__org.qmpd_query-instance")
+async def query_instance(ctx: CommandContext, args: OrgQmpdQueryInstanceArgs) -> dict[str, Any]:
+    """Which run of qmpd this is: a client that sees ``boot-id`` change
+    knows the daemon restarted (qmpd extension)."""
+    state = ctx.state
+    micros = int(state.start_time * 1_000_000)
+    out: dict[str, Any] = {
+        "boot-id": state.boot_id,
+        "start-time": {"seconds": micros // 1_000_000, "microseconds": micros % 1_000_000},
+        "pid": os.getpid(),
+    }
+    graph = state.block
+    if graph is not None and graph.bitmap_state is not None:
+        out["state-dir"] = graph.bitmap_state.path
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 from qmpd.commands.actions import ACTIONS, Action, BaseAction, TxnContext, action, run_actions
+from qmpd.commands.bitmap import sync_persistent
 from qmpd.commands.context import CommandContext
 from qmpd.commands.registry import command
 from qmpd.errors import GenericError
@@ -44,3 +45,4 @@ async def transaction(ctx: CommandContext, args: TransactionArgs) -> None:
     txn = TxnContext(job_txn=JobTxn() if mode == "grouped" else None)
     actions: list[Action] = [ACTIONS[kind](ctx, a.data, txn) for kind, a in zip(kinds, args.actions)]
     await run_actions(actions)
+    await sync_persistent(ctx, actions)
