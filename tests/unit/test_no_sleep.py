@@ -21,8 +21,6 @@ EXCEPTIONS = {
         "polls for the subprocess's pidfile, as DaemonProcess does",
     ("integration/test_lifecycle.py", "test_tcp_listener_and_daemonize"):
         "waits for a daemonized qmpd (not our child, so no wait()) to exit",
-    ("integration/test_persistent_vs_qemu.py", "start"):
-        "real QEMU has no readiness signal but its socket accepting",
     ("support/nbd.py", "wait_listening"):
         "polls until another process (qmpd, qemu-storage-daemon) listens: no event crosses the boundary",
     ("transcripts/record.py", "main"):
