@@ -9,7 +9,6 @@ from qmpd.commands.context import OFFERED_CAPABILITIES, CommandContext
 from qmpd.commands.registry import command
 from qmpd.errors import CommandNotFound, GenericError
 from qmpd.qapi.models import (
-    OrgQmpdQueryInstanceArgs,
     QmpCapabilitiesArgs,
     QueryCommandsArgs,
     QueryNameArgs,

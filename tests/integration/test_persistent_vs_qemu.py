@@ -10,7 +10,6 @@ a restart of both, the ``dirty-bitmaps`` lists must be equal.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 from collections.abc import Iterator
