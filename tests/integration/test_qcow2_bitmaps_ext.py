@@ -10,6 +10,7 @@ import json
 import random
 import struct
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -343,3 +344,113 @@ def test_limits_without_qemu() -> None:
     assert bx.table_entries(GiB, 9, 65536) == 4
     assert bx.table_entries(GiB + 1, 9, 512) == 512 + 1
     assert bx.cluster_coverage(65536, 16) == 32 * GiB
+
+
+def _free(f: Qcow2File, spans: list[tuple[int, int]]) -> None:
+    for off, n in spans:
+        for c in range(off // f.cluster_size, -(-(off + n) // f.cluster_size)):
+            f.set_refcount(c, f.refcount(c) - 1)
+
+
+def test_open_store_remove_cycle_as_qemu(tmp_path: Path) -> None:
+    """The driver's cycle over a QEMU image: set in_use at open (in place),
+    store at close (replacing in_use entries, appending new ones, keeping
+    an inconsistent one), remove; QEMU agrees at every step."""
+    img = tmp_path / "f.qcow2"
+    _ok("qemu-img", "create", "-q", "-f", "qcow2", str(img), "128M")
+    _ok("qemu-img", "bitmap", "--add", str(img), "keep")
+    _ok("qemu-img", "bitmap", "--add", "-g", "4k", str(img), "dead")
+    _ok("qemu-io", "-f", "qcow2", "-c", "write 0 64k", str(img))
+    _ok("qemu-img", "bitmap", "--add", "--disable", str(img), "clean")
+    # "dead" only: in_use as after a crash
+    entries, _ = _load(img)
+
+    async def crash_dead() -> None:
+        f = Qcow2File(str(img))
+        try:
+            ext = f.bitmaps_ext()
+            assert ext is not None
+            marked = [replace(e, flags=e.flags | bx.FLAG_IN_USE) if e.name == "dead" else e
+                      for e in entries]
+            await bx.rewrite_directory(f, ext, marked)
+        finally:
+            f.close()
+    asyncio.run(crash_dead())
+    assert [b["flags"] for b in _info_bitmaps(img)] == [["auto"], ["in-use", "auto"], []]
+
+    async def cycle() -> tuple[bytes | None, bx.StoreResult]:
+        f = Qcow2File(str(img))
+        try:
+            ext = f.bitmaps_ext()
+            assert ext is not None
+            on_disk = await bx.load_bitmaps(f, ext, f.size)
+            loaded = {e.name: await bx.load_bitmap(f, e, f.size) for e in on_disk}
+            # open: in_use on all (autoclear bit off while rewriting)
+            f.set_bitmaps_ext(None)
+            await bx.rewrite_directory(f, ext, bx.with_flags(on_disk, bx.FLAG_IN_USE))
+            f.set_bitmaps_ext(ext)
+            assert [b["flags"] for b in _info_bitmaps(img)] == [
+                ["in-use", "auto"], ["in-use", "auto"], ["in-use"]]
+            # QEMU refuses to replace a bitmap that is not in use:
+            with pytest.raises(bx.BitmapError, match="^Bitmap 'clean' already exists in the image$"):
+                await bx.store_all(f, ext, on_disk, [bx.MemBitmap("clean", 65536, False, b"")],
+                                   f.size)
+            with pytest.raises(bx.BitmapError) as exc:
+                await bx.store_all(f, ext, on_disk, [bx.MemBitmap("g", 256, True, b"")], f.size)
+            assert exc.value.text == ("Bitmap 'g' doesn't satisfy the constraints: Granularity "
+                                      "is under minimum (512 bytes)")
+            # close: "dead" stays inconsistent (not stored), the others are
+            # stored, a new one is appended.
+            keep = loaded["keep"]
+            assert keep is not None
+            new = bytearray(bx.bitmap_bytes(f.size, 20))
+            new[-1] = 0x80
+            mem = [bx.MemBitmap("keep", 65536, True, keep),
+                   bx.MemBitmap("clean", 65536, False, bytes(bx.bitmap_bytes(f.size, 16))),
+                   bx.MemBitmap("new", 1 << 20, False, bytes(new))]
+            on_disk = bx.with_flags(on_disk, bx.FLAG_IN_USE)
+            res = await bx.store_all(f, ext, on_disk, mem, f.size)
+            f.set_bitmaps_ext(res.ext)
+            _free(f, res.free)
+            return keep, res
+        finally:
+            f.close()
+    keep, res = asyncio.run(cycle())
+    chk = _run("qemu-img", "check", str(img))
+    assert chk.returncode == 0 and "No errors were found on the image." in chk.stdout, chk.stdout
+    assert [(b["name"], b["flags"], b["granularity"]) for b in _info_bitmaps(img)] == [
+        ("keep", ["auto"], 65536), ("dead", ["in-use", "auto"], 4096), ("clean", [], 65536),
+        ("new", [], 1 << 20)]
+    entries, data = _load(img)
+    assert data["keep"] == keep == _expected(128 * MiB, 16, [(0, 65536)])
+    assert data["dead"] is None and data["clean"] == bytes(256)
+    assert data["new"] == _expected(128 * MiB, 20, [(128 * MiB - 1, 1)])
+    # QEMU opens it and can only remove the inconsistent one.
+    _ok("qemu-img", "bitmap", "--remove", str(img), "dead")
+
+    async def remove_all() -> None:
+        f = Qcow2File(str(img))
+        try:
+            for name in ("nothere", "clean", "keep", "new"):
+                ext = f.bitmaps_ext()
+                assert ext is not None
+                on_disk = await bx.load_bitmaps(f, ext, f.size)
+                res = await bx.remove(f, ext, on_disk, name)
+                if name == "nothere":
+                    assert res is None
+                    continue
+                assert res is not None
+                f.set_bitmaps_ext(res.ext)
+                _free(f, res.free)
+                chk = _run("qemu-img", "check", str(img))
+                assert chk.returncode == 0 and "No errors" in chk.stdout, chk.stdout
+                assert [b["name"] for b in _info_bitmaps(img)] == [e.name for e in res.entries]
+        finally:
+            f.close()
+    asyncio.run(remove_all())
+    assert _info_bitmaps(img) == []
+    f = Qcow2File(str(img))
+    try:
+        assert f.bitmaps_ext() is None and f.autoclear & 1 == 0
+    finally:
+        f.close()

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "check_entry", "table_entries", "bitmap_bytes", "cluster_coverage", "parse_table",
     "encode_table", "check_constraints", "can_store_new", "assemble", "split_data",
     "load_bitmaps", "load_bitmap", "store_bitmap", "store_directory", "bitmap_clusters",
+    "with_flags", "rewrite_directory", "MemBitmap", "StoreResult", "store_all", "remove",
 ]
 
 #: QEMU's limits (block/qcow2.h, block/qcow2-bitmap.c).
@@ -458,3 +459,119 @@ async def bitmap_clusters(io: BitmapIO, e: DirEntry) -> list[tuple[int, int]]:
     out = [(t & TABLE_OFFSET_MASK, cs) for t in table if t & TABLE_OFFSET_MASK]
     out.append((e.table_offset, e.table_size * 8))
     return out
+
+
+# --- whole operations, in QEMU's order -------------------------------------
+
+def with_flags(entries: Sequence[DirEntry], set_bits: int = 0,
+               clear_bits: int = 0) -> list[DirEntry]:
+    """:return: ``entries`` with flags changed (e.g. ``FLAG_IN_USE`` set on
+    every bitmap loaded at open)."""
+    return [replace(e, flags=(e.flags | set_bits) & ~clear_bits) for e in entries]
+
+
+async def rewrite_directory(io: BitmapIO, ext: BitmapsExt, entries: Sequence[DirEntry]) -> None:
+    """Rewrite the directory in place (same names, so the same size), as
+    QEMU sets ``in_use`` at open: the caller clears the ``bitmaps``
+    autoclear bit in the header first, and sets it again after this."""
+    raw = encode_directory(entries)
+    if len(raw) != ext.directory_size or len(entries) != ext.nb_bitmaps or not ext.directory_offset:
+        raise BitmapError("Can't update bitmap directory: Invalid argument")
+    await io.write(ext.directory_offset, raw)
+
+
+@dataclass(frozen=True, slots=True)
+class MemBitmap:
+    """A persistent bitmap in memory, to store."""
+
+    name: str
+    granularity: int
+    enabled: bool
+    #: The little-endian bits (:func:`bitmap_bytes` long).
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    #: The new extension for the header, or None: no bitmaps (clear the
+    #: ``bitmaps`` autoclear bit and drop the extension).
+    ext: BitmapsExt | None
+    entries: list[DirEntry]
+    #: (host offset, bytes) to free once the new header is written.
+    free: list[tuple[int, int]]
+
+
+async def store_all(io: BitmapIO, ext: BitmapsExt | None, existing: Sequence[DirEntry],
+                    bitmaps: Sequence[MemBitmap], disk_size: int) -> StoreResult:
+    """QEMU's qcow2_store_persistent_dirty_bitmaps (close, inactivation):
+    the directory keeps its order, bitmaps not in it are appended in the
+    order given (QEMU: newest first), flags become ``auto`` or nothing.
+
+    :param existing: the directory as on disk (``in_use`` while open).
+    :param bitmaps: the persistent, consistent, writable bitmaps.
+    :raise BitmapError: QEMU's texts; nothing on disk refers to what was
+        written before the error (at worst leaked clusters).
+    """
+    cs = io.cluster_size
+    entries = list(existing)
+    index = {e.name: i for i, e in enumerate(entries)}
+    nb = len(entries)
+    dsize = ext.directory_size if ext is not None else 0
+    dropped: list[DirEntry] = []
+    for b in bitmaps:
+        try:
+            check_constraints(b.name, b.granularity, disk_size, cs)
+        except BitmapError as exc:
+            raise BitmapError(f"Bitmap '{b.name}' doesn't satisfy the constraints: "
+                              f"{exc.text}") from None
+        i = index.get(b.name)
+        if i is None:
+            nb += 1
+            if nb > MAX_BITMAPS:
+                raise BitmapError("Too many persistent bitmaps")
+            dsize += dir_entry_size(len(b.name.encode()))
+            if dsize > MAX_DIRECTORY_SIZE:
+                raise BitmapError("Bitmap directory is too large")
+            index[b.name] = len(entries)
+            entries.append(DirEntry(b.name, 0, 0, 0, b.granularity.bit_length() - 1))
+        else:
+            if not entries[i].in_use:
+                raise BitmapError(f"Bitmap '{b.name}' already exists in the image")
+            dropped.append(entries[i])
+    for b in bitmaps:
+        gbits = b.granularity.bit_length() - 1
+        entries[index[b.name]] = await store_bitmap(io, b.name, b.data, disk_size, gbits,
+                                                    FLAG_AUTO if b.enabled else 0)
+    free: list[tuple[int, int]] = []
+    if ext is not None:
+        free.append((ext.directory_offset, ext.directory_size))
+    for e in dropped:
+        free.extend(await _clusters_or_leak(io, e))
+    new_ext = await store_directory(io, entries) if entries else None
+    return StoreResult(new_ext, entries, free)
+
+
+async def remove(io: BitmapIO, ext: BitmapsExt, existing: Sequence[DirEntry],
+                 name: str) -> StoreResult | None:
+    """QEMU's qcow2_co_remove_persistent_dirty_bitmap.
+
+    :return: None when ``name`` is not stored (not an error, as in QEMU);
+        else the new directory (None when it was the last bitmap) and what
+        to free after the header update: old directory, the bitmap's data
+        clusters and table.
+    """
+    left = [e for e in existing if e.name != name]
+    if len(left) == len(existing):
+        return None
+    gone = next(e for e in existing if e.name == name)
+    new_ext = await store_directory(io, left) if left else None
+    free = [(ext.directory_offset, ext.directory_size)] + await _clusters_or_leak(io, gone)
+    return StoreResult(new_ext, left, free)
+
+
+async def _clusters_or_leak(io: BitmapIO, e: DirEntry) -> list[tuple[int, int]]:
+    """A table QEMU cannot read is not freed (its clusters leak)."""
+    try:
+        return await bitmap_clusters(io, e)
+    except BitmapError:
+        return []
