@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from qmpd import __version__
+from qmpd.cli.hardening import add_options as add_hardening_options
+from qmpd.cli.hardening import limits_from_args
 from qmpd.cli.options import OptionError, parse_bool, parse_option_string
 from qmpd.commands.context import DaemonConfig
 from qmpd.server.listeners import Listener, TcpListener, UnixListener
@@ -62,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning",
                    choices=["debug", "info", "warning", "error"], help="stderr log level")
     p.add_argument("--trace-qmp", action="store_true", help="log every QMP message in and out")
+    # --- hardening options (issue 7): limits, confinement --------------------
+    add_hardening_options(p)
+    # --- end of hardening options -----------------------------------------------
     return p
 
 
@@ -152,7 +157,7 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
                  ready: Callable[[], None]) -> int:
     from qmpd.server.daemon import Daemon
 
-    daemon = Daemon(config, listeners, trace=args.trace_qmp)
+    daemon = Daemon(config, listeners, trace=args.trace_qmp, limits=limits_from_args(args))
     daemon.setup()
     try:
         await daemon.add_blockdevs(args.blockdev)

@@ -49,9 +49,9 @@ _FAST_DEPTH = 200
 
 
 
-def _run_end(pattern: re.Pattern[bytes], buf: bytearray, pos: int) -> int:
+def _run_end(pattern: re.Pattern[bytes], buf: bytearray, pos: int, end: int) -> int:
     """End of ``pattern``'s (always successful, possibly empty) match at ``pos``."""
-    match = pattern.match(buf, pos)
+    match = pattern.match(buf, pos, end)
     assert match is not None
     return match.end()
 
@@ -70,21 +70,22 @@ class Scanner:
         self.counts = [0, 0]
         self.in_string = False
 
-    def scan(self, buf: bytearray, limit: int) -> int:
-        """Advance; return the span end, NEED_MORE or BAIL."""
-        n = len(buf)
+    def scan(self, buf: bytearray, limit: int, end: int | None = None) -> int:
+        """Advance up to ``end`` (default: the buffer end); return the span
+        end, NEED_MORE or BAIL."""
+        n = len(buf) if end is None else end
         pos = self.pos
         counts = self.counts
         while True:
             if self.in_string:
-                pos = _run_end(_STR_BODY, buf, pos)
+                pos = _run_end(_STR_BODY, buf, pos, n)
                 if pos >= n - 1 and (pos == n or buf[pos] == 0x5C):
                     break
                 if buf[pos] != 0x22:
                     return BAIL
                 pos += 1
                 self.in_string = False
-            end = _run_end(_REGION, buf, pos)
+            end = _run_end(_REGION, buf, pos, n)
             if end > pos:
                 if end >= n:  # the run may continue: check what is complete
                     cut = buf.rfind(b",", pos, end)

@@ -30,6 +30,7 @@ from qmpd.protocol.session import Call, Session
 from qmpd.qapi.keyval import parse_option_value
 from qmpd.qapi.service import SchemaService
 from qmpd.server.connection import Connection
+from qmpd.server.limits import DEFAULT_LIMITS, Limits
 from qmpd.server.listeners import Listener, UnixListener, open_listener
 
 __all__ = ["Daemon", "UNIMPLEMENTED"]
@@ -51,8 +52,10 @@ class Daemon:
         *,
         registry: Registry = REGISTRY,
         trace: bool = False,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.config = config
+        self.limits = limits
         self.listeners = listeners
         self.trace = trace
         self.events = EventBus()
@@ -120,14 +123,30 @@ class Daemon:
         """Open every listener.  :raise OSError: when one cannot be bound."""
         for spec in self.listeners:
             label = spec.path if isinstance(spec, UnixListener) else f"{spec.host}:{spec.port}"
-            server = await open_listener(spec, functools.partial(self._new_connection, label))
+            server = await open_listener(spec, functools.partial(self._new_connection, label),
+                                         backlog=self.limits.backlog)
             self._servers.append(server)
             log.info("listening on %s", label)
 
     def _new_connection(self, label: str) -> Connection:
-        conn = Connection(self, label)
+        if len(self._connections) >= self.limits.max_connections or self.stopping:
+            return Connection(self, label, self.limits, refused=True)
+        conn = Connection(self, label, self.limits)
         self._connections.add(conn)
         return conn
+
+    def connection_closed(self, conn: Connection) -> None:
+        """Forget a connection once its transport is gone."""
+        self._connections.discard(conn)
+
+    @property
+    def connection_count(self) -> int:
+        """Connections currently open (refused ones are not counted)."""
+        return len(self._connections)
+
+    def buffered_bytes(self) -> int:
+        """Input and output buffered by all connections (``--max-buffer``)."""
+        return sum(conn.footprint() for conn in self._connections)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run ``coro`` as a task the daemon awaits at clean-up."""

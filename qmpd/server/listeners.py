@@ -33,7 +33,7 @@ class TcpListener:
 Listener = UnixListener | TcpListener
 
 
-def _bind_unix(path: str) -> socket.socket:
+def _bind_unix(path: str, backlog: int) -> socket.socket:
     """Bind a UNIX stream socket created with mode 0600.
 
     A stale socket file at ``path`` (nobody accepting) is replaced; a live
@@ -62,17 +62,18 @@ def _bind_unix(path: str) -> socket.socket:
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
-    sock.listen(16)
+    sock.listen(backlog)
     sock.setblocking(False)
     return sock
 
 
 async def open_listener(
-    spec: Listener, factory: Callable[[], asyncio.Protocol]
+    spec: Listener, factory: Callable[[], asyncio.Protocol], *, backlog: int = 128
 ) -> asyncio.base_events.Server:
     """Start serving ``spec``; :raise OSError: when it cannot be bound."""
     loop = asyncio.get_running_loop()
     if isinstance(spec, UnixListener):
-        sock = _bind_unix(spec.path)
-        return await loop.create_unix_server(factory, sock=sock)
-    return await loop.create_server(factory, spec.host, spec.port, reuse_address=True)
+        sock = _bind_unix(spec.path, backlog)
+        return await loop.create_unix_server(factory, sock=sock, backlog=backlog)
+    return await loop.create_server(factory, spec.host, spec.port, reuse_address=True,
+                                    backlog=backlog)

@@ -1,0 +1,72 @@
+"""Command-line options of the hardening work: resource limits.
+
+Kept apart from :mod:`qmpd.cli.main` so the option list there stays short;
+``main`` calls :func:`add_options` and :func:`limits_from_args`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from qmpd.server.limits import DEFAULT_LIMITS, Limits
+
+__all__ = ["add_options", "limits_from_args"]
+
+_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _size(text: str) -> int:
+    """``256M``-style sizes (k, M, G suffixes, powers of 1024)."""
+    t = text.strip().lower()
+    if t.endswith(("kb", "mb", "gb")):
+        t = t[:-1]
+    unit = t[-1:] if t[-1:] in ("k", "m", "g") else ""
+    number = t[:-1] if unit else t
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid size '{text}'")
+    return int(number) * _SUFFIXES[unit]
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expects a positive integer, not '{text}'")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects seconds, not '{text}'") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expects a positive number of seconds, not '{text}'")
+    return value
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    """Add the resource-limit options to ``p``."""
+    g = p.add_argument_group("resource limits")
+    d = DEFAULT_LIMITS
+    g.add_argument("--max-connections", type=_positive_int, default=d.max_connections, metavar="N",
+                   help="simultaneous QMP connections; more are refused (default %(default)s)")
+    g.add_argument("--max-buffer", type=_size, default=d.max_buffer, metavar="SIZE",
+                   help="input and output buffered by all connections together "
+                        "(default 256M); the connection that exceeds it is dropped")
+    g.add_argument("--max-output", type=_size, default=d.max_output, metavar="SIZE",
+                   help="unread output one client may accumulate before it is dropped (default 64M)")
+    g.add_argument("--max-framing-errors", type=_positive_int, default=d.max_framing_errors,
+                   metavar="N", help="consecutive JSON errors before a connection is closed "
+                                     "(default %(default)s)")
+    g.add_argument("--negotiation-timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="close connections that have not sent qmp_capabilities in time (default: never)")
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    """:return: the :class:`Limits` the options describe."""
+    return Limits(
+        max_connections=args.max_connections,
+        max_buffer=args.max_buffer,
+        max_output=args.max_output,
+        max_framing_errors=args.max_framing_errors,
+        negotiation_timeout=args.negotiation_timeout,
+    )
