@@ -7,10 +7,12 @@ Kept apart from :mod:`qmpd.cli.main` so the option list there stays short;
 from __future__ import annotations
 
 import argparse
+import os
 
 from qmpd.server.limits import DEFAULT_LIMITS, Limits
+from qmpd.server.listeners import OwnedPath
 
-__all__ = ["add_options", "limits_from_args"]
+__all__ = ["add_options", "limits_from_args", "write_pidfile"]
 
 _SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -70,3 +72,22 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
         max_framing_errors=args.max_framing_errors,
         negotiation_timeout=args.negotiation_timeout,
     )
+
+
+def write_pidfile(path: str) -> OwnedPath:
+    """Write this process's PID to ``path`` (never through a symlink).
+
+    :return: the file, to be removed at exit only if it is still ours.
+    :raise OSError: ``cannot create PID file: Could not create '<path>': <reason>``
+        (qemu-storage-daemon's text).
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        finally:
+            os.close(fd)
+        return OwnedPath.of(path)
+    except OSError as exc:
+        raise OSError(f"cannot create PID file: Could not create '{path}': "
+                      f"{exc.strerror or exc}") from exc

@@ -22,7 +22,7 @@ from typing import NoReturn
 
 from qmpd import __version__
 from qmpd.cli.hardening import add_options as add_hardening_options
-from qmpd.cli.hardening import limits_from_args
+from qmpd.cli.hardening import limits_from_args, write_pidfile
 from qmpd.cli.options import OptionError, parse_bool, parse_option_string
 from qmpd.commands.context import DaemonConfig
 from qmpd.server.listeners import Listener, TcpListener, UnixListener
@@ -171,19 +171,21 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
         loop.add_signal_handler(
             sig, lambda: daemon.spawn(daemon.request_shutdown("host-signal"), "signal")
         )
+    pidfile = None
     if args.pidfile:
-        with open(args.pidfile, "w", encoding="ascii") as f:
-            f.write(f"{os.getpid()}\n")
+        try:
+            pidfile = write_pidfile(args.pidfile)
+        except OSError as err:
+            sys.stderr.write(f"qmpd: {err}\n")
+            await daemon.cleanup()
+            return 1
     ready()
     try:
         await daemon.wait_stopped()
     finally:
         await daemon.cleanup()
-        if args.pidfile:
-            try:
-                os.unlink(args.pidfile)
-            except FileNotFoundError:
-                pass
+        if pidfile is not None:
+            pidfile.remove()
     return 0
 
 

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 from collections.abc import Coroutine
 from typing import Any
 
@@ -31,7 +30,7 @@ from qmpd.qapi.keyval import parse_option_value
 from qmpd.qapi.service import SchemaService
 from qmpd.server.connection import Connection
 from qmpd.server.limits import DEFAULT_LIMITS, Limits
-from qmpd.server.listeners import Listener, UnixListener, open_listener
+from qmpd.server.listeners import Listener, OwnedPath, UnixListener, open_listener
 
 __all__ = ["Daemon", "UNIMPLEMENTED"]
 
@@ -64,6 +63,8 @@ class Daemon:
         self._lock = asyncio.Lock()
         self._stopped = asyncio.Event()
         self._servers: list[asyncio.base_events.Server] = []
+        #: Socket files this process bound (removed at clean-up if unchanged).
+        self._owned: list[OwnedPath] = []
         self._connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.command_names: frozenset[str] = frozenset()
@@ -123,9 +124,11 @@ class Daemon:
         """Open every listener.  :raise OSError: when one cannot be bound."""
         for spec in self.listeners:
             label = spec.path if isinstance(spec, UnixListener) else f"{spec.host}:{spec.port}"
-            server = await open_listener(spec, functools.partial(self._new_connection, label),
-                                         backlog=self.limits.backlog)
+            server, owned = await open_listener(spec, functools.partial(self._new_connection, label),
+                                                backlog=self.limits.backlog)
             self._servers.append(server)
+            if owned is not None:
+                self._owned.append(owned)
             log.info("listening on %s", label)
 
     def _new_connection(self, label: str) -> Connection:
@@ -178,10 +181,9 @@ class Daemon:
         """Stop accepting, flush and close connections, release resources."""
         for server in self._servers:
             server.close()
-        for spec in self.listeners:
-            if isinstance(spec, UnixListener):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(spec.path)
+        for owned in self._owned:
+            owned.remove()
+        self._owned.clear()
         await asyncio.sleep(0)
         for conn in list(self._connections):
             conn.close()
