@@ -29,6 +29,7 @@ from typing import Any
 
 from qmpd.block.drivers import DRIVERS, OpenContext
 from qmpd.block.errors import NodeInUse, NodeNameError, NodeNotFound, NodeOpenError
+from qmpd.block.io import IOPool, shared_pool
 from qmpd.block.node import BlockNode
 
 __all__ = ["BlockGraph", "MAX_NODE_NAME"]
@@ -55,7 +56,10 @@ class BlockGraph:
         *,
         device_names: Callable[[], Container[str]] | None = None,
         rng: random.Random | None = None,
+        pool: IOPool | None = None,
     ) -> None:
+        #: Worker threads for every file the graph's nodes open.
+        self.pool = pool or shared_pool()
         #: Named nodes in QEMU's naming order (the reverse of the listing).
         self._nodes: dict[str, BlockNode] = {}
         self._counter = 0
@@ -241,7 +245,8 @@ class BlockGraph:
             return early.pop(role) if role in early else await open_child(ref, role)
 
         ctx = OpenContext(
-            name, read_only, bool(cache.get("direct", False)), ctx_open_child, self.lookup_node
+            name, read_only, bool(cache.get("direct", False)), ctx_open_child, self.lookup_node,
+            self.pool,
         )
         self._opening.append(name)
         try:

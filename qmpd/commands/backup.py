@@ -117,7 +117,7 @@ class DriveBackupAction(BlockdevBackupAction):
             raise GenericError(f"Unknown file format '{fmt}'")
         if not existing:
             try:
-                await create_file(d.target, source.length)
+                await create_file(d.target, source.length, pool=graph.pool)
             except BlockIOError as exc:
                 raise GenericError(f"Could not create '{d.target}': {exc.strerror}") from exc
             logger.info("Formatting '%s', fmt=%s size=%d", d.target, fmt, source.length)
@@ -170,5 +170,6 @@ async def blockdev_create(ctx: CommandContext, args: Any) -> None:
     opts = args.options
     prealloc = "off" if opts.preallocation is None else str(opts.preallocation)
     mgr = jobs_of(ctx)
-    job = mgr.create(CreateFileJob(args.job_id, opts.filename, opts.size, prealloc))
+    job = mgr.create(CreateFileJob(args.job_id, opts.filename, opts.size, prealloc,
+                                   pool=graph_of(ctx).pool))
     mgr.start(job)

@@ -21,6 +21,7 @@ from qmpd import commands as _commands  # noqa: F401  (registers the handlers)
 from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState
 from qmpd.commands.registry import REGISTRY, Registry
 from qmpd.block import BlockGraph
+from qmpd.block.io import IOPool
 from qmpd.errors import GenericError, QMPError, SchemaError
 from qmpd.events import EventBus
 from qmpd.events.names import SHUTDOWN
@@ -33,6 +34,15 @@ from qmpd.server.limits import DEFAULT_LIMITS, Limits
 from qmpd.server.listeners import Listener, OwnedPath, UnixListener, open_listener
 
 __all__ = ["Daemon", "UNIMPLEMENTED"]
+
+#: Commands that read or change no block, bitmap or job state: they may run
+#: while a detached command (``qemu-io``) still does its I/O.
+BLOCK_FREE: frozenset[str] = frozenset({
+    "qmp_capabilities", "query-version", "query-commands", "query-qmp-schema",
+    "query-status", "query-name", "query-tpm", "quit",
+})
+#: Seconds shutdown waits for jobs, I/O and connections before leaving them.
+SHUTDOWN_GRACE = 0.5
 
 #: Schema commands deliberately left without a handler.  They are neither
 #: advertised nor accepted; today every schema command is implemented.
@@ -60,7 +70,13 @@ class Daemon:
         self.events = EventBus()
         self.stopping = False
         self._registry = registry
+        #: The I/O worker threads of every image file (see block/io.py).
+        self.pool = IOPool()
         self._lock = asyncio.Lock()
+        #: Detached commands still doing I/O, and an event set when none is.
+        self._detached = 0
+        self._attached = asyncio.Event()
+        self._attached.set()
         self._stopped = asyncio.Event()
         self._servers: list[asyncio.base_events.Server] = []
         #: Socket files this process bound (removed at clean-up if unchanged).
@@ -103,7 +119,7 @@ class Daemon:
 
     def _setup_domain(self) -> None:
         """Create the block graph and the job manager."""
-        self.state.block = BlockGraph()
+        self.state.block = BlockGraph(pool=self.pool)
         self.state.jobs = JobManager(self.events)
 
     async def add_blockdevs(self, specs: list[str]) -> None:
@@ -174,7 +190,10 @@ class Daemon:
         self.stopping = True
         self.events.emit(SHUTDOWN, {"guest": False, "reason": reason})
         if self.state.jobs is not None:
-            await self.state.jobs.shutdown()
+            try:
+                await asyncio.wait_for(self.state.jobs.shutdown(), SHUTDOWN_GRACE)
+            except asyncio.TimeoutError:
+                log.warning("jobs did not stop in time (stuck I/O?); exiting anyway")
         self._stopped.set()
 
     async def cleanup(self) -> None:
@@ -189,27 +208,57 @@ class Daemon:
             conn.close()
         for server in self._servers:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), 2.0)
+                await asyncio.wait_for(server.wait_closed(), SHUTDOWN_GRACE)
         pending = [t for t in self._tasks if not t.done()]
         if pending:
-            await asyncio.wait(pending, timeout=2.0)
+            await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
         for task in pending:
             task.cancel()
         if self.state.block is not None:
-            await self.state.block.close()
+            if self.pool.busy:
+                # A worker is stuck in a file call: closing its descriptor
+                # under it could let a later open reuse the number.  The
+                # process is about to exit; the kernel closes everything.
+                log.warning("%d file operation(s) still running; not closing images", self.pool.busy)
+            else:
+                await self.state.block.close()
+        self.pool.shutdown()
 
     # -- commands ---------------------------------------------------------
     async def execute(self, call: Call, conn: Connection) -> dict[str, Any]:
-        """Validate and run one command; commands never overlap.
+        """Validate and run one command.
+
+        Commands run one at a time, in arrival order, under one lock (as in
+        QEMU's monitor).  A handler that does long I/O (``qemu-io``) calls
+        ``ctx.detach()``: the lock is released so other clients are not
+        stalled, but only :data:`BLOCK_FREE` commands may run until the
+        detached handler has finished; every other command waits for it,
+        still holding the lock, so no command ever sees block, bitmap or
+        job state half-way through another command (QEMU's monitor could
+        not show that either).
 
         :return: the reply message (success or error).
         """
         assert self.schema is not None
-        async with self._lock:
+        await self._lock.acquire()
+        detached = False
+
+        def detach() -> None:
+            nonlocal detached
+            if not detached:
+                detached = True
+                self._detached += 1
+                self._attached.clear()
+                self._lock.release()
+
+        try:
+            if call.name not in BLOCK_FREE:
+                # Still under the lock, so commands keep their order.
+                await self._attached.wait()
             try:
                 args = self.schema.build_arguments(call.name, call.arguments)
                 spec = self._registry[call.name]
-                result = await spec.handler(CommandContext(self.state, conn), args)
+                result = await spec.handler(CommandContext(self.state, conn, detach), args)
             except QMPError as err:
                 return Session.failure(call, err.error_class, err.desc)
             except asyncio.CancelledError:
@@ -218,3 +267,10 @@ class Daemon:
                 log.exception("command %s failed unexpectedly", call.name)
                 return Session.failure(call, "GenericError", "Internal error in qmpd; see its log")
             return Session.success(call, result)
+        finally:
+            if detached:
+                self._detached -= 1
+                if not self._detached:
+                    self._attached.set()
+            else:
+                self._lock.release()

@@ -44,7 +44,7 @@ class FaultyFile:
         extra = []
         if delay_reads:
             filters.append("--filter=delay")
-            extra.append(f"rdelay={delay_reads}")
+            extra.append(f"rdelay={delay_reads:g}")
         errs = [f"error-pwrite-file={self.write_trigger}", f"error-zero-file={self.write_trigger}",
                 f"error-trim-file={self.write_trigger}", f"error-pread-file={self.read_trigger}",
                 "error-pwrite=EIO", "error-zero=EIO", "error-trim=EIO", "error-pread=EIO",
@@ -75,8 +75,9 @@ class FaultyFile:
 
     def close(self) -> None:
         subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+        self.proc.terminate()
         try:
-            self.proc.wait(10)
+            self.proc.wait(5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from qmpd.block.drivers.base import BaseDriver, BlockDriver, OpenContext
 from qmpd.block.errors import BlockIOError, NodeOpenError
-from qmpd.block.io import ImageFile
+from qmpd.block.io import ImageFile, NotRegularFile
 
 if TYPE_CHECKING:
     from qmpd.block.node import BlockNode
@@ -82,7 +82,9 @@ async def open_file(
     """
     path = str(options["filename"])
     try:
-        image = await ImageFile.open(path, read_only=ctx.read_only, direct=ctx.direct)
+        image = await ImageFile.open(path, read_only=ctx.read_only, direct=ctx.direct, pool=ctx.pool)
+    except NotRegularFile:
+        raise NodeOpenError(f"'file' driver requires '{path}' to be a regular file") from None
     except BlockIOError as exc:
         raise NodeOpenError(f"Could not open '{path}': {exc.strerror}") from exc
     try:
