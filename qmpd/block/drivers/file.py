@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from qmpd.block.drivers.base import BaseDriver, BlockDriver, OpenContext
 from qmpd.block.errors import BlockIOError, NodeOpenError
 from qmpd.block.io import ImageFile, NotRegularFile
+from qmpd.block.locking import PermLocks, supported
 
 if TYPE_CHECKING:
     from qmpd.block.node import BlockNode
@@ -27,8 +28,10 @@ class FileDriver(BaseDriver):
     name = "file"
     is_protocol = True
 
-    def __init__(self, image: ImageFile, size: int) -> None:
+    def __init__(self, image: ImageFile, size: int, locking: bool = False) -> None:
         self.image = image
+        #: QEMU's permission lock bytes on the file (None: ``locking=off``).
+        self.perm_locks = PermLocks(image.fd) if locking else None
         self._length = -(-size // SECTOR) * SECTOR
 
     @property
@@ -70,6 +73,8 @@ class FileDriver(BaseDriver):
         self._length = -(-size // SECTOR) * SECTOR
 
     def close(self) -> None:
+        if self.perm_locks is not None:
+            self.perm_locks.fd = -1  # closing the descriptor drops its locks
         self.image.close()
 
 
@@ -92,4 +97,5 @@ async def open_file(
     except BlockIOError as exc:
         image.close()
         raise NodeOpenError(f"Could not open '{path}': {exc.strerror}") from exc
-    return FileDriver(image, size), {}
+    locking = str(options.get("locking") or "auto")
+    return FileDriver(image, size, locking != "off" and supported(image.fd)), {}
