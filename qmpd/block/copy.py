@@ -44,7 +44,7 @@ from typing import Protocol
 
 from qmpd.bitmap import DirtyBitmap
 from qmpd.block.errors import BlockIOError
-from qmpd.block.fastcopy import FileView, file_view, mark_written
+from qmpd.block.fastcopy import FileView, file_view, mark_read, write_direct
 from qmpd.block.io import copy_range, copy_ranges
 from qmpd.block.node import BlockNode
 
@@ -168,6 +168,11 @@ class BlockCopy:
 
     # ------------------------------------------------------------ one chunk
 
+    @property
+    def fast_path(self) -> bool:
+        """Both ends are file windows: data chunks are copied file to file."""
+        return self._fast_path() is not None
+
     def _fast_path(self) -> tuple[FileView, FileView] | None:
         if not self._fast_checked:
             src = file_view(self.source, for_write=False)
@@ -275,7 +280,7 @@ class BlockCopy:
             dst = fast[1]
             is_data, n = await dst.image.block_status(dst.base + offset, nbytes)
             if not is_data and n >= nbytes:
-                mark_written(dst, offset, nbytes)
+                await write_direct(dst, ((offset, nbytes),), _nothing)
                 return
         await self.target.write_zeroes(offset, nbytes)
 
@@ -296,17 +301,17 @@ class BlockCopy:
                 ranges[-1] = (ranges[-1][0], ranges[-1][1] + n)
             else:
                 ranges.append((ch.start, n))
+        mark_read(src, sum(n for _, n in ranges))
         try:
             if len(ranges) == 1:
                 offset, n = ranges[0]
-                await copy_range(src.image, src.base + offset, dst.image, dst.base + offset, n)
+                await write_direct(dst, ranges, lambda: copy_range(
+                    src.image, src.base + offset, dst.image, dst.base + offset, n))
             else:
-                await copy_ranges(src.image, src.base, dst.image, dst.base, ranges)
+                await write_direct(dst, ranges, lambda: copy_ranges(
+                    src.image, src.base, dst.image, dst.base, ranges))
         except BlockIOError:
             return False
-        finally:
-            for offset, n in ranges:
-                mark_written(dst, offset, n)
         return True
 
     async def _copy_slow(self, offset: int, nbytes: int) -> CopyFailure | None:
@@ -430,6 +435,10 @@ class BlockCopy:
             for failure in results:
                 if failure is not None:
                     raise failure.error
+
+
+async def _nothing() -> None:
+    """The I/O of a zero write onto a range that already reads as zeroes."""
 
 
 def _first_failure(done: set[asyncio.Task[CopyFailure | None]]) -> CopyFailure | None:

@@ -75,19 +75,27 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
 
 
 def write_pidfile(path: str) -> OwnedPath:
-    """Write this process's PID to ``path`` (never through a symlink).
+    """Write this process's PID to ``path``: a new file renamed into place
+    (never written through a symlink, and a new inode, so an older daemon
+    exiting later does not remove it).
 
     :return: the file, to be removed at exit only if it is still ours.
     :raise OSError: ``cannot create PID file: Could not create '<path>': <reason>``
         (qemu-storage-daemon's text).
     """
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         try:
             os.write(fd, f"{os.getpid()}\n".encode("ascii"))
         finally:
             os.close(fd)
+        os.rename(tmp, path)
         return OwnedPath.of(path)
     except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         raise OSError(f"cannot create PID file: Could not create '{path}': "
                       f"{exc.strerror or exc}") from exc

@@ -73,8 +73,11 @@ class JsonStreamParser:
                  "_eof", "_stalled")
 
     def __init__(self, max_bytes: int = 64 << 20, max_tokens: int = 2 << 20,
-                 max_depth: int = 1024, slice_bytes: int | None = None) -> None:
-        #: Bytes looked at per call; None: everything (then never pending).
+                 max_depth: int = 1024, *, fast: bool = True, slice_bytes: int | None = None) -> None:
+        """:param fast: try the whole-document fast path (``json.raw_decode``)
+            before the exact lexer; tests switch it off to compare both.
+        :param slice_bytes: bytes looked at per call; None: everything (then
+            never :attr:`pending`)."""
         self._slice = (1 << 62) if slice_bytes is None else max(1, slice_bytes)
         self._max_bytes = max_bytes
         self._max_tokens = max_tokens
@@ -86,8 +89,7 @@ class JsonStreamParser:
         # (~1000) keeps what it accepts under QEMU's 1024.
         self._whole = max_depth >= 1024
         self._out: list[object | FramingError] = []
-        #: Tests switch the fast path off to compare it with the exact path.
-        self._fast = True
+        self._fast = fast
         self.reset()
 
     def reset(self) -> None:

@@ -18,7 +18,7 @@ from typing import Protocol
 __all__ = [
     "LCURLY", "RCURLY", "LSQUARE", "RSQUARE", "COLON", "COMMA",
     "STRING", "INTEGER", "FLOAT", "KEYWORD", "ERROR", "OVERSIZE",
-    "Lexer", "Sink",
+    "Lexer", "Sink", "run_end",
 ]
 
 LCURLY, RCURLY, LSQUARE, RSQUARE, COLON, COMMA = range(6)
@@ -58,13 +58,13 @@ _RUNS = {_DIGITS: _DIGIT_RUN, _MANT_DIGITS: _DIGIT_RUN, _EXP_DIGITS: _DIGIT_RUN,
          _KEYWORD: _LOWER_RUN}
 
 
-
-def _run_end(pattern: re.Pattern[bytes], buf: bytearray, pos: int, end: int | None = None) -> int:
+def run_end(pattern: re.Pattern[bytes], buf: bytearray, pos: int, end: int | None = None) -> int:
     """End of ``pattern``'s (always successful, possibly empty) match at ``pos``
-    (not beyond ``end``)."""
+    (not beyond ``end``; shared with :mod:`qmpd.protocol.fastpath`)."""
     match = pattern.match(buf, pos) if end is None else pattern.match(buf, pos, end)
     assert match is not None
     return match.end()
+
 
 class Sink(Protocol):
     """Receiver of tokens (the message streamer)."""
@@ -115,7 +115,7 @@ class Lexer:
         emitted = False
         while True:
             if state == _START:
-                pos = _run_end(_WS_RUN, buf, pos, n)
+                pos = run_end(_WS_RUN, buf, pos, n)
                 if emitted and stop_when_idle and sink.idle:
                     self.state, self.tok = state, tok
                     return pos, True
@@ -135,7 +135,7 @@ class Lexer:
                     state = _RECOVERY
                 continue
             if state == _RECOVERY:
-                pos = _run_end(_RECOVER_RUN, buf, pos, n)
+                pos = run_end(_RECOVER_RUN, buf, pos, n)
                 if pos >= n:
                     break
                 state = _START  # the resync byte is looked at again
@@ -148,7 +148,7 @@ class Lexer:
                 emitted = True
                 continue
             if state == _DQ or state == _SQ:
-                pos = _run_end((_DQ_RUN if state == _DQ else _SQ_RUN), buf, pos, n)
+                pos = run_end((_DQ_RUN if state == _DQ else _SQ_RUN), buf, pos, n)
                 if pos - tok > limit:
                     continue
                 if pos >= n:
@@ -168,7 +168,7 @@ class Lexer:
                 continue
             run = _RUNS.get(state)
             if run is not None:
-                pos = _run_end(run, buf, pos, n)
+                pos = run_end(run, buf, pos, n)
                 if pos - tok > limit:
                     continue
             if pos >= n:

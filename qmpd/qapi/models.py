@@ -1133,6 +1133,22 @@ class TransactionProperties(QAPIModel):
     completion_mode: ActionCompletionMode | None = Field(default=None, alias='completion-mode')
 
 
+class QmpdTimestamp(QAPIModel):
+    """QAPI struct ``QmpdTimestamp``."""
+
+    seconds: int = Field(alias='seconds')
+    microseconds: int = Field(alias='microseconds')
+
+
+class QmpdInstanceInfo(QAPIModel):
+    """QAPI struct ``QmpdInstanceInfo``."""
+
+    boot_id: str = Field(alias='boot-id')
+    start_time: QmpdTimestamp = Field(alias='start-time')
+    pid: int = Field(alias='pid')
+    state_dir: str | None = Field(default=None, alias='state-dir')
+
+
 SchemaInfo: TypeAlias = Annotated[
     Union[
         SchemaInfoBuiltinBranch,
@@ -1393,6 +1409,10 @@ class TransactionArgs(QAPIModel):
     properties: TransactionProperties | None = Field(default=None, alias='properties')
 
 
+class OrgQmpdQueryInstanceArgs(QAPIModel):
+    """Arguments of ``__org.qmpd_query-instance``."""
+
+
 class ShutdownData(QAPIModel):
     """Data of ``SHUTDOWN``."""
 
@@ -1493,6 +1513,7 @@ COMMAND_ARGS: dict[str, type[BaseModel]] = {
     'block-job-dismiss': BlockJobDismissArgs,
     'block-job-finalize': BlockJobFinalizeArgs,
     'transaction': TransactionArgs,
+    '__org.qmpd_query-instance': OrgQmpdQueryInstanceArgs,
 }
 
 #: Return type of every command (``None``: returns ``{}``).
@@ -1536,6 +1557,7 @@ COMMAND_RETURNS: dict[str, Any] = {
     'block-job-dismiss': None,
     'block-job-finalize': None,
     'transaction': None,
+    '__org.qmpd_query-instance': QmpdInstanceInfo,
 }
 
 #: Data model of every event.

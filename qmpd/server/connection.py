@@ -85,7 +85,7 @@ class Connection(asyncio.Protocol):
             self._closed = True
             self._transport.close()
             return
-        self.log.debug("connected")
+        self.log.info("client connected")
         self._send(self._daemon.greeting)
         self._task = self._daemon.spawn(self._worker(), self.name)
         timeout = self._limits.negotiation_timeout
@@ -113,7 +113,7 @@ class Connection(asyncio.Protocol):
         return True  # keep the write side open until the queue is answered
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.log.debug("disconnected%s", f": {exc}" if exc else "")
+        self.log.info("client disconnected%s", f": {exc}" if exc else "")
         self._closed = True
         if self._idle_timer is not None:
             self._idle_timer.cancel()

@@ -7,7 +7,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from tests.support.daemon import DaemonProcess, RawClient
@@ -64,7 +63,7 @@ def test_old_daemon_does_not_remove_a_newer_daemons_socket(sock_dir: Path) -> No
     old = DaemonProcess(sock_dir)
     # Someone moves the old daemon's socket away and a new daemon binds the path.
     os.rename(old.path, str(sock_dir / "moved.sock"))
-    new = DaemonProcess(sock_dir)
+    new = DaemonProcess(sock_dir, "--pidfile", str(sock_dir / "new.pid"))
     try:
         assert old.stop() == 0
         assert stat.S_ISSOCK(os.lstat(new.path).st_mode)
@@ -74,6 +73,19 @@ def test_old_daemon_does_not_remove_a_newer_daemons_socket(sock_dir: Path) -> No
     finally:
         assert new.stop() == 0
     assert not os.path.exists(new.path)
+
+
+def test_pidfile_of_a_newer_daemon_survives_the_older_ones_exit(sock_dir: Path) -> None:
+    pidfile = sock_dir / "shared.pid"
+    old = DaemonProcess(sock_dir, "--pidfile", str(pidfile), socket_name="old.sock")
+    pidfile.unlink()
+    new = DaemonProcess(sock_dir, "--pidfile", str(pidfile), socket_name="new.sock")
+    try:
+        assert old.stop() == 0
+        assert pidfile.read_text() == f"{new.proc.pid}\n"
+    finally:
+        assert new.stop() == 0
+    assert not pidfile.exists()
 
 
 def test_stale_socket_is_replaced_and_mode_is_0600(sock_dir: Path) -> None:
@@ -87,15 +99,7 @@ def test_stale_socket_is_replaced_and_mode_is_0600(sock_dir: Path) -> None:
     finally:
         os.umask(old_umask)
     try:
-        client = None
-        for _ in range(2000):  # the stale file existed before: wait until the daemon answers
-            try:
-                client = RawClient(path)
-                break
-            except ConnectionRefusedError:
-                assert proc.proc.poll() is None
-                time.sleep(0.01)
-        assert client is not None
+        client = RawClient(path)  # DaemonProcess waited for the pidfile
         client.close()
         assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
     finally:

@@ -28,8 +28,7 @@ def perr(text: str) -> FramingError:
 
 
 def feed_all(data: bytes, eof: bool = True, fast: bool = True, **limits: int) -> list[object]:
-    parser = JsonStreamParser(**limits)
-    parser._fast = fast
+    parser = JsonStreamParser(**limits, fast=fast)
     out = parser.feed(data)
     if eof:
         out += parser.feed(b"")
@@ -37,8 +36,7 @@ def feed_all(data: bytes, eof: bool = True, fast: bool = True, **limits: int) ->
 
 
 def feed_bytewise(data: bytes, eof: bool = True, fast: bool = True, **limits: int) -> list[object]:
-    parser = JsonStreamParser(**limits)
-    parser._fast = fast
+    parser = JsonStreamParser(**limits, fast=fast)
     out: list[object] = []
     for i in range(len(data)):
         out += parser.feed(data[i:i + 1])
@@ -251,8 +249,7 @@ def _drain(parser: JsonStreamParser, data: bytes) -> tuple[list[object], int]:
 def test_sliced_parsing_is_bounded_and_gives_the_same_items(fast: bool) -> None:
     msgs = [{"execute": "a", "arguments": {"data": "x" * 200_000}}, [1] * 50_000, {"execute": "b"}]
     data = b"".join(json.dumps(m).encode() for m in msgs) + b" " * 100_000 + b"}"
-    parser = JsonStreamParser(slice_bytes=4096)
-    parser._fast = fast
+    parser = JsonStreamParser(slice_bytes=4096, fast=fast)
     out, calls = _drain(parser, data)
     assert out == msgs + [EXPECTING]
     assert calls >= len(data) // 4096 - 2
@@ -276,8 +273,7 @@ def test_sliced_eof_waits_for_pending_input() -> None:
 
 
 def test_footprint_counts_queued_tokens() -> None:
-    parser = JsonStreamParser()
-    parser._fast = False
+    parser = JsonStreamParser(fast=False)
     parser.feed(b"[" + b"1," * 1000)
     assert parser.footprint >= 2000 * 64
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from qmpd.block.drivers.base import BaseDriver, BlockDriver, OpenContext
+from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverSpec, FileWindow, OpenContext
 from qmpd.block.errors import BlockIOError, NodeOpenError
 from qmpd.block.io import ImageFile, NotRegularFile
 from qmpd.block.locking import PermLocks, supported
@@ -13,7 +13,7 @@ from qmpd.block.locking import PermLocks, supported
 if TYPE_CHECKING:
     from qmpd.block.node import BlockNode
 
-__all__ = ["FileDriver", "open_file"]
+__all__ = ["FileDriver", "SPEC", "open_file"]
 
 SECTOR = 512
 
@@ -63,6 +63,14 @@ class FileDriver(BaseDriver):
         except BlockIOError:
             return True, length
 
+    def dirty_flag(self) -> bool | None:
+        """A plain file has no dirty bit; QEMU lists ``dirty-flag: false``."""
+        return False
+
+    def file_window(self) -> FileWindow | None:
+        """The whole file."""
+        return FileWindow(0, image=self.image)
+
     def actual_size(self) -> int | None:
         n = self.image.allocated_size()
         return n if n >= 0 else None
@@ -99,3 +107,7 @@ async def open_file(
         raise NodeOpenError(f"Could not open '{path}': {exc.strerror}") from exc
     locking = str(options.get("locking") or "auto")
     return FileDriver(image, size, locking != "off" and supported(image.fd)), {}
+
+
+#: ``blockdev-add`` driver ``file``.
+SPEC = DriverSpec(open_file, is_format=FileDriver.is_format)
