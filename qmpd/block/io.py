@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from qmpd.block.confine import Confinement
 from qmpd.block.errors import BlockIOError
 
 __all__ = ["IOPool", "ImageFile", "NotRegularFile", "copy_range", "copy_ranges", "create_file",
@@ -55,7 +56,11 @@ class IOPool:
     ``max_workers``.
     """
 
-    def __init__(self, max_workers: int = 8, name: str = "qmpd-io") -> None:
+    def __init__(self, max_workers: int = 8, name: str = "qmpd-io",
+                 confinement: Confinement | None = None) -> None:
+        #: ``--allowed-dir``: image paths opened or created through this pool
+        #: must resolve beneath these directories (None: anywhere).
+        self.confinement = confinement
         self._max = max(1, max_workers)
         self._name = name
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
@@ -310,10 +315,13 @@ class NotRegularFile(BlockIOError):
         super().__init__(errno.EINVAL)
 
 
-def _open(path: str, flags: int) -> int:
+def _open(path: str, flags: int, confinement: Confinement | None = None) -> int:
     # O_NONBLOCK: opening a FIFO must not wait for a writer (QEMU hangs
     # there); it is refused below like any file that is not regular.
-    fd = os.open(path, flags | os.O_NONBLOCK, 0o600)
+    if confinement is not None:
+        fd = confinement.open(path, flags | os.O_NONBLOCK, 0o600)
+    else:
+        fd = os.open(path, flags | os.O_NONBLOCK, 0o600)
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
@@ -327,8 +335,13 @@ def _open(path: str, flags: int) -> int:
     return fd
 
 
-def _create(path: str, size: int) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+def _create(path: str, size: int, confinement: Confinement | None = None) -> None:
+    # Mode 0600: a backup of a private image must not become world-readable.
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+    if confinement is not None:
+        fd = confinement.open(path, flags, 0o600)
+    else:
+        fd = os.open(path, flags, 0o600)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
@@ -369,7 +382,7 @@ class ImageFile:
         if direct:
             flags |= getattr(os, "O_DIRECT", 0)
         pool = pool or shared_pool()
-        fd = await pool.run(_open, path, flags)
+        fd = await pool.run(_open, path, flags, pool.confinement)
         return cls(path, fd, read_only, pool)
 
     async def read(self, offset: int, length: int) -> bytes:
@@ -451,7 +464,8 @@ async def copy_ranges(src: ImageFile, src_base: int, dst: ImageFile, dst_base: i
 async def create_file(path: str, size: int, pool: IOPool | None = None) -> None:
     """Create or truncate ``path`` to a sparse file of ``size`` bytes
     (``blockdev-create`` driver ``file``)."""
-    await run_blocking(_create, path, size, pool=pool)
+    pool = pool or shared_pool()
+    await pool.run(_create, path, size, pool.confinement)
 
 
 # --- state files (persistent bitmaps) --------------------------------------

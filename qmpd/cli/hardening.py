@@ -35,6 +35,12 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _directory(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a directory")
+    return text
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -59,6 +65,10 @@ def add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-framing-errors", type=_positive_int, default=d.max_framing_errors,
                    metavar="N", help="consecutive JSON errors before a connection is closed "
                                      "(default %(default)s)")
+    c = p.add_argument_group("confinement")
+    c.add_argument("--allowed-dir", action="append", default=[], metavar="DIR", type=_directory,
+                   help="image files may only be opened, created or truncated beneath DIR "
+                        "(repeatable; no escape through '..' or symlinks; default: anywhere)")
     g.add_argument("--negotiation-timeout", type=_seconds, default=None, metavar="SECONDS",
                    help="close connections that have not sent qmp_capabilities in time (default: never)")
 

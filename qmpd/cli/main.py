@@ -226,7 +226,8 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
                  ready: Callable[[], None]) -> int:
     from qmpd.server.daemon import Daemon
 
-    daemon = Daemon(config, listeners, trace=args.trace_qmp, limits=limits_from_args(args))
+    daemon = Daemon(config, listeners, trace=args.trace_qmp, limits=limits_from_args(args),
+                    allowed_dirs=args.allowed_dir)
     daemon.setup()
     # Before anything listens: a signal right after a socket appears shuts down cleanly.
     loop = asyncio.get_running_loop()

@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from qmpd import commands as _commands  # noqa: F401  (registers the handlers)
@@ -24,6 +25,7 @@ from qmpd.commands.block import add_blockdev
 from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState, SessionControl
 from qmpd.commands.registry import REGISTRY, Registry
 from qmpd.block import BlockGraph
+from qmpd.block.confine import Confinement
 from qmpd.block.io import IOPool
 from qmpd.block.persist import BitmapStateDir
 from qmpd.errors import GenericError, QMPError, SchemaError
@@ -36,7 +38,7 @@ from qmpd.qapi.models import BlockdevAddArgs
 from qmpd.qapi.service import SchemaService
 from qmpd.server.connection import Connection
 from qmpd.server.limits import DEFAULT_LIMITS, Limits
-from qmpd.server.listeners import Listener, OwnedPath, UnixListener, open_listener
+from qmpd.server.listeners import Listener, OwnedPath, TcpListener, UnixListener, open_listener
 
 __all__ = ["Daemon", "UNIMPLEMENTED"]
 
@@ -60,6 +62,16 @@ log = logging.getLogger(__name__)
 RequestObserver = Callable[[str, str, float], None]
 
 
+def _loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Daemon:
     """A qmpd instance serving one or more listeners."""
 
@@ -71,6 +83,7 @@ class Daemon:
         registry: Registry = REGISTRY,
         trace: bool = False,
         limits: Limits = DEFAULT_LIMITS,
+        allowed_dirs: Sequence[str] = (),
     ) -> None:
         self.config = config
         self.limits = limits
@@ -80,7 +93,7 @@ class Daemon:
         self.stopping = False
         self._registry = registry
         #: The I/O worker threads of every image file (see block/io.py).
-        self.pool = IOPool()
+        self.pool = IOPool(confinement=Confinement.of(list(allowed_dirs)) if allowed_dirs else None)
         self._lock = asyncio.Lock()
         #: Detached commands still doing I/O, and an event set when none is.
         self._detached = 0
@@ -165,6 +178,9 @@ class Daemon:
             if owned is not None:
                 self._owned.append(owned)
             log.info("listening on %s", label)
+            if isinstance(spec, TcpListener) and not _loopback(spec.host):
+                log.warning("QMP on %s is reachable from the network without authentication; "
+                            "any peer can run every command (prefer a UNIX socket or 127.0.0.1)", label)
 
     def _new_connection(self, label: str) -> Connection:
         if len(self._connections) >= self.limits.max_connections or self.stopping:
