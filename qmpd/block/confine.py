@@ -17,6 +17,7 @@ import ctypes
 import errno
 import os
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["Confinement", "OutsideAllowedDirs"]
 
@@ -36,7 +37,7 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-def _load_syscall() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def _load_syscall() -> Any:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.syscall

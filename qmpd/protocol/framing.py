@@ -199,6 +199,12 @@ class JsonStreamParser:
                 self._stalled = scan_end < n
                 return
             self._speculating = False
+            if end != BAIL and scanner.tokens > self._max_tokens:
+                # The span lexes cleanly, so QEMU's first error is the token
+                # count; the rest of the message is discarded (see above).
+                self._out.append(FramingError(_COUNT_DESC))
+                self._pos = end
+                continue
             if end != BAIL:
                 ok, value = fast_decode(bytes(buf[scanner.start:end]), self._max_tokens)
                 if ok:
@@ -206,6 +212,8 @@ class JsonStreamParser:
                     self._pos = end
                     continue
             self._exact = True  # re-lex exactly from the span start
+            # The budget was measured from the scan position: restart it.
+            budget_end = min(n, self._pos + self._slice)
 
     def _compact(self) -> None:
         keep = self._pos

@@ -261,3 +261,8 @@ class Connection(asyncio.Protocol):
                 self._unsubscribe = daemon.events.subscribe(self._on_event)
             if daemon.stopping:
                 return
+            if items:
+                # Fairness: a client with a backlog gets one request per turn
+                # of the event loop, like every other client (commands that
+                # complete without awaiting would otherwise run back to back).
+                await asyncio.sleep(0)

@@ -236,6 +236,23 @@ def test_discarding_stops_at_a_lexical_error_as_qemu_resyncs() -> None:
     assert items == [E("JSON nesting depth limit exceeded"), stray("\x1b"), {"execute": "b"}]
 
 
+@pytest.mark.parametrize("limit", [1, 2, 3, 5, 8, 13, 21])
+def test_scanned_token_count_matches_the_exact_lexer(limit: int) -> None:
+    data = (b'{"execute": "a", "arguments": {"x": [1, -2.5e3, true, null, "s\\"q", {}, []]}}'
+            b' [1,2] {"b": "c"} 7 ')
+    fast = JsonStreamParser(max_tokens=limit)
+    exact = JsonStreamParser(max_tokens=limit, fast=False)
+    assert fast.feed(data) + fast.feed(b"") == exact.feed(data) + exact.feed(b"")
+
+
+def test_over_count_message_costs_no_per_token_work() -> None:
+    data = b'{"execute": "query-status", "arguments": {"x": [' + b"1," * (3 << 20) + b'1]}} 5 '
+    parser = JsonStreamParser(slice_bytes=1 << 16)
+    out, calls = _drain(parser, data)
+    assert out == [E("JSON token count limit exceeded"), 5]
+    assert parser.footprint < 1 << 20  # no token list was built
+
+
 def _drain(parser: JsonStreamParser, data: bytes) -> tuple[list[object], int]:
     out: list[object] = list(parser.feed(data))
     calls = 1
