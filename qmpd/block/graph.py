@@ -369,6 +369,9 @@ class BlockGraph:
             await node.flush()
         except OSError:
             pass
+        settle = getattr(node.driver, "settle", None)
+        if settle is not None:
+            await settle()  # background work of the driver (timed-out copies)
         if self.bitmap_state is not None:
             await self.bitmap_state.detach(node)
         for child in node.detach_children():

@@ -36,7 +36,7 @@ class Limits:
     #: Listen backlog of every listener (bursts of connects queue here).
     backlog: int = 128
     #: Bytes the parser looks at before yielding to the event loop.
-    slice_bytes: int = 32 << 10
+    slice_bytes: int = 16 << 10
     #: A connection holding less than this is never checked against max_buffer.
     check_above: int = 1 << 20
 
