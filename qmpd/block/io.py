@@ -2,8 +2,9 @@
 
 This is the only module that opens image files or calls ``pread``,
 ``pwrite``, ``fallocate``, ``fdatasync``, ``lseek(SEEK_DATA/SEEK_HOLE)``,
-``ftruncate`` or ``copy_file_range``.  Blocking calls go through one bounded
-:class:`~concurrent.futures.ThreadPoolExecutor`; callers only ``await``.
+``ftruncate`` or ``copy_file_range``.  Blocking calls run in an
+:class:`IOPool` (the daemon owns one; files opened without one use a shared
+pool); callers only ``await``.
 
 Failures surface as :class:`~qmpd.block.errors.BlockIOError` carrying the
 errno.  Example::
@@ -45,6 +46,10 @@ _FALLOC_FL_ZERO_RANGE = 0x10
 #: Largest single zero-filled write used when fallocate cannot zero.
 _ZERO_CHUNK = 1 << 20
 _ZEROS = bytes(_ZERO_CHUNK)
+
+#: Largest read tried on the event loop from the page cache (RWF_NOWAIT).
+_NOWAIT_MAX = 1 << 20
+
 
 class IOPool:
     """Worker threads for blocking file calls, owned by whoever creates it
@@ -286,6 +291,45 @@ def _block_status(fd: int, offset: int, length: int) -> tuple[bool, int]:
     return True, max(1, min(hole - offset, length))
 
 
+def _read_sparse(fd: int, offset: int, length: int, base: int) -> list[tuple[int, bytes | bytearray | int]]:
+    out: list[tuple[int, bytes | bytearray | int]] = []
+    pos, end = offset, offset + length
+    while pos < end:
+        is_data, n = _block_status(fd, pos, end - pos)
+        out.append((pos - base, _pread(fd, pos, n) if is_data else n))
+        pos += n
+    return out
+
+
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
+
+def _read_sparse_cached(fd: int, offset: int, length: int,
+                        base: int) -> list[tuple[int, bytes | bytearray | int]] | None:
+    """:func:`_read_sparse` without blocking: None unless every data byte is
+    in the page cache (preadv2 RWF_NOWAIT); SEEK_DATA/SEEK_HOLE only read
+    cached metadata for files the cache already holds."""
+    if not _RWF_NOWAIT:
+        return None
+    out: list[tuple[int, bytes | bytearray | int]] = []
+    pos, end = offset, offset + length
+    while pos < end:
+        is_data, n = _block_status(fd, pos, end - pos)
+        if is_data:
+            buf = bytearray(n)
+            try:
+                got = os.preadv(fd, [buf], pos, _RWF_NOWAIT)
+            except OSError:
+                return None
+            if got != n:
+                return None
+            out.append((pos - base, buf))
+        else:
+            out.append((pos - base, n))
+        pos += n
+    return out
+
+
 def _copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int) -> None:
     done = 0
     try:
@@ -414,6 +458,20 @@ class ImageFile:
         """:return: ``(is_data, n)``: the first ``n`` (>= 1, <= length) bytes
         from ``offset`` are all data or all hole, per SEEK_DATA/SEEK_HOLE."""
         return await self.pool.run(_block_status, self.fd, offset, length)
+
+    async def read_sparse(self, offset: int, length: int, *,
+                          base: int = 0) -> list[tuple[int, bytes | bytearray | int]]:
+        """Read a range as data runs and holes in one pool call (an NBD
+        READ's structured reply): ``(offset - base, data)`` for data,
+        ``(offset - base, n)`` for ``n`` bytes of hole."""
+        if length <= _NOWAIT_MAX:
+            try:
+                cached = _read_sparse_cached(self.fd, offset, length, base)
+            except OSError:
+                cached = None
+            if cached is not None:
+                return cached
+        return await self.pool.run(_read_sparse, self.fd, offset, length, base)
 
     async def size(self) -> int:
         """:return: the file size in bytes."""

@@ -10,9 +10,10 @@ from qmpd.events import EventBus
 
 if TYPE_CHECKING:
     from qmpd.block.graph import BlockGraph
+    from qmpd.commands.objects import ObjectStore
     from qmpd.jobs.manager import JobManager
 
-__all__ = ["CommandContext", "DaemonConfig", "DaemonState", "OFFERED_CAPABILITIES", "SessionControl"]
+__all__ = ["CommandContext", "DaemonConfig", "DaemonState", "NbdControl", "OFFERED_CAPABILITIES", "SessionControl"]
 
 #: Capabilities qmpd offers in its greeting (and accepts in qmp_capabilities).
 OFFERED_CAPABILITIES = ("oob",)
@@ -62,6 +63,26 @@ class SessionControl(Protocol):
         """Switch the connection to command mode after this reply."""
 
 
+class NbdControl(Protocol):
+    """The NBD server as the commands drive it (``qmpd.nbd.server``)."""
+
+    async def start(self, addr: dict[str, Any], *, max_connections: int = 0,
+                    tls_creds: str | None = None, tls_authz: str | None = None) -> None:
+        """nbd-server-start with a flat SocketAddress."""
+
+    async def stop(self) -> None:
+        """nbd-server-stop."""
+
+    def add(self, **kwargs: Any) -> None:
+        """block-export-add type=nbd / nbd-server-add."""
+
+    def delete(self, export_id: str, mode: str = "safe") -> None:
+        """block-export-del / nbd-server-remove."""
+
+    def query(self) -> list[dict[str, Any]]:
+        """query-block-exports."""
+
+
 @dataclass
 class DaemonState:
     """The daemon's global state, shared by every connection."""
@@ -72,6 +93,10 @@ class DaemonState:
     request_shutdown: Any = None
     block: BlockGraph | None = None
     jobs: JobManager | None = None
+    #: The NBD server (set up by the daemon).
+    nbd: NbdControl | None = None
+    #: Objects made by object-add (set up by the daemon).
+    objects: ObjectStore = None  # type: ignore[assignment]
     #: Names of every advertised command (frozen registry).
     command_names: tuple[str, ...] = ()
     #: Cached ``query-qmp-schema`` answer.

@@ -23,8 +23,9 @@ from typing import Any
 from qmpd import commands as _commands  # noqa: F401  (registers the handlers)
 from qmpd.commands.block import add_blockdev
 from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState, SessionControl
+from qmpd.commands.objects import ObjectStore
 from qmpd.commands.registry import REGISTRY, Registry
-from qmpd.block import BlockGraph
+from qmpd.block import BlockGraph, BlockIOError
 from qmpd.block.confine import Confinement
 from qmpd.block.io import IOPool
 from qmpd.block.persist import BitmapStateDir
@@ -32,6 +33,7 @@ from qmpd.errors import GenericError, QMPError, SchemaError
 from qmpd.events import EventBus
 from qmpd.events.names import SHUTDOWN
 from qmpd.jobs import JobManager
+from qmpd.nbd.server import NbdServer
 from qmpd.protocol.session import Call, Session
 from qmpd.qapi.keyval import parse_option_value
 from qmpd.qapi.models import BlockdevAddArgs
@@ -111,6 +113,7 @@ class Daemon:
         self.state = DaemonState(config=config, events=self.events, request_shutdown=self.request_shutdown,
                                  boot_id=str(uuid.uuid4()), start_time=time.time())
         self.schema: SchemaService | None = None
+        self.nbd: NbdServer | None = None
         #: Called once per executed command (see :data:`RequestObserver`).
         self.request_observer: RequestObserver | None = None
 
@@ -141,6 +144,13 @@ class Daemon:
                                           flush_interval=self.config.state_flush_interval)
         self.state.block = BlockGraph(bitmap_state=bitmap_state, pool=self.pool)
         self.state.jobs = JobManager(self.events)
+        self.state.objects = ObjectStore()
+        self.nbd = NbdServer(self._graph, self.events, tls_creds=self.state.objects.get)
+        self.state.nbd = self.nbd
+
+    def _graph(self) -> BlockGraph:
+        assert self.state.block is not None
+        return self.state.block
 
     async def add_blockdevs(self, specs: list[str]) -> None:
         """Create ``--blockdev`` nodes, in order, through ``blockdev-add``'s
@@ -164,8 +174,63 @@ class Daemon:
 
         :raise BlockIOError: it cannot be created.
         """
-        if self.state.block is not None and self.state.block.bitmap_state is not None:
-            await self.state.block.bitmap_state.prepare()
+        state = self.state.block.bitmap_state if self.state.block is not None else None
+        if state is not None:
+            try:
+                await state.prepare()
+            except BlockIOError as exc:
+                raise GenericError(f"--state-dir {state.path}: {exc.strerror}") from exc
+
+    async def add_nbd(self, servers: list[str], exports: list[str]) -> None:
+        """``--nbd-server`` (at most one) and ``--export`` options, as
+        qemu-storage-daemon parses them (``--export`` may start with its
+        type, ``nbd,id=...``); errors read ``--OPTION TEXT: reason``.
+
+        :raise QMPError: the commands' own error texts, prefixed.
+        """
+        if len(servers) > 1:
+            raise GenericError("--nbd-server: only one NBD server may be started")
+        for text in servers:
+            try:
+                await self._nbd_server_option(text)
+            except QMPError as err:
+                raise GenericError(f"--nbd-server {text}: {err.desc}") from err
+        for text in exports:
+            try:
+                self._export_option(text)
+            except QMPError as err:
+                raise GenericError(f"--export {text}: {err.desc}") from err
+
+    async def _nbd_server_option(self, text: str) -> None:
+        assert self.schema is not None and self.nbd is not None
+        opts = parse_option_value(text, self.schema.schema.lookup_type("NbdServerOptions"))
+        if not isinstance(opts, dict) or not isinstance(opts.get("addr"), dict):
+            raise GenericError("Parameter 'addr' is missing")
+        addr = dict(opts["addr"])
+        legacy = {k: v for k, v in opts.items() if k != "addr"}
+        legacy["addr"] = {"type": addr.pop("type", None), "data": addr}
+        try:
+            self.schema.validate_arguments("nbd-server-start", legacy)
+        except QMPError as err:   # name members by the flat SocketAddress path
+            raise GenericError(err.desc.replace("'addr.data.", "'addr.")) from err
+        await self.nbd.start({"type": legacy["addr"]["type"], **addr},
+                             max_connections=int(opts.get("max-connections", 0)),
+                             tls_creds=opts.get("tls-creds"), tls_authz=opts.get("tls-authz"))
+
+    def _export_option(self, text: str) -> None:
+        assert self.schema is not None and self.nbd is not None
+        head = text.split(",", 1)[0]
+        if not text.lstrip().startswith("{") and "=" not in head:
+            text = "type=" + text
+        opts = parse_option_value(text, self.schema.schema.lookup_type("BlockExportOptions"))
+        if not isinstance(opts, dict):
+            raise GenericError("--export expects an object")
+        self.schema.validate_arguments("block-export-add", opts)
+        self.nbd.add(id=opts["id"], node_name=opts["node-name"], name=opts.get("name"),
+                     description=opts.get("description"), writable=opts.get("writable", False),
+                     writethrough=opts.get("writethrough", False),
+                     bitmaps=tuple(opts.get("bitmaps", ())),
+                     allocation_depth=opts.get("allocation-depth", False))
 
     async def start(self) -> None:
         """Open every listener.  :raise OSError: when one cannot be bound."""
@@ -249,6 +314,8 @@ class Daemon:
         for server in self._servers:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), SHUTDOWN_GRACE)
+        if self.nbd is not None:
+            await self.nbd.cleanup()
         pending = [t for t in self._tasks if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)

@@ -23,6 +23,8 @@ EXCEPTIONS = {
         "waits for a daemonized qmpd (not our child, so no wait()) to exit",
     ("support/faultfs.py", "__init__"):
         "polls for nbdfuse's pidfile (written once the FUSE mount serves): no event crosses the process boundary",
+    ("support/nbd.py", "wait_listening"):
+        "polls until another process (qmpd, qemu-storage-daemon) listens: no event crosses the boundary",
     ("transcripts/record.py", "main"):
         "the recorder polls for real QEMU's socket file (a tool, not a test)",
 }
