@@ -24,6 +24,8 @@ from qmpd import commands as _commands  # noqa: F401  (registers the handlers)
 from qmpd.commands.block import add_blockdev
 from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState, SessionControl
 from qmpd.commands.objects import ObjectStore
+from qmpd.block.drivers import freeze_drivers
+from qmpd.commands.actions import freeze_actions
 from qmpd.commands.registry import REGISTRY, Registry
 from qmpd.block import BlockGraph, BlockIOError
 from qmpd.block.confine import Confinement
@@ -124,6 +126,8 @@ class Daemon:
         :raise qmpd.errors.SchemaError: when registry and schema disagree.
         """
         self._registry.freeze()
+        freeze_actions()
+        freeze_drivers()
         self.schema = SchemaService.load()
         names = self.schema.check_registry(set(self._registry))
         missing = set(self.schema.schema.commands) - set(names) - UNIMPLEMENTED
