@@ -74,6 +74,15 @@ class IOPool:
         self._busy = 0
         self._mutex = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()
+
+    def _after_fork(self) -> None:
+        """A forked child has none of the parent's threads: start afresh."""
+        self._queue = queue.SimpleQueue()
+        self._threads = []
+        self._idle = self._busy = 0
+        self._mutex = threading.Lock()
+        self._pid = os.getpid()
 
     @property
     def busy(self) -> int:
@@ -84,6 +93,8 @@ class IOPool:
         """Run the blocking ``fn(*args)`` in a worker; OSError becomes BlockIOError."""
         if self._closed:
             raise BlockIOError(errno.ESHUTDOWN)
+        if self._pid != os.getpid():
+            self._after_fork()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[_T] = loop.create_future()
         with self._mutex:
