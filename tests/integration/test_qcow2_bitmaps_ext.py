@@ -1,4 +1,4 @@
-"""qcow2 bitmaps extension (bitmaps_ext.py) against QEMU 7.2: images whose
+"""qcow2 bitmaps extension (bitmaps_ext.py, bitmaps_io.py) against QEMU 7.2: images whose
 bitmaps qemu-img/qemu-io wrote parse to the exact bits; bitmaps we store
 are listed by ``qemu-img info``, pass ``qemu-img check`` and are loaded by
 QEMU bit for bit; limits and refusals in QEMU's words (recorded live)."""
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from qmpd.block.drivers.qcow2 import bitmaps_ext as bx
+from qmpd.block.drivers.qcow2 import bitmaps_io as bio
 from tests.support.qcow2file import Qcow2File
 
 GiB = 1 << 30
@@ -48,8 +49,8 @@ def _load(path: Path) -> tuple[list[bx.DirEntry], dict[str, bytes | None]]:
         try:
             ext = f.bitmaps_ext()
             assert ext is not None
-            entries = await bx.load_bitmaps(f, ext, f.size)
-            return entries, {e.name: await bx.load_bitmap(f, e, f.size) for e in entries}
+            entries = await bio.load_bitmaps(f, ext, f.size)
+            return entries, {e.name: await bio.load_bitmap(f, e, f.size) for e in entries}
         finally:
             f.close()
     return asyncio.run(go())
@@ -104,9 +105,9 @@ def _store(path: Path, bitmaps: list[tuple[str, int, int, bytes]]) -> list[bx.Di
     async def go() -> list[bx.DirEntry]:
         f = Qcow2File(str(path))
         try:
-            entries = [await bx.store_bitmap(f, name, data, f.size, gbits, flags)
+            entries = [await bio.store_bitmap(f, name, data, f.size, gbits, flags)
                        for name, gbits, flags, data in bitmaps]
-            f.set_bitmaps_ext(await bx.store_directory(f, entries))
+            f.set_bitmaps_ext(await bio.store_directory(f, entries))
             return entries
         finally:
             f.close()
@@ -165,9 +166,9 @@ def test_all_ones_table_entry(tmp_path: Path) -> None:
             toff = f.allocate(8)
             await f.write(toff, bx.encode_table([bx.TABLE_ALL_ONES]))
             e = bx.DirEntry("ones", toff, 1, 0, 16)
-            f.set_bitmaps_ext(await bx.store_directory(f, [e]))
-            assert await bx.load_bitmap(f, e, f.size) == b"\xff" * 512
-            assert await bx.bitmap_clusters(f, e) == [(toff, 8)]
+            f.set_bitmaps_ext(await bio.store_directory(f, [e]))
+            assert await bio.load_bitmap(f, e, f.size) == b"\xff" * 512
+            assert await bio.bitmap_clusters(f, e) == [(toff, 8)]
         finally:
             f.close()
     asyncio.run(go())
@@ -372,31 +373,31 @@ def test_open_store_remove_cycle_as_qemu(tmp_path: Path) -> None:
             assert ext is not None
             marked = [replace(e, flags=e.flags | bx.FLAG_IN_USE) if e.name == "dead" else e
                       for e in entries]
-            await bx.rewrite_directory(f, ext, marked)
+            await bio.rewrite_directory(f, ext, marked)
         finally:
             f.close()
     asyncio.run(crash_dead())
     assert [b["flags"] for b in _info_bitmaps(img)] == [["auto"], ["in-use", "auto"], []]
 
-    async def cycle() -> tuple[bytes | None, bx.StoreResult]:
+    async def cycle() -> tuple[bytes | None, bio.StoreResult]:
         f = Qcow2File(str(img))
         try:
             ext = f.bitmaps_ext()
             assert ext is not None
-            on_disk = await bx.load_bitmaps(f, ext, f.size)
-            loaded = {e.name: await bx.load_bitmap(f, e, f.size) for e in on_disk}
+            on_disk = await bio.load_bitmaps(f, ext, f.size)
+            loaded = {e.name: await bio.load_bitmap(f, e, f.size) for e in on_disk}
             # open: in_use on all (autoclear bit off while rewriting)
             f.set_bitmaps_ext(None)
-            await bx.rewrite_directory(f, ext, bx.with_flags(on_disk, bx.FLAG_IN_USE))
+            await bio.rewrite_directory(f, ext, bx.with_flags(on_disk, bx.FLAG_IN_USE))
             f.set_bitmaps_ext(ext)
             assert [b["flags"] for b in _info_bitmaps(img)] == [
                 ["in-use", "auto"], ["in-use", "auto"], ["in-use"]]
             # QEMU refuses to replace a bitmap that is not in use:
             with pytest.raises(bx.BitmapError, match="^Bitmap 'clean' already exists in the image$"):
-                await bx.store_all(f, ext, on_disk, [bx.MemBitmap("clean", 65536, False, b"")],
+                await bio.store_all(f, ext, on_disk, [bio.MemBitmap("clean", 65536, False, b"")],
                                    f.size)
             with pytest.raises(bx.BitmapError) as exc:
-                await bx.store_all(f, ext, on_disk, [bx.MemBitmap("g", 256, True, b"")], f.size)
+                await bio.store_all(f, ext, on_disk, [bio.MemBitmap("g", 256, True, b"")], f.size)
             assert exc.value.text == ("Bitmap 'g' doesn't satisfy the constraints: Granularity "
                                       "is under minimum (512 bytes)")
             # close: "dead" stays inconsistent (not stored), the others are
@@ -405,11 +406,11 @@ def test_open_store_remove_cycle_as_qemu(tmp_path: Path) -> None:
             assert keep is not None
             new = bytearray(bx.bitmap_bytes(f.size, 20))
             new[-1] = 0x80
-            mem = [bx.MemBitmap("keep", 65536, True, keep),
-                   bx.MemBitmap("clean", 65536, False, bytes(bx.bitmap_bytes(f.size, 16))),
-                   bx.MemBitmap("new", 1 << 20, False, bytes(new))]
+            mem = [bio.MemBitmap("keep", 65536, True, keep),
+                   bio.MemBitmap("clean", 65536, False, bytes(bx.bitmap_bytes(f.size, 16))),
+                   bio.MemBitmap("new", 1 << 20, False, bytes(new))]
             on_disk = bx.with_flags(on_disk, bx.FLAG_IN_USE)
-            res = await bx.store_all(f, ext, on_disk, mem, f.size)
+            res = await bio.store_all(f, ext, on_disk, mem, f.size)
             f.set_bitmaps_ext(res.ext)
             _free(f, res.free)
             return keep, res
@@ -434,8 +435,8 @@ def test_open_store_remove_cycle_as_qemu(tmp_path: Path) -> None:
             for name in ("nothere", "clean", "keep", "new"):
                 ext = f.bitmaps_ext()
                 assert ext is not None
-                on_disk = await bx.load_bitmaps(f, ext, f.size)
-                res = await bx.remove(f, ext, on_disk, name)
+                on_disk = await bio.load_bitmaps(f, ext, f.size)
+                res = await bio.remove(f, ext, on_disk, name)
                 if name == "nothere":
                     assert res is None
                     continue
