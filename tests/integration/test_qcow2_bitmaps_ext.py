@@ -163,7 +163,7 @@ def test_all_ones_table_entry(tmp_path: Path) -> None:
     async def go() -> None:
         f = Qcow2File(str(img))
         try:
-            toff = f.allocate(8)
+            toff = await f.allocate(8)
             await f.write(toff, bx.encode_table([bx.TABLE_ALL_ONES]))
             e = bx.DirEntry("ones", toff, 1, 0, 16)
             f.set_bitmaps_ext(await bio.store_directory(f, [e]))
@@ -323,7 +323,7 @@ def test_can_store_new_matches_qemu(tmp_path: Path) -> None:
 
 
 def test_limits_without_qemu() -> None:
-    """The count and directory limits (65535 bitmaps, 64 MiB - 64 KiB of
+    """The count and directory limits (65535 bitmaps, 64 MiB - 1 KiB of
     directory) are too slow to reach through QEMU; QEMU's texts."""
     kw: dict[str, object] = dict(node="n", version=3, disk_size=GiB, cluster_size=65536)
     with pytest.raises(bx.BitmapError) as exc:

@@ -127,7 +127,7 @@ def _write_compressed_image(img: Path, data: bytes, cbits: int, ct: int) -> dict
                 streams.append((gc, s))
         # Data first, then L2 entries.
         total = sum(len(s) for _, s in streams)
-        start = f.allocate(total)
+        start = f.alloc(total)
         descs, refs = cz.pack([s for _, s in streams], start, cbits)
         for i, n in enumerate(refs):
             f.set_refcount((start >> cbits) + i, n)
@@ -140,7 +140,7 @@ def _write_compressed_image(img: Path, data: bytes, cbits: int, ct: int) -> dict
             f.set_l2_entry(gc, entry)
             counts["compressed"] += 1
         for gc, chunk in plain:
-            host = f.allocate(cs)
+            host = f.alloc(cs)
             os.pwrite(f.fd, chunk, host)
             f.set_l2_entry(gc, host | COPIED)
             counts["normal"] += 1

@@ -49,7 +49,10 @@ class Qcow2File:
     async def write(self, offset: int, data: bytes) -> None:
         assert os.pwrite(self.fd, data, offset) == len(data)
 
-    def allocate(self, nbytes: int) -> int:
+    async def allocate(self, nbytes: int) -> int:
+        return self.alloc(nbytes)
+
+    def alloc(self, nbytes: int) -> int:
         """Whole clusters at the end of the file, refcount 1."""
         cs = self.cluster_size
         end = -(-os.fstat(self.fd).st_size // cs) * cs
@@ -116,7 +119,7 @@ class Qcow2File:
         (l1e,) = struct.unpack(">Q", os.pread(self.fd, 8, self.l1_offset + 8 * l1i))
         l2 = l1e & OFFSET_MASK
         if not l2:
-            l2 = self.allocate(self.cluster_size)
+            l2 = self.alloc(self.cluster_size)
             os.pwrite(self.fd, struct.pack(">Q", l2 | 1 << 63), self.l1_offset + 8 * l1i)
         os.pwrite(self.fd, struct.pack(">Q", entry), l2 + 8 * l2i)
 

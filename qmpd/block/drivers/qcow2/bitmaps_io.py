@@ -37,7 +37,7 @@ class BitmapIO(Protocol):
 
     async def write(self, offset: int, data: bytes) -> None: ...
 
-    def allocate(self, nbytes: int) -> int:
+    async def allocate(self, nbytes: int) -> int:
         """:return: the host offset of ``nbytes`` (rounded up to clusters)
         of newly referenced, contiguous clusters."""
         ...
@@ -94,11 +94,11 @@ async def store_bitmap(io: BitmapIO, name: str, data: bytes, disk_size: int,
     table = [0] * tb_size
     for i, chunk in enumerate(split_data(data[:nbytes], cs)):
         if chunk is not None:
-            off = io.allocate(cs)
+            off = await io.allocate(cs)
             await io.write(off, chunk)
             table[i] = off
     raw = encode_table(table)
-    toff = io.allocate(len(raw))
+    toff = await io.allocate(len(raw))
     await io.write(toff, raw + bytes((-len(raw)) % cs))
     return DirEntry(name, toff, tb_size, flags, granularity_bits)
 
@@ -113,7 +113,7 @@ async def store_directory(io: BitmapIO, entries: Sequence[DirEntry]) -> BitmapsE
     if len(entries) > MAX_BITMAPS:
         raise BitmapError("Too many persistent bitmaps")
     raw = encode_directory(entries)
-    off = io.allocate(len(raw))
+    off = await io.allocate(len(raw))
     await io.write(off, raw)
     return BitmapsExt(len(entries), len(raw), off)
 
