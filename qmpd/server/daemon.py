@@ -25,7 +25,7 @@ from qmpd.commands.block import add_blockdev
 from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState, SessionControl
 from qmpd.commands.objects import ObjectStore
 from qmpd.commands.registry import REGISTRY, Registry
-from qmpd.block import BlockGraph
+from qmpd.block import BlockGraph, BlockIOError
 from qmpd.block.persist import BitmapStateDir
 from qmpd.errors import GenericError, QMPError, SchemaError
 from qmpd.events import EventBus
@@ -141,8 +141,12 @@ class Daemon:
 
         :raise BlockIOError: it cannot be created.
         """
-        if self.state.block is not None and self.state.block.bitmap_state is not None:
-            await self.state.block.bitmap_state.prepare()
+        state = self.state.block.bitmap_state if self.state.block is not None else None
+        if state is not None:
+            try:
+                await state.prepare()
+            except BlockIOError as exc:
+                raise GenericError(f"--state-dir {state.path}: {exc.strerror}") from exc
 
     async def add_nbd(self, servers: list[str], exports: list[str]) -> None:
         """``--nbd-server`` (at most one) and ``--export`` options, as

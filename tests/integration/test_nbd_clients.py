@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import socket
 import struct
-import time
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import struct
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
