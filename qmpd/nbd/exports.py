@@ -111,6 +111,21 @@ class Export:
 
     # ------------------------------------------------------------ requests
 
+    def read_cached(self, offset: int, length: int) -> list[tuple[int, bytes | bytearray | int]] | None:
+        """A structured READ answered at once from the page cache, when the
+        node is a plain raw/file chain and every byte is cached; else None
+        (then :meth:`read`)."""
+        node = self.node
+        if length == 0 or offset + length > node.length:
+            return None
+        view = file_view(node, for_write=False)
+        if view is None:
+            return None
+        direct = view.image.read_sparse_cached(offset + view.base, length, base=view.base)
+        if direct is not None:
+            mark_read(view, length)
+        return direct
+
     async def read(self, offset: int, length: int, *,
                    holes: bool) -> list[tuple[int, bytes | bytearray | int]]:
         """:return: READ segments: ``(offset, data)``, or ``(offset, n)`` for
