@@ -211,6 +211,13 @@ def test_qsd_command_line(tmp_path: Path) -> None:
         bad = [["--nbd-server", "addr.type=unix"],
                ["--nbd-server", f"addr.type=unix,addr.path={tmp / 'x.sock'}", "--export", "nbd,id=e0,node-name=nosuch"],
                ["--export", "nbd,id=e0,node-name=nosuch"],
+               [*blockdevs, "--nbd-server", f"addr.type=unix,addr.path={tmp / 'x.sock'}",
+                "--export", "nbd,id=e0,node-name=drive0,bitmaps.0=nosuch"],
+               [*blockdevs, "--nbd-server", f"addr.type=unix,addr.path={tmp / 'x.sock'}",
+                "--export", "nbd,id=e0,node-name=drive0,writable=maybe"],
+               [*blockdevs, "--export", "nbd,node-name=drive0"],
+               ["--nbd-server", f"addr.type=unix,addr.path={tmp / 'x.sock'}",
+                "--nbd-server", f"addr.type=unix,addr.path={tmp / 'y.sock'}"],
                ["--nbd-server", f"addr.type=unix,addr.path={tmp / 'x.sock'},tls-creds=x"]]
         for argv in bad:
             ours = subprocess.run([sys.executable, "-m", "qmpd", "--socket", str(tmp / "q.sock"), *argv],
