@@ -336,14 +336,15 @@ class BlockGraph:
         """blockdev-del's refusals, in QEMU's order.
 
         :raise NodeNotFound: ``"Failed to find node with node-name='%s'"``.
-        :raise NodeInUse: ``"Node %s is in use"`` (attached to a device), the
+        :raise NodeInUse: ``"Node %s is in use"`` (attached to a device or
+            an export), the
             op-blocker text, ``"Node %s is not owned by the monitor"``,
             ``"Block device %s is in use"`` (a parent or holder references it).
         """
         node = self._nodes.get(name)
         if node is None:
             raise NodeNotFound(f"Failed to find node with node-name='{name}'")
-        if node.backend is not None:
+        if node.backend is not None or node.anonymous_backends:
             raise NodeInUse(f"Node {name} is in use")
         node.check_not_busy()
         if not node.owned_by_monitor:

@@ -186,14 +186,13 @@ class Daemon:
                 raise GenericError(f"--state-dir {state.path}: {exc.strerror}") from exc
 
     async def add_nbd(self, servers: list[str], exports: list[str]) -> None:
-        """``--nbd-server`` (at most one) and ``--export`` options, as
+        """``--nbd-server`` (a second one fails as nbd-server-start does) and
+        ``--export`` options, as
         qemu-storage-daemon parses them (``--export`` may start with its
         type, ``nbd,id=...``); errors read ``--OPTION TEXT: reason``.
 
         :raise QMPError: the commands' own error texts, prefixed.
         """
-        if len(servers) > 1:
-            raise GenericError("--nbd-server: only one NBD server may be started")
         for text in servers:
             try:
                 await self._nbd_server_option(text)

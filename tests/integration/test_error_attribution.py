@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +112,48 @@ async def test_source_read_error_is_a_read_error(qmpd: RunningDaemon, tmp_path: 
         assert _event(msgs, "BLOCK_JOB_COMPLETED")["data"]["error"] == "Input/output error"
         await client.execute({"execute": "blockdev-del", "arguments": {"node-name": "drive0"}})
         await client.close()
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (needs the right to mount; skipped otherwise)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+async def test_enospc_offset_counts_what_was_written(qmpd: RunningDaemon, tmp_path: Path,
+                                                    small_fs: Path) -> None:
+    src = tmp_path / "disk.img"
+    src.write_bytes(os.urandom(SIZE))
+    tgt = small_fs / "target.img"
+    with open(tgt, "wb") as f:
+        f.truncate(SIZE)  # sparse: the file system runs full half-way
+    client = await AsyncRawClient.connect(qmpd.path)
+    await _add(client, "drive0", str(src))
+    await _add(client, "target", str(tgt))
+    reply, _ = await client.execute({"execute": "blockdev-backup", "arguments": {
+        "device": "drive0", "target": "target", "sync": "full", "job-id": "j"}})
+    assert reply == {"return": {}}
+    msgs = await _until(client, lambda m: m.get("event") == "BLOCK_JOB_COMPLETED")
+    assert _event(msgs, "BLOCK_JOB_ERROR")["data"] == {
+        "device": "j", "operation": "write", "action": "report"}
+    done = _event(msgs, "BLOCK_JOB_COMPLETED")["data"]
+    assert done["error"] == "No space left on device"
+    # QEMU counts every chunk that was written before the failure; so does qmpd
+    # (it used to report 0 when a batched fast-path copy failed).
+    allocated = os.stat(tgt).st_blocks * 512
+    assert 0 < done["offset"] <= allocated <= 2 << 20
+    assert done["offset"] % (64 << 10) == 0
+    data = tgt.read_bytes()
+    source = src.read_bytes()
+    copied = sum(data[i:i + (64 << 10)] == source[i:i + (64 << 10)] for i in range(0, SIZE, 64 << 10))
+    assert copied * (64 << 10) >= done["offset"]
+    await client.execute({"execute": "blockdev-del", "arguments": {"node-name": "target"}})
+    await client.close()
