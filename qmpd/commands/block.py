@@ -1,4 +1,4 @@
-"""Block graph commands: blockdev-add/del, query-named-block-nodes, query-block."""
+"""Block graph commands: blockdev-add/del, query-named-block-nodes."""
 
 from __future__ import annotations
 
@@ -36,8 +36,3 @@ async def query_named_block_nodes(ctx: CommandContext, args: Any) -> list[dict[s
     """Every named node, in creation order (BlockDeviceInfo, QEMU 7.2 shape)."""
     return graph_of(ctx).info(flat=bool(args.flat))
 
-
-@command("query-block")
-async def query_block(ctx: CommandContext, args: Any) -> list[dict[str, Any]]:
-    """BlockBackends only: nodes created with blockdev-add are not listed."""
-    return []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -10,6 +11,7 @@ from qmpd.events import EventBus
 if TYPE_CHECKING:
     from qmpd.block.graph import BlockGraph
     from qmpd.jobs.manager import JobManager
+    from qmpd.machine import Machine
 
 __all__ = ["CommandContext", "DaemonConfig", "DaemonState", "SessionControl"]
 
@@ -24,6 +26,8 @@ class DaemonConfig:
     package: str = ""
     #: ``--name``: answered by ``query-name``.
     name: str | None = None
+    #: ``-S``: start in the ``prelaunch`` run state.
+    prelaunch: bool = False
 
 
 class SessionControl(Protocol):
@@ -37,6 +41,15 @@ class SessionControl(Protocol):
         """Switch the connection to command mode after this reply."""
 
 
+def _stdout(text: str) -> None:
+    """Write ``text`` to stdout at once (the VM log of QEMU's harness)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+
+
 @dataclass
 class DaemonState:
     """The daemon's global state, shared by every connection."""
@@ -47,8 +60,11 @@ class DaemonState:
     request_shutdown: Any = None
     block: BlockGraph | None = None
     jobs: JobManager | None = None
+    machine: Machine | None = None
     #: Names of every advertised command (frozen registry).
     command_names: tuple[str, ...] = ()
+    #: Where qemu-io's output goes (QEMU prints it on its stdout).
+    console: Any = field(default=_stdout)
     #: Cached ``query-qmp-schema`` answer.
     introspection: list[dict[str, Any]] = field(default_factory=list)
 

@@ -57,12 +57,6 @@ async def query_qmp_schema(ctx: CommandContext, args: Any) -> list[dict[str, Any
     return ctx.state.introspection
 
 
-@command("query-status")
-async def query_status(ctx: CommandContext, args: Any) -> dict[str, Any]:
-    """qmpd has no guest: it is always running."""
-    return {"status": "running", "running": True}
-
-
 @command("query-name")
 async def query_name(ctx: CommandContext, args: Any) -> dict[str, Any]:
     """The ``--name`` given at start, or nothing."""

@@ -12,9 +12,12 @@ Drivers are opened by an :data:`DriverOpener` registered in
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+
+from qmpd.block.errors import BlockIOError
 
 if TYPE_CHECKING:
     from qmpd.block.node import BlockNode
@@ -68,6 +71,10 @@ class BlockDriver(Protocol):
     def debug_event(self, event: str) -> None:
         """A blkdebug event raised on this node (no-op for most drivers)."""
 
+    async def truncate(self, size: int) -> None:
+        """Resize to ``size`` bytes (``block_resize``); :raise BlockIOError:
+        ENOTSUP where the driver cannot."""
+
     def actual_size(self) -> int | None:
         """Bytes allocated on disk, or None when unknown (no ``actual-size``)."""
 
@@ -103,6 +110,10 @@ class BaseDriver:
 
     async def flush_to_disk(self) -> None:
         """Nothing of its own to flush."""
+
+    async def truncate(self, size: int) -> None:
+        """Not supported unless the driver says otherwise."""
+        raise BlockIOError(errno.ENOTSUP)
 
     def close(self) -> None:
         """Nothing to release."""
