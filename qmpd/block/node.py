@@ -153,8 +153,9 @@ class BlockNode:
 
     @property
     def in_use(self) -> bool:
-        """Referenced by a parent node or a holder (blockdev-del refuses)."""
-        return bool(self.parents) or self.refs > 0
+        """Referenced by a parent node, a holder or a BlockBackend
+        (blockdev-del refuses; a parent going away keeps it)."""
+        return bool(self.parents) or self.refs > 0 or self.backend is not None
 
     def hold(self) -> None:
         """Take a reference (e.g. a job's source) that keeps blockdev-del away."""

@@ -133,10 +133,9 @@ async def _qemu_io(ctx: CommandContext, rest: str) -> str:
     # request goes to the backend's current root (through a swapped filter).
     node = None
     if qdev:
-        backend = machine.backend_by_qdev(name) if machine is not None else None
-        if backend is None:
+        if machine is None:
             raise DeviceNotFound(f"Device '{name}' not found")
-        node = backend.root
+        node = machine.backend_by_qdev(name).root
     else:
         found, node = graph.backend_root(name)
         if not found:

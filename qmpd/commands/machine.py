@@ -63,7 +63,7 @@ async def qom_get(ctx: CommandContext, args: Any) -> Any:
 @command("qom-set")
 async def qom_set(ctx: CommandContext, args: Any) -> None:
     """``drive``: point the device's BlockBackend at another node."""
-    machine_of(ctx).qom_set(args.path, args.property, args.value)
+    await machine_of(ctx).qom_set(args.path, args.property, args.value)
 
 
 @command("block_resize")

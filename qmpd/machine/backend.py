@@ -53,7 +53,8 @@ class BlockBackend:
         if self.device is not None:
             out["qdev"] = self.device.qdev
         out["type"] = "unknown"
-        out["removable"] = self.removable
+        # QEMU: a BlockBackend without a device counts as removable.
+        out["removable"] = self.removable or self.device is None
         out["locked"] = False
         if self.root is not None:
             inserted = self.root.info(False)

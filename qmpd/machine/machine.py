@@ -67,12 +67,19 @@ class Machine:
             return False, None
         return True, backend.root
 
-    def backend_by_qdev(self, qdev_id: str) -> BlockBackend | None:
-        """HMP ``qemu-io -d``: the backend of the device with id or path ``qdev_id``."""
+    def backend_by_qdev(self, qdev_id: str) -> BlockBackend:
+        """HMP ``qemu-io -d``: the backend of the device with id or QOM path
+        ``qdev_id`` (a virtio proxy has none; its ``virtio-backend`` has).
+
+        :raise DeviceNotFound: ``"Device '%s' not found"``.
+        :raise GenericError: the device has no BlockBackend.
+        """
         for dev in self.devices:
-            if dev.backend is not None and qdev_id in (dev.id, dev.path, dev.qdev):
+            if qdev_id in (dev.id, dev.path, dev.qdev):
+                if dev.backend is None or (dev.model.backend_child and qdev_id != dev.qdev):
+                    raise GenericError("Device does not have a block device backend")
                 return dev.backend
-        return None
+        raise DeviceNotFound(f"Device '{qdev_id}' not found")
 
     def _root_moved(self, old: BlockNode, new: BlockNode) -> None:
         """A filter was inserted above (or removed from below) a root:
@@ -96,12 +103,14 @@ class Machine:
         spec = parse_drive(text, self._drive_index)
         if self.backends.get(spec.backend) is not None:
             raise GenericError(f"Duplicate ID '{spec.backend}' for drive")
-        if spec.backend in self.graph:
+        if spec.backend in self.graph or (spec.options or {}).get("node-name") == spec.backend:
             raise GenericError(f"Device name '{spec.backend}' conflicts with an existing node name")
         root: BlockNode | None = None
         if spec.options is not None:
             options = _typed_options(spec, schema)
-            root = await self.graph.add(options, auto_root="node-name" not in options)
+            # The BlockBackend owns the tree (blockdev-del refuses it; it
+            # goes away with its last user), named or not.
+            root = await self.graph.add(options, auto_root=True)
             if spec.probe:
                 filename = options.get("file", {}).get("filename", "")
                 sys.stderr.write(
@@ -209,7 +218,7 @@ class Machine:
                              f"({b.root.driver.name}{', read-only' if b.root.read_only else ''})")
             if b.device is not None:
                 lines.append(f"    Attached to:      {b.device.qdev}")
-            if b.removable:
+            if b.removable or b.device is None:
                 lines.append("    Removable device: not locked, tray closed")
             if b.root is not None:
                 lines.append(f"    Cache mode:       {_cache_mode(b)}")
@@ -280,7 +289,7 @@ class Machine:
             return None
         return str(getattr(dev.backend, prop))
 
-    def qom_set(self, path: str, prop: str, value: Any) -> None:
+    async def qom_set(self, path: str, prop: str, value: Any) -> None:
         """qom-set ``drive``: re-point the device's BlockBackend to the node
         ``value`` (qmpbackup's and libvirt's fleecing swap).
 
@@ -306,7 +315,11 @@ class Machine:
             return
         if node.backend is not None:
             raise NodeInUse(f"Node '{value}' is already in use by another device")
+        old = backend.root
         backend.attach(node)
+        if old is not None and not old.owned_by_monitor and not old.parents:
+            # The backend held the last reference (a -drive tree): QEMU frees it.
+            await self.graph.remove_node(old)
 
 
 def _cache_mode(b: BlockBackend) -> str:

@@ -7,8 +7,7 @@ rules, as observed (tests/transcripts/machine_runstate.qmp)::
     running   --stop--> paused    STOP
     paused    --cont--> running   RESUME
     io-error  --cont--> running   RESUME (I/O status of every backend reset)
-    running   --cont--> running   STOP, RESUME   (vm_prepare_start's quirk)
-    stop when not running: nothing, no event
+    cont when running, stop when not running: nothing, no event
 
 ``query-status``'s ``running`` is true only in ``running``.
 """
@@ -55,18 +54,18 @@ class RunState:
         if self.status != "running":
             return
         self.status = reason
-        self.events.emit(STOP, {})
+        self.events.emit(STOP)
 
     def cont(self) -> None:
-        """``cont``: RESUME (a running VM first reports STOP, as QEMU 7.2).
+        """``cont``: RESUME (nothing when already running).
 
         :raise ValueError: in a state ``cont`` cannot leave (``shutdown``...).
         """
         if self.status not in _STARTABLE:
             raise ValueError(self.status)
         if self.status == "running":
-            self.events.emit(STOP, {})
+            return
         for hook in self.on_cont:
             hook()
         self.status = "running"
-        self.events.emit(RESUME, {})
+        self.events.emit(RESUME)

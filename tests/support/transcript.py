@@ -4,6 +4,8 @@ A transcript is recorded from a real QEMU (``tests/transcripts/record.py``)
 and replayed against qmpd.  Lines:
 
 * ``! file NAME SIZE``: create a sparse file ``TEST_DIR/NAME`` first;
+* ``! args ...``: QEMU command-line options the VM was started with
+  (``-machine pc -S -drive ... -device ...``), given to qmpd as well;
 * ``-> {json}``: a request;
 * ``<- {json}``: the reply to it, or an event (``{"event": ...}``, without
   timestamp) expected before the reply;
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +38,14 @@ class Step:
 class Transcript:
     files: list[tuple[str, int]]
     steps: list[Step]
+    #: ``! args`` (shell words, TEST_DIR not yet substituted).
+    args: list[str] = field(default_factory=list)
 
 
 def parse(path: Path) -> Transcript:
     files: list[tuple[str, int]] = []
     steps: list[Step] = []
+    args: list[str] = []
     for lineno, raw in enumerate(path.read_text().splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -47,13 +53,15 @@ def parse(path: Path) -> Transcript:
         if line.startswith("! file "):
             _, _, name, size = line.split()
             files.append((name, int(size)))
+        elif line.startswith("! args "):
+            args = shlex.split(line[len("! args "):])
         elif line.startswith("-> "):
             steps.append(Step(json.loads(line[3:]), line=lineno))
         elif line.startswith("<- "):
             steps[-1].expected.append(json.loads(line[3:]))
         else:
             raise ValueError(f"{path}:{lineno}: cannot parse {raw!r}")
-    return Transcript(files, steps)
+    return Transcript(files, steps, args)
 
 
 def normalize(value: Any, test_dir: str) -> Any:
