@@ -228,7 +228,7 @@ async def _write(node: BlockNode, opts: dict[str, str], operands: list[str]) -> 
         if "b" in opts or "c" in opts or "s" in opts:
             raise BlockIOError(errno.ENOTSUP)
         if zero:
-            await node.write_zeroes(offset, count, may_unmap="u" in opts)
+            await node.write_zeroes(offset, count, may_unmap="u" in opts, addressed=True)
         else:
             if _fill[0] != pattern or _fill[1] != count:
                 _fill = (pattern, count, bytes([pattern]) * count)
