@@ -113,8 +113,13 @@ async def main(sock: str, workdir: str) -> None:
     with open(inc, "rb") as src, open(restored, "r+b") as dst:
         for off, length in data_extents(inc):
             src.seek(off)
+            chunk = src.read(length)
+            if off == 0 and chunk[:4096] == bytes(min(4096, len(chunk))):
+                # blockdev-create allocates the first block of a new file (as
+                # QEMU's file-posix does): zeros that were never copied.
+                off, chunk = 4096, chunk[4096:]
             dst.seek(off)
-            dst.write(src.read(length))
+            dst.write(chunk)
     with open(restored, "rb") as a, open(disk, "rb") as b:
         same = a.read() == b.read()
     print("restored image matches the live disk" if same else "MISMATCH between restore and live disk")

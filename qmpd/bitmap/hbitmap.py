@@ -251,6 +251,21 @@ class HBitmap:
         """:return: the number of set bits (cached, O(1))."""
         return self._count
 
+    def popcount(self) -> int:
+        """:return: the number of set bits, counted afresh (what :meth:`count` caches)."""
+        return self._bits.count()
+
+    def load_bits(self, bits: bitarray) -> None:
+        """Replace the contents with ``bits`` (:attr:`nbits` long, little
+        endian), e.g. a benchmark's random fill.
+
+        :raise ValueError: wrong length.
+        """
+        if len(bits) != len(self._bits):
+            raise ValueError(f"expected {len(self._bits)} bits, got {len(bits)}")
+        self._bits = bitarray(bits, "little")
+        self._count = self._bits.count()
+
     def dirty_bytes(self) -> int:
         """:return: ``count() * granularity`` (QEMU's ``count``; may exceed size)."""
         return self._count << self._shift

@@ -13,7 +13,8 @@ parent) or the node-name of an existing node::
 Order: QEMU keeps named nodes in the order they were named and
 query-named-block-nodes lists them newest first.  A format or filter
 driver (``raw``, ``copy-before-write``) has its ``file`` child opened before
-it is named; a protocol driver (``blkdebug``) is named before it opens its
+it is named (a format driver, ``DriverSpec.is_format``, even before its
+name is checked); a protocol driver (``blkdebug``) is named before it opens its
 children, and so are a filter's other children (``target``).  So one
 blockdev-add of raw over file lists ``drive0`` then its file node, and a
 later blockdev-add comes before both.  :meth:`BlockGraph.names`, iteration
@@ -37,9 +38,6 @@ __all__ = ["BlockGraph", "MAX_NODE_NAME"]
 MAX_NODE_NAME = 31
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 
-
-#: Format drivers: QEMU opens their ``file`` child before naming the node.
-FORMAT_DRIVERS = frozenset({"raw"})
 
 
 class BlockGraph:
@@ -206,8 +204,8 @@ class BlockGraph:
             opts["cache"] = cache
             opts.setdefault("discard", "unmap")
         driver_name = str(opts["driver"])
-        opener = DRIVERS.get(driver_name)
-        if opener is None:
+        spec = DRIVERS.get(driver_name)
+        if spec is None:
             raise NodeOpenError(f"Unknown driver '{driver_name}'")
         read_only = bool(opts.get("read-only", False))
         cache = opts.get("cache") or {}
@@ -235,7 +233,7 @@ class BlockGraph:
         # QEMU opens a format driver's ``file`` child before it names (and
         # checks the name of) the node itself: the child's errors come first.
         early: dict[str, BlockNode] = {}
-        if driver_name in FORMAT_DRIVERS and "file" in opts:
+        if spec.is_format and "file" in opts:
             early["file"] = await open_child(opts["file"], "file")
         name = opts.get("node-name")
         auto = name is None
@@ -262,7 +260,7 @@ class BlockGraph:
         )
         self._opening.append(name)
         try:
-            driver, children = await opener(opts, ctx)
+            driver, children = await spec.open(opts, ctx)
         finally:
             self._opening.pop()
         try:

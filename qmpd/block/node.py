@@ -16,13 +16,17 @@ is over, even if it failed (spec 5.2).
 from __future__ import annotations
 
 import errno
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from qmpd.bitmap.dirty import BitmapList
-from qmpd.block.drivers.base import BlockDriver
 from qmpd.block.errors import BlockIOError, NodeInUse
 from qmpd.block.rangelock import RangeLock
+
+if TYPE_CHECKING:
+    # Type only: the drivers package imports block-copy, which imports this
+    # module; a run-time import here would close that cycle.
+    from qmpd.block.drivers.base import BlockDriver
 
 __all__ = ["BeforeWriteHook", "BlockNode", "HookHandle"]
 
@@ -127,6 +131,11 @@ class BlockNode:
     def length(self) -> int:
         """Size in bytes (``virtual-size``)."""
         return self.driver.length
+
+    @property
+    def backing(self) -> BlockNode | None:
+        """The ``backing`` child of a format with a backing file (qcow2), or None."""
+        return self.children.get("backing")
 
     @property
     def primary_child(self) -> BlockNode | None:
@@ -282,9 +291,57 @@ class BlockNode:
             finally:
                 if debug is not None and kind != _DISCARD:
                     debug("pwritev_done")
-                self.write_gen += 1
-                if self.bitmaps:
-                    self.bitmaps.mark_dirty(offset, length)
+                self.record_write(offset, length)
+        finally:
+            lock.release(held)
+
+    def record_write(self, offset: int, length: int) -> None:
+        """Account for a write-type request on ``[offset, offset+length)``
+        that ended (even in failure): bump the write generation (flush) and
+        dirty the bitmaps.  Every path that changes the node's data ends
+        here: the request path, and :meth:`write_around` for the nodes below
+        a direct file write."""
+        self.write_gen += 1
+        if self.bitmaps:
+            self.bitmaps.mark_dirty(offset, length)
+
+    async def write_around(
+        self,
+        ranges: Sequence[tuple[int, int]],
+        io: Callable[[], Awaitable[None]],
+        *,
+        below: Sequence[tuple[BlockNode, int]] = (),
+    ) -> None:
+        """Run a write the caller performs itself around the driver (block-copy's
+        fast path writes the image file behind the node directly) with the
+        request path's bookkeeping: bounds and read-only checks, the range
+        lock over the ranges' span, the before-write hooks for each range,
+        ``await io()``, then :meth:`record_write` of each range, here and on
+        each ``(node, base)`` of ``below`` at ``base + offset``, even if
+        ``io`` failed.  ``io`` may do nothing (a range known to read as
+        zeroes already).
+
+        :param ranges: ``(offset, length)`` pairs, ascending, not overlapping.
+        :raise BlockIOError: as :meth:`write`, or whatever ``io`` raises.
+        """
+        if not ranges:
+            return
+        start = ranges[0][0]
+        end = ranges[-1][0] + ranges[-1][1]
+        self._check_write(start, end - start)
+        lock = self._lock
+        held = lock.try_acquire(start, end) or await lock.acquire(start, end)
+        try:
+            for hook in self._hooks:
+                for offset, length in ranges:
+                    await hook(self, offset, length)
+            try:
+                await io()
+            finally:
+                for offset, length in ranges:
+                    self.record_write(offset, length)
+                    for node, base in below:
+                        node.record_write(base + offset, length)
         finally:
             lock.release(held)
 
@@ -327,6 +384,31 @@ class BlockNode:
             raise BlockIOError(errno.EIO)
         return await self.driver.block_status(offset, min(length, size - offset))
 
+    async def is_allocated(self, offset: int, length: int) -> tuple[bool, int]:
+        """:return: ``(allocated, n)``: the ``n`` bytes (1 <= n <= length,
+        clipped to the node end) from ``offset`` are all provided by this
+        node's own layer (True) or all by its backing child (False).  A
+        filter answers for its filtered child.
+
+        :raise BlockIOError: ``offset`` outside the node (EIO), or injected.
+        """
+        size = self.driver.length
+        if offset < 0 or length <= 0 or offset >= size:
+            raise BlockIOError(errno.EIO)
+        child = self.filtered_child
+        if child is not None:
+            return await child.is_allocated(offset, min(length, size - offset))
+        return await self.driver.is_allocated(offset, min(length, size - offset))
+
+    def dirty_flag(self) -> bool | None:
+        """ImageInfo ``dirty-flag`` as QEMU 7.2 lists it (when its
+        bdrv_get_info() works), or None: the driver's answer, or for a
+        filter that has none, its filtered child's."""
+        flag = self.driver.dirty_flag()
+        if flag is None and (child := self.filtered_child) is not None:
+            return child.dirty_flag()
+        return flag
+
     # ------------------------------------------------------------ queries
 
     def image_info(self) -> dict[str, Any]:
@@ -338,29 +420,15 @@ class BlockNode:
             info["actual-size"] = actual
         # QEMU counts whole sectors (bdrv_getlength() rounds the size up).
         info["virtual-size"] = -(-self.driver.length // 512) * 512
-        if self._reports_dirty_flag():
-            info["dirty-flag"] = False
+        flag = self.dirty_flag()
+        if flag is not None:
+            info["dirty-flag"] = flag
         return info
 
     @property
     def filtered_child(self) -> BlockNode | None:
         """The child a filter (blkdebug, copy-before-write) passes data to."""
         return self.primary_child if self.driver.is_filter else None
-
-    def _reports_dirty_flag(self) -> bool:
-        """QEMU 7.2 lists ``dirty-flag`` when bdrv_get_info() works: file
-        nodes, and raw nodes and filters over one."""
-        node: BlockNode | None = self
-        while node is not None:
-            if node.driver.name == "file":
-                return True
-            if node.driver.is_filter:
-                node = node.filtered_child
-            elif node.driver.name == "raw":
-                node = node.children.get("file")
-            else:
-                return False
-        return False
 
     def info(self, flat: bool = False) -> dict[str, Any]:
         """:return: BlockDeviceInfo in QEMU 7.2's shape and member order (no ``children``,

@@ -19,6 +19,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from qmpd import commands as _commands  # noqa: F401  (registers the handlers)
+from qmpd.commands.block import add_blockdev
 from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState
 from qmpd.commands.registry import REGISTRY, Registry
 from qmpd.block import BlockGraph
@@ -29,6 +30,7 @@ from qmpd.jobs import JobManager
 from qmpd.machine import Machine
 from qmpd.protocol.session import Call, Session
 from qmpd.qapi.keyval import parse_option_value
+from qmpd.qapi.models import BlockdevAddArgs
 from qmpd.qapi.service import SchemaService
 from qmpd.server.connection import Connection
 from qmpd.server.listeners import (
@@ -110,7 +112,8 @@ class Daemon:
         self.state.machine = Machine(self.state.block, self.events, prelaunch=self.config.prelaunch)
 
     async def add_blockdevs(self, specs: list[str]) -> None:
-        """Create ``--blockdev`` nodes, in order, through ``blockdev-add``.
+        """Create ``--blockdev`` nodes, in order, through ``blockdev-add``'s
+        path (:func:`qmpd.commands.block.add_blockdev`).
 
         :raise QMPError: with blockdev-add's own error texts.
         """
@@ -120,8 +123,9 @@ class Daemon:
             options = parse_option_value(text, options_type)
             if not isinstance(options, dict):
                 raise GenericError("--blockdev expects an object")
-            self.schema.validate_arguments("blockdev-add", options)
-            await self.state.block.add(options)
+            args = self.schema.build_arguments("blockdev-add", options)
+            assert isinstance(args, BlockdevAddArgs)
+            await add_blockdev(self.state.block, args)
 
     async def apply_plan(self, plan: StartupPlan) -> None:
         """Build what the command line asked for, in QEMU's order:

@@ -89,7 +89,7 @@ class BackupEnv:
         for node in self.graph:
             bms = [(bm.info(), bm.hbitmap.to_bytes_le()) for bm in node.bitmaps]
             nodes.append((node.node_name, node.drv, [p.node_name for p in node.parents],
-                          list(node.blockers), bms, len(node._hooks)))
+                          list(node.blockers), bms, node.has_hooks))
         return nodes, self.jobs.query_jobs(), len(self.events.events)
 
 

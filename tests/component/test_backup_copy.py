@@ -175,7 +175,7 @@ async def test_point_in_time_under_random_writes(tmp_path: Path) -> None:
     assert read(tmp_path / "t.img") == snapshot
     _, data = env.finished("j")  # type: ignore[misc]
     assert data["offset"] == data["len"] == size
-    assert src._hooks == () and "fl" not in env.graph
+    assert not src.has_hooks and "fl" not in env.graph
 
 
 async def test_fleecing_sync_none(tmp_path: Path) -> None:

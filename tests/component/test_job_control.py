@@ -236,7 +236,7 @@ async def test_illegal_transition_is_a_bug() -> None:
     env = Env()
     job = env.manager.create(env.job())
     with pytest.raises(IllegalTransition):
-        job._transition(JobStatus.PENDING)
+        job.make_pending()  # only a waiting job may go pending
 
 
 async def test_shutdown_cancels_everything_with_events() -> None:
@@ -254,7 +254,7 @@ async def test_shutdown_cancels_everything_with_events() -> None:
         "created", "running", "paused", "pending", "concluded"]
     env.events.take()
     await env.manager.shutdown()
-    assert env.manager.jobs == [] and env.manager._tasks == set()
+    assert env.manager.jobs == [] and env.manager.task_count == 0
     assert env.events.statuses("concluded") == ["null"]
     assert env.events.statuses("pending") == ["aborting", "concluded", "null"]
     assert env.events.statuses("paused") == ["running", "aborting", "concluded", "null"]
@@ -275,7 +275,7 @@ async def test_loop_clock_really_sleeps_briefly() -> None:
     env.manager.clock = LoopClock()
     job = env.manager.create(FakeJob("job0", chunks=2, chunk=1000, speed=100_000))  # 10 ms/chunk
     env.manager.start(job)
-    await asyncio.wait_for(job._concluded.wait(), 2)
+    await asyncio.wait_for(job.wait_concluded(), 2)
     assert env.events.statuses()[-1] == "null"
 
 

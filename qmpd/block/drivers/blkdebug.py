@@ -24,14 +24,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from qmpd.block.drivers.base import BaseDriver, BlockDriver, OpenContext
+from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverSpec, OpenContext
 from qmpd.block.errors import BlockIOError, NodeOpenError
 from qmpd.qapi.ghash import qdict_json, qdict_order
 
 if TYPE_CHECKING:
     from qmpd.block.node import BlockNode
 
-__all__ = ["BlkdebugDriver", "InjectRule", "SetStateRule", "open_blkdebug", "IOTYPES",
+__all__ = ["BlkdebugDriver", "SPEC", "InjectRule", "SetStateRule", "open_blkdebug", "IOTYPES",
            "BLKDEBUG_EVENTS"]
 
 #: QEMU 7.2's BlkdebugEvent names (``break`` refuses others with ENOENT).
@@ -130,6 +130,9 @@ class BlkdebugDriver(BaseDriver):
     # qemu-io's break/remove_break/resume/wait_break (QEMU's blkdebug
     # suspend rules): a breakpoint fires once, on the first request raising
     # its event, and holds that request until its tag is resumed.
+
+    def breakpoints(self) -> BlkdebugDriver:
+        return self
 
     def add_breakpoint(self, event: str, tag: str) -> None:
         """``break EVENT TAG``.  :raise BlockIOError: ENOENT, unknown event."""
@@ -338,3 +341,7 @@ def _strong_options(options: Mapping[str, Any]) -> dict[str, Any]:
                 out[f"{key}.{i}.{member}"] = rule[member]
     out.update((k, options[k]) for k in _STRONG if k in options)
     return out
+
+
+#: ``blockdev-add`` driver ``blkdebug``.
+SPEC = DriverSpec(open_blkdebug, is_format=BlkdebugDriver.is_format)

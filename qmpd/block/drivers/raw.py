@@ -8,14 +8,14 @@ import errno
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from qmpd.block.drivers.base import BaseDriver, BlockDriver, OpenContext
+from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverSpec, FileWindow, OpenContext
 from qmpd.block.errors import BlockIOError, NodeOpenError
 from qmpd.qapi.ghash import qdict_json
 
 if TYPE_CHECKING:
     from qmpd.block.node import BlockNode
 
-__all__ = ["RawDriver", "open_raw"]
+__all__ = ["RawDriver", "SPEC", "open_raw"]
 
 SECTOR = 512
 
@@ -24,6 +24,7 @@ class RawDriver(BaseDriver):
     """Maps node offsets to ``offset + n`` on the ``file`` child."""
 
     name = "raw"
+    is_format = True
 
     def __init__(self, file: BlockNode, offset: int, size: int | None,
                  explicit: dict[str, Any] | None = None) -> None:
@@ -76,6 +77,14 @@ class RawDriver(BaseDriver):
             raise BlockIOError(errno.ENOTSUP)
         await self.file.driver.truncate(self.offset + size)
 
+    def dirty_flag(self) -> bool | None:
+        """raw has no header: whatever its file child reports."""
+        return self.file.dirty_flag()
+
+    def file_window(self) -> FileWindow | None:
+        """``offset`` bytes into the file child."""
+        return FileWindow(self.offset, child=self.file)
+
     def actual_size(self) -> int | None:
         return self.file.driver.actual_size()
 
@@ -104,3 +113,7 @@ async def open_raw(
         raise NodeOpenError(f"Specified size is not multiple of {SECTOR}")
     explicit = {k: options[k] for k in ("offset", "size") if k in options}
     return RawDriver(file, offset, None if size is None else int(size), explicit), {"file": file}
+
+
+#: ``blockdev-add`` driver ``raw``.
+SPEC = DriverSpec(open_raw, is_format=RawDriver.is_format)
