@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="[chardev=]ID[,mode=control][,pretty=off], or inline socket options")
     p.add_argument("--blockdev", action="append", default=[], metavar="OPTS",
                    help="a block node, as key=value pairs or JSON (like blockdev-add)")
+    # --- NBD (issue 11): qemu-storage-daemon's --nbd-server and --export ---
+    p.add_argument("--nbd-server", action="append", default=[], metavar="OPTS",
+                   help="start the NBD server: addr.type=unix,addr.path=PATH or "
+                        "addr.type=inet,addr.host=H,addr.port=P[,max-connections=N]")
+    p.add_argument("--export", action="append", default=[], metavar="OPTS",
+                   help="a block export, like block-export-add: nbd,id=ID,node-name=NODE[,...]")
+    # --- end NBD ---
     p.add_argument("--name", help="the name answered by query-name")
     p.add_argument("--pidfile", metavar="PATH", help="write the daemon's PID here")
     p.add_argument("--daemonize", action="store_true",
@@ -209,6 +216,7 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
     try:
         await daemon.add_blockdevs(args.blockdev)
         await daemon.apply_plan(args.plan)
+        await daemon.add_nbd(args.nbd_server, args.export)   # NBD (issue 11)
         await daemon.start()
         await daemon.connect(args.plan)
     except Exception as err:  # noqa: BLE001 - one line to stderr, exit 1

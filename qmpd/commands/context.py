@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from qmpd.jobs.manager import JobManager
     from qmpd.machine import Machine
 
-__all__ = ["CommandContext", "DaemonConfig", "DaemonState", "SessionControl"]
+__all__ = ["CommandContext", "DaemonConfig", "DaemonState", "NbdControl", "SessionControl"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +48,24 @@ def _stdout(text: str) -> None:
         sys.stdout.flush()
     except (OSError, ValueError):
         pass
+class NbdControl(Protocol):
+    """The NBD server as the commands drive it (``qmpd.nbd.server``)."""
+
+    async def start(self, addr: dict[str, Any], *, max_connections: int = 0,
+                    tls_creds: str | None = None, tls_authz: str | None = None) -> None:
+        """nbd-server-start with a flat SocketAddress."""
+
+    async def stop(self) -> None:
+        """nbd-server-stop."""
+
+    def add(self, **kwargs: Any) -> None:
+        """block-export-add type=nbd / nbd-server-add."""
+
+    def delete(self, export_id: str, mode: str = "safe") -> None:
+        """block-export-del / nbd-server-remove."""
+
+    def query(self) -> list[dict[str, Any]]:
+        """query-block-exports."""
 
 
 @dataclass
@@ -61,6 +79,8 @@ class DaemonState:
     block: BlockGraph | None = None
     jobs: JobManager | None = None
     machine: Machine | None = None
+    #: The NBD server (set up by the daemon).
+    nbd: NbdControl | None = None
     #: Names of every advertised command (frozen registry).
     command_names: tuple[str, ...] = ()
     #: Where qemu-io's output goes (QEMU prints it on its stdout).

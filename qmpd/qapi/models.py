@@ -170,6 +170,7 @@ class BlockdevDriver(enum.StrEnum):
     NULL_AIO = 'null-aio'
     NULL_CO = 'null-co'
     RAW = 'raw'
+    SNAPSHOT_ACCESS = 'snapshot-access'
 
 
 class BlockdevDiscardOptions(enum.StrEnum):
@@ -361,6 +362,33 @@ class TransactionActionKind(enum.StrEnum):
     BLOCK_DIRTY_BITMAP_MERGE = 'block-dirty-bitmap-merge'
     BLOCKDEV_BACKUP = 'blockdev-backup'
     DRIVE_BACKUP = 'drive-backup'
+
+
+class SocketAddressLegacyType(enum.StrEnum):
+    """QAPI enum ``SocketAddressLegacyType``."""
+
+    INET = 'inet'
+    UNIX = 'unix'
+
+
+class SocketAddressType(enum.StrEnum):
+    """QAPI enum ``SocketAddressType``."""
+
+    INET = 'inet'
+    UNIX = 'unix'
+
+
+class BlockExportRemoveMode(enum.StrEnum):
+    """QAPI enum ``BlockExportRemoveMode``."""
+
+    SAFE = 'safe'
+    HARD = 'hard'
+
+
+class BlockExportType(enum.StrEnum):
+    """QAPI enum ``BlockExportType``."""
+
+    NBD = 'nbd'
 
 
 class VersionTriple(QAPIModel):
@@ -796,6 +824,20 @@ class BlockdevOptionsRawBranch(QAPIModel):
     size: int | None = Field(default=None, alias='size')
 
 
+class BlockdevOptionsSnapshotAccessBranch(QAPIModel):
+    """QAPI union ``BlockdevOptions``, case ``snapshot-access``."""
+
+    driver: Literal[BlockdevDriver.SNAPSHOT_ACCESS] = Field(alias='driver')
+    node_name: str | None = Field(default=None, alias='node-name')
+    discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+    cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+    read_only: bool | None = Field(default=None, alias='read-only')
+    auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+    force_share: bool | None = Field(default=None, alias='force-share')
+    detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+    file: BlockdevRef = Field(alias='file')
+
+
 class BlockdevCreateOptionsFile(QAPIModel):
     """QAPI struct ``BlockdevCreateOptionsFile``."""
 
@@ -845,6 +887,12 @@ class BlockdevCreateOptionsRawBranch(QAPIModel):
     """QAPI union ``BlockdevCreateOptions``, case ``raw``."""
 
     driver: Literal[BlockdevDriver.RAW] = Field(alias='driver')
+
+
+class BlockdevCreateOptionsSnapshotAccessBranch(QAPIModel):
+    """QAPI union ``BlockdevCreateOptions``, case ``snapshot-access``."""
+
+    driver: Literal[BlockdevDriver.SNAPSHOT_ACCESS] = Field(alias='driver')
 
 
 class BlockDirtyBitmap(QAPIModel):
@@ -1142,6 +1190,130 @@ class ObjectPropertyInfo(QAPIModel):
     default_value: Any | None = Field(default=None, alias='default-value')
 
 
+class InetSocketAddress(QAPIModel):
+    """QAPI struct ``InetSocketAddress``."""
+
+    host: str = Field(alias='host')
+    port: str = Field(alias='port')
+    numeric: bool | None = Field(default=None, alias='numeric')
+    to: int | None = Field(default=None, alias='to')
+    ipv4: bool | None = Field(default=None, alias='ipv4')
+    ipv6: bool | None = Field(default=None, alias='ipv6')
+    keep_alive: bool | None = Field(default=None, alias='keep-alive')
+
+
+class UnixSocketAddress(QAPIModel):
+    """QAPI struct ``UnixSocketAddress``."""
+
+    path: str = Field(alias='path')
+    abstract: bool | None = Field(default=None, alias='abstract')
+    tight: bool | None = Field(default=None, alias='tight')
+
+
+class InetSocketAddressWrapper(QAPIModel):
+    """QAPI struct ``InetSocketAddressWrapper``."""
+
+    data: InetSocketAddress = Field(alias='data')
+
+
+class UnixSocketAddressWrapper(QAPIModel):
+    """QAPI struct ``UnixSocketAddressWrapper``."""
+
+    data: UnixSocketAddress = Field(alias='data')
+
+
+class SocketAddressLegacyInetBranch(QAPIModel):
+    """QAPI union ``SocketAddressLegacy``, case ``inet``."""
+
+    type: Literal[SocketAddressLegacyType.INET] = Field(alias='type')
+    data: InetSocketAddress = Field(alias='data')
+
+
+class SocketAddressLegacyUnixBranch(QAPIModel):
+    """QAPI union ``SocketAddressLegacy``, case ``unix``."""
+
+    type: Literal[SocketAddressLegacyType.UNIX] = Field(alias='type')
+    data: UnixSocketAddress = Field(alias='data')
+
+
+class SocketAddressInetBranch(QAPIModel):
+    """QAPI union ``SocketAddress``, case ``inet``."""
+
+    type: Literal[SocketAddressType.INET] = Field(alias='type')
+    host: str = Field(alias='host')
+    port: str = Field(alias='port')
+    numeric: bool | None = Field(default=None, alias='numeric')
+    to: int | None = Field(default=None, alias='to')
+    ipv4: bool | None = Field(default=None, alias='ipv4')
+    ipv6: bool | None = Field(default=None, alias='ipv6')
+    keep_alive: bool | None = Field(default=None, alias='keep-alive')
+
+
+class SocketAddressUnixBranch(QAPIModel):
+    """QAPI union ``SocketAddress``, case ``unix``."""
+
+    type: Literal[SocketAddressType.UNIX] = Field(alias='type')
+    path: str = Field(alias='path')
+    abstract: bool | None = Field(default=None, alias='abstract')
+    tight: bool | None = Field(default=None, alias='tight')
+
+
+class NbdServerOptions(QAPIModel):
+    """QAPI struct ``NbdServerOptions``."""
+
+    addr: SocketAddress = Field(alias='addr')
+    tls_creds: str | None = Field(default=None, alias='tls-creds')
+    tls_authz: str | None = Field(default=None, alias='tls-authz')
+    max_connections: int | None = Field(default=None, alias='max-connections')
+
+
+class BlockExportOptionsNbdBase(QAPIModel):
+    """QAPI struct ``BlockExportOptionsNbdBase``."""
+
+    name: str | None = Field(default=None, alias='name')
+    description: str | None = Field(default=None, alias='description')
+
+
+class BlockExportOptionsNbd(BlockExportOptionsNbdBase):
+    """QAPI struct ``BlockExportOptionsNbd``."""
+
+    bitmaps: list[str] | None = Field(default=None, alias='bitmaps')
+    allocation_depth: bool | None = Field(default=None, alias='allocation-depth')
+
+
+class NbdServerAddOptions(BlockExportOptionsNbdBase):
+    """QAPI struct ``NbdServerAddOptions``."""
+
+    device: str = Field(alias='device')
+    writable: bool | None = Field(default=None, alias='writable')
+    bitmap: str | None = Field(default=None, alias='bitmap')
+
+
+class BlockExportOptionsNbdBranch(QAPIModel):
+    """QAPI union ``BlockExportOptions``, case ``nbd``."""
+
+    type: Literal[BlockExportType.NBD] = Field(alias='type')
+    id: str = Field(alias='id')
+    fixed_iothread: bool | None = Field(default=None, alias='fixed-iothread')
+    iothread: str | None = Field(default=None, alias='iothread')
+    node_name: str = Field(alias='node-name')
+    writable: bool | None = Field(default=None, alias='writable')
+    writethrough: bool | None = Field(default=None, alias='writethrough')
+    name: str | None = Field(default=None, alias='name')
+    description: str | None = Field(default=None, alias='description')
+    bitmaps: list[str] | None = Field(default=None, alias='bitmaps')
+    allocation_depth: bool | None = Field(default=None, alias='allocation-depth')
+
+
+class BlockExportInfo(QAPIModel):
+    """QAPI struct ``BlockExportInfo``."""
+
+    id: str = Field(alias='id')
+    type: BlockExportType = Field(alias='type')
+    node_name: str = Field(alias='node-name')
+    shutting_down: bool = Field(alias='shutting-down')
+
+
 SchemaInfo: TypeAlias = Annotated[
     Union[
         SchemaInfoBuiltinBranch,
@@ -1169,6 +1341,7 @@ BlockdevOptions: TypeAlias = Annotated[
         BlockdevOptionsNullAioBranch,
         BlockdevOptionsNullCoBranch,
         BlockdevOptionsRawBranch,
+        BlockdevOptionsSnapshotAccessBranch,
     ],
     Field(discriminator='driver'),
 ]
@@ -1180,6 +1353,7 @@ BlockdevCreateOptions: TypeAlias = Annotated[
         BlockdevCreateOptionsNullAioBranch,
         BlockdevCreateOptionsNullCoBranch,
         BlockdevCreateOptionsRawBranch,
+        BlockdevCreateOptionsSnapshotAccessBranch,
     ],
     Field(discriminator='driver'),
 ]
@@ -1194,6 +1368,26 @@ TransactionAction: TypeAlias = Annotated[
         TransactionActionBlockDirtyBitmapMergeBranch,
         TransactionActionBlockdevBackupBranch,
         TransactionActionDriveBackupBranch,
+    ],
+    Field(discriminator='type'),
+]
+SocketAddressLegacy: TypeAlias = Annotated[
+    Union[
+        SocketAddressLegacyInetBranch,
+        SocketAddressLegacyUnixBranch,
+    ],
+    Field(discriminator='type'),
+]
+SocketAddress: TypeAlias = Annotated[
+    Union[
+        SocketAddressInetBranch,
+        SocketAddressUnixBranch,
+    ],
+    Field(discriminator='type'),
+]
+BlockExportOptions: TypeAlias = Annotated[
+    Union[
+        BlockExportOptionsNbdBranch,
     ],
     Field(discriminator='type'),
 ]
@@ -1439,6 +1633,47 @@ class BlockResizeArgs(QAPIModel):
     size: int = Field(alias='size')
 
 
+class NbdServerStartArgs(QAPIModel):
+    """Arguments of ``nbd-server-start``."""
+
+    addr: SocketAddressLegacy = Field(alias='addr')
+    tls_creds: str | None = Field(default=None, alias='tls-creds')
+    tls_authz: str | None = Field(default=None, alias='tls-authz')
+    max_connections: int | None = Field(default=None, alias='max-connections')
+
+
+class NbdServerAddArgs(NbdServerAddOptions):
+    """Arguments of ``nbd-server-add``."""
+
+
+class NbdServerRemoveArgs(QAPIModel):
+    """Arguments of ``nbd-server-remove``."""
+
+    name: str = Field(alias='name')
+    mode: BlockExportRemoveMode | None = Field(default=None, alias='mode')
+
+
+class NbdServerStopArgs(QAPIModel):
+    """Arguments of ``nbd-server-stop``."""
+
+
+class BlockExportAddArgs(RootModel[BlockExportOptions]):
+    """Arguments of ``block-export-add``."""
+
+    model_config = ConfigDict(frozen=True, defer_build=True)
+
+
+class BlockExportDelArgs(QAPIModel):
+    """Arguments of ``block-export-del``."""
+
+    id: str = Field(alias='id')
+    mode: BlockExportRemoveMode | None = Field(default=None, alias='mode')
+
+
+class QueryBlockExportsArgs(QAPIModel):
+    """Arguments of ``query-block-exports``."""
+
+
 class ShutdownData(QAPIModel):
     """Data of ``SHUTDOWN``."""
 
@@ -1506,6 +1741,12 @@ class StopData(QAPIModel):
 class ResumeData(QAPIModel):
     """Data of ``RESUME``."""
 
+
+class BlockExportDeletedData(QAPIModel):
+    """Data of ``BLOCK_EXPORT_DELETED``."""
+
+    id: str = Field(alias='id')
+
 #: Argument model of every command.
 COMMAND_ARGS: dict[str, type[BaseModel]] = {
     'qmp_capabilities': QmpCapabilitiesArgs,
@@ -1553,6 +1794,13 @@ COMMAND_ARGS: dict[str, type[BaseModel]] = {
     'qom-get': QomGetArgs,
     'qom-set': QomSetArgs,
     'block_resize': BlockResizeArgs,
+    'nbd-server-start': NbdServerStartArgs,
+    'nbd-server-add': NbdServerAddArgs,
+    'nbd-server-remove': NbdServerRemoveArgs,
+    'nbd-server-stop': NbdServerStopArgs,
+    'block-export-add': BlockExportAddArgs,
+    'block-export-del': BlockExportDelArgs,
+    'query-block-exports': QueryBlockExportsArgs,
 }
 
 #: Return type of every command (``None``: returns ``{}``).
@@ -1602,6 +1850,13 @@ COMMAND_RETURNS: dict[str, Any] = {
     'qom-get': Any,
     'qom-set': None,
     'block_resize': None,
+    'nbd-server-start': None,
+    'nbd-server-add': None,
+    'nbd-server-remove': None,
+    'nbd-server-stop': None,
+    'block-export-add': None,
+    'block-export-del': None,
+    'query-block-exports': list[BlockExportInfo],
 }
 
 #: Data model of every event.
@@ -1615,4 +1870,5 @@ EVENT_DATA: dict[str, type[BaseModel]] = {
     'BLOCK_JOB_PENDING': BlockJobPendingData,
     'STOP': StopData,
     'RESUME': ResumeData,
+    'BLOCK_EXPORT_DELETED': BlockExportDeletedData,
 }

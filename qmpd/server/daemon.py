@@ -28,6 +28,7 @@ from qmpd.events import EventBus
 from qmpd.events.names import SHUTDOWN
 from qmpd.jobs import JobManager
 from qmpd.machine import Machine
+from qmpd.nbd.server import NbdServer
 from qmpd.protocol.session import Call, Session
 from qmpd.qapi.keyval import parse_option_value
 from qmpd.qapi.models import BlockdevAddArgs
@@ -76,6 +77,7 @@ class Daemon:
         self.greeting: dict[str, Any] = {}
         self.state = DaemonState(config=config, events=self.events, request_shutdown=self.request_shutdown)
         self.schema: SchemaService | None = None
+        self.nbd: NbdServer | None = None
 
     # -- lifecycle --------------------------------------------------------
     def setup(self) -> None:
@@ -110,6 +112,12 @@ class Daemon:
         self.state.block = BlockGraph()
         self.state.jobs = JobManager(self.events)
         self.state.machine = Machine(self.state.block, self.events, prelaunch=self.config.prelaunch)
+        self.nbd = NbdServer(self._graph, self.events)
+        self.state.nbd = self.nbd
+
+    def _graph(self) -> BlockGraph:
+        assert self.state.block is not None
+        return self.state.block
 
     async def add_blockdevs(self, specs: list[str]) -> None:
         """Create ``--blockdev`` nodes, in order, through ``blockdev-add``'s
@@ -175,6 +183,57 @@ class Daemon:
         self._qtests.append(proto)
         return proto
 
+    async def add_nbd(self, servers: list[str], exports: list[str]) -> None:
+        """``--nbd-server`` (at most one) and ``--export`` options, as
+        qemu-storage-daemon parses them (``--export`` may start with its
+        type, ``nbd,id=...``); errors read ``--OPTION TEXT: reason``.
+
+        :raise QMPError: the commands' own error texts, prefixed.
+        """
+        if len(servers) > 1:
+            raise GenericError("--nbd-server: only one NBD server may be started")
+        for text in servers:
+            try:
+                await self._nbd_server_option(text)
+            except QMPError as err:
+                raise GenericError(f"--nbd-server {text}: {err.desc}") from err
+        for text in exports:
+            try:
+                self._export_option(text)
+            except QMPError as err:
+                raise GenericError(f"--export {text}: {err.desc}") from err
+
+    async def _nbd_server_option(self, text: str) -> None:
+        assert self.schema is not None and self.nbd is not None
+        opts = parse_option_value(text, self.schema.schema.lookup_type("NbdServerOptions"))
+        if not isinstance(opts, dict) or not isinstance(opts.get("addr"), dict):
+            raise GenericError("Parameter 'addr' is missing")
+        addr = dict(opts["addr"])
+        legacy = {k: v for k, v in opts.items() if k != "addr"}
+        legacy["addr"] = {"type": addr.pop("type", None), "data": addr}
+        try:
+            self.schema.validate_arguments("nbd-server-start", legacy)
+        except QMPError as err:   # name members by the flat SocketAddress path
+            raise GenericError(err.desc.replace("'addr.data.", "'addr.")) from err
+        await self.nbd.start({"type": legacy["addr"]["type"], **addr},
+                             max_connections=int(opts.get("max-connections", 0)),
+                             tls_creds=opts.get("tls-creds"), tls_authz=opts.get("tls-authz"))
+
+    def _export_option(self, text: str) -> None:
+        assert self.schema is not None and self.nbd is not None
+        head = text.split(",", 1)[0]
+        if not text.lstrip().startswith("{") and "=" not in head:
+            text = "type=" + text
+        opts = parse_option_value(text, self.schema.schema.lookup_type("BlockExportOptions"))
+        if not isinstance(opts, dict):
+            raise GenericError("--export expects an object")
+        self.schema.validate_arguments("block-export-add", opts)
+        self.nbd.add(id=opts["id"], node_name=opts["node-name"], name=opts.get("name"),
+                     description=opts.get("description"), writable=opts.get("writable", False),
+                     writethrough=opts.get("writethrough", False),
+                     bitmaps=tuple(opts.get("bitmaps", ())),
+                     allocation_depth=opts.get("allocation-depth", False))
+
     async def start(self) -> None:
         """Open every listener.  :raise OSError: when one cannot be bound."""
         for spec in self.listeners:
@@ -230,6 +289,8 @@ class Daemon:
         for server in self._servers:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), 2.0)
+        if self.nbd is not None:
+            await self.nbd.cleanup()
         pending = [t for t in self._tasks if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=2.0)
