@@ -45,6 +45,7 @@ def _failed_cases(out_bad: Path) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_check_raw_055(tmp_path: Path) -> None:
     src = _harness()
     if src is None:
