@@ -96,7 +96,7 @@ def run(qmpbackup: str, work: Path) -> list[str]:
                 raise RuntimeError("qmpd did not start: " + (proc.stderr.read().decode() if proc.stderr else ""))
             time.sleep(0.02)
         qmp = Qmp(sock)
-        states = []
+        states: list[bytes] = []
         for level in ("full", "inc", "inc"):
             if states:
                 # qmpbackup names images by the second (INC-<epoch>-disk.img):

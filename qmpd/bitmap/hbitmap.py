@@ -274,6 +274,27 @@ class HBitmap:
         """:return: whether no bit is set."""
         return self._count == 0
 
+    def density(self, buckets: int) -> list[float]:
+        """Downsample to at most ``buckets`` equal slices of the bits (the last
+        may be shorter); :return: the dirty fraction of each, 0.0 to 1.0.
+
+        Fewer bits than buckets give one slice per bit.  Example: 8 bits
+        ``11000001`` in 4 buckets -> ``[1.0, 0.0, 0.0, 0.5]``.
+        """
+        nbits = len(self._bits)
+        if nbits == 0 or buckets <= 0:
+            return []
+        buckets = min(buckets, nbits)
+        if self._count == 0:
+            return [0.0] * buckets
+        step = -(-nbits // buckets)
+        bits = self._bits
+        out = []
+        for start in range(0, nbits, step):
+            stop = min(start + step, nbits)
+            out.append(bits.count(1, start, stop) / (stop - start))
+        return out
+
     def _search(self, value: int, offset: int, end: int | None) -> int:
         stop = self._size if end is None else min(end, self._size)
         if offset < 0:
@@ -343,6 +364,21 @@ class HBitmap:
     def to_bytes_le(self) -> bytes:
         """:return: ``ceil(nbits/8)`` bytes; bit i is bit ``i%8`` of byte ``i//8``."""
         return self._bits.tobytes()
+
+    def merge_bytes_le(self, data: bytes) -> None:
+        """``self |= bits`` where ``data`` is the layout of :meth:`to_bytes_le`
+        of a bitmap of the same shape (persistent bitmaps read back).
+
+        :raises ValueError: if ``data`` is not ``ceil(nbits/8)`` bytes long.
+        """
+        nbits = len(self._bits)
+        if len(data) != -(-nbits // 8):
+            raise ValueError(f"{len(data)} bytes do not hold {nbits} bits")
+        other = bitarray(endian="little")
+        other.frombytes(data)
+        del other[nbits:]
+        self._bits |= other
+        self._count = self._bits.count()
 
     def sha256(self) -> str:
         """:return: QEMU's ``x-debug-block-dirty-bitmap-sha256`` of this bitmap.

@@ -45,7 +45,7 @@ from typing import Protocol
 
 from qmpd.bitmap import DirtyBitmap
 from qmpd.block.errors import BlockIOError
-from qmpd.block.fastcopy import FileView, file_view, write_direct
+from qmpd.block.fastcopy import FileView, file_view, mark_read, write_direct
 from qmpd.block.io import copy_range, copy_ranges
 from qmpd.block.node import BlockNode
 
@@ -291,6 +291,7 @@ class BlockCopy:
                 ranges[-1] = (ranges[-1][0], ranges[-1][1] + n)
             else:
                 ranges.append((ch.start, n))
+        mark_read(src, sum(n for _, n in ranges))
         try:
             await write_direct(
                 dst, ranges, lambda: copy_ranges(src.image, src.base, dst.image, dst.base, ranges)
@@ -303,6 +304,7 @@ class BlockCopy:
         fast = self._fast_path()
         if fast is not None:
             src, dst = fast
+            mark_read(src, nbytes)
             try:
                 await write_direct(
                     dst,

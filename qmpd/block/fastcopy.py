@@ -20,7 +20,7 @@ from qmpd.block.node import BlockNode
 if TYPE_CHECKING:
     from qmpd.block.io import ImageFile
 
-__all__ = ["FileView", "file_view", "mark_written", "write_direct"]
+__all__ = ["FileView", "file_view", "mark_written", "write_direct", "mark_read"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,3 +69,9 @@ async def write_direct(
     top node's range lock and before-write hooks, then record the write on
     every node of the chain (see :meth:`BlockNode.write_around`)."""
     await view.chain[0][0].write_around(ranges, io, below=view.chain[1:])
+
+
+def mark_read(view: FileView, nbytes: int) -> None:
+    """What the node path counts for a read: bytes read on every node."""
+    for node, _ in view.chain:
+        node.bytes_read += nbytes

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     # Type only: the drivers package imports block-copy, which imports this
     # module; a run-time import here would close that cycle.
     from qmpd.block.drivers.base import BlockDriver
+    from qmpd.block.persist import NodeJournal
 
 __all__ = ["BeforeWriteHook", "BlockNode", "HookHandle"]
 
@@ -110,8 +111,13 @@ class BlockNode:
         #: Incremented by every write-type request; compared by flush.
         self.write_gen = 0
         self.flushed_gen = 0
+        #: Bytes read and written (zero writes included) through this node.
+        self.bytes_read = 0
+        self.bytes_written = 0
         self.bitmaps = BitmapList(driver.length, node_label=lambda: self.node_name)
         self._hooks: tuple[BeforeWriteHook, ...] = ()
+        #: Persistent-bitmap journal (qmpd.block.persist): write-ahead dirtying.
+        self.write_ahead: NodeJournal | None = None
         self._lock = RangeLock()
         self._debug = driver.debug_event if driver.has_events else None
         for role, child in (children or {}).items():
@@ -202,7 +208,8 @@ class BlockNode:
     def has_hooks(self) -> bool:
         """Some before-write hook is registered (e.g. copy-before-write);
         block-copy's fast path must then not write this node's file directly."""
-        return bool(self._hooks)
+        wal = self.write_ahead
+        return bool(self._hooks) or (wal is not None and wal.active)
 
     def debug_event(self, event: str) -> None:
         """Raise blkdebug event ``event`` on this node (no-op unless blkdebug)."""
@@ -221,6 +228,7 @@ class BlockNode:
         :raise BlockIOError: out of range (EIO) or the I/O failed.
         """
         self._check(offset, length)
+        self.bytes_read += length
         return await self.driver.pread(offset, length)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -276,6 +284,11 @@ class BlockNode:
         try:
             for hook in self._hooks:
                 await hook(self, offset, length)
+            # --- persistent bitmaps: the covering bits durable first ---
+            wal = self.write_ahead
+            if wal is not None:
+                await wal.before_write(offset, length)
+            # ---
             debug = self._debug
             try:
                 if kind == _WRITE:
@@ -291,17 +304,22 @@ class BlockNode:
             finally:
                 if debug is not None and kind != _DISCARD:
                     debug("pwritev_done")
-                self.record_write(offset, length)
+                self.record_write(offset, length, data=kind != _DISCARD)
+                if wal is not None:  # persistent bitmaps: fine bits set
+                    wal.after_write(offset, length)
         finally:
             lock.release(held)
 
-    def record_write(self, offset: int, length: int) -> None:
+    def record_write(self, offset: int, length: int, *, data: bool = True) -> None:
         """Account for a write-type request on ``[offset, offset+length)``
         that ended (even in failure): bump the write generation (flush) and
         dirty the bitmaps.  Every path that changes the node's data ends
         here: the request path, and :meth:`write_around` for the nodes below
-        a direct file write."""
+        a direct file write.  ``data`` (not a discard) counts the bytes as
+        written."""
         self.write_gen += 1
+        if data:
+            self.bytes_written += length
         if self.bitmaps:
             self.bitmaps.mark_dirty(offset, length)
 
@@ -335,13 +353,24 @@ class BlockNode:
             for hook in self._hooks:
                 for offset, length in ranges:
                     await hook(self, offset, length)
+            # --- persistent bitmaps: the covering bits durable first ---
+            wal = self.write_ahead
+            started: list[tuple[int, int]] = []
             try:
+                if wal is not None:
+                    for offset, length in ranges:
+                        await wal.before_write(offset, length)
+                        started.append((offset, length))
+                # ---
                 await io()
             finally:
                 for offset, length in ranges:
                     self.record_write(offset, length)
                     for node, base in below:
                         node.record_write(base + offset, length)
+                if wal is not None:  # persistent bitmaps: fine bits set
+                    for offset, length in started:
+                        wal.after_write(offset, length)
         finally:
             lock.release(held)
 
@@ -411,64 +440,10 @@ class BlockNode:
 
     # ------------------------------------------------------------ queries
 
-    def image_info(self) -> dict[str, Any]:
-        """:return: ImageInfo (``filename``, ``format``, ``virtual-size``,
-        ``actual-size`` when known)."""
-        info: dict[str, Any] = {"filename": self.driver.filename, "format": self.driver.name}
-        actual = self.driver.actual_size()
-        if actual is not None:
-            info["actual-size"] = actual
-        # QEMU counts whole sectors (bdrv_getlength() rounds the size up).
-        info["virtual-size"] = -(-self.driver.length // 512) * 512
-        flag = self.dirty_flag()
-        if flag is not None:
-            info["dirty-flag"] = flag
-        return info
-
     @property
     def filtered_child(self) -> BlockNode | None:
         """The child a filter (blkdebug, copy-before-write) passes data to."""
         return self.primary_child if self.driver.is_filter else None
-
-    def info(self, flat: bool = False) -> dict[str, Any]:
-        """:return: BlockDeviceInfo in QEMU 7.2's shape and member order (no ``children``,
-        no ``active``); ``dirty-bitmaps`` only if the node has bitmaps.
-        Unless ``flat``, a filter's ``image`` nests the filtered child's
-        ImageInfo as ``backing-image`` (recursively; ``backing_file_depth``
-        counts the levels), as QEMU reports filters."""
-        image = self.image_info()
-        depth = 0
-        if not flat:
-            level, node = image, self.filtered_child
-            while node is not None:
-                depth += 1
-                level["backing-image"] = node.image_info()
-                level, node = level["backing-image"], node.filtered_child
-        info: dict[str, Any] = {
-            "file": self.driver.filename,
-            "node-name": self.node_name,
-            "ro": self.read_only,
-            "drv": self.driver.name,
-            "backing_file_depth": depth,
-            "encrypted": False,
-            "detect_zeroes": self.detect_zeroes,
-            "bps": 0,
-            "bps_rd": 0,
-            "bps_wr": 0,
-            "iops": 0,
-            "iops_rd": 0,
-            "iops_wr": 0,
-            "image": image,
-            "cache": {
-                "writeback": True,
-                "direct": self.cache_direct,
-                "no-flush": self.cache_no_flush,
-            },
-            "write_threshold": 0,
-        }
-        if self.bitmaps:
-            info["dirty-bitmaps"] = self.bitmaps.infos()
-        return info
 
     def close(self) -> None:
         """Close the driver (files); the node must be out of the graph."""

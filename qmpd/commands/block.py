@@ -7,7 +7,13 @@ from typing import Any
 from qmpd.block import BlockGraph, BlockNode
 from qmpd.commands.context import CommandContext
 from qmpd.commands.registry import command
-from qmpd.qapi.models import BlockdevAddArgs
+from qmpd.commands.views import named_block_nodes
+from qmpd.qapi.models import (
+    BlockdevAddArgs,
+    BlockdevDelArgs,
+    QueryBlockArgs,
+    QueryNamedBlockNodesArgs,
+)
 
 __all__ = ["graph_of", "add_blockdev"]
 
@@ -38,13 +44,13 @@ async def blockdev_add(ctx: CommandContext, args: BlockdevAddArgs) -> None:
 
 
 @command("blockdev-del")
-async def blockdev_del(ctx: CommandContext, args: Any) -> None:
+async def blockdev_del(ctx: CommandContext, args: BlockdevDelArgs) -> None:
     """Close a node the monitor owns; refused while anything uses it."""
     await graph_of(ctx).delete(args.node_name)
 
 
 @command("query-named-block-nodes")
-async def query_named_block_nodes(ctx: CommandContext, args: Any) -> list[dict[str, Any]]:
+async def query_named_block_nodes(ctx: CommandContext, args: QueryNamedBlockNodesArgs) -> list[dict[str, Any]]:
     """Every named node, in creation order (BlockDeviceInfo, QEMU 7.2 shape)."""
-    return graph_of(ctx).info(flat=bool(args.flat))
+    return named_block_nodes(graph_of(ctx), flat=bool(args.flat))
 

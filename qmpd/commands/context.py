@@ -13,7 +13,10 @@ if TYPE_CHECKING:
     from qmpd.jobs.manager import JobManager
     from qmpd.machine import Machine
 
-__all__ = ["CommandContext", "DaemonConfig", "DaemonState", "NbdControl", "SessionControl"]
+__all__ = ["CommandContext", "DaemonConfig", "DaemonState", "NbdControl", "OFFERED_CAPABILITIES", "SessionControl"]
+
+#: Capabilities qmpd offers in its greeting (and accepts in qmp_capabilities).
+OFFERED_CAPABILITIES = ("oob",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +31,27 @@ class DaemonConfig:
     name: str | None = None
     #: ``-S``: start in the ``prelaunch`` run state.
     prelaunch: bool = False
+    #: ``--state-dir``: where persistent bitmaps of raw images live (None: off).
+    state_dir: str | None = None
+    #: ``--state-flush-interval``: seconds before fine bits are stored lazily.
+    state_flush_interval: float = 5.0
+
+    def version_info(self) -> dict[str, Any]:
+        """:return: the VersionInfo of ``query-version`` and the greeting."""
+        major, minor, micro = self.qemu_version
+        return {
+            "qemu": {"micro": micro, "minor": minor, "major": major},
+            "package": self.package,
+        }
+
+    def version_text(self) -> str:
+        """:return: the version as HMP ``info version`` prints it (``7.2.0`` + package)."""
+        major, minor, micro = self.qemu_version
+        return f"{major}.{minor}.{micro}{self.package}"
+
+    def greeting(self) -> dict[str, Any]:
+        """:return: the QMP greeting."""
+        return {"QMP": {"version": self.version_info(), "capabilities": list(OFFERED_CAPABILITIES)}}
 
 
 class SessionControl(Protocol):
@@ -87,6 +111,10 @@ class DaemonState:
     console: Any = field(default=_stdout)
     #: Cached ``query-qmp-schema`` answer.
     introspection: list[dict[str, Any]] = field(default_factory=list)
+    #: Random identity of this daemon run (``__org.qmpd_query-instance``).
+    boot_id: str = ""
+    #: Start time, seconds since the epoch (wall clock).
+    start_time: float = 0.0
 
 
 @dataclass(slots=True)

@@ -8,8 +8,13 @@ from qmpd.block.errors import BlockIOError
 from qmpd.commands.block import graph_of
 from qmpd.commands.context import CommandContext
 from qmpd.commands.registry import command
+from qmpd.commands.views import block_info
 from qmpd.errors import GenericError
 from qmpd.machine import Machine
+from qmpd.qapi.models import (
+    BlockResizeArgs, ContArgs, QomGetArgs, QomListArgs, QomSetArgs, QueryBlockArgs, QueryStatusArgs,
+    StopArgs,
+)
 
 __all__ = ["machine_of"]
 
@@ -22,19 +27,19 @@ def machine_of(ctx: CommandContext) -> Machine:
 
 
 @command("query-status")
-async def query_status(ctx: CommandContext, args: Any) -> dict[str, Any]:
+async def query_status(ctx: CommandContext, args: QueryStatusArgs) -> dict[str, Any]:
     """The run state (``prelaunch`` with ``-S``, else ``running``)."""
     return machine_of(ctx).runstate.info()
 
 
 @command("stop")
-async def stop(ctx: CommandContext, args: Any) -> None:
+async def stop(ctx: CommandContext, args: StopArgs) -> None:
     """running -> paused with STOP; nothing otherwise."""
     machine_of(ctx).runstate.stop()
 
 
 @command("cont")
-async def cont(ctx: CommandContext, args: Any) -> None:
+async def cont(ctx: CommandContext, args: ContArgs) -> None:
     """Start or resume (RESUME); resets every backend's I/O status."""
     try:
         machine_of(ctx).runstate.cont()
@@ -43,31 +48,31 @@ async def cont(ctx: CommandContext, args: Any) -> None:
 
 
 @command("query-block")
-async def query_block(ctx: CommandContext, args: Any) -> list[dict[str, Any]]:
+async def query_block(ctx: CommandContext, args: QueryBlockArgs) -> list[dict[str, Any]]:
     """BlockBackends (``-drive``, devices); blockdev-add'ed nodes are not listed."""
-    return machine_of(ctx).query_block()
+    return [block_info(b) for b in machine_of(ctx).backends.listed()]
 
 
 @command("qom-list")
-async def qom_list(ctx: CommandContext, args: Any) -> list[dict[str, str]]:
+async def qom_list(ctx: CommandContext, args: QomListArgs) -> list[dict[str, str]]:
     """Properties of a machine container or guest device."""
     return machine_of(ctx).qom_list(args.path)
 
 
 @command("qom-get")
-async def qom_get(ctx: CommandContext, args: Any) -> Any:
+async def qom_get(ctx: CommandContext, args: QomGetArgs) -> Any:
     """Read a device property (``drive`` gives the BlockBackend name)."""
     return machine_of(ctx).qom_get(args.path, args.property)
 
 
 @command("qom-set")
-async def qom_set(ctx: CommandContext, args: Any) -> None:
+async def qom_set(ctx: CommandContext, args: QomSetArgs) -> None:
     """``drive``: point the device's BlockBackend at another node."""
     await machine_of(ctx).qom_set(args.path, args.property, args.value)
 
 
 @command("block_resize")
-async def block_resize(ctx: CommandContext, args: Any) -> None:
+async def block_resize(ctx: CommandContext, args: BlockResizeArgs) -> None:
     """Grow or shrink the image under a device or node (QEMU's check order)."""
     graph = graph_of(ctx)
     device = args.device

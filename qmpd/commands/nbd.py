@@ -10,6 +10,10 @@ from typing import Any
 
 from qmpd.commands.context import CommandContext, NbdControl
 from qmpd.commands.registry import command
+from qmpd.qapi.models import (
+    BlockExportAddArgs, BlockExportDelArgs, NbdServerAddArgs, NbdServerRemoveArgs, NbdServerStartArgs,
+    NbdServerStopArgs, QueryBlockExportsArgs,
+)
 
 __all__: list[str] = []
 
@@ -27,7 +31,7 @@ def _dump(args: Any) -> dict[str, Any]:
 
 
 @command("nbd-server-start")
-async def nbd_server_start(ctx: CommandContext, args: Any) -> None:
+async def nbd_server_start(ctx: CommandContext, args: NbdServerStartArgs) -> None:
     """Listen for NBD clients (``addr`` in the legacy wrapped form)."""
     opts = _dump(args)
     addr = {"type": opts["addr"]["type"], **opts["addr"]["data"]}
@@ -36,13 +40,13 @@ async def nbd_server_start(ctx: CommandContext, args: Any) -> None:
 
 
 @command("nbd-server-stop")
-async def nbd_server_stop(ctx: CommandContext, args: Any) -> None:
+async def nbd_server_stop(ctx: CommandContext, args: NbdServerStopArgs) -> None:
     """Stop listening and remove every NBD export."""
     await _nbd(ctx).stop()
 
 
 @command("block-export-add")
-async def block_export_add(ctx: CommandContext, args: Any) -> None:
+async def block_export_add(ctx: CommandContext, args: BlockExportAddArgs) -> None:
     """Export a node (``type: nbd``; ``iothread``/``fixed-iothread`` are
     accepted and ignored: qmpd serves every export from its one loop)."""
     o = _dump(args)
@@ -53,7 +57,7 @@ async def block_export_add(ctx: CommandContext, args: Any) -> None:
 
 
 @command("nbd-server-add")
-async def nbd_server_add(ctx: CommandContext, args: Any) -> None:
+async def nbd_server_add(ctx: CommandContext, args: NbdServerAddArgs) -> None:
     """The older form: the export id is its name."""
     o = _dump(args)
     name = o.get("name", o["device"])
@@ -64,20 +68,20 @@ async def nbd_server_add(ctx: CommandContext, args: Any) -> None:
 
 
 @command("block-export-del")
-async def block_export_del(ctx: CommandContext, args: Any) -> None:
+async def block_export_del(ctx: CommandContext, args: BlockExportDelArgs) -> None:
     """Remove an export (``safe``: refused while clients are attached)."""
     o = _dump(args)
     _nbd(ctx).delete(o["id"], o.get("mode", "safe"))
 
 
 @command("nbd-server-remove")
-async def nbd_server_remove(ctx: CommandContext, args: Any) -> None:
+async def nbd_server_remove(ctx: CommandContext, args: NbdServerRemoveArgs) -> None:
     """Remove an export by name."""
     o = _dump(args)
     _nbd(ctx).delete(o["name"], o.get("mode", "safe"))
 
 
 @command("query-block-exports")
-async def query_block_exports(ctx: CommandContext, args: Any) -> list[dict[str, Any]]:
+async def query_block_exports(ctx: CommandContext, args: QueryBlockExportsArgs) -> list[dict[str, Any]]:
     """Every export, newest first."""
     return _nbd(ctx).query()

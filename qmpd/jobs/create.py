@@ -39,15 +39,10 @@ class CreateFileJob(Job):
         self.progress.set_remaining(1)
         try:
             await create_file(self.filename, self.size)
-            if self.size:
+            if self.preallocation in ("falloc", "full") and self.size:
                 image = await ImageFile.open(self.filename)
                 try:
-                    if self.preallocation in ("falloc", "full"):
-                        await image.write_zeroes(0, self.size, may_unmap=False)
-                    else:
-                        # QEMU's file-posix allocates the first block of a new
-                        # image (allocate_first_block): actual-size 4096.
-                        await image.write(0, bytes(min(4096, self.size)))
+                    await image.write_zeroes(0, self.size, may_unmap=False)
                 finally:
                     image.close()
         except BlockIOError as exc:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from qmpd.errors import GenericError, QMPError
 from qmpd.events import EventSink
 from qmpd.events import names as ev
-from qmpd.jobs import info
+from qmpd.jobs import info, joblog
 from qmpd.jobs.clock import Clock, LoopClock, TimerHandle
 from qmpd.jobs.errors import IllegalTransition, JobCancelled, JobError
 from qmpd.jobs.ratelimit import RateLimit
@@ -403,6 +403,7 @@ class Job(abc.ABC):
             raise IllegalTransition(f"job {self.id!r}: {old.value} -> {new.value}")
         logger.debug("job %s: %s -> %s (ret=%d)", self.id, old.value, new.value, self.ret)
         self.status = new
+        joblog.log_transition(self, old, new)
         if new in (JobStatus.CONCLUDED, JobStatus.NULL):
             self._concluded.set()
         if new is not old:
@@ -574,6 +575,8 @@ class Job(abc.ABC):
             action = ErrorAction.STOP if code == _errno.ENOSPC else ErrorAction.REPORT
         else:
             action = ErrorAction(policy.value)
+        logger.warning("job %s: %s error (%s), action %s", self.id, "read" if is_read else "write",
+                       os.strerror(code), action.value)
         if self.block_job:
             self._emit(
                 ev.BLOCK_JOB_ERROR,
@@ -594,14 +597,6 @@ class Job(abc.ABC):
         if not self.ret:
             return None
         return self.err if self.err is not None else os.strerror(-self.ret)
-
-    def job_info(self) -> dict[str, Any]:
-        """:return: a QAPI ``JobInfo`` (query-jobs)."""
-        return info.job_info(self)
-
-    def block_job_info(self) -> dict[str, Any]:
-        """:return: a QAPI ``BlockJobInfo`` (query-block-jobs), fields in spec order."""
-        return info.block_job_info(self)
 
     def _emit_finished(self) -> None:
         if (event := info.finished_event(self)) is not None:

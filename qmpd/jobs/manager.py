@@ -27,14 +27,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from qmpd.errors import DeviceNotActive, GenericError
 from qmpd.events import EventSink
 from qmpd.jobs.clock import Clock, LoopClock
-from qmpd.jobs.errors import JobCancelled
 from qmpd.jobs.job import Job
-from qmpd.jobs.status import IoStatus, JobStatus, JobVerb
+from qmpd.jobs.status import JobStatus, JobVerb
 
 __all__ = ["JobManager", "JobTxn", "id_wellformed"]
 
@@ -112,14 +111,6 @@ class JobManager:
         if job is None or not job.block_job:
             raise DeviceNotActive(f"Block job '{job_id}' not found")
         return job
-
-    def query_jobs(self) -> list[dict[str, Any]]:
-        """:return: ``JobInfo`` of every job, newest first."""
-        return [job.job_info() for job in self._jobs]
-
-    def query_block_jobs(self) -> list[dict[str, Any]]:
-        """:return: ``BlockJobInfo`` of every block job, newest first."""
-        return [job.block_job_info() for job in self._jobs if job.block_job]
 
     # -- life cycle -----------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from qmpd.block.node import BlockNode
@@ -46,28 +46,6 @@ class BlockBackend:
         self.root = node
         if node is not None:
             node.backend = self.name
-
-    def info(self) -> dict[str, Any]:
-        """:return: query-block's BlockInfo (QEMU 7.2 member order)."""
-        out: dict[str, Any] = {"device": self.name}
-        if self.device is not None:
-            out["qdev"] = self.device.qdev
-        out["type"] = "unknown"
-        # QEMU: a BlockBackend without a device counts as removable.
-        out["removable"] = self.removable or self.device is None
-        out["locked"] = False
-        if self.root is not None:
-            inserted = self.root.info(False)
-            if not self.writeback:
-                inserted["cache"] = {**inserted["cache"], "writeback": False}
-            out["inserted"] = inserted
-        if self.removable:
-            out["tray_open"] = False
-        if self.device is not None and self.device.model.disk and not self.removable:
-            out["io-status"] = self.io_status
-        elif self.removable:
-            out["io-status"] = self.io_status
-        return out
 
 
 class BackendTable:

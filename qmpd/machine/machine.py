@@ -202,10 +202,6 @@ class Machine:
 
     # ------------------------------------------------------------ queries
 
-    def query_block(self) -> list[dict[str, Any]]:
-        """query-block: BlockInfo of every listed backend, in creation order."""
-        return [b.info() for b in self.backends.listed()]
-
     def info_block(self) -> str:
         """HMP ``info block`` (QEMU 7.2's layout)."""
         parts: list[str] = []

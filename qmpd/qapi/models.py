@@ -1314,6 +1314,22 @@ class BlockExportInfo(QAPIModel):
     shutting_down: bool = Field(alias='shutting-down')
 
 
+class QmpdTimestamp(QAPIModel):
+    """QAPI struct ``QmpdTimestamp``."""
+
+    seconds: int = Field(alias='seconds')
+    microseconds: int = Field(alias='microseconds')
+
+
+class QmpdInstanceInfo(QAPIModel):
+    """QAPI struct ``QmpdInstanceInfo``."""
+
+    boot_id: str = Field(alias='boot-id')
+    start_time: QmpdTimestamp = Field(alias='start-time')
+    pid: int = Field(alias='pid')
+    state_dir: str | None = Field(default=None, alias='state-dir')
+
+
 SchemaInfo: TypeAlias = Annotated[
     Union[
         SchemaInfoBuiltinBranch,
@@ -1674,6 +1690,10 @@ class QueryBlockExportsArgs(QAPIModel):
     """Arguments of ``query-block-exports``."""
 
 
+class OrgQmpdQueryInstanceArgs(QAPIModel):
+    """Arguments of ``__org.qmpd_query-instance``."""
+
+
 class ShutdownData(QAPIModel):
     """Data of ``SHUTDOWN``."""
 
@@ -1801,6 +1821,7 @@ COMMAND_ARGS: dict[str, type[BaseModel]] = {
     'block-export-add': BlockExportAddArgs,
     'block-export-del': BlockExportDelArgs,
     'query-block-exports': QueryBlockExportsArgs,
+    '__org.qmpd_query-instance': OrgQmpdQueryInstanceArgs,
 }
 
 #: Return type of every command (``None``: returns ``{}``).
@@ -1857,6 +1878,7 @@ COMMAND_RETURNS: dict[str, Any] = {
     'block-export-add': None,
     'block-export-del': None,
     'query-block-exports': list[BlockExportInfo],
+    '__org.qmpd_query-instance': QmpdInstanceInfo,
 }
 
 #: Data model of every event.

@@ -113,7 +113,6 @@ class ArgumentValidator:
         return self.build(command, arguments)
 
 
-
 def _inline(defs: dict[str, Any], node: Any, stack: tuple[str, ...]) -> Any:
     """Copy *node* with ``$ref``s replaced by their targets, except recursive ones.
 

@@ -15,14 +15,17 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Coroutine
+import time
+import uuid
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from qmpd import commands as _commands  # noqa: F401  (registers the handlers)
 from qmpd.commands.block import add_blockdev
-from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState
+from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState, SessionControl
 from qmpd.commands.registry import REGISTRY, Registry
 from qmpd.block import BlockGraph
+from qmpd.block.persist import BitmapStateDir
 from qmpd.errors import GenericError, QMPError, SchemaError
 from qmpd.events import EventBus
 from qmpd.events.names import SHUTDOWN
@@ -47,6 +50,10 @@ __all__ = ["Daemon", "UNIMPLEMENTED"]
 UNIMPLEMENTED: frozenset[str] = frozenset()
 
 log = logging.getLogger(__name__)
+
+#: Told of every executed command: ``(name, outcome, seconds)``, where
+#: ``outcome`` is ``"ok"`` or the error class.  The web layer's metrics use it.
+RequestObserver = Callable[[str, str, float], None]
 
 
 class Daemon:
@@ -75,9 +82,13 @@ class Daemon:
         self.command_names: frozenset[str] = frozenset()
         self.oob_commands: frozenset[str] = frozenset()
         self.greeting: dict[str, Any] = {}
-        self.state = DaemonState(config=config, events=self.events, request_shutdown=self.request_shutdown)
+        self.state = DaemonState(config=config, events=self.events, request_shutdown=self.request_shutdown,
+                                 boot_id=str(uuid.uuid4()), start_time=time.time())
         self.schema: SchemaService | None = None
         self.nbd: NbdServer | None = None
+
+        #: Called once per executed command (see :data:`RequestObserver`).
+        self.request_observer: RequestObserver | None = None
 
     # -- lifecycle --------------------------------------------------------
     def setup(self) -> None:
@@ -95,21 +106,16 @@ class Daemon:
         self.oob_commands = self._registry.oob_commands
         self.state.command_names = tuple(sorted(names))
         self.state.introspection = self.schema.introspection(names)
-        major, minor, micro = self.config.qemu_version
-        self.greeting = {
-            "QMP": {
-                "version": {
-                    "qemu": {"micro": micro, "minor": minor, "major": major},
-                    "package": self.config.package,
-                },
-                "capabilities": ["oob"],
-            }
-        }
+        self.greeting = self.config.greeting()
         self._setup_domain()
 
     def _setup_domain(self) -> None:
         """Create the block graph and the job manager."""
-        self.state.block = BlockGraph()
+        bitmap_state = None
+        if self.config.state_dir is not None:
+            bitmap_state = BitmapStateDir(self.config.state_dir,
+                                          flush_interval=self.config.state_flush_interval)
+        self.state.block = BlockGraph(bitmap_state=bitmap_state)
         self.state.jobs = JobManager(self.events)
         self.state.machine = Machine(self.state.block, self.events, prelaunch=self.config.prelaunch)
         self.nbd = NbdServer(self._graph, self.events)
@@ -126,6 +132,7 @@ class Daemon:
         :raise QMPError: with blockdev-add's own error texts.
         """
         assert self.schema is not None and self.state.block is not None
+        await self.prepare_state_dir()
         options_type = self.schema.schema.lookup_type("BlockdevOptions")
         for text in specs:
             options = parse_option_value(text, options_type)
@@ -234,8 +241,17 @@ class Daemon:
                      bitmaps=tuple(opts.get("bitmaps", ())),
                      allocation_depth=opts.get("allocation-depth", False))
 
+    async def prepare_state_dir(self) -> None:
+        """Create ``--state-dir`` (mode 0700) if configured.
+
+        :raise BlockIOError: it cannot be created.
+        """
+        if self.state.block is not None and self.state.block.bitmap_state is not None:
+            await self.state.block.bitmap_state.prepare()
+
     async def start(self) -> None:
         """Open every listener.  :raise OSError: when one cannot be bound."""
+        await self.prepare_state_dir()
         for spec in self.listeners:
             label = spec.path if isinstance(spec, UnixListener) else f"{spec.host}:{spec.port}"
             server = await open_listener(spec, functools.partial(self._new_connection, label))
@@ -246,6 +262,15 @@ class Daemon:
         conn = Connection(self, label)
         self._connections.add(conn)
         return conn
+
+    def connection_closed(self, conn: Connection) -> None:
+        """Forget a connection once its transport is gone."""
+        self._connections.discard(conn)
+
+    @property
+    def connections(self) -> list[Connection]:
+        """The QMP socket connections currently open."""
+        return list(self._connections)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run ``coro`` as a task the daemon awaits at clean-up."""
@@ -300,7 +325,20 @@ class Daemon:
             await self.state.block.close()
 
     # -- commands ---------------------------------------------------------
-    async def execute(self, call: Call, conn: Connection) -> dict[str, Any]:
+    async def execute(self, call: Call, conn: SessionControl) -> dict[str, Any]:
+        """Run one command (:meth:`_dispatch`) and tell the request observer.
+
+        :return: the reply message (success or error).
+        """
+        started = time.perf_counter()
+        reply = await self._dispatch(call, conn)
+        observer = self.request_observer
+        if observer is not None:
+            error = reply.get("error")
+            observer(call.name, "ok" if error is None else error["class"], time.perf_counter() - started)
+        return reply
+
+    async def _dispatch(self, call: Call, conn: SessionControl) -> dict[str, Any]:
         """Validate and run one command; commands never overlap.
 
         :return: the reply message (success or error).

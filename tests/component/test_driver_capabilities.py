@@ -18,6 +18,8 @@ from qmpd.block import BlockGraph, BlockIOError, BlockNode
 from qmpd.block.copy import BlockCopy
 from qmpd.block.drivers import DRIVERS, BaseDriver, FileWindow
 from qmpd.block.fastcopy import file_view
+from tests.component.test_job_helpers import settle
+from qmpd.commands.views import image_info
 
 pytestmark = [pytest.mark.timeout(30)]
 
@@ -125,22 +127,18 @@ async def test_write_around_locks_hooks_and_records_on_the_chain(tmp_path: Path)
         seen.append((node.node_name, offset, length))
 
     handle = top.add_before_write_hook(hook)
-    gate = asyncio.Event()
-    order: list[str] = []
+    gate, started = asyncio.Event(), asyncio.Event()
 
     async def io() -> None:
-        order.append("io start")
+        started.set()
         await gate.wait()
-        order.append("io end")
 
     around = asyncio.ensure_future(top.write_around([(0, K64), (2 * K64, K64)], io,
                                                     below=[(below, K64)]))
-    while not order:
-        await asyncio.sleep(0)
+    await started.wait()
     writer = asyncio.ensure_future(top.write(K64, b"x" * K64))  # inside the locked span
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert not writer.done()  # waits for the range lock
+    await settle()
+    assert not writer.done() and len(seen) == 2  # waits for the range lock, before its hook
     gate.set()
     await around
     await writer
@@ -186,10 +184,10 @@ async def test_dirty_flag_and_allocation(tmp_path: Path) -> None:
     raw = await g.add({"driver": "raw", "node-name": "r",
                        "file": {"driver": "file", "filename": image(tmp_path, "a.img")}})
     null = await g.add({"driver": "null-co", "node-name": "n"})
-    assert raw.dirty_flag() is False and raw.image_info()["dirty-flag"] is False
-    assert null.dirty_flag() is None and "dirty-flag" not in null.image_info()
+    assert raw.dirty_flag() is False and image_info(raw)["dirty-flag"] is False
+    assert null.dirty_flag() is None and "dirty-flag" not in image_info(null)
     shifted = BlockNode("s", Shift(raw, K64), children={"file": raw})
-    assert shifted.image_info()["dirty-flag"] is True
+    assert image_info(shifted)["dirty-flag"] is True
     dbg = BlockNode("d", _Filter(shifted), children={"image": shifted})
     assert dbg.dirty_flag() is True  # a filter answers for its filtered child
     assert await raw.is_allocated(0, SIZE) == (True, SIZE)
