@@ -69,14 +69,13 @@ class DriveSpec:
     probe: bool = False
 
 
-def default_drive_id(interface: str, index: int) -> str:
-    """QEMU's name for a drive without ``id``: ``virtio0``, ``ide0-hd1``..."""
-    if interface == "virtio":
-        return f"virtio{index}"
+def default_drive_id(interface: str, index: int, media: str = "disk") -> str:
+    """QEMU's name for a drive without ``id``: ``virtio0``, ``ide0-hd1``,
+    ``ide1-cd0``, ``none0``..."""
     max_devs = _MAX_DEVS[interface]
     if max_devs:
         bus, unit = divmod(index, max_devs)
-        kind = "hd"
+        kind = "cd" if media == "cdrom" else "hd"
         return f"{interface}{bus}-{kind}{unit}"
     return f"{interface}{index}"
 
@@ -157,7 +156,7 @@ def parse_drive(text: str, next_index: dict[str, int]) -> DriveSpec:
     next_index[interface] = max(next_index.get(interface, 0), index + 1)
     backend = opts.pop("id", None)
     if backend is None:
-        backend = default_drive_id(interface, index)
+        backend = default_drive_id(interface, index, str(opts.get("media", "disk")))
     elif not ID_RE.match(str(backend)):
         raise GenericError("Parameter 'id' expects an identifier\n"
                            "Identifiers consist of letters, digits, '-', '.', '_', "
