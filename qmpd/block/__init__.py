@@ -18,9 +18,6 @@ from qmpd.block.graph import BlockGraph
 from qmpd.block.node import BeforeWriteHook, BlockNode, HookHandle
 from qmpd.block.qemuio import run_qemu_io
 
-# Registers the ``snapshot-access`` driver (it needs copy-before-write).
-from qmpd.block.drivers import snapshot_access as _snapshot_access  # noqa: F401
-
 __all__ = [
     "BeforeWriteHook",
     "BlockGraph",

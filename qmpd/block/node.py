@@ -445,6 +445,14 @@ class BlockNode:
         """The child a filter (blkdebug, copy-before-write) passes data to."""
         return self.primary_child if self.driver.is_filter else None
 
+    @property
+    def filter_or_cow_child(self) -> BlockNode | None:
+        """QEMU's bdrv_filter_or_cow_bs(): the filtered child of a filter, else
+        the ``backing`` child of a format with a backing file, else None.
+        Query output nests this chain as ``backing-image``."""
+        child = self.filtered_child
+        return child if child is not None else self.backing
+
     def close(self) -> None:
         """Close the driver (files); the node must be out of the graph."""
         self.driver.close()

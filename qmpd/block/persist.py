@@ -10,7 +10,7 @@ bitmaps when the node opens, stores them when it closes (blockdev-del,
     graph = BlockGraph(bitmap_state=state)
     node = await graph.add({...raw over file...})   # bitmaps loaded, journal attached
     node.bitmaps.add("b0", persistent=True)
-    await state.sync(node)                          # metadata durable now
+    await state.sync([node])                        # metadata durable now
     await node.write(0, data)   # coarse bit 0 durable before the data lands
 
 Write-ahead: :meth:`NodeJournal.before_write` returns at once when the

@@ -7,11 +7,12 @@ from collections.abc import Iterator
 from qmpd.bitmap import BitmapList, DirtyBitmap, merge
 from qmpd.bitmap.errors import empty_name
 from qmpd.bitmap.hbitmap import HBitmap
-from qmpd.block import BlockNode
+from qmpd.block import BlockIOError, BlockNode
 from qmpd.commands.actions import Action, BaseAction, TxnContext, action, run_actions
 from qmpd.commands.block import graph_of
 from qmpd.commands.context import CommandContext
 from qmpd.commands.registry import command
+from qmpd.errors import GenericError
 from qmpd.qapi.models import (
     BlockDirtyBitmap,
     BlockDirtyBitmapAdd,
@@ -187,7 +188,11 @@ async def sync_persistent(ctx: CommandContext, actions: list[Action]) -> None:
             if node is not None and node not in nodes:
                 nodes.append(node)
     if nodes:
-        await graph.sync_bitmaps(nodes)
+        try:
+            await graph.sync_bitmaps(nodes)
+        except BlockIOError as exc:
+            raise GenericError(f"Cannot store persistent bitmaps in '{graph.bitmap_state.path}': "
+                               f"{exc.strerror}") from exc
 
 
 @command("block-dirty-bitmap-add")

@@ -10,6 +10,7 @@ from qmpd.events import EventBus
 
 if TYPE_CHECKING:
     from qmpd.block.graph import BlockGraph
+    from qmpd.commands.objects import ObjectStore
     from qmpd.jobs.manager import JobManager
     from qmpd.machine import Machine
 
@@ -105,6 +106,8 @@ class DaemonState:
     machine: Machine | None = None
     #: The NBD server (set up by the daemon).
     nbd: NbdControl | None = None
+    #: Objects made by object-add (set up by the daemon).
+    objects: ObjectStore = None  # type: ignore[assignment]
     #: Names of every advertised command (frozen registry).
     command_names: tuple[str, ...] = ()
     #: Where qemu-io's output goes (QEMU prints it on its stdout).

@@ -11,8 +11,13 @@ from typing import Any
 from qmpd.commands.context import CommandContext, NbdControl
 from qmpd.commands.registry import command
 from qmpd.qapi.models import (
-    BlockExportAddArgs, BlockExportDelArgs, NbdServerAddArgs, NbdServerRemoveArgs, NbdServerStartArgs,
-    NbdServerStopArgs, QueryBlockExportsArgs,
+    BlockExportAddArgs,
+    BlockExportDelArgs,
+    NbdServerAddArgs,
+    NbdServerRemoveArgs,
+    NbdServerStartArgs,
+    NbdServerStopArgs,
+    QueryBlockExportsArgs,
 )
 
 __all__: list[str] = []

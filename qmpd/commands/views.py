@@ -86,17 +86,18 @@ def image_info(node: BlockNode) -> dict[str, Any]:
 def block_device_info(node: BlockNode, flat: bool = False) -> dict[str, Any]:
     """:return: BlockDeviceInfo in QEMU 7.2's shape and member order (no
     ``children``, no ``active``); ``dirty-bitmaps`` only if the node has
-    bitmaps.  Unless ``flat``, a filter's ``image`` nests the filtered
-    child's ImageInfo as ``backing-image`` (recursively;
-    ``backing_file_depth`` counts the levels), as QEMU reports filters."""
+    bitmaps.  Unless ``flat``, ``image`` nests the ImageInfo of the
+    filtered child of a filter, or of the backing child of a format, as
+    ``backing-image`` (recursively, :attr:`BlockNode.filter_or_cow_child`;
+    ``backing_file_depth`` counts the levels), as QEMU reports them."""
     image = image_info(node)
     depth = 0
     if not flat:
-        level, below = image, node.filtered_child
+        level, below = image, node.filter_or_cow_child
         while below is not None:
             depth += 1
             level["backing-image"] = image_info(below)
-            level, below = level["backing-image"], below.filtered_child
+            level, below = level["backing-image"], below.filter_or_cow_child
     info: dict[str, Any] = {
         "file": node.driver.filename,
         "node-name": node.node_name,

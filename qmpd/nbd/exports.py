@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from qmpd.bitmap import DirtyBitmap
 from qmpd.block.errors import BlockIOError
-from qmpd.block.fastcopy import file_view
+from qmpd.block.fastcopy import file_view, mark_read
 from qmpd.block.node import BlockNode
 from qmpd.nbd.protocol import ExportInfo
 
@@ -126,7 +126,9 @@ class Export:
         if view is not None:   # a plain raw/file chain: one pool call
             if offset + length > node.length:
                 raise BlockIOError(errno.EIO)
-            return await view.image.read_sparse(offset + view.base, length, base=view.base)
+            direct = await view.image.read_sparse(offset + view.base, length, base=view.base)
+            mark_read(view, length)
+            return direct
         segments: list[tuple[int, bytes | bytearray | int]] = []
         pos, end = offset, offset + length
         while pos < end:

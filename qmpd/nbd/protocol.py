@@ -123,16 +123,23 @@ class Cmd(enum.IntEnum):
     BLOCK_STATUS = 7
 
 
-#: Flags each command accepts (DF only with structured replies, checked apart).
+#: Flags each command accepts (DF only with structured replies, checked
+#: apart).  QEMU 7.2 accepts FUA on every command.
 _VALID_FLAGS = {
     Cmd.READ: CMD_FLAG_FUA | CMD_FLAG_DF,
     Cmd.WRITE: CMD_FLAG_FUA,
-    Cmd.DISC: 0,
-    Cmd.FLUSH: 0,
+    Cmd.DISC: CMD_FLAG_FUA,
+    Cmd.FLUSH: CMD_FLAG_FUA,
     Cmd.TRIM: CMD_FLAG_FUA,
-    Cmd.CACHE: 0,
+    Cmd.CACHE: CMD_FLAG_FUA,
     Cmd.WRITE_ZEROES: CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-    Cmd.BLOCK_STATUS: CMD_FLAG_REQ_ONE,
+    Cmd.BLOCK_STATUS: CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+}
+#: QEMU's command names (nbd_cmd_lookup), as its error texts print them.
+_CMD_NAMES = {
+    Cmd.READ: "read", Cmd.WRITE: "write", Cmd.DISC: "disconnect", Cmd.FLUSH: "flush",
+    Cmd.TRIM: "trim", Cmd.CACHE: "cache", Cmd.WRITE_ZEROES: "write zeroes",
+    Cmd.BLOCK_STATUS: "block status",
 }
 _WRITES = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
 
@@ -244,13 +251,13 @@ class OptionRule:
 #: Handshake options and their preconditions (one check: _check_option).
 OPTION_RULES: dict[int, OptionRule] = {
     Opt.EXPORT_NAME: OptionRule(ends_handshake=True),
-    Opt.ABORT: OptionRule(needs_tls=False),
+    Opt.ABORT: OptionRule(),   # before TLS: ERR_TLS_REQD, then closed (QEMU)
     Opt.LIST: OptionRule(),
     Opt.STARTTLS: OptionRule(needs_tls=False),
     Opt.INFO: OptionRule(),
     Opt.GO: OptionRule(ends_handshake=True),
     Opt.STRUCTURED_REPLY: OptionRule(),
-    Opt.LIST_META_CONTEXT: OptionRule(needs_structured=True),
+    Opt.LIST_META_CONTEXT: OptionRule(),   # QEMU lists even without structured replies
     Opt.SET_META_CONTEXT: OptionRule(needs_structured=True),
 }
 
@@ -413,25 +420,30 @@ class ServerConnection:
         :raise _OptionError: the option is unknown or not allowed now.
         """
         rule = OPTION_RULES.get(opt)
-        if rule is None:
-            raise _OptionError(REP_ERR_UNSUP, f"Unsupported option {opt} ({_opt_name(opt)})")
-        if rule.needs_tls and self.tls_required and not self.tls_active:
+        # QEMU checks TLS first: unknown options too get ERR_TLS_REQD.
+        if (rule is None or rule.needs_tls) and self.tls_required and not self.tls_active:
             if opt == Opt.EXPORT_NAME:
                 self._close("Option 0x1 not permitted before TLS")
                 raise _OptionError(0, "")
-            raise _OptionError(REP_ERR_TLS_REQD, "Option 0x%x not permitted before TLS" % opt)
+            text = "Option 0x%x not permitted before TLS" % opt
+            if opt == Opt.ABORT:
+                self._option_reply(opt, REP_ERR_TLS_REQD, text.encode())
+                self._close("client aborted the handshake")
+                raise _OptionError(0, "")
+            raise _OptionError(REP_ERR_TLS_REQD, text)
+        if rule is None:
+            raise _OptionError(REP_ERR_UNSUP, f"Unsupported option {opt} ({_opt_name(opt)})")
         if rule.needs_structured and not self.structured:
             raise _OptionError(REP_ERR_INVALID,
                                f"request option '{_opt_name(opt)}' when structured reply is not negotiated")
 
     def _handle_option(self, opt: int, data: bytes) -> None:
-        if opt == Opt.ABORT:
-            if not data:
-                self._option_reply(opt, REP_ACK)
+        if opt == Opt.ABORT:   # acknowledged even with a payload (QEMU 7.2)
+            self._option_reply(opt, REP_ACK)
             self._close("client aborted the handshake")
         elif opt == Opt.LIST:
             if data:
-                raise _OptionError(REP_ERR_INVALID, "Option 'NBD_OPT_LIST' should have zero length")
+                raise _OptionError(REP_ERR_INVALID, "option 'list' has unexpected length")
             for exp in self.catalog.listing():
                 name = exp.name.encode()
                 desc = exp.description.encode()
@@ -439,7 +451,7 @@ class ServerConnection:
             self._option_reply(opt, REP_ACK)
         elif opt == Opt.STARTTLS:
             if data:
-                raise _OptionError(REP_ERR_INVALID, "Option 'NBD_OPT_STARTTLS' should have zero length")
+                raise _OptionError(REP_ERR_INVALID, "option 'starttls' has unexpected length")
             if not self.tls_required:
                 raise _OptionError(REP_ERR_POLICY, "TLS not configured")
             if self.tls_active:
@@ -449,7 +461,7 @@ class ServerConnection:
         elif opt == Opt.STRUCTURED_REPLY:
             if data:
                 raise _OptionError(REP_ERR_INVALID,
-                                   "Option 'NBD_OPT_STRUCTURED_REPLY' should have zero length")
+                                   "option 'structured reply' has unexpected length")
             if self.structured:
                 raise _OptionError(REP_ERR_INVALID, "structured reply already negotiated")
             self.structured = True
@@ -473,10 +485,10 @@ class ServerConnection:
     def _info(self, opt: int, data: bytes) -> None:
         name, rest = _read_string(data, opt)
         if len(rest) < 2:
-            raise _OptionError(REP_ERR_INVALID, f"Invalid length for option '{_opt_name(opt)}'")
+            raise _OptionError(REP_ERR_INVALID, f"Inconsistent lengths in option {_opt_name(opt)}")
         (count,) = struct.unpack_from(">H", rest)
         if len(rest) != 2 + 2 * count:
-            raise _OptionError(REP_ERR_INVALID, f"Invalid length for option '{_opt_name(opt)}'")
+            raise _OptionError(REP_ERR_INVALID, f"Inconsistent lengths in option {_opt_name(opt)}")
         wanted = set(struct.unpack_from(f">{count}H", rest, 2))
         exp = self.catalog.lookup(name)
         if exp is None:
@@ -504,7 +516,7 @@ class ServerConnection:
     def _meta_context(self, opt: int, data: bytes) -> None:
         name, rest = _read_string(data, opt)
         if len(rest) < 4:
-            raise _OptionError(REP_ERR_INVALID, f"Invalid length for option '{_opt_name(opt)}'")
+            raise _OptionError(REP_ERR_INVALID, f"Inconsistent lengths in option {_opt_name(opt)}")
         (count,) = struct.unpack_from(">I", rest)
         pos, queries = 4, []
         for _ in range(count):
@@ -512,7 +524,7 @@ class ServerConnection:
             pos = len(rest) - len(tail)
             queries.append(query)
         if pos != len(rest):
-            raise _OptionError(REP_ERR_INVALID, f"Invalid length for option '{_opt_name(opt)}'")
+            raise _OptionError(REP_ERR_INVALID, f"Inconsistent lengths in option {_opt_name(opt)}")
         exp = self.catalog.lookup(name)
         if exp is None:
             raise _OptionError(REP_ERR_UNKNOWN, f"export '{name}' not present")
@@ -573,8 +585,9 @@ class ServerConnection:
         if cmd == Cmd.DISC:
             return 0, ""
         if cmd == Cmd.READ and length > MAX_BUFFER:
-            return _errno.EINVAL, f"len ({length}) is larger than max len ({MAX_BUFFER})"
+            return _errno.EINVAL, f"len ({length} ) is larger than max len ({MAX_BUFFER})"   # sic
         if cmd in _WRITES and self.export.read_only:
+            # The spec's EPERM; QEMU 7.2 sends EINVAL here (deliberate difference).
             return _errno.EPERM, "Export is read-only"
         if offset > self.export.size or length > self.export.size - offset:
             text = f"operation past EOF; From: {offset}, Len: {length}, Size: {self.export.size}"
@@ -583,7 +596,7 @@ class ServerConnection:
         if cmd == Cmd.READ and not self.structured:
             valid &= ~CMD_FLAG_DF
         if flags & ~valid:
-            return _errno.EINVAL, f"unsupported flags for command {cmd.name} (got 0x{flags:x})"
+            return _errno.EINVAL, f"unsupported flags for command {_CMD_NAMES[cmd]} (got 0x{flags:x})"
         if cmd == Cmd.BLOCK_STATUS and not (self.structured and self.contexts):
             return _errno.EINVAL, "CMD_BLOCK_STATUS not negotiated"
         return 0, ""
@@ -654,16 +667,21 @@ def _read_string(data: bytes, opt: int) -> tuple[str, bytes]:
     :raise _OptionError: ERR_INVALID when it does not fit.
     """
     if len(data) < 4:
-        raise _OptionError(REP_ERR_INVALID, f"Invalid length for option '{_opt_name(opt)}'")
+        raise _OptionError(REP_ERR_INVALID, f"Inconsistent lengths in option {_opt_name(opt)}")
     (n,) = struct.unpack_from(">I", data)
     if n > MAX_STRING or 4 + n > len(data):
-        raise _OptionError(REP_ERR_INVALID, f"Invalid length for option '{_opt_name(opt)}'")
+        raise _OptionError(REP_ERR_INVALID, f"Inconsistent lengths in option {_opt_name(opt)}")
     return data[4:4 + n].decode(errors="replace"), data[4 + n:]
 
 
-def _opt_name(opt: int) -> str:
-    try:
-        return "NBD_OPT_" + Opt(opt).name
-    except ValueError:
-        return "<unknown>"
+#: QEMU's option names (nbd_opt_lookup), as its error texts print them.
+_OPT_NAMES = {
+    Opt.EXPORT_NAME: "export name", Opt.ABORT: "abort", Opt.LIST: "list", 4: "peek export",
+    Opt.STARTTLS: "starttls", Opt.INFO: "info", Opt.GO: "go",
+    Opt.STRUCTURED_REPLY: "structured reply", Opt.LIST_META_CONTEXT: "list meta context",
+    Opt.SET_META_CONTEXT: "set meta context",
+}
 
+
+def _opt_name(opt: int) -> str:
+    return _OPT_NAMES.get(opt, "<unknown>")

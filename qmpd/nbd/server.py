@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from qmpd.bitmap.errors import BitmapError
 from qmpd.block.errors import BlockIOError
 from qmpd.block.graph import BlockGraph
 from qmpd.block.node import BlockNode
+from qmpd.commands.objects import TlsCredsX509
 from qmpd.errors import GenericError
 from qmpd.events import EventBus
 from qmpd.events.names import BLOCK_EXPORT_DELETED
@@ -78,9 +80,14 @@ class NbdServer:
     :param events: where ``BLOCK_EXPORT_DELETED`` goes.
     """
 
-    def __init__(self, graph: Callable[[], BlockGraph], events: EventBus) -> None:
+    def __init__(self, graph: Callable[[], BlockGraph], events: EventBus, *,
+                 tls_creds: Callable[[str], TlsCredsX509 | None] = lambda _id: None) -> None:
         self._graph = graph
         self._events = events
+        self._tls_lookup = tls_creds
+        #: The server's TLS context once started with tls-creds (STARTTLS
+        #: then required).
+        self.tls: ssl.SSLContext | None = None
         #: Exports in creation order (query-block-exports lists newest first).
         self.exports: dict[str, Export] = {}
         self._server: asyncio.base_events.Server | None = None
@@ -110,16 +117,24 @@ class NbdServer:
         """:meth:`start` on a listener spec."""
         if self.running:
             raise GenericError("NBD server already running")
+        tls: ssl.SSLContext | None = None
         if tls_creds is not None:
-            # qmpd has no object-add, so no TLS credentials object exists.
-            raise GenericError(f"No TLS credentials with id '{tls_creds}'")
-        if tls_authz is not None:
-            raise GenericError("tls-authz is not supported without tls-creds")
+            creds = self._tls_lookup(tls_creds)
+            if creds is None:
+                raise GenericError(f"No TLS credentials with id '{tls_creds}'")
+            if creds.endpoint != "server":
+                raise GenericError("Expected TLS credentials for a server endpoint")
+            if tls_authz is not None:
+                # QEMU checks clients against an authz object; qmpd has none.
+                raise GenericError("tls-authz is not supported by qmpd")
+            tls = creds.context
+        # Without tls-creds QEMU 7.2 accepts and ignores tls-authz; so do we.
         try:
             self._server = await open_listener(addr, self._protocol)
         except OSError as exc:
             where = addr.path if isinstance(addr, UnixListener) else f"{addr.host}:{addr.port}"
             raise GenericError(f"Failed to bind socket to {where}: {exc.strerror or exc}") from exc
+        self.tls = tls
         self._unix_path = addr.path if isinstance(addr, UnixListener) else None
         self._slots = asyncio.Semaphore(max_connections) if max_connections else None
         log.info("NBD server listening on %s", addr)
@@ -132,6 +147,7 @@ class NbdServer:
         for exp in list(self.exports.values()):
             self._shut_down(exp)
         self._close_listener()
+        self.tls = None
         for client in list(self._clients):
             client.abort()
 
@@ -316,7 +332,7 @@ class _Client:
         self.server = server
         self.reader = reader
         self.writer = writer
-        self.conn = ServerConnection(server)
+        self.conn = ServerConnection(server, tls=server.tls is not None)
         self.export: Export | None = None
         self.task: asyncio.Task[Any] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -358,8 +374,8 @@ class _Client:
             self._flush()
             with contextlib.suppress(ConnectionError):
                 await self.writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+        except (OSError, asyncio.IncompleteReadError) as exc:   # incl. ssl.SSLError
+            log.debug("NBD client dropped: %s", exc)
 
     async def _dispatch(self) -> bool:
         if self.export is None and self.conn.export is not None:
@@ -373,7 +389,8 @@ class _Client:
                 log.debug("NBD client closed: %s", event.reason)
                 return True
             if isinstance(event, StartTLS):
-                return False  # never offered: the server has no TLS
+                await self._start_tls()
+                continue
             if self.export is None:
                 return False
             await self._depth.acquire()
@@ -384,6 +401,16 @@ class _Client:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
         return True
+
+    async def _start_tls(self) -> None:
+        """Answer STARTTLS: flush the ACK, then handshake (failures end the
+        client with ssl.SSLError)."""
+        assert self.server.tls is not None
+        self._flush()
+        await self.writer.drain()
+        await self.writer.start_tls(self.server.tls)
+        self.writer.transport.set_write_buffer_limits(high=SEND_BUFFER * 2, low=SEND_BUFFER)
+        self.conn.tls_started()
 
     async def _serve(self, req: Request, big: bool) -> None:
         try:

@@ -391,6 +391,19 @@ class BlockExportType(enum.StrEnum):
     NBD = 'nbd'
 
 
+class QCryptoTLSCredsEndpoint(enum.StrEnum):
+    """QAPI enum ``QCryptoTLSCredsEndpoint``."""
+
+    CLIENT = 'client'
+    SERVER = 'server'
+
+
+class ObjectType(enum.StrEnum):
+    """QAPI enum ``ObjectType``."""
+
+    TLS_CREDS_X509 = 'tls-creds-x509'
+
+
 class VersionTriple(QAPIModel):
     """QAPI struct ``VersionTriple``."""
 
@@ -1314,6 +1327,35 @@ class BlockExportInfo(QAPIModel):
     shutting_down: bool = Field(alias='shutting-down')
 
 
+class TlsCredsProperties(QAPIModel):
+    """QAPI struct ``TlsCredsProperties``."""
+
+    verify_peer: bool | None = Field(default=None, alias='verify-peer')
+    dir: str | None = Field(default=None, alias='dir')
+    endpoint: QCryptoTLSCredsEndpoint | None = Field(default=None, alias='endpoint')
+    priority: str | None = Field(default=None, alias='priority')
+
+
+class TlsCredsX509Properties(TlsCredsProperties):
+    """QAPI struct ``TlsCredsX509Properties``."""
+
+    sanity_check: bool | None = Field(default=None, alias='sanity-check')
+    passwordid: str | None = Field(default=None, alias='passwordid')
+
+
+class ObjectOptionsTlsCredsX509Branch(QAPIModel):
+    """QAPI union ``ObjectOptions``, case ``tls-creds-x509``."""
+
+    qom_type: Literal[ObjectType.TLS_CREDS_X509] = Field(alias='qom-type')
+    id: str = Field(alias='id')
+    verify_peer: bool | None = Field(default=None, alias='verify-peer')
+    dir: str | None = Field(default=None, alias='dir')
+    endpoint: QCryptoTLSCredsEndpoint | None = Field(default=None, alias='endpoint')
+    priority: str | None = Field(default=None, alias='priority')
+    sanity_check: bool | None = Field(default=None, alias='sanity-check')
+    passwordid: str | None = Field(default=None, alias='passwordid')
+
+
 class QmpdTimestamp(QAPIModel):
     """QAPI struct ``QmpdTimestamp``."""
 
@@ -1406,6 +1448,12 @@ BlockExportOptions: TypeAlias = Annotated[
         BlockExportOptionsNbdBranch,
     ],
     Field(discriminator='type'),
+]
+ObjectOptions: TypeAlias = Annotated[
+    Union[
+        ObjectOptionsTlsCredsX509Branch,
+    ],
+    Field(discriminator='qom_type'),
 ]
 BlockdevRef: TypeAlias = Union[BlockdevOptions, str]
 BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]
@@ -1690,6 +1738,18 @@ class QueryBlockExportsArgs(QAPIModel):
     """Arguments of ``query-block-exports``."""
 
 
+class ObjectAddArgs(RootModel[ObjectOptions]):
+    """Arguments of ``object-add``."""
+
+    model_config = ConfigDict(frozen=True, defer_build=True)
+
+
+class ObjectDelArgs(QAPIModel):
+    """Arguments of ``object-del``."""
+
+    id: str = Field(alias='id')
+
+
 class OrgQmpdQueryInstanceArgs(QAPIModel):
     """Arguments of ``__org.qmpd_query-instance``."""
 
@@ -1821,6 +1881,8 @@ COMMAND_ARGS: dict[str, type[BaseModel]] = {
     'block-export-add': BlockExportAddArgs,
     'block-export-del': BlockExportDelArgs,
     'query-block-exports': QueryBlockExportsArgs,
+    'object-add': ObjectAddArgs,
+    'object-del': ObjectDelArgs,
     '__org.qmpd_query-instance': OrgQmpdQueryInstanceArgs,
 }
 
@@ -1878,6 +1940,8 @@ COMMAND_RETURNS: dict[str, Any] = {
     'block-export-add': None,
     'block-export-del': None,
     'query-block-exports': list[BlockExportInfo],
+    'object-add': None,
+    'object-del': None,
     '__org.qmpd_query-instance': QmpdInstanceInfo,
 }
 

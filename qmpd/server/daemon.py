@@ -23,8 +23,9 @@ from typing import Any
 from qmpd import commands as _commands  # noqa: F401  (registers the handlers)
 from qmpd.commands.block import add_blockdev
 from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState, SessionControl
+from qmpd.commands.objects import ObjectStore
 from qmpd.commands.registry import REGISTRY, Registry
-from qmpd.block import BlockGraph
+from qmpd.block import BlockGraph, BlockIOError
 from qmpd.block.persist import BitmapStateDir
 from qmpd.errors import GenericError, QMPError, SchemaError
 from qmpd.events import EventBus
@@ -86,7 +87,6 @@ class Daemon:
                                  boot_id=str(uuid.uuid4()), start_time=time.time())
         self.schema: SchemaService | None = None
         self.nbd: NbdServer | None = None
-
         #: Called once per executed command (see :data:`RequestObserver`).
         self.request_observer: RequestObserver | None = None
 
@@ -118,7 +118,8 @@ class Daemon:
         self.state.block = BlockGraph(bitmap_state=bitmap_state)
         self.state.jobs = JobManager(self.events)
         self.state.machine = Machine(self.state.block, self.events, prelaunch=self.config.prelaunch)
-        self.nbd = NbdServer(self._graph, self.events)
+        self.state.objects = ObjectStore()
+        self.nbd = NbdServer(self._graph, self.events, tls_creds=self.state.objects.get)
         self.state.nbd = self.nbd
 
     def _graph(self) -> BlockGraph:
@@ -190,6 +191,18 @@ class Daemon:
         self._qtests.append(proto)
         return proto
 
+    async def prepare_state_dir(self) -> None:
+        """Create ``--state-dir`` (mode 0700) if configured.
+
+        :raise BlockIOError: it cannot be created.
+        """
+        state = self.state.block.bitmap_state if self.state.block is not None else None
+        if state is not None:
+            try:
+                await state.prepare()
+            except BlockIOError as exc:
+                raise GenericError(f"--state-dir {state.path}: {exc.strerror}") from exc
+
     async def add_nbd(self, servers: list[str], exports: list[str]) -> None:
         """``--nbd-server`` (at most one) and ``--export`` options, as
         qemu-storage-daemon parses them (``--export`` may start with its
@@ -240,14 +253,6 @@ class Daemon:
                      writethrough=opts.get("writethrough", False),
                      bitmaps=tuple(opts.get("bitmaps", ())),
                      allocation_depth=opts.get("allocation-depth", False))
-
-    async def prepare_state_dir(self) -> None:
-        """Create ``--state-dir`` (mode 0700) if configured.
-
-        :raise BlockIOError: it cannot be created.
-        """
-        if self.state.block is not None and self.state.block.bitmap_state is not None:
-            await self.state.block.bitmap_state.prepare()
 
     async def start(self) -> None:
         """Open every listener.  :raise OSError: when one cannot be bound."""

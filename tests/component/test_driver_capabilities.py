@@ -19,7 +19,7 @@ from qmpd.block.copy import BlockCopy
 from qmpd.block.drivers import DRIVERS, BaseDriver, FileWindow
 from qmpd.block.fastcopy import file_view
 from tests.component.test_job_helpers import settle
-from qmpd.commands.views import image_info
+from qmpd.commands.views import block_device_info, image_info
 
 pytestmark = [pytest.mark.timeout(30)]
 
@@ -254,3 +254,20 @@ def test_no_driver_name_special_cases_outside_the_drivers() -> None:
                     "qmpd.block.drivers.") and node.module != "qmpd.block.drivers.base":
                 problems.append(f"{path.name}:{node.lineno}: imports {node.module}")
     assert problems == []
+
+
+@pytest.mark.asyncio
+async def test_backing_child_is_nested_as_backing_image(tmp_path: Path) -> None:
+    """A format with a ``backing`` child (as qcow2 will have): the views nest
+    the backing chain like a filter's, and ``backing`` names the child."""
+    g = BlockGraph()
+    base = await g.add({"driver": "raw", "node-name": "base",
+                        "file": {"driver": "file", "filename": image(tmp_path, "b.img")}})
+    top_file = await file_node(g, image(tmp_path, "t.img"), "tf")
+    top = BlockNode("top", Shift(top_file, 0), children={"file": top_file, "backing": base})
+    assert top.backing is base and top.filter_or_cow_child is base
+    assert base.filter_or_cow_child is None
+    info = block_device_info(top)
+    assert info["backing_file_depth"] == 1
+    assert info["image"]["backing-image"] == image_info(base)
+    assert "backing-image" not in block_device_info(top, flat=True)["image"]

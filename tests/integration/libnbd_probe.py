@@ -166,7 +166,8 @@ def errors(sock: str) -> dict[str, Any]:
         "write ro": err(lambda: h.pwrite(b"x" * 512, 0)),
         "zero ro": err(lambda: h.zero(512, 0)),
         "trim ro": err(lambda: h.trim(512, 0)),
-        "bad flags": err(lambda: h.flush(flags=nbd.CMD_FLAG_FUA)),
+        "bad flags": err(lambda: h.pread(512, 0, flags=nbd.CMD_FLAG_REQ_ONE)),
+        "fua flush": err(lambda: h.flush(flags=nbd.CMD_FLAG_FUA)) or "ok",
         "status not negotiated": err(lambda: h.block_status(4096, 0, lambda *a: 0)),
     }
     out["still works"] = h.pread(4096, 0) == _file_bytes(0, 4096)

@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import socket
 import struct
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.daemon import short_socket_dir
-from tests.support.nbd import MiB, NbdDaemon, have, make_disk, run
+from tests.support.nbd import MiB, NbdDaemon, have, make_disk, option_replies, run, wait_listening
 
 pytestmark = [
     pytest.mark.timeout(180),
@@ -83,10 +82,7 @@ def _qsd(tmp: Path, export: str) -> tuple[object, str]:
          "--blockdev", "raw,node-name=drive0,file=f0",
          "--nbd-server", f"addr.type=unix,addr.path={sock}", "--export", export],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while not Path(sock).exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_listening(sock, proc)
     return proc, sock
 
 
@@ -206,12 +202,8 @@ def test_qsd_command_line(tmp_path: Path) -> None:
         d = DaemonProcess(tmp, *blockdevs, "--nbd-server", f"addr.type=unix,addr.path={nbd_sock}",
                           "--export", "nbd,id=e0,node-name=drive0,writable=on,description=hi")
         try:
-            deadline = time.monotonic() + 10
-            while True:
-                proc = run("nbdinfo", "--json", f"nbd+unix:///drive0?socket={nbd_sock}", check=False)
-                if proc.returncode == 0 or time.monotonic() > deadline:
-                    break
-                time.sleep(0.02)
+            wait_listening(nbd_sock, d.proc)
+            proc = run("nbdinfo", "--json", f"nbd+unix:///drive0?socket={nbd_sock}")
             info = json.loads(proc.stdout)["exports"][0]
             assert (info["export-size"], info["is_read_only"], info["description"]) == (4 * MiB, False, "hi")
         finally:
@@ -229,3 +221,92 @@ def test_qsd_command_line(tmp_path: Path) -> None:
                                         timeout=30)
                 assert theirs.returncode == 1
                 assert ours.stderr.removeprefix("qmpd: ") == theirs.stderr.removeprefix("qemu-storage-daemon: ")
+
+
+_N = struct.pack(">I", 6) + b"drive0"
+#: Handshakes with misuse in them; each option's first reply must be QEMU's.
+HANDSHAKES = {
+    "unknown option": [(0x55, b"x"), (3, b"")],
+    "list meta context before structured replies": [(9, _N + b"\0\0\0\0")],
+    "set meta context before structured replies": [(10, _N + b"\0\0\0\0")],
+    "list with payload": [(3, b"x")],
+    "structured reply twice, with payload": [(8, b"x"), (8, b""), (8, b"")],
+    "bad info": [(6, b"\0\0\0\xff"), (6, _N), (6, _N + b"\0\1"), (6, struct.pack(">I", 4) + b"nope\0\0")],
+    "info of everything": [(6, _N + b"\0\3\0\0\0\1\0\2")],
+    "go with names": [(7, _N + b"\0\2\0\1\0\2")],
+    "meta contexts": [(8, b""), (9, _N + b"\0\0\0\0"), (9, _N + b"\0\0\0\1" + struct.pack(">I", 5) + b"qemu:"),
+                      (10, _N + b"\0\0\0\1" + struct.pack(">I", 15) + b"base:allocation"),
+                      (10, struct.pack(">I", 4) + b"nope\0\0\0\0")],
+    "starttls without tls": [(5, b""), (5, b"x")],
+    "abort with payload": [(2, b"x")],
+    "export name of nothing": [(1, b"nope")],
+}
+
+
+@pytest.mark.skipif(not have("qemu-storage-daemon"), reason="needs qemu-storage-daemon")
+def test_handshake_replies_as_qsd(env: NbdDaemon) -> None:
+    """Byte-for-byte the option replies (and texts) of qemu-storage-daemon 7.2."""
+    env.add_raw("drive0", env.tmp / "disk.img")
+    env.start_server()
+    env.ok("block-export-add", type="nbd", id="e0", **{"node-name": "drive0"}, description="dd")
+    proc, qsock = _qsd(env.tmp, "nbd,id=e0,node-name=drive0,description=dd")
+    try:
+        for label, options in HANDSHAKES.items():
+            assert option_replies(env.sock, options) == option_replies(qsock, options), label
+    finally:
+        proc.terminate()  # type: ignore[attr-defined]
+        proc.wait()  # type: ignore[attr-defined]
+
+
+def _requests_replies(sock: str, structured: bool, requests: list[bytes]) -> list[bytes]:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(sock)
+    s.recv(18)
+    s.sendall(struct.pack(">I", 3))
+    if structured:
+        s.sendall(struct.pack(">QII", 0x49484156454F5054, 8, 0))
+    s.sendall(struct.pack(">QII", 0x49484156454F5054, 7, len(_N) + 2) + _N + b"\0\0")
+    want = 20 * (2 if structured else 1) + 20 + 12 + 20 + 14 + 20
+    got = b""
+    while not got.endswith(struct.pack(">QIII", 0x3E889045565A9, 7, 1, 0)):
+        got += s.recv(want)
+    out = []
+    for req in requests:
+        s.sendall(req)
+        out.append(s.recv(200))
+    s.close()
+    return out
+
+
+def _req(typ: int, offset: int, length: int, flags: int = 0) -> bytes:
+    return struct.pack(">IHHQQI", 0x25609513, flags, typ, 1, offset, length)
+
+
+@pytest.mark.skipif(not have("qemu-storage-daemon"), reason="needs qemu-storage-daemon")
+def test_transmission_errors_as_qsd(env: NbdDaemon) -> None:
+    """Bad requests get qemu-storage-daemon 7.2's replies byte for byte
+    (errno, error text), except writes to a read-only export: EPERM as the
+    protocol says, where QEMU sends EINVAL."""
+    env.add_raw("drive0", env.tmp / "disk.img")
+    env.start_server()
+    env.ok("block-export-add", type="nbd", id="e0", **{"node-name": "drive0"})
+    proc, qsock = _qsd(env.tmp, "nbd,id=e0,node-name=drive0")
+    size = 64 * MiB
+    requests = [_req(42, 0, 0), _req(0, size, 512), _req(0, 0, 33 * MiB), _req(3, 0, 0, flags=1),
+                _req(7, 0, 512), _req(0, 0, 512, flags=0x80), _req(5, size, 512), _req(0, size - 256, 512)]
+    read_only = [_req(1, 0, 512) + b"x" * 512, _req(6, 0, 512), _req(4, 0, 512)]
+    try:
+        for structured in (False, True):
+            assert _requests_replies(env.sock, structured, requests) == \
+                _requests_replies(qsock, structured, requests)
+            ours = _requests_replies(env.sock, structured, read_only)
+            theirs = _requests_replies(qsock, structured, read_only)
+            eperm, einval = struct.pack(">I", 1), struct.pack(">I", 22)
+            at = 20 if structured else 4
+            for o, t in zip(ours, theirs):
+                assert o[at:at + 4] == eperm and t[at:at + 4] == einval
+                assert o[:at] + o[at + 4:] == t[:at] + t[at + 4:]
+    finally:
+        proc.terminate()  # type: ignore[attr-defined]
+        proc.wait()  # type: ignore[attr-defined]

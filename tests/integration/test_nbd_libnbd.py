@@ -171,6 +171,7 @@ def test_bad_requests(env: NbdDaemon) -> None:
     assert out["zero ro"] == {"errno": "EPERM"}
     assert out["trim ro"] == {"errno": "EPERM"}
     assert out["bad flags"] == {"errno": "EINVAL"}
+    assert out["fua flush"] == "ok"           # QEMU accepts FUA on any command
     assert out["status not negotiated"] == {"errno": "EINVAL"}
     assert out["still works"] is True
     assert out["write 33 MiB"] == {"errno": "EINVAL"}

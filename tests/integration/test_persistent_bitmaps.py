@@ -9,6 +9,8 @@ import json
 import os
 import signal
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -238,3 +240,42 @@ def test_query_instance_is_advertised(env: Env) -> None:
     assert "__org.qmpd_query-instance" in names
     schema = _ok(c, "query-qmp-schema")
     assert any(e.get("name") == "__org.qmpd_query-instance" for e in schema)
+
+
+def test_nbd_writes_then_kill9(env: Env) -> None:
+    """Writes from a real NBD client (qemu-io with requests in flight
+    together) reach the persistent bitmap's journal like any other: after
+    kill -9 an incremental backup into the last full one equals the disk."""
+    target = env.tmp / "full.img"
+    with open(target, "wb") as f:
+        f.truncate(SIZE)
+    c = env.start()
+    _ok(c, "blockdev-add", driver="raw", node_name="t0", file={"driver": "file", "filename": str(target)})
+    _ok(c, "transaction", actions=[
+        {"type": "block-dirty-bitmap-add", "data": {"node": "d0", "name": "b0", "persistent": True}},
+        {"type": "blockdev-backup", "data": {"device": "d0", "target": "t0", "sync": "full", "job-id": "f"}}])
+    _wait_event(c, "BLOCK_JOB_COMPLETED")
+    nbd = str(env.sock_dir / "nbd.sock")
+    _ok(c, "nbd-server-start", addr={"type": "unix", "data": {"path": nbd}})
+    _ok(c, "block-export-add", type="nbd", id="e0", node_name="d0", writable=True)
+    writes = [f"aio_write -P {0x40 + i} {(i * 7 % 8) * (1 << 20) + i * 4096} 64k" for i in range(16)]
+    subprocess.run(["qemu-io", "-f", "raw", *(a for w in writes for a in ("-c", w)), "-c", "aio_flush",
+                    f"nbd+unix:///d0?socket={nbd}"], check=True, capture_output=True, timeout=60)
+    assert env.proc is not None
+    env.proc.proc.send_signal(signal.SIGKILL)
+    env.proc.proc.wait(10)
+    c = env.start()
+    [bm] = _bitmaps(c)
+    assert bm["persistent"] and bm["recording"] and "inconsistent" not in bm and bm["count"] >= 8 * 65536
+    _ok(c, "blockdev-add", driver="raw", node_name="t0", file={"driver": "file", "filename": str(target)})
+    _ok(c, "blockdev-backup", device="d0", target="t0", sync="incremental", bitmap="b0", job_id="i")
+    _wait_event(c, "BLOCK_JOB_COMPLETED")
+    assert target.read_bytes() == env.disk.read_bytes()
+
+
+def test_unusable_state_dir_is_one_line_and_exit_1(tmp_path: Path, sock_dir: Path) -> None:
+    afile = tmp_path / "not-a-dir"
+    afile.write_bytes(b"")
+    out = subprocess.run([sys.executable, "-m", "qmpd", "--socket", str(sock_dir / "x.sock"),
+                          "--state-dir", str(afile)], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stderr) == (1, f"qmpd: --state-dir {afile}: File exists\n")

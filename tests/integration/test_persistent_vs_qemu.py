@@ -10,70 +10,68 @@ a restart of both, the ``dirty-bitmaps`` lists must be equal.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
-from tests.support.daemon import short_socket_dir
+from tests.support.daemon import DaemonProcess, short_socket_dir
 
 SIZE = 8 << 20
 
 
 class Peer:
-    """One server (QEMU or qmpd) with the disk node ``d0``, restartable."""
+    """One server (QEMU or qmpd) with the disk node ``d0``, restartable.
 
-    def __init__(self, name: str, sock: str, argv: list[str]) -> None:
-        self.name, self.sock, self.argv = name, sock, argv
+    QEMU speaks QMP on its stdio (``-qmp stdio``), so its greeting is the
+    sign that it is ready; qmpd is a :class:`DaemonProcess` (ready once its
+    pidfile exists) reached over its socket.
+    """
+
+    def __init__(self, name: str, argv: list[str], sock_dir: Path | None = None) -> None:
+        self.name, self.argv, self.sock_dir = name, argv, sock_dir
         self.proc: subprocess.Popen[bytes] | None = None
+        self.daemon: DaemonProcess | None = None
+        self.rfile: IO[bytes] | None = None
+        self.wfile: IO[bytes] | None = None
         self.conn: socket.socket | None = None
-        self.buf = b""
         self.events: list[dict[str, Any]] = []
 
     def start(self) -> None:
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
-        while True:  # QEMU has no readiness signal but the socket accepting
-            try:
-                self.conn = socket.socket(socket.AF_UNIX)
-                self.conn.settimeout(20)
-                self.conn.connect(self.sock)
-                break
-            except OSError:
-                assert self.conn is not None
-                self.conn.close()
-                assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else b""
-                assert time.monotonic() < deadline, f"{self.name} did not start"
-                time.sleep(0.01)
-        self.buf = b""
-        self._line()
+        if self.sock_dir is None:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL)
+            self.rfile, self.wfile = self.proc.stdout, self.proc.stdin
+        else:
+            self.daemon = DaemonProcess(self.sock_dir, *self.argv)
+            self.proc = self.daemon.proc
+            self.conn = socket.socket(socket.AF_UNIX)
+            self.conn.settimeout(20)
+            self.conn.connect(self.daemon.path)
+            self.rfile, self.wfile = self.conn.makefile("rb"), self.conn.makefile("wb")
+        assert "QMP" in self._line()
         assert self.cmd("qmp_capabilities") == {}
 
     def _line(self) -> dict[str, Any]:
-        assert self.conn is not None
-        while b"\n" not in self.buf:
-            chunk = self.conn.recv(65536)
-            assert chunk, f"{self.name} closed the connection"
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        msg: dict[str, Any] = json.loads(line)
-        return msg
+        assert self.rfile is not None
+        while True:
+            line = self.rfile.readline()
+            assert line, f"{self.name} closed the connection"
+            # QEMU's HMP qemu-io prints its report on stdout, our QMP channel
+            if line.startswith(b"{"):
+                msg: dict[str, Any] = json.loads(line)
+                return msg
 
     def cmd(self, command: str, /, **args: Any) -> Any:
-        assert self.conn is not None
+        assert self.wfile is not None
         req: dict[str, Any] = {"execute": command}
         if args:
             req["arguments"] = {k.replace("_", "-"): v for k, v in args.items()}
-        self.conn.sendall(json.dumps(req).encode())
+        self.wfile.write(json.dumps(req).encode() + b"\n")
+        self.wfile.flush()
         while True:
             msg = self._line()
             if "event" in msg:
@@ -87,10 +85,12 @@ class Peer:
         self.events = [e for e in self.events if e["event"] != name]
 
     def quit(self) -> None:
-        assert self.proc is not None and self.conn is not None
+        assert self.proc is not None
         self.cmd("quit")
         assert self.proc.wait(20) == 0
-        self.conn.close()
+        for f in (self.rfile, self.wfile, self.conn):
+            if f is not None:
+                f.close()
 
     def bitmaps(self) -> list[dict[str, Any]]:
         for n in self.cmd("query-named-block-nodes"):
@@ -114,19 +114,18 @@ def peers(tmp_path: Path) -> Iterator[list[Peer]]:
         with open(tmp_path / t, "wb") as f:
             f.truncate(SIZE)
     with short_socket_dir(tmp_path) as d:
-        qemu = Peer("qemu", str(d / "qemu.sock"), [
-            "qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
-            "-qmp", f"unix:{d / 'qemu.sock'},server=on,wait=off",
+        qemu = Peer("qemu", [
+            "qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none", "-qmp", "stdio",
             "-blockdev", json.dumps({"driver": "qcow2", "node-name": "d0",
                                      "file": {"driver": "file", "filename": str(qcow2)}}),
             "-blockdev", json.dumps({"driver": "raw", "node-name": "t0",
                                      "file": {"driver": "file", "filename": str(tmp_path / "tq.raw")}})])
-        qmpd = Peer("qmpd", str(d / "qmpd.sock"), [
-            sys.executable, "-m", "qmpd", "--socket", str(d / "qmpd.sock"), "--state-dir", str(tmp_path / "st"),
+        qmpd = Peer("qmpd", [
+            "--state-dir", str(tmp_path / "st"),
             "--blockdev", json.dumps({"driver": "raw", "node-name": "d0",
                                       "file": {"driver": "file", "filename": str(raw)}}),
             "--blockdev", json.dumps({"driver": "raw", "node-name": "t0",
-                                      "file": {"driver": "file", "filename": str(tmp_path / "tm.raw")}})])
+                                      "file": {"driver": "file", "filename": str(tmp_path / "tm.raw")}})], d)
         both = [qemu, qmpd]
         try:
             for p in both:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import random
+import socket
+import struct
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tests.support.daemon import DaemonProcess, RawClient
 
 MiB = 1 << 20
+IHAVEOPT = 0x49484156454F5054
 
 
 def have(*tools: str) -> bool:
@@ -26,6 +30,26 @@ def run(*argv: str, check: bool = True, timeout: float = 120) -> subprocess.Comp
     if check and proc.returncode != 0:
         raise AssertionError(f"{argv} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def wait_listening(path: str | Path, proc: subprocess.Popen[bytes]) -> None:
+    """Wait until another process accepts connections on the UNIX socket
+    ``path`` (its file appears at bind(), a moment before listen()).
+
+    :raise AssertionError: the process exited or 20 s passed.
+    """
+    deadline = time.monotonic() + 20
+    while True:
+        assert proc.poll() is None, f"{proc.args} exited"
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(str(path))
+            return
+        except (FileNotFoundError, ConnectionRefusedError):
+            assert time.monotonic() < deadline, f"nothing listens on {path}"
+            time.sleep(0.01)
+        finally:
+            probe.close()
 
 
 def make_disk(path: Path, size: int = 64 * MiB, seed: int = 3) -> None:
@@ -50,15 +74,8 @@ class NbdDaemon:
         self.events: list[dict[str, Any]] = []
 
     def _connect(self) -> RawClient:
-        # The socket file appears at bind(), a moment before listen().
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                return RawClient(self.proc.path, timeout=60)
-            except ConnectionRefusedError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        wait_listening(self.proc.path, self.proc.proc)
+        return RawClient(self.proc.path, timeout=60)
 
     def q(self, command: str, **arguments: Any) -> dict[str, Any]:
         """:return: the reply (``return`` or ``error``) of ``command``."""
@@ -102,3 +119,39 @@ class NbdDaemon:
         """Stop the daemon (its exit status must be 0)."""
         self.qmp.close()
         assert self.proc.stop() == 0
+
+
+def option_replies(sock: str, options: Sequence[tuple[int, bytes]]) -> list[bytes]:
+    """Send each option of a fixed-newstyle handshake and collect the
+    server's reply bytes (greeting first, b"" once the server closed)."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(sock)
+    replies = [s.recv(18)]
+    s.sendall(struct.pack(">I", 3))
+    for code, data in options:
+        s.sendall(struct.pack(">QII", IHAVEOPT, code, len(data)) + data)
+        head = b""
+        while len(head) < 20:
+            try:
+                chunk = s.recv(20 - len(head))
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                break
+            head += chunk
+        body = b""
+        if len(head) == 20:
+            (n,) = struct.unpack_from(">I", head, 16)
+            while len(body) < n:
+                body += s.recv(n - len(body))
+        replies.append(head + body)
+    s.settimeout(2)
+    try:
+        replies.append(s.recv(10))
+    except TimeoutError:
+        replies.append(b"(open)")
+    except ConnectionResetError:
+        replies.append(b"")
+    s.close()
+    return replies

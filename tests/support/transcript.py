@@ -6,6 +6,8 @@ and replayed against qmpd.  Lines:
 * ``! file NAME SIZE``: create a sparse file ``TEST_DIR/NAME`` first;
 * ``! args ...``: QEMU command-line options the VM was started with
   (``-machine pc -S -drive ... -device ...``), given to qmpd as well;
+* ``! certs``: create TLS test certificates in ``TEST_DIR/srv`` and
+  ``TEST_DIR/cli`` first (:mod:`tests.support.tls`);
 * ``-> {json}``: a request;
 * ``<- {json}``: the reply to it, or an event (``{"event": ...}``, without
   timestamp) expected before the reply;
@@ -38,6 +40,7 @@ class Step:
 class Transcript:
     files: list[tuple[str, int]]
     steps: list[Step]
+    certs: bool = False
     #: ``! args`` (shell words, TEST_DIR not yet substituted).
     args: list[str] = field(default_factory=list)
 
@@ -46,6 +49,7 @@ def parse(path: Path) -> Transcript:
     files: list[tuple[str, int]] = []
     steps: list[Step] = []
     args: list[str] = []
+    certs = False
     for lineno, raw in enumerate(path.read_text().splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -55,13 +59,15 @@ def parse(path: Path) -> Transcript:
             files.append((name, int(size)))
         elif line.startswith("! args "):
             args = shlex.split(line[len("! args "):])
+        elif line == "! certs":
+            certs = True
         elif line.startswith("-> "):
             steps.append(Step(json.loads(line[3:]), line=lineno))
         elif line.startswith("<- "):
             steps[-1].expected.append(json.loads(line[3:]))
         else:
             raise ValueError(f"{path}:{lineno}: cannot parse {raw!r}")
-    return Transcript(files, steps, args)
+    return Transcript(files, steps, certs, args)
 
 
 def normalize(value: Any, test_dir: str) -> Any:

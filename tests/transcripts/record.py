@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.support.tls import make_certs  # noqa: E402
 from tests.support.transcript import normalize  # noqa: E402
 
 
@@ -31,6 +32,8 @@ def main(src: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="qrec-") as tmp:
         sock_path = os.path.join(tmp, "qmp.sock")
         extra = ["-machine", "none"]
+        if "! certs" in lines:
+            make_certs(Path(tmp))
         for line in lines:
             if line.startswith("! args "):
                 extra = shlex.split(line[len("! args "):].replace("TEST_DIR", tmp))

@@ -89,7 +89,7 @@ def test_list_and_abort() -> None:
     assert conn.data_to_send() == (rep(Opt.LIST, 2, s32("disk") + b"a disk") + rep(Opt.LIST, 2, s32("ro"))
                                    + rep(Opt.LIST, 1))
     conn.receive_data(opt(Opt.LIST, b"x"))
-    assert conn.data_to_send() == rep(Opt.LIST, (1 << 31) + 3, b"Option 'NBD_OPT_LIST' should have zero length")
+    assert conn.data_to_send() == rep(Opt.LIST, (1 << 31) + 3, b"option 'list' has unexpected length")
     conn.receive_data(opt(Opt.ABORT))
     assert conn.data_to_send() == rep(Opt.ABORT, 1)
     assert list(conn.events()) == [Closed("client aborted the handshake")]
@@ -131,9 +131,9 @@ def test_export_name_old_style() -> None:
 
 def test_meta_contexts() -> None:
     conn = negotiated()
-    conn.receive_data(opt(Opt.LIST_META_CONTEXT, s32("disk") + struct.pack(">I", 0)))
-    assert conn.data_to_send() == rep(9, (1 << 31) + 3,
-                                      b"request option 'NBD_OPT_LIST_META_CONTEXT' when structured reply is not negotiated")
+    conn.receive_data(opt(Opt.SET_META_CONTEXT, s32("disk") + struct.pack(">I", 0)))
+    assert conn.data_to_send() == rep(10, (1 << 31) + 3,
+                                      b"request option 'set meta context' when structured reply is not negotiated")
     conn.receive_data(opt(Opt.STRUCTURED_REPLY))
     assert conn.data_to_send() == rep(8, 1)
     conn.receive_data(opt(Opt.STRUCTURED_REPLY))
@@ -171,9 +171,11 @@ def test_transmission_errors_structured() -> None:
     assert error_of(req(Cmd.READ, 2, MiB, 1)) == (errno.EINVAL, b"operation past EOF; From: 1048576, Len: 1, Size: 1048576")
     assert error_of(req(Cmd.READ, 3, 0, 32 * MiB + 1))[0] == errno.EINVAL
     assert error_of(req(99, 4, 0, 0)) == (errno.EINVAL, b"invalid request type (99) received")
-    assert error_of(req(Cmd.FLUSH, 5, 0, 0, flags=1))[0] == errno.EINVAL
+    assert error_of(req(Cmd.READ, 5, 0, 1, flags=0x80)) == (errno.EINVAL, b"unsupported flags for command read (got 0x80)")
     assert error_of(req(Cmd.BLOCK_STATUS, 6, 0, 1)) == (errno.EINVAL, b"CMD_BLOCK_STATUS not negotiated")
     assert list(conn.events()) == []
+    conn.receive_data(req(Cmd.FLUSH, 7, 0, 0, flags=1))   # FUA is valid on any command (QEMU)
+    assert [e.cmd for e in conn.events() if isinstance(e, Request)] == [Cmd.FLUSH]
     conn.receive_data(req(Cmd.DISC, 9, 0, 0))
     assert list(conn.events()) == [Closed("client sent NBD_CMD_DISC")]
 

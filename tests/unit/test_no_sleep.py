@@ -21,14 +21,8 @@ EXCEPTIONS = {
         "polls for the subprocess's pidfile, as DaemonProcess does",
     ("integration/test_lifecycle.py", "test_tcp_listener_and_daemonize"):
         "waits for a daemonized qmpd (not our child, so no wait()) to exit",
-    ("integration/test_nbd_clients.py", "_qsd"):
-        "polls for real qemu-storage-daemon's socket file (another process)",
-    ("integration/test_nbd_clients.py", "test_qsd_command_line"):
-        "retries nbdinfo until the subprocess's export answers (another process)",
-    ("integration/test_persistent_vs_qemu.py", "start"):
-        "retries connecting to a subprocess (QEMU or qmpd) until it listens",
-    ("support/nbd.py", "_connect"):
-        "retries connecting to a subprocess daemon until it accepts",
+    ("support/nbd.py", "wait_listening"):
+        "polls until another process (qmpd, qemu-storage-daemon) listens: no event crosses the boundary",
     ("transcripts/record.py", "main"):
         "the recorder polls for real QEMU's socket file (a tool, not a test)",
 }

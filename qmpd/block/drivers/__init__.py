@@ -8,7 +8,7 @@ generic code may ask a driver is listed in :mod:`qmpd.block.drivers.base`.
 
 from __future__ import annotations
 
-from qmpd.block.drivers import blkdebug, cbw, file, null, raw
+from qmpd.block.drivers import blkdebug, cbw, file, null, raw, snapshot_access
 from qmpd.block.drivers.base import (
     BaseDriver,
     BlockDriver,
@@ -37,6 +37,7 @@ DRIVERS: dict[str, DriverSpec] = {
     "null-aio": null.SPEC,
     "blkdebug": blkdebug.SPEC,
     "copy-before-write": cbw.SPEC,
+    "snapshot-access": snapshot_access.SPEC,
 }
 
 

@@ -33,13 +33,12 @@ import errno
 from collections.abc import Mapping
 from typing import Any
 
-from qmpd.block.drivers import register_driver
-from qmpd.block.drivers.base import BaseDriver, BlockDriver, OpenContext
+from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverSpec, OpenContext
 from qmpd.block.drivers.cbw import CopyBeforeWrite
 from qmpd.block.errors import BlockIOError, NodeOpenError
 from qmpd.block.node import BlockNode
 
-__all__ = ["SnapshotAccess", "open_snapshot_access"]
+__all__ = ["SPEC", "SnapshotAccess", "open_snapshot_access"]
 
 DRIVER_NAME = "snapshot-access"
 
@@ -151,4 +150,4 @@ async def open_snapshot_access(
     return SnapshotAccess(child, child.driver), {"file": child}
 
 
-register_driver(DRIVER_NAME, open_snapshot_access)
+SPEC = DriverSpec(open_snapshot_access, is_format=SnapshotAccess.is_format)
