@@ -142,6 +142,7 @@ async def _qemu_io(ctx: CommandContext, rest: str) -> str:
             node = graph.lookup(name, device="")
     if node is None:
         raise GenericError(f"Device '{name}' has no medium")
+    ctx.detach()  # long I/O: let block-free commands of other clients through
     output = await run_qemu_io(node, io_cmd)
     if output:
         ctx.state.console(output)

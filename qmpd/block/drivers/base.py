@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from qmpd.block.errors import BlockIOError
 
 if TYPE_CHECKING:
+    from qmpd.block.io import IOPool
     from qmpd.block.io import ImageFile
     from qmpd.block.node import BlockNode
 
@@ -247,6 +248,8 @@ class OpenContext:
     #: ``lookup_node(name)`` finds any registered node (e.g. a bitmap's);
     #: raises ``NodeNotFound`` ``"Node '%s' not found"``.
     lookup_node: Callable[[str], BlockNode]
+    #: The worker threads files are opened with (None: the shared pool).
+    pool: IOPool | None = None
 
 
 #: ``await opener(options, ctx)`` returns the open driver plus its children
