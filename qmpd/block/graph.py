@@ -39,7 +39,7 @@ _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 
 
 #: Format drivers: QEMU opens their ``file`` child before naming the node.
-FORMAT_DRIVERS = frozenset({"raw"})
+FORMAT_DRIVERS = frozenset({"raw", "qcow2"})
 
 
 class BlockGraph:
@@ -55,7 +55,10 @@ class BlockGraph:
         *,
         device_names: Callable[[], Container[str]] | None = None,
         rng: random.Random | None = None,
+        emit_event: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
+        #: Drivers report events (BLOCK_IMAGE_CORRUPTED) through this.
+        self.emit_event = emit_event
         #: Named nodes in QEMU's naming order (the reverse of the listing).
         self._nodes: dict[str, BlockNode] = {}
         self._counter = 0
@@ -211,7 +214,7 @@ class BlockGraph:
                 child = await self._open(ref, opts, created, mine)
                 if role == "file":
                     file_subtrees.append((start, len(created)))
-            if child.read_only and not read_only:
+            if child.read_only and not read_only and role != "backing":
                 raise NodeOpenError("Block node is read-only")
             return child
 
@@ -241,7 +244,8 @@ class BlockGraph:
             return early.pop(role) if role in early else await open_child(ref, role)
 
         ctx = OpenContext(
-            name, read_only, bool(cache.get("direct", False)), ctx_open_child, self.lookup_node
+            name, read_only, bool(cache.get("direct", False)), ctx_open_child, self.lookup_node,
+            self.emit_event,
         )
         self._opening.append(name)
         try:

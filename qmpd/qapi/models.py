@@ -169,6 +169,7 @@ class BlockdevDriver(enum.StrEnum):
     FILE = 'file'
     NULL_AIO = 'null-aio'
     NULL_CO = 'null-co'
+    QCOW2 = 'qcow2'
     RAW = 'raw'
 
 
@@ -340,6 +341,13 @@ class IoOperationType(enum.StrEnum):
 
     READ = 'read'
     WRITE = 'write'
+
+
+class BlockdevQcow2Version(enum.StrEnum):
+    """QAPI enum ``BlockdevQcow2Version``."""
+
+    V2 = 'v2'
+    V3 = 'v3'
 
 
 class ActionCompletionMode(enum.StrEnum):
@@ -780,6 +788,30 @@ class BlockdevOptionsNullCoBranch(QAPIModel):
     read_zeroes: bool | None = Field(default=None, alias='read-zeroes')
 
 
+class BlockdevOptionsQcow2Branch(QAPIModel):
+    """QAPI union ``BlockdevOptions``, case ``qcow2``."""
+
+    driver: Literal[BlockdevDriver.QCOW2] = Field(alias='driver')
+    node_name: str | None = Field(default=None, alias='node-name')
+    discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+    cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+    read_only: bool | None = Field(default=None, alias='read-only')
+    auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+    force_share: bool | None = Field(default=None, alias='force-share')
+    detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+    file: BlockdevRef = Field(alias='file')
+    backing: BlockdevRefOrNull | None = Field(default=None, alias='backing')
+    lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+    pass_discard_request: bool | None = Field(default=None, alias='pass-discard-request')
+    pass_discard_snapshot: bool | None = Field(default=None, alias='pass-discard-snapshot')
+    pass_discard_other: bool | None = Field(default=None, alias='pass-discard-other')
+    cache_size: int | None = Field(default=None, alias='cache-size')
+    l2_cache_size: int | None = Field(default=None, alias='l2-cache-size')
+    l2_cache_entry_size: int | None = Field(default=None, alias='l2-cache-entry-size')
+    refcount_cache_size: int | None = Field(default=None, alias='refcount-cache-size')
+    cache_clean_interval: int | None = Field(default=None, alias='cache-clean-interval')
+
+
 class BlockdevOptionsRawBranch(QAPIModel):
     """QAPI union ``BlockdevOptions``, case ``raw``."""
 
@@ -839,6 +871,12 @@ class BlockdevCreateOptionsNullCoBranch(QAPIModel):
     """QAPI union ``BlockdevCreateOptions``, case ``null-co``."""
 
     driver: Literal[BlockdevDriver.NULL_CO] = Field(alias='driver')
+
+
+class BlockdevCreateOptionsQcow2Branch(QAPIModel):
+    """QAPI union ``BlockdevCreateOptions``, case ``qcow2``."""
+
+    driver: Literal[BlockdevDriver.QCOW2] = Field(alias='driver')
 
 
 class BlockdevCreateOptionsRawBranch(QAPIModel):
@@ -1024,6 +1062,40 @@ class BlockJobInfo(QAPIModel):
     error: str | None = Field(default=None, alias='error')
 
 
+class BlockdevOptionsGenericCOWFormat(BlockdevOptionsGenericFormat):
+    """QAPI struct ``BlockdevOptionsGenericCOWFormat``."""
+
+    backing: BlockdevRefOrNull | None = Field(default=None, alias='backing')
+
+
+class BlockdevOptionsQcow2(BlockdevOptionsGenericCOWFormat):
+    """QAPI struct ``BlockdevOptionsQcow2``."""
+
+    lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+    pass_discard_request: bool | None = Field(default=None, alias='pass-discard-request')
+    pass_discard_snapshot: bool | None = Field(default=None, alias='pass-discard-snapshot')
+    pass_discard_other: bool | None = Field(default=None, alias='pass-discard-other')
+    cache_size: int | None = Field(default=None, alias='cache-size')
+    l2_cache_size: int | None = Field(default=None, alias='l2-cache-size')
+    l2_cache_entry_size: int | None = Field(default=None, alias='l2-cache-entry-size')
+    refcount_cache_size: int | None = Field(default=None, alias='refcount-cache-size')
+    cache_clean_interval: int | None = Field(default=None, alias='cache-clean-interval')
+
+
+class BlockdevCreateOptionsQcow2(QAPIModel):
+    """QAPI struct ``BlockdevCreateOptionsQcow2``."""
+
+    file: BlockdevRef = Field(alias='file')
+    size: int = Field(alias='size')
+    version: BlockdevQcow2Version | None = Field(default=None, alias='version')
+    backing_file: str | None = Field(default=None, alias='backing-file')
+    backing_fmt: BlockdevDriver | None = Field(default=None, alias='backing-fmt')
+    cluster_size: int | None = Field(default=None, alias='cluster-size')
+    preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
+    lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+    refcount_bits: int | None = Field(default=None, alias='refcount-bits')
+
+
 class Abort(QAPIModel):
     """QAPI struct ``Abort``."""
 
@@ -1159,6 +1231,7 @@ BlockdevOptions: TypeAlias = Annotated[
         BlockdevOptionsFileBranch,
         BlockdevOptionsNullAioBranch,
         BlockdevOptionsNullCoBranch,
+        BlockdevOptionsQcow2Branch,
         BlockdevOptionsRawBranch,
     ],
     Field(discriminator='driver'),
@@ -1170,6 +1243,7 @@ BlockdevCreateOptions: TypeAlias = Annotated[
         BlockdevCreateOptionsCopyBeforeWriteBranch,
         BlockdevCreateOptionsNullAioBranch,
         BlockdevCreateOptionsNullCoBranch,
+        BlockdevCreateOptionsQcow2Branch,
         BlockdevCreateOptionsRawBranch,
     ],
     Field(discriminator='driver'),
@@ -1190,6 +1264,7 @@ TransactionAction: TypeAlias = Annotated[
 ]
 BlockdevRef: TypeAlias = Union[BlockdevOptions, str]
 BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]
+BlockdevRefOrNull: TypeAlias = Union[BlockdevOptions, str, None]
 
 
 class QmpCapabilitiesArgs(QAPIModel):
@@ -1452,6 +1527,17 @@ class BlockJobPendingData(QAPIModel):
     type: JobType = Field(alias='type')
     id: str = Field(alias='id')
 
+
+class BlockImageCorruptedData(QAPIModel):
+    """Data of ``BLOCK_IMAGE_CORRUPTED``."""
+
+    device: str = Field(alias='device')
+    node_name: str | None = Field(default=None, alias='node-name')
+    msg: str = Field(alias='msg')
+    offset: int | None = Field(default=None, alias='offset')
+    size: int | None = Field(default=None, alias='size')
+    fatal: bool = Field(alias='fatal')
+
 #: Argument model of every command.
 COMMAND_ARGS: dict[str, type[BaseModel]] = {
     'qmp_capabilities': QmpCapabilitiesArgs,
@@ -1547,4 +1633,5 @@ EVENT_DATA: dict[str, type[BaseModel]] = {
     'BLOCK_JOB_ERROR': BlockJobErrorData,
     'BLOCK_JOB_READY': BlockJobReadyData,
     'BLOCK_JOB_PENDING': BlockJobPendingData,
+    'BLOCK_IMAGE_CORRUPTED': BlockImageCorruptedData,
 }

@@ -99,7 +99,7 @@ class Daemon:
 
     def _setup_domain(self) -> None:
         """Create the block graph and the job manager."""
-        self.state.block = BlockGraph()
+        self.state.block = BlockGraph(emit_event=self.events.emit)
         self.state.jobs = JobManager(self.events)
 
     async def add_blockdevs(self, specs: list[str]) -> None:

@@ -10,6 +10,7 @@ from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverOpener, OpenC
 from qmpd.block.drivers.blkdebug import open_blkdebug
 from qmpd.block.drivers.file import open_file
 from qmpd.block.drivers.null import open_null
+from qmpd.block.drivers.qcow2.driver import open_qcow2
 from qmpd.block.drivers.raw import open_raw
 
 __all__ = ["BaseDriver", "BlockDriver", "DRIVERS", "DriverOpener", "OpenContext", "register_driver"]
@@ -21,6 +22,7 @@ DRIVERS: dict[str, DriverOpener] = {
     "null-co": open_null,
     "null-aio": open_null,
     "blkdebug": open_blkdebug,
+    "qcow2": open_qcow2,
 }
 
 

@@ -124,6 +124,8 @@ class OpenContext:
     #: ``lookup_node(name)`` finds any registered node (e.g. a bitmap's);
     #: raises ``NodeNotFound`` ``"Node '%s' not found"``.
     lookup_node: Callable[[str], BlockNode]
+    #: ``emit_event(name, data)`` sends a QMP event (None: nobody listens).
+    emit_event: Callable[[str, dict[str, Any]], None] | None = None
 
 
 #: ``await opener(options, ctx)`` returns the open driver plus its children
