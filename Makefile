@@ -5,8 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SOCKET ?= ./qmpd.sock
 ARGS ?=
+# The dashboard, /metrics and QMP over WebSocket; `make run HTTP=` turns it off.
+HTTP ?= 127.0.0.1:8420
 
-.PHONY: run test venv lint typecheck bench schema clean
+.PHONY: run test test-slow venv lint typecheck bench schema clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +20,20 @@ venv: $(VENV)/.installed
 
 run: $(VENV)/.installed
 	@echo "qmpd: serving QMP on $(SOCKET); connect with: $(VENV)/bin/qmp-shell $(SOCKET)"
-	$(VENV)/bin/qmpd --socket $(SOCKET) $(ARGS)
+	@$(if $(HTTP),echo "qmpd: dashboard on http://$(HTTP)/ (metrics: http://$(HTTP)/metrics)")
+	$(VENV)/bin/qmpd --socket $(SOCKET) $(if $(HTTP),--http $(HTTP)) $(ARGS)
 
 test: $(VENV)/.installed
+	$(PY) -m ruff check .
 	$(PY) -m mypy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+# Long scenario, harness and crash tests (marked `slow`); CI runs them too.
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
 
 typecheck: $(VENV)/.installed
 	$(PY) -m mypy

@@ -84,9 +84,8 @@ def main() -> int:
     timed("10,000 random range resets", resets, hb.fill)
 
     half = HBitmap(TiB, GRAN)
-    half._bits = urandom(NBITS, "little")  # 50 % dirty
-    half._count = half._bits.count()
-    timed("full count (popcount of every word)", lambda: half._bits.count())
+    half.load_bits(urandom(NBITS, "little"))  # 50 % dirty
+    timed("full count (popcount of every word)", half.popcount)
     timed("cached count()", half.count)
 
     sparse = one_percent(rng, GRAN, runs=True)
@@ -111,8 +110,7 @@ def main() -> int:
 
     def randomised(gran: int) -> HBitmap:
         hb = HBitmap(TiB, gran)
-        hb._bits = urandom(hb.nbits, "little")  # 50 % dirty
-        hb._count = hb._bits.count()
+        hb.load_bits(urandom(hb.nbits, "little"))  # 50 % dirty
         return hb
 
     dst = HBitmap(TiB, GRAN)

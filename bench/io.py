@@ -10,6 +10,10 @@ amount on the same file system is printed as the ceiling.  Figures are the
 median of --reps runs; ratios matter more than absolute numbers here.
 
     .venv/bin/python bench/io.py [--size-mib 1024] [--reps 3]
+
+Then the cost of persistent bitmaps with ``--state-dir`` (bench/persist.py):
+1 MiB writes with one persistent against one non-persistent bitmap, 4 KiB
+random writes from 8 concurrent writers, and the state directory's size.
 """
 
 from __future__ import annotations
@@ -108,6 +112,10 @@ def main() -> None:
         q, m = results["qemu-system-x86_64"], results["qmpd"]
         print(f"ratio qmpd/QEMU: 0 bitmaps {m[0] / q[0]:.2f}x, 4 bitmaps {m[4] / q[4]:.2f}x")
     print("target: 4-bitmap slowdown under 5 %")
+    print()
+    from persist import run_all  # the --state-dir figures, same run
+
+    run_all(args.size_mib, args.reps, args.dir)
 
 
 if __name__ == "__main__":

@@ -113,20 +113,6 @@ class DirtyBitmap:
             self.successor is not None and not self.successor.disabled
         )
 
-    def info(self) -> dict[str, str | int | bool]:
-        """:return: the BlockDirtyInfo members, in QAPI order."""
-        out: dict[str, str | int | bool] = {}
-        if self.name is not None:
-            out["name"] = self.name
-        out["count"] = self.count
-        out["granularity"] = self.granularity
-        out["recording"] = self.recording
-        out["busy"] = self.busy
-        out["persistent"] = self.persistent
-        if self.inconsistent:
-            out["inconsistent"] = True
-        return out
-
     # ---------------------------------------------------------------- checks
 
     def check(
@@ -290,7 +276,9 @@ class BitmapList:
         self.size = size
         self.default_granularity = default_granularity
         self._label = node_label
-        self._can_persist = can_store_persistent
+        #: Whether ``persistent: true`` is accepted (a value or a callable);
+        #: the block layer sets it where the bitmaps can be stored.
+        self.can_store_persistent = can_store_persistent
         self._bitmaps: list[DirtyBitmap] = []
 
     def __iter__(self) -> Iterator[DirtyBitmap]:
@@ -336,7 +324,8 @@ class BitmapList:
         elif granularity < 512 or granularity & (granularity - 1):
             raise bad_granularity()
         if persistent:
-            can = self._can_persist() if callable(self._can_persist) else self._can_persist
+            can_p = self.can_store_persistent
+            can = can_p() if callable(can_p) else can_p
             if not can:
                 label = self._label() if callable(self._label) else self._label
                 raise persistent_unsupported(label)
@@ -396,10 +385,6 @@ class BitmapList:
         if bm is None:
             raise BitmapNotFound(name)
         return bm
-
-    def infos(self) -> list[dict[str, str | int | bool]]:
-        """:return: BlockDirtyInfo of every bitmap, anonymous ones included."""
-        return [bm.info() for bm in self._bitmaps]
 
     # ------------------------------------------------------------- the write path
 

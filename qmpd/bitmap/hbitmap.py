@@ -238,6 +238,21 @@ class HBitmap:
         """:return: the number of set bits (cached, O(1))."""
         return self._count
 
+    def popcount(self) -> int:
+        """:return: the number of set bits, counted afresh (what :meth:`count` caches)."""
+        return self._bits.count()
+
+    def load_bits(self, bits: bitarray) -> None:
+        """Replace the contents with ``bits`` (:attr:`nbits` long, little
+        endian), e.g. a benchmark's random fill.
+
+        :raise ValueError: wrong length.
+        """
+        if len(bits) != len(self._bits):
+            raise ValueError(f"expected {len(self._bits)} bits, got {len(bits)}")
+        self._bits = bitarray(bits, "little")
+        self._count = self._bits.count()
+
     def dirty_bytes(self) -> int:
         """:return: ``count() * granularity`` (QEMU's ``count``; may exceed size)."""
         return self._count << self._shift
@@ -245,6 +260,27 @@ class HBitmap:
     def is_empty(self) -> bool:
         """:return: whether no bit is set."""
         return self._count == 0
+
+    def density(self, buckets: int) -> list[float]:
+        """Downsample to at most ``buckets`` equal slices of the bits (the last
+        may be shorter); :return: the dirty fraction of each, 0.0 to 1.0.
+
+        Fewer bits than buckets give one slice per bit.  Example: 8 bits
+        ``11000001`` in 4 buckets -> ``[1.0, 0.0, 0.0, 0.5]``.
+        """
+        nbits = len(self._bits)
+        if nbits == 0 or buckets <= 0:
+            return []
+        buckets = min(buckets, nbits)
+        if self._count == 0:
+            return [0.0] * buckets
+        step = -(-nbits // buckets)
+        bits = self._bits
+        out = []
+        for start in range(0, nbits, step):
+            stop = min(start + step, nbits)
+            out.append(bits.count(1, start, stop) / (stop - start))
+        return out
 
     def _search(self, value: int, offset: int, end: int | None) -> int:
         stop = self._size if end is None else min(end, self._size)
@@ -315,6 +351,21 @@ class HBitmap:
     def to_bytes_le(self) -> bytes:
         """:return: ``ceil(nbits/8)`` bytes; bit i is bit ``i%8`` of byte ``i//8``."""
         return self._bits.tobytes()
+
+    def merge_bytes_le(self, data: bytes) -> None:
+        """``self |= bits`` where ``data`` is the layout of :meth:`to_bytes_le`
+        of a bitmap of the same shape (persistent bitmaps read back).
+
+        :raises ValueError: if ``data`` is not ``ceil(nbits/8)`` bytes long.
+        """
+        nbits = len(self._bits)
+        if len(data) != -(-nbits // 8):
+            raise ValueError(f"{len(data)} bytes do not hold {nbits} bits")
+        other = bitarray(endian="little")
+        other.frombytes(data)
+        del other[nbits:]
+        self._bits |= other
+        self._count = self._bits.count()
 
     def sha256(self) -> str:
         """:return: QEMU's ``x-debug-block-dirty-bitmap-sha256`` of this bitmap.

@@ -18,10 +18,6 @@ from qmpd.block.graph import BlockGraph
 from qmpd.block.node import BeforeWriteHook, BlockNode, HookHandle
 from qmpd.block.qemuio import run_qemu_io
 
-# Registers blockdev-add's ``copy-before-write`` driver (it needs block-copy,
-# which needs the drivers package, so it cannot sit in DRIVERS itself).
-from qmpd.block.drivers import cbw as _cbw  # noqa: F401
-
 __all__ = [
     "BeforeWriteHook",
     "BlockGraph",

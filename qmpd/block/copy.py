@@ -45,7 +45,7 @@ from typing import Protocol
 
 from qmpd.bitmap import DirtyBitmap
 from qmpd.block.errors import BlockIOError
-from qmpd.block.fastcopy import FileView, file_view, mark_written
+from qmpd.block.fastcopy import FileView, file_view, mark_read, write_direct
 from qmpd.block.io import copy_range, copy_ranges
 from qmpd.block.node import BlockNode
 
@@ -171,6 +171,11 @@ class BlockCopy:
 
     # ------------------------------------------------------------ one chunk
 
+    @property
+    def fast_path(self) -> bool:
+        """Both ends are file windows: data chunks are copied file to file."""
+        return self._fast_path() is not None
+
     def _fast_path(self) -> tuple[FileView, FileView] | None:
         if not self._fast_checked:
             src = file_view(self.source, for_write=False)
@@ -270,7 +275,7 @@ class BlockCopy:
             dst = fast[1]
             is_data, n = await dst.image.block_status(dst.base + offset, nbytes)
             if not is_data and n >= nbytes:
-                mark_written(dst, offset, nbytes)
+                await write_direct(dst, ((offset, nbytes),), _nothing)
                 return
         await self.target.write_zeroes(offset, nbytes)
 
@@ -286,27 +291,30 @@ class BlockCopy:
                 ranges[-1] = (ranges[-1][0], ranges[-1][1] + n)
             else:
                 ranges.append((ch.start, n))
+        mark_read(src, sum(n for _, n in ranges))
         try:
-            await copy_ranges(src.image, src.base, dst.image, dst.base, ranges)
+            await write_direct(
+                dst, ranges, lambda: copy_ranges(src.image, src.base, dst.image, dst.base, ranges)
+            )
         except BlockIOError as exc:
             return CopyFailure(exc, exc.errno not in _TARGET_ERRNOS)
-        finally:
-            for offset, n in ranges:
-                mark_written(dst, offset, n)
         return None
 
     async def _copy_data(self, offset: int, nbytes: int) -> CopyFailure | None:
         fast = self._fast_path()
         if fast is not None:
             src, dst = fast
+            mark_read(src, nbytes)
             try:
-                await copy_range(src.image, src.base + offset, dst.image, dst.base + offset, nbytes)
+                await write_direct(
+                    dst,
+                    ((offset, nbytes),),
+                    lambda: copy_range(src.image, src.base + offset, dst.image, dst.base + offset, nbytes),
+                )
             except BlockIOError as exc:
                 # Tell a failed read from a failed write as far as the
                 # kernel lets us: ENOSPC/EDQUOT/EFBIG/EROFS are the target's.
                 return CopyFailure(exc, exc.errno not in _TARGET_ERRNOS)
-            finally:
-                mark_written(dst, offset, nbytes)
             return None
         try:
             data = await self.source.read(offset, nbytes)
@@ -427,6 +435,10 @@ class BlockCopy:
             for failure in results:
                 if failure is not None:
                     raise failure.error
+
+
+async def _nothing() -> None:
+    """The I/O of a zero write onto a range that already reads as zeroes."""
 
 
 def _first_failure(done: set[asyncio.Task[CopyFailure | None]]) -> CopyFailure | None:

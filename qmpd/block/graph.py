@@ -13,15 +13,17 @@ parent) or the node-name of an existing node::
 Order: QEMU keeps named nodes in the order they were named and
 query-named-block-nodes lists them newest first.  A format or filter
 driver (``raw``, ``copy-before-write``) has its ``file`` child opened before
-it is named; a protocol driver (``blkdebug``) is named before it opens its
+it is named (a format driver, ``DriverSpec.is_format``, even before its
+name is checked); a protocol driver (``blkdebug``) is named before it opens its
 children, and so are a filter's other children (``target``).  So one
 blockdev-add of raw over file lists ``drive0`` then its file node, and a
 later blockdev-add comes before both.  :meth:`BlockGraph.names`, iteration
-and :meth:`BlockGraph.info` all use this listing order.
+and query-named-block-nodes all use this listing order.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from collections.abc import Callable, Container, Iterator, Mapping
@@ -30,16 +32,15 @@ from typing import Any
 from qmpd.block.drivers import DRIVERS, OpenContext
 from qmpd.block.errors import NodeInUse, NodeNameError, NodeNotFound, NodeOpenError
 from qmpd.block.node import BlockNode
+from qmpd.block.persist import BitmapStateDir
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BlockGraph", "MAX_NODE_NAME"]
 
 #: Longest node-name (QEMU's 32-byte buffer minus the NUL).
 MAX_NODE_NAME = 31
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
-
-
-#: Format drivers: QEMU opens their ``file`` child before naming the node.
-FORMAT_DRIVERS = frozenset({"raw", "qcow2"})
 
 
 class BlockGraph:
@@ -55,6 +56,7 @@ class BlockGraph:
         *,
         device_names: Callable[[], Container[str]] | None = None,
         rng: random.Random | None = None,
+        bitmap_state: BitmapStateDir | None = None,
         emit_event: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         #: Drivers report events (BLOCK_IMAGE_CORRUPTED) through this.
@@ -67,6 +69,8 @@ class BlockGraph:
         self._reserved: set[str] = set()
         #: Names of the nodes whose driver is being opened (outermost first).
         self._opening: list[str] = []
+        #: ``--state-dir``: persistent bitmaps of raw nodes (None: refused).
+        self.bitmap_state = bitmap_state
 
     # ------------------------------------------------------------ lookups
 
@@ -110,10 +114,6 @@ class BlockGraph:
         if node is None:
             raise NodeNotFound(f"Node '{name}' not found")
         return node
-
-    def info(self, flat: bool = False) -> list[dict[str, Any]]:
-        """:return: query-named-block-nodes (listing order)."""
-        return [node.info(flat) for node in self]
 
     # ------------------------------------------------------------ names
 
@@ -171,9 +171,23 @@ class BlockGraph:
             raise
         finally:
             self._reserved -= mine
+        if self.bitmap_state is not None:
+            for n in created:
+                await self.bitmap_state.attach(n)
         for n in created:
             self._nodes[n.node_name] = n
+        log.info("node %s added (%s%s)", node.node_name, node.drv,
+                 f", {node.driver.filename}" if node.driver.filename else "")
         return node
+
+    async def sync_bitmaps(self, nodes: list[BlockNode] | None = None) -> None:
+        """Make the persistent bitmaps of ``nodes`` (default: all) durable
+        now (after bitmap commands; a no-op without ``--state-dir``).
+
+        :raise BlockIOError: the state directory could not be written.
+        """
+        if self.bitmap_state is not None:
+            await self.bitmap_state.sync(nodes)
 
     async def _open(
         self,
@@ -192,8 +206,8 @@ class BlockGraph:
             opts["cache"] = cache
             opts.setdefault("discard", "unmap")
         driver_name = str(opts["driver"])
-        opener = DRIVERS.get(driver_name)
-        if opener is None:
+        spec = DRIVERS.get(driver_name)
+        if spec is None:
             raise NodeOpenError(f"Unknown driver '{driver_name}'")
         read_only = bool(opts.get("read-only", False))
         cache = opts.get("cache") or {}
@@ -221,7 +235,7 @@ class BlockGraph:
         # QEMU opens a format driver's ``file`` child before it names (and
         # checks the name of) the node itself: the child's errors come first.
         early: dict[str, BlockNode] = {}
-        if driver_name in FORMAT_DRIVERS and "file" in opts:
+        if spec.is_format and "file" in opts:
             early["file"] = await open_child(opts["file"], "file")
         name = opts.get("node-name")
         auto = name is None
@@ -249,7 +263,7 @@ class BlockGraph:
         )
         self._opening.append(name)
         try:
-            driver, children = await opener(opts, ctx)
+            driver, children = await spec.open(opts, ctx)
         finally:
             self._opening.pop()
         try:
@@ -288,6 +302,8 @@ class BlockGraph:
         :return: the former children (the caller decides their fate).
         """
         self._nodes.pop(node.node_name, None)
+        if self.bitmap_state is not None:
+            self.bitmap_state.drop(node)
         children = node.detach_children()
         node.close()
         return children
@@ -346,11 +362,14 @@ class BlockGraph:
     async def remove_node(self, node: BlockNode) -> None:
         """Drop ``node`` (no checks) and its now-unreferenced non-monitor
         children; flushes before closing each."""
-        self._nodes.pop(node.node_name, None)
+        if self._nodes.pop(node.node_name, None) is not None and not node.auto_named:
+            log.info("node %s removed", node.node_name)
         try:
             await node.flush()
         except OSError:
             pass
+        if self.bitmap_state is not None:
+            await self.bitmap_state.detach(node)
         for child in node.detach_children():
             if not child.owned_by_monitor and not child.in_use:
                 await self.remove_node(child)

@@ -29,7 +29,9 @@ from typing import TypeVar
 
 from qmpd.block.errors import BlockIOError
 
-__all__ = ["ImageFile", "copy_range", "copy_ranges", "create_file", "run_blocking", "set_max_workers"]
+__all__ = ["ImageFile", "copy_range", "copy_ranges", "create_file", "run_blocking", "set_max_workers",
+           "make_private_dir", "open_state_file", "read_state_file", "remove_state_file",
+           "real_path", "replace_file_durably", "stat_path", "StateFile"]
 
 _T = TypeVar("_T")
 
@@ -40,6 +42,9 @@ _FALLOC_FL_ZERO_RANGE = 0x10
 #: Largest single zero-filled write used when fallocate cannot zero.
 _ZERO_CHUNK = 1 << 20
 _ZEROS = bytes(_ZERO_CHUNK)
+
+#: Largest read tried on the event loop from the page cache (RWF_NOWAIT).
+_NOWAIT_MAX = 1 << 20
 
 _max_workers = 8
 _executor: ThreadPoolExecutor | None = None
@@ -197,6 +202,45 @@ def _block_status(fd: int, offset: int, length: int) -> tuple[bool, int]:
     return True, max(1, min(hole - offset, length))
 
 
+def _read_sparse(fd: int, offset: int, length: int, base: int) -> list[tuple[int, bytes | bytearray | int]]:
+    out: list[tuple[int, bytes | bytearray | int]] = []
+    pos, end = offset, offset + length
+    while pos < end:
+        is_data, n = _block_status(fd, pos, end - pos)
+        out.append((pos - base, _pread(fd, pos, n) if is_data else n))
+        pos += n
+    return out
+
+
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
+
+def _read_sparse_cached(fd: int, offset: int, length: int,
+                        base: int) -> list[tuple[int, bytes | bytearray | int]] | None:
+    """:func:`_read_sparse` without blocking: None unless every data byte is
+    in the page cache (preadv2 RWF_NOWAIT); SEEK_DATA/SEEK_HOLE only read
+    cached metadata for files the cache already holds."""
+    if not _RWF_NOWAIT:
+        return None
+    out: list[tuple[int, bytes | bytearray | int]] = []
+    pos, end = offset, offset + length
+    while pos < end:
+        is_data, n = _block_status(fd, pos, end - pos)
+        if is_data:
+            buf = bytearray(n)
+            try:
+                got = os.preadv(fd, [buf], pos, _RWF_NOWAIT)
+            except OSError:
+                return None
+            if got != n:
+                return None
+            out.append((pos - base, buf))
+        else:
+            out.append((pos - base, n))
+        pos += n
+    return out
+
+
 def _copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int) -> None:
     done = 0
     try:
@@ -220,7 +264,7 @@ def _copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int) -> 
 
 
 def _open(path: str, flags: int) -> int:
-    fd = os.open(path, flags)
+    fd = os.open(path, flags, 0o600)
     try:
         if stat.S_ISDIR(os.fstat(fd).st_mode):
             raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
@@ -297,6 +341,20 @@ class ImageFile:
         from ``offset`` are all data or all hole, per SEEK_DATA/SEEK_HOLE."""
         return await run_blocking(_block_status, self.fd, offset, length)
 
+    async def read_sparse(self, offset: int, length: int, *,
+                          base: int = 0) -> list[tuple[int, bytes | bytearray | int]]:
+        """Read a range as data runs and holes in one pool call (an NBD
+        READ's structured reply): ``(offset - base, data)`` for data,
+        ``(offset - base, n)`` for ``n`` bytes of hole."""
+        if length <= _NOWAIT_MAX:
+            try:
+                cached = _read_sparse_cached(self.fd, offset, length, base)
+            except OSError:
+                cached = None
+            if cached is not None:
+                return cached
+        return await run_blocking(_read_sparse, self.fd, offset, length, base)
+
     async def size(self) -> int:
         """:return: the file size in bytes."""
         st = await run_blocking(os.fstat, self.fd)
@@ -347,3 +405,107 @@ async def create_file(path: str, size: int) -> None:
     """Create or truncate ``path`` to a sparse file of ``size`` bytes
     (``blockdev-create`` driver ``file``)."""
     await run_blocking(_create, path, size)
+
+
+# --- state files (persistent bitmaps) --------------------------------------
+# Small files qmpd owns in its state directory: created 0600, replaced
+# atomically (write new, fsync, rename, fsync the directory).
+
+
+def _make_private_dir(path: str) -> str:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if not stat.S_ISDIR(os.stat(path).st_mode):
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+    return os.path.realpath(path)
+
+
+async def make_private_dir(path: str) -> str:
+    """Create ``path`` (and parents) with mode 0700 unless it exists.
+
+    :return: its real path.
+    """
+    return await run_blocking(_make_private_dir, path)
+
+
+def _read_state(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+async def read_state_file(path: str) -> bytes | None:
+    """:return: the whole file, or None if it does not exist."""
+    return await run_blocking(_read_state, path)
+
+
+def _replace_durably(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        _pwrite(fd, 0, data)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+async def replace_file_durably(path: str, data: bytes) -> None:
+    """Make ``path`` hold ``data`` atomically and durably: write
+    ``path.tmp`` (mode 0600), fdatasync, rename over ``path``, fsync the
+    directory.  A crash leaves the old or the new contents, whole."""
+    await run_blocking(_replace_durably, path, data)
+
+
+def _remove(path: str) -> None:
+    for p in (path, path + ".tmp"):
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+async def remove_state_file(path: str) -> None:
+    """Delete ``path`` and a leftover ``path.tmp`` (missing ones are fine)."""
+    await run_blocking(_remove, path)
+
+
+async def stat_path(path: str) -> os.stat_result:
+    """:return: stat(2) of ``path`` (following links)."""
+    return await run_blocking(os.stat, path)
+
+
+def _realpath(path: str) -> str:
+    return os.path.realpath(path)
+
+
+async def real_path(path: str) -> str:
+    """:return: ``os.path.realpath(path)`` (resolved off the loop)."""
+    return await run_blocking(_realpath, path)
+
+
+def _write_sync(fd: int, offset: int, data: bytes) -> None:
+    _pwrite(fd, offset, data)
+    os.fdatasync(fd)
+
+
+class StateFile(ImageFile):
+    """A state file updated in place (the write-intent layer)."""
+
+    __slots__ = ()
+
+    async def write_durable(self, offset: int, data: bytes) -> None:
+        """pwrite then fdatasync, in one job of the pool."""
+        await run_blocking(_write_sync, self.fd, offset, data)
+
+
+async def open_state_file(path: str) -> StateFile:
+    """Open ``path`` read-write, creating it with mode 0600."""
+    fd = await run_blocking(_open, path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+    return StateFile(path, fd, False)

@@ -16,13 +16,18 @@ is over, even if it failed (spec 5.2).
 from __future__ import annotations
 
 import errno
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from qmpd.bitmap.dirty import BitmapList
-from qmpd.block.drivers.base import BlockDriver
 from qmpd.block.errors import BlockIOError, NodeInUse
 from qmpd.block.rangelock import RangeLock
+
+if TYPE_CHECKING:
+    # Type only: the drivers package imports block-copy, which imports this
+    # module; a run-time import here would close that cycle.
+    from qmpd.block.drivers.base import BlockDriver
+    from qmpd.block.persist import NodeJournal
 
 __all__ = ["BeforeWriteHook", "BlockNode", "HookHandle"]
 
@@ -106,8 +111,13 @@ class BlockNode:
         #: Incremented by every write-type request; compared by flush.
         self.write_gen = 0
         self.flushed_gen = 0
+        #: Bytes read and written (zero writes included) through this node.
+        self.bytes_read = 0
+        self.bytes_written = 0
         self.bitmaps = BitmapList(driver.length, node_label=lambda: self.node_name)
         self._hooks: tuple[BeforeWriteHook, ...] = ()
+        #: Persistent-bitmap journal (qmpd.block.persist): write-ahead dirtying.
+        self.write_ahead: NodeJournal | None = None
         self._lock = RangeLock()
         self._debug = driver.debug_event if driver.has_events else None
         for role, child in (children or {}).items():
@@ -127,6 +137,11 @@ class BlockNode:
     def length(self) -> int:
         """Size in bytes (``virtual-size``)."""
         return self.driver.length
+
+    @property
+    def backing(self) -> BlockNode | None:
+        """The ``backing`` child of a format with a backing file (qcow2), or None."""
+        return self.children.get("backing")
 
     @property
     def primary_child(self) -> BlockNode | None:
@@ -192,7 +207,8 @@ class BlockNode:
     def has_hooks(self) -> bool:
         """Some before-write hook is registered (e.g. copy-before-write);
         block-copy's fast path must then not write this node's file directly."""
-        return bool(self._hooks)
+        wal = self.write_ahead
+        return bool(self._hooks) or (wal is not None and wal.active)
 
     def debug_event(self, event: str) -> None:
         """Raise blkdebug event ``event`` on this node (no-op unless blkdebug)."""
@@ -211,6 +227,7 @@ class BlockNode:
         :raise BlockIOError: out of range (EIO) or the I/O failed.
         """
         self._check(offset, length)
+        self.bytes_read += length
         return await self.driver.pread(offset, length)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -255,6 +272,11 @@ class BlockNode:
         try:
             for hook in self._hooks:
                 await hook(self, offset, length)
+            # --- persistent bitmaps: the covering bits durable first ---
+            wal = self.write_ahead
+            if wal is not None:
+                await wal.before_write(offset, length)
+            # ---
             debug = self._debug
             try:
                 if kind == _WRITE:
@@ -271,9 +293,73 @@ class BlockNode:
             finally:
                 if debug is not None and kind != _DISCARD:
                     debug("pwritev_done")
-                self.write_gen += 1
-                if self.bitmaps:
-                    self.bitmaps.mark_dirty(offset, length)
+                self.record_write(offset, length, data=kind != _DISCARD)
+                if wal is not None:  # persistent bitmaps: fine bits set
+                    wal.after_write(offset, length)
+        finally:
+            lock.release(held)
+
+    def record_write(self, offset: int, length: int, *, data: bool = True) -> None:
+        """Account for a write-type request on ``[offset, offset+length)``
+        that ended (even in failure): bump the write generation (flush) and
+        dirty the bitmaps.  Every path that changes the node's data ends
+        here: the request path, and :meth:`write_around` for the nodes below
+        a direct file write.  ``data`` (not a discard) counts the bytes as
+        written."""
+        self.write_gen += 1
+        if data:
+            self.bytes_written += length
+        if self.bitmaps:
+            self.bitmaps.mark_dirty(offset, length)
+
+    async def write_around(
+        self,
+        ranges: Sequence[tuple[int, int]],
+        io: Callable[[], Awaitable[None]],
+        *,
+        below: Sequence[tuple[BlockNode, int]] = (),
+    ) -> None:
+        """Run a write the caller performs itself around the driver (block-copy's
+        fast path writes the image file behind the node directly) with the
+        request path's bookkeeping: bounds and read-only checks, the range
+        lock over the ranges' span, the before-write hooks for each range,
+        ``await io()``, then :meth:`record_write` of each range, here and on
+        each ``(node, base)`` of ``below`` at ``base + offset``, even if
+        ``io`` failed.  ``io`` may do nothing (a range known to read as
+        zeroes already).
+
+        :param ranges: ``(offset, length)`` pairs, ascending, not overlapping.
+        :raise BlockIOError: as :meth:`write`, or whatever ``io`` raises.
+        """
+        if not ranges:
+            return
+        start = ranges[0][0]
+        end = ranges[-1][0] + ranges[-1][1]
+        self._check_write(start, end - start)
+        lock = self._lock
+        held = lock.try_acquire(start, end) or await lock.acquire(start, end)
+        try:
+            for hook in self._hooks:
+                for offset, length in ranges:
+                    await hook(self, offset, length)
+            # --- persistent bitmaps: the covering bits durable first ---
+            wal = self.write_ahead
+            started: list[tuple[int, int]] = []
+            try:
+                if wal is not None:
+                    for offset, length in ranges:
+                        await wal.before_write(offset, length)
+                        started.append((offset, length))
+                # ---
+                await io()
+            finally:
+                for offset, length in ranges:
+                    self.record_write(offset, length)
+                    for node, base in below:
+                        node.record_write(base + offset, length)
+                if wal is not None:  # persistent bitmaps: fine bits set
+                    for offset, length in started:
+                        wal.after_write(offset, length)
         finally:
             lock.release(held)
 
@@ -316,80 +402,45 @@ class BlockNode:
             raise BlockIOError(errno.EIO)
         return await self.driver.block_status(offset, min(length, size - offset))
 
-    # ------------------------------------------------------------ queries
+    async def is_allocated(self, offset: int, length: int) -> tuple[bool, int]:
+        """:return: ``(allocated, n)``: the ``n`` bytes (1 <= n <= length,
+        clipped to the node end) from ``offset`` are all provided by this
+        node's own layer (True) or all by its backing child (False).  A
+        filter answers for its filtered child.
 
-    def image_info(self) -> dict[str, Any]:
-        """:return: ImageInfo (``filename``, ``format``, ``virtual-size``,
-        ``actual-size`` when known)."""
-        info: dict[str, Any] = {"filename": self.driver.filename, "format": self.driver.name}
-        actual = self.driver.actual_size()
-        if actual is not None:
-            info["actual-size"] = actual
-        # QEMU counts whole sectors (bdrv_getlength() rounds the size up).
-        info["virtual-size"] = -(-self.driver.length // 512) * 512
-        if self._reports_dirty_flag():
-            info["dirty-flag"] = False
-        return info
+        :raise BlockIOError: ``offset`` outside the node (EIO), or injected.
+        """
+        size = self.driver.length
+        if offset < 0 or length <= 0 or offset >= size:
+            raise BlockIOError(errno.EIO)
+        child = self.filtered_child
+        if child is not None:
+            return await child.is_allocated(offset, min(length, size - offset))
+        return await self.driver.is_allocated(offset, min(length, size - offset))
+
+    def dirty_flag(self) -> bool | None:
+        """ImageInfo ``dirty-flag`` as QEMU 7.2 lists it (when its
+        bdrv_get_info() works), or None: the driver's answer, or for a
+        filter that has none, its filtered child's."""
+        flag = self.driver.dirty_flag()
+        if flag is None and (child := self.filtered_child) is not None:
+            return child.dirty_flag()
+        return flag
+
+    # ------------------------------------------------------------ queries
 
     @property
     def filtered_child(self) -> BlockNode | None:
         """The child a filter (blkdebug, copy-before-write) passes data to."""
         return self.primary_child if self.driver.is_filter else None
 
-    def _reports_dirty_flag(self) -> bool:
-        """QEMU 7.2 lists ``dirty-flag`` when bdrv_get_info() works: file
-        nodes, and raw nodes and filters over one."""
-        node: BlockNode | None = self
-        while node is not None:
-            if node.driver.name == "file":
-                return True
-            if node.driver.is_filter:
-                node = node.filtered_child
-            elif node.driver.name == "raw":
-                node = node.children.get("file")
-            else:
-                return False
-        return False
-
-    def info(self, flat: bool = False) -> dict[str, Any]:
-        """:return: BlockDeviceInfo in QEMU 7.2's shape and member order (no ``children``,
-        no ``active``); ``dirty-bitmaps`` only if the node has bitmaps.
-        Unless ``flat``, a filter's ``image`` nests the filtered child's
-        ImageInfo as ``backing-image`` (recursively; ``backing_file_depth``
-        counts the levels), as QEMU reports filters."""
-        image = self.image_info()
-        depth = 0
-        if not flat:
-            level, node = image, self.filtered_child
-            while node is not None:
-                depth += 1
-                level["backing-image"] = node.image_info()
-                level, node = level["backing-image"], node.filtered_child
-        info: dict[str, Any] = {
-            "file": self.driver.filename,
-            "node-name": self.node_name,
-            "ro": self.read_only,
-            "drv": self.driver.name,
-            "backing_file_depth": depth,
-            "encrypted": False,
-            "detect_zeroes": self.detect_zeroes,
-            "bps": 0,
-            "bps_rd": 0,
-            "bps_wr": 0,
-            "iops": 0,
-            "iops_rd": 0,
-            "iops_wr": 0,
-            "image": image,
-            "cache": {
-                "writeback": True,
-                "direct": self.cache_direct,
-                "no-flush": self.cache_no_flush,
-            },
-            "write_threshold": 0,
-        }
-        if self.bitmaps:
-            info["dirty-bitmaps"] = self.bitmaps.infos()
-        return info
+    @property
+    def filter_or_cow_child(self) -> BlockNode | None:
+        """QEMU's bdrv_filter_or_cow_bs(): the filtered child of a filter, else
+        the ``backing`` child of a format with a backing file, else None.
+        Query output nests this chain as ``backing-image``."""
+        child = self.filtered_child
+        return child if child is not None else self.backing
 
     def close(self) -> None:
         """Close the driver (files); the node must be out of the graph."""

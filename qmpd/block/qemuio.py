@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from qmpd.block.errors import BlockIOError, ReadOnlyNode
 from qmpd.block.node import BlockNode
 
-__all__ = ["run_qemu_io", "cvtnum", "QemuIoUsage"]
+__all__ = ["run_qemu_io", "cvtnum", "cvtstr", "timestr", "QemuIoUsage"]
 
 #: Largest request qemu-io accepts (QEMU's BDRV_REQUEST_MAX_BYTES).
 MAX_REQUEST = ((2**31 - 1) >> 9) << 9
@@ -67,7 +67,7 @@ def _cvtnum_err(rc: int, arg: str) -> str:
     return f"Parsing error: {arg}\n"
 
 
-def _cvtstr(value: float) -> str:
+def cvtstr(value: float) -> str:
     for power, unit in ((6, "EiB"), (5, "PiB"), (4, "TiB"), (3, "GiB"), (2, "MiB"), (1, "KiB")):
         if value >= 1024**power:
             value /= 1024**power
@@ -80,7 +80,7 @@ def _cvtstr(value: float) -> str:
     return f"{text} {unit}"
 
 
-def _timestr(secs: float) -> str:
+def timestr(secs: float) -> str:
     if secs < 1:
         return f"{secs:05.2f} sec"
     whole = int(secs)
@@ -90,11 +90,11 @@ def _timestr(secs: float) -> str:
 def _report(op: str, secs: float, offset: int, count: int, csv: bool) -> str:
     secs = max(secs, 1e-9)
     if csv:
-        return f"{count},1,{_timestr(secs)},{count / secs:.3f},{1 / secs:.3f}\n"
+        return f"{count},1,{timestr(secs)},{count / secs:.3f},{1 / secs:.3f}\n"
     return (
         f"{op} {count}/{count} bytes at offset {offset}\n"
-        f"{_cvtstr(count)}, 1 ops; {_timestr(secs)} "
-        f"({_cvtstr(count / secs)}/sec and {1 / secs:.4f} ops/sec)\n"
+        f"{cvtstr(count)}, 1 ops; {timestr(secs)} "
+        f"({cvtstr(count / secs)}/sec and {1 / secs:.4f} ops/sec)\n"
     )
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from qmpd import __version__
 from qmpd.cli.options import OptionError, parse_bool, parse_option_string
@@ -48,21 +49,91 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", action="append", default=[], metavar="PATH",
                    help=f"serve QMP on a UNIX socket (repeatable; default {DEFAULT_SOCKET})")
     p.add_argument("--chardev", action="append", default=[], metavar="OPTS",
-                   help="socket,id=ID,path=PATH|host=H,port=P,server=on,wait=off")
+                   help="socket,id=ID,path=PATH|host=H,port=P,server=on,wait=off (host defaults to 127.0.0.1)")
     p.add_argument("--monitor", action="append", default=[], metavar="OPTS",
                    help="[chardev=]ID[,mode=control][,pretty=off], or inline socket options")
     p.add_argument("--blockdev", action="append", default=[], metavar="OPTS",
                    help="a block node, as key=value pairs or JSON (like blockdev-add)")
+    # --- NBD (issue 11): qemu-storage-daemon's --nbd-server and --export ---
+    p.add_argument("--nbd-server", action="append", default=[], metavar="OPTS",
+                   help="start the NBD server: addr.type=unix,addr.path=PATH or "
+                        "addr.type=inet,addr.host=H,addr.port=P[,max-connections=N]")
+    p.add_argument("--export", action="append", default=[], metavar="OPTS",
+                   help="a block export, like block-export-add: nbd,id=ID,node-name=NODE[,...]")
+    # --- end NBD ---
     p.add_argument("--name", help="the name answered by query-name")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="keep persistent bitmaps of raw images here, crash-consistently "
+                        "(created 0700; default: none, persistent: true is refused on raw "
+                        "nodes as in QEMU)")
+    p.add_argument("--state-flush-interval", type=float, default=5.0, metavar="SECS",
+                   help="seconds after a write before its fine bitmap bits are stored "
+                        "(default %(default)s)")
     p.add_argument("--pidfile", metavar="PATH", help="write the daemon's PID here")
     p.add_argument("--daemonize", action="store_true",
                    help="detach once the listeners are ready")
     p.add_argument("--qemu-version", default=".".join(map(str, DEFAULT_QEMU_VERSION)),
                    metavar="X.Y.Z", help="QEMU version to claim (default %(default)s)")
     p.add_argument("--log-level", default="warning",
-                   choices=["debug", "info", "warning", "error"], help="stderr log level")
+                   choices=["debug", "info", "warning", "error"],
+                   help="stderr log level (default %(default)s)")
     p.add_argument("--trace-qmp", action="store_true", help="log every QMP message in and out")
+    _add_web_options(p)
     return p
+
+
+# --- web layer and logging options (issue 13) -------------------------------
+DEFAULT_HTTP_PORT = 8420
+
+
+def _add_web_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="serve the dashboard, /metrics and QMP over WebSocket (/qmp) here "
+                        f"(default: off; `make run` uses 127.0.0.1:{DEFAULT_HTTP_PORT})")
+    p.add_argument("--http-token-file", metavar="FILE",
+                   help="read the token for /qmp and the job buttons from FILE (default: generate "
+                        "one and write it, mode 0600, to SOCKET.http-token next to the first socket)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="stderr log lines as text or one JSON object each (default %(default)s)")
+
+
+def parse_http(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``; an empty host means 127.0.0.1).
+
+    :raise OptionError: malformed, or the port is not 0-65535.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise OptionError(f"--http expects HOST:PORT, not '{text}'")
+    port = int(port_text)
+    if port > 65535:
+        raise OptionError(f"--http: port {port} is out of range (0-65535)")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host or "127.0.0.1", port
+
+
+def web_token_path(args: argparse.Namespace, listeners: list[Listener]) -> str:
+    """:return: where a generated token is written."""
+    for spec in listeners:
+        if isinstance(spec, UnixListener):
+            return spec.path + ".http-token"
+    return "qmpd.http-token"
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, logger, message (and exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+# --- end of web layer and logging options ------------------------------------
 
 
 def _chardev_listener(opts: dict[str, str]) -> Listener:
@@ -80,6 +151,8 @@ def _chardev_listener(opts: dict[str, str]) -> Listener:
             port = int(opts["port"])
         except ValueError as err:
             raise OptionError(f"Parameter 'port' expects a number: {opts['port']}") from err
+        if not 0 <= port <= 65535:
+            raise OptionError(f"port {port} is out of range (0-65535)")
         return TcpListener(opts.get("host", "127.0.0.1"), port)
     raise OptionError("chardev: 'path' or 'port' is required")
 
@@ -133,7 +206,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
             qemu_version=_parse_version(args.qemu_version),
             package=f"qmpd-{__version__}",
             name=args.name,
+            state_dir=args.state_dir,
+            state_flush_interval=args.state_flush_interval,
         )
+        args.http_address = parse_http(args.http) if args.http else None
     except OptionError as err:
         parser.error(str(err))
     return args, listeners, config
@@ -154,18 +230,22 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
 
     daemon = Daemon(config, listeners, trace=args.trace_qmp)
     daemon.setup()
-    try:
-        await daemon.add_blockdevs(args.blockdev)
-        await daemon.start()
-    except Exception as err:  # noqa: BLE001 - one line to stderr, exit 1
-        sys.stderr.write(f"qmpd: {getattr(err, 'desc', None) or err}\n")
-        await daemon.cleanup()
-        return 1
+    # Before anything listens: a signal right after a socket appears shuts down cleanly.
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(
             sig, lambda: daemon.spawn(daemon.request_shutdown("host-signal"), "signal")
         )
+    web_server = None
+    try:
+        await daemon.add_blockdevs(args.blockdev)
+        await daemon.add_nbd(args.nbd_server, args.export)   # NBD (issue 11)
+        await daemon.start()
+        web_server = await _start_web(args, listeners, daemon)
+    except Exception as err:  # noqa: BLE001 - one line to stderr, exit 1
+        sys.stderr.write(f"qmpd: {getattr(err, 'desc', None) or err}\n")
+        await daemon.cleanup()
+        return 1
     if args.pidfile:
         with open(args.pidfile, "w", encoding="ascii") as f:
             f.write(f"{os.getpid()}\n")
@@ -173,6 +253,8 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
     try:
         await daemon.wait_stopped()
     finally:
+        if web_server is not None:
+            await web_server.stop()
         await daemon.cleanup()
         if args.pidfile:
             try:
@@ -180,6 +262,32 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
             except FileNotFoundError:
                 pass
     return 0
+
+
+async def _start_web(args: argparse.Namespace, listeners: list[Listener], daemon: Any) -> Any:
+    """Start ``--http`` if asked; prints the dashboard's URL.
+
+    :raise OSError, TokenError: the address or the token file failed.
+    """
+    if args.http_address is None:
+        return None
+    from qmpd.web import WebServer, create_token_file, load_token
+
+    if args.http_token_file:
+        token = load_token(args.http_token_file)
+        where = args.http_token_file
+    else:
+        where = web_token_path(args, listeners)
+        token = create_token_file(where)
+    host, port = args.http_address
+    server = WebServer(daemon, host, port, token)
+    try:
+        await server.start()
+    except OSError as err:
+        raise OSError(f"--http {args.http}: {err.strerror or err}") from err
+    sys.stderr.write(f"qmpd: dashboard at {server.url} (token for /qmp and the buttons in {where}; "
+                     f"open {server.url}#token=TOKEN to use them)\n")
+    return server
 
 
 def _daemonize() -> Callable[[], None]:
@@ -207,11 +315,12 @@ def _daemonize() -> Callable[[], None]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qmpd`` console script."""
     args, listeners, config = parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if args.log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
     if args.trace_qmp and logging.getLogger().level > logging.INFO:
         logging.getLogger("qmpd.connection").setLevel(logging.INFO)
     ready: Callable[[], None] = lambda: None  # noqa: E731

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from qmpd.commands.context import CommandContext
     from qmpd.jobs import JobTxn
 
-__all__ = ["Action", "ActionFactory", "TxnContext", "ACTIONS", "action", "run_actions"]
+__all__ = ["Action", "ActionFactory", "BaseAction", "TxnContext", "ACTIONS", "action", "run_actions"]
 
 
 class Action(Protocol):
@@ -37,6 +37,24 @@ class Action(Protocol):
 
     def clean(self) -> None:
         """Release what prepare held, after commit or abort."""
+
+
+class BaseAction:
+    """Defaults for :class:`Action`: nothing to commit, undo or clean up.
+    Subclasses implement :meth:`prepare` and override what they need."""
+
+    async def prepare(self) -> None:
+        """Perform the change; :raise QMPError: to fail the transaction."""
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        """Nothing to make final."""
+
+    async def abort(self) -> None:
+        """Nothing to undo."""
+
+    def clean(self) -> None:
+        """Nothing to release."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ from qmpd.block import BlockGraph, BlockNode
 from qmpd.block.detached import close_detached, open_detached
 from qmpd.block.errors import BlockIOError
 from qmpd.block.io import create_file
-from qmpd.commands.actions import TxnContext, action, run_actions
+from qmpd.commands.actions import BaseAction, TxnContext, action, run_actions
 from qmpd.commands.block import graph_of
 from qmpd.commands.context import CommandContext
 from qmpd.commands.jobs import jobs_of
@@ -29,13 +29,22 @@ from qmpd.jobs import OnError
 from qmpd.jobs.backup import BackupJob
 from qmpd.jobs.backup_setup import BackupOptions, create_backup
 from qmpd.jobs.create import CreateFileJob
+from qmpd.qapi.models import (
+    BackupCommon,
+    BlockdevBackup,
+    BlockdevBackupArgs,
+    BlockdevCreateArgs,
+    BlockdevCreateOptionsFileBranch,
+    DriveBackup,
+    DriveBackupArgs,
+)
 
 __all__ = ["BlockdevBackupAction", "DriveBackupAction", "backup_options"]
 
 logger = logging.getLogger(__name__)
 
 
-def backup_options(d: Any) -> BackupOptions:
+def backup_options(d: BackupCommon) -> BackupOptions:
     """:return: BackupCommon members of a ``BlockdevBackup``/``DriveBackup``
     model, with QEMU's defaults."""
     perf = d.x_perf
@@ -57,10 +66,10 @@ def backup_options(d: Any) -> BackupOptions:
     )
 
 
-class BlockdevBackupAction:
+class BlockdevBackupAction(BaseAction):
     """The ``blockdev-backup`` transaction action."""
 
-    def __init__(self, ctx: CommandContext, data: Any, txn: TxnContext) -> None:
+    def __init__(self, ctx: CommandContext, data: BlockdevBackup | DriveBackup, txn: TxnContext) -> None:
         self.ctx, self.data, self.txn = ctx, data, txn
         self.job: BackupJob | None = None
 
@@ -94,9 +103,6 @@ class BlockdevBackupAction:
         if self.job is not None:
             await jobs_of(self.ctx).abort_created(self.job)
 
-    def clean(self) -> None:
-        pass
-
 
 class DriveBackupAction(BlockdevBackupAction):
     """The ``drive-backup`` transaction action: opens (and with
@@ -105,6 +111,7 @@ class DriveBackupAction(BlockdevBackupAction):
 
     async def _target(self, graph: BlockGraph, source: BlockNode, opts: BackupOptions) -> BlockNode:
         d = self.data
+        assert isinstance(d, DriveBackup)
         mode = str(d.mode or "absolute-paths")
         existing = mode == "existing"
         fmt = d.format if d.format is not None else (None if existing else _format_of(source))
@@ -153,21 +160,27 @@ action("drive-backup")(DriveBackupAction)
 
 
 @command("blockdev-backup")
-async def blockdev_backup(ctx: CommandContext, args: Any) -> None:
+async def blockdev_backup(ctx: CommandContext, args: BlockdevBackupArgs) -> None:
     """Start a backup to an existing node (a one-action transaction)."""
     await run_actions([BlockdevBackupAction(ctx, args, TxnContext())])
 
 
 @command("drive-backup")
-async def drive_backup(ctx: CommandContext, args: Any) -> None:
+async def drive_backup(ctx: CommandContext, args: DriveBackupArgs) -> None:
     """Start a backup to a file (a one-action transaction; deprecated in QEMU)."""
     await run_actions([DriveBackupAction(ctx, args, TxnContext())])
 
 
 @command("blockdev-create")
-async def blockdev_create(ctx: CommandContext, args: Any) -> None:
-    """Start a ``create`` job making a host file of ``size`` bytes."""
+async def blockdev_create(ctx: CommandContext, args: BlockdevCreateArgs) -> None:
+    """Start a ``create`` job making a host file of ``size`` bytes.
+
+    :raise GenericError: "Driver does not support blockdev-create" (every
+        driver but ``file``, as QEMU 7.2 answers for raw, null-co, blkdebug).
+    """
     opts = args.options
+    if not isinstance(opts, BlockdevCreateOptionsFileBranch):
+        raise GenericError("Driver does not support blockdev-create")
     prealloc = "off" if opts.preallocation is None else str(opts.preallocation)
     mgr = jobs_of(ctx)
     job = mgr.create(CreateFileJob(args.job_id, opts.filename, opts.size, prealloc))

@@ -9,9 +9,13 @@ from qmpd.events import EventBus
 
 if TYPE_CHECKING:
     from qmpd.block.graph import BlockGraph
+    from qmpd.commands.objects import ObjectStore
     from qmpd.jobs.manager import JobManager
 
-__all__ = ["CommandContext", "DaemonConfig", "DaemonState", "SessionControl"]
+__all__ = ["CommandContext", "DaemonConfig", "DaemonState", "NbdControl", "OFFERED_CAPABILITIES", "SessionControl"]
+
+#: Capabilities qmpd offers in its greeting (and accepts in qmp_capabilities).
+OFFERED_CAPABILITIES = ("oob",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +28,27 @@ class DaemonConfig:
     package: str = ""
     #: ``--name``: answered by ``query-name``.
     name: str | None = None
+    #: ``--state-dir``: where persistent bitmaps of raw images live (None: off).
+    state_dir: str | None = None
+    #: ``--state-flush-interval``: seconds before fine bits are stored lazily.
+    state_flush_interval: float = 5.0
+
+    def version_info(self) -> dict[str, Any]:
+        """:return: the VersionInfo of ``query-version`` and the greeting."""
+        major, minor, micro = self.qemu_version
+        return {
+            "qemu": {"micro": micro, "minor": minor, "major": major},
+            "package": self.package,
+        }
+
+    def version_text(self) -> str:
+        """:return: the version as HMP ``info version`` prints it (``7.2.0`` + package)."""
+        major, minor, micro = self.qemu_version
+        return f"{major}.{minor}.{micro}{self.package}"
+
+    def greeting(self) -> dict[str, Any]:
+        """:return: the QMP greeting."""
+        return {"QMP": {"version": self.version_info(), "capabilities": list(OFFERED_CAPABILITIES)}}
 
 
 class SessionControl(Protocol):
@@ -37,6 +62,26 @@ class SessionControl(Protocol):
         """Switch the connection to command mode after this reply."""
 
 
+class NbdControl(Protocol):
+    """The NBD server as the commands drive it (``qmpd.nbd.server``)."""
+
+    async def start(self, addr: dict[str, Any], *, max_connections: int = 0,
+                    tls_creds: str | None = None, tls_authz: str | None = None) -> None:
+        """nbd-server-start with a flat SocketAddress."""
+
+    async def stop(self) -> None:
+        """nbd-server-stop."""
+
+    def add(self, **kwargs: Any) -> None:
+        """block-export-add type=nbd / nbd-server-add."""
+
+    def delete(self, export_id: str, mode: str = "safe") -> None:
+        """block-export-del / nbd-server-remove."""
+
+    def query(self) -> list[dict[str, Any]]:
+        """query-block-exports."""
+
+
 @dataclass
 class DaemonState:
     """The daemon's global state, shared by every connection."""
@@ -47,10 +92,18 @@ class DaemonState:
     request_shutdown: Any = None
     block: BlockGraph | None = None
     jobs: JobManager | None = None
+    #: The NBD server (set up by the daemon).
+    nbd: NbdControl | None = None
+    #: Objects made by object-add (set up by the daemon).
+    objects: ObjectStore = None  # type: ignore[assignment]
     #: Names of every advertised command (frozen registry).
     command_names: tuple[str, ...] = ()
     #: Cached ``query-qmp-schema`` answer.
     introspection: list[dict[str, Any]] = field(default_factory=list)
+    #: Random identity of this daemon run (``__org.qmpd_query-instance``).
+    boot_id: str = ""
+    #: Start time, seconds since the epoch (wall clock).
+    start_time: float = 0.0
 
 
 @dataclass(slots=True)

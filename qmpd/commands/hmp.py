@@ -12,12 +12,13 @@ import logging
 import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from qmpd.block.qemuio import run_qemu_io
 from qmpd.commands.context import CommandContext
 from qmpd.commands.registry import command
+from qmpd.commands.views import query_block_jobs
 from qmpd.errors import GenericError, QMPError
+from qmpd.qapi.models import HumanMonitorCommandArgs
 
 __all__: list[str] = []
 
@@ -41,8 +42,7 @@ class HmpCommand:
 
 
 def _version(ctx: CommandContext) -> str:
-    major, minor, micro = ctx.state.config.qemu_version
-    return f"{major}.{minor}.{micro}{ctx.state.config.package}\r\n"
+    return ctx.state.config.version_text() + "\r\n"
 
 
 async def _info_version(ctx: CommandContext, rest: str) -> str:
@@ -59,7 +59,7 @@ async def _info_name(ctx: CommandContext, rest: str) -> str:
 
 
 async def _info_block_jobs(ctx: CommandContext, rest: str) -> str:
-    jobs = ctx.state.jobs.query_block_jobs() if ctx.state.jobs is not None else []
+    jobs = query_block_jobs(ctx.state.jobs) if ctx.state.jobs is not None else []
     if not jobs:
         return "No active jobs\r\n"
     lines = []
@@ -154,7 +154,7 @@ async def run_hmp(ctx: CommandContext, line: str) -> str:
 
 
 @command("human-monitor-command")
-async def human_monitor_command(ctx: CommandContext, args: Any) -> str:
+async def human_monitor_command(ctx: CommandContext, args: HumanMonitorCommandArgs) -> str:
     """Run an HMP command line; the output comes back as a string."""
     if args.cpu_index not in (None, 0):
         # qmpd has one notional CPU, index 0: qmp-shell -H always sends

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
 
-from qmpd.commands.actions import ACTIONS, Action, TxnContext, action, run_actions
+from qmpd.commands.actions import ACTIONS, Action, BaseAction, TxnContext, action, run_actions
+from qmpd.commands.bitmap import sync_persistent
 from qmpd.commands.context import CommandContext
 from qmpd.commands.registry import command
 from qmpd.errors import GenericError
 from qmpd.jobs import JobTxn
+from qmpd.qapi.models import Abort, TransactionArgs
 
 __all__: list[str] = []
 
@@ -16,30 +17,21 @@ __all__: list[str] = []
 _GROUPABLE = frozenset({"blockdev-backup", "drive-backup"})
 
 
-class AbortAction:
+class AbortAction(BaseAction):
     """The ``abort`` action: always fails, rolling back what came before."""
 
-    def __init__(self, ctx: CommandContext, data: Any, txn: TxnContext) -> None:
+    def __init__(self, ctx: CommandContext, data: Abort, txn: TxnContext) -> None:
         pass
 
     async def prepare(self) -> None:
         raise GenericError("Transaction aborted using Abort action")
-
-    def commit(self) -> None:
-        pass
-
-    async def abort(self) -> None:
-        pass
-
-    def clean(self) -> None:
-        pass
 
 
 action("abort")(AbortAction)
 
 
 @command("transaction")
-async def transaction(ctx: CommandContext, args: Any) -> None:
+async def transaction(ctx: CommandContext, args: TransactionArgs) -> None:
     """Prepare every action in order; commit all in reverse, or undo all."""
     mode = "individual"
     if args.properties is not None and args.properties.completion_mode is not None:
@@ -53,3 +45,4 @@ async def transaction(ctx: CommandContext, args: Any) -> None:
     txn = TxnContext(job_txn=JobTxn() if mode == "grouped" else None)
     actions: list[Action] = [ACTIONS[kind](ctx, a.data, txn) for kind, a in zip(kinds, args.actions)]
     await run_actions(actions)
+    await sync_persistent(ctx, actions)

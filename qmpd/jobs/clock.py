@@ -68,6 +68,7 @@ class ManualClock:
         self._now = start_ns
         self._seq = itertools.count()
         self._heap: list[tuple[int, int, _ManualTimer]] = []
+        self._armed: asyncio.Event | None = None
 
     def now_ns(self) -> int:
         return self._now
@@ -75,7 +76,18 @@ class ManualClock:
     def call_later(self, delay_ns: int, callback: Callable[[], None]) -> TimerHandle:
         timer = _ManualTimer(self._now + max(delay_ns, 0), callback)
         heapq.heappush(self._heap, (timer.deadline, next(self._seq), timer))
+        if self._armed is not None:
+            self._armed.set()
         return timer
+
+    async def wait_timer(self) -> None:
+        """Return once a timer is pending (at once if one is): e.g. a job
+        went to sleep in its rate limiter.  The test's event instead of
+        polling the job."""
+        while self.next_deadline() is None:
+            if self._armed is None or self._armed.is_set():
+                self._armed = asyncio.Event()
+            await self._armed.wait()
 
     def next_deadline(self) -> int | None:
         """:return: the earliest pending timer's deadline, or None."""

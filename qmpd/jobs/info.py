@@ -1,60 +1,17 @@
-"""Query answers and BLOCK_JOB_* event payloads built from a job's state.
-
-Plain dicts with QAPI member names, in the order of spec 2.4.  Example of a
-running full backup (``block_job_info``)::
-
-    {"type": "backup", "device": "job0", "len": 67108864, "offset": 1048576,
-     "busy": true, "paused": false, "speed": 0, "io-status": "ok",
-     "ready": false, "status": "running", "auto-finalize": true,
-     "auto-dismiss": true}
-"""
+"""BLOCK_JOB_* event payloads built from a job's state (plain dicts with QAPI
+member names, as events carry them; the query answers are views in
+:mod:`qmpd.commands.views`)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from qmpd.events import names as ev
-from qmpd.jobs.status import JobStatus
 
 if TYPE_CHECKING:
     from qmpd.jobs.job import Job
 
-__all__ = ["job_info", "block_job_info", "finished_event", "pending_event"]
-
-
-def job_info(job: Job) -> dict[str, Any]:
-    """:return: QAPI ``JobInfo``."""
-    data: dict[str, Any] = {
-        "id": job.id,
-        "type": job.job_type.value,
-        "status": job.status.value,
-        "current-progress": job.progress.current,
-        "total-progress": job.progress.total,
-    }
-    if (text := job.error_text()) is not None:
-        data["error"] = text
-    return data
-
-
-def block_job_info(job: Job) -> dict[str, Any]:
-    """:return: QAPI ``BlockJobInfo``; ``paused`` means a pause is requested."""
-    data: dict[str, Any] = {
-        "type": job.job_type.value,
-        "device": job.id,
-        "len": job.progress.total,
-        "offset": job.progress.current,
-        "busy": job.busy,
-        "paused": job.pause_count > 0,
-        "speed": job.speed,
-        "io-status": job.iostatus.value,
-        "ready": job.status in (JobStatus.READY, JobStatus.STANDBY),
-        "status": job.status.value,
-        "auto-finalize": job.auto_finalize,
-        "auto-dismiss": job.auto_dismiss,
-    }
-    if (text := job.error_text()) is not None:
-        data["error"] = text
-    return data
+__all__ = ["finished_event", "pending_event"]
 
 
 def finished_event(job: Job) -> tuple[str, dict[str, Any]] | None:

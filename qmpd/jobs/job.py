@@ -2,8 +2,14 @@
 
 A concrete job (backup, create) subclasses :class:`Job`, sets ``job_type``
 (and ``block_job = False`` for non-block jobs), and implements ``run()``.
-The :class:`~qmpd.jobs.manager.JobManager` drives everything else: states,
-verbs, transactions and finalisation.  Inside ``run()`` a job:
+The :class:`~qmpd.jobs.manager.JobManager` keeps the job list and the job
+transactions and decides *when* things happen; the job owns its flags and
+status and changes them only through its own verbs (:meth:`Job.attach`,
+:meth:`Job.start`, :meth:`Job.execute`, :meth:`Job.end_work`,
+:meth:`Job.make_pending`, :meth:`Job.prepare_result`, :meth:`Job.finalize`,
+:meth:`Job.mark_dismissed`, :meth:`Job.request_pause`,
+:meth:`Job.request_resume`, :meth:`Job.request_cancel`,
+:meth:`Job.set_speed`).  Inside ``run()`` a job:
 
 * reports progress through :attr:`Job.progress` (``set_remaining``,
   ``work_done``);
@@ -29,10 +35,10 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from qmpd.errors import QMPError
+from qmpd.errors import GenericError, QMPError
 from qmpd.events import EventSink
 from qmpd.events import names as ev
-from qmpd.jobs import info
+from qmpd.jobs import info, joblog
 from qmpd.jobs.clock import Clock, LoopClock, TimerHandle
 from qmpd.jobs.errors import IllegalTransition, JobCancelled, JobError
 from qmpd.jobs.ratelimit import RateLimit
@@ -191,13 +197,192 @@ class Job(abc.ABC):
         """The work is over (waiting, pending, aborting, concluded or null)."""
         return self.status in _COMPLETED
 
+    @property
+    def can_resume(self) -> bool:
+        """A user pause (job-pause or an error action ``stop``) is in force."""
+        return self.user_paused and self.pause_count > 0
+
     def apply_verb(self, verb: JobVerb) -> None:
         """:raise JobVerbError: ``verb`` is not allowed in the current state."""
         check_verb(self.id, self.status, verb)
 
-    def _attach(self, events: EventSink, clock: Clock) -> None:
+    # -- verbs the manager drives ------------------------------------------------
+
+    def attach(self, events: EventSink, clock: Clock) -> int:
+        """Join a manager: events go to ``events``, sleeps use ``clock``; the
+        status becomes ``created`` and the speed 0.
+
+        :return: the speed asked for at construction, for the manager to
+            apply with :meth:`set_speed` (which validates it).
+        """
         self._events = events
         self._clock = clock
+        speed, self.speed = self.speed, 0
+        self._transition(JobStatus.CREATED)
+        return speed
+
+    def start(self, *, drain: bool = False) -> None:
+        """Leave ``created`` for ``running``; the caller then runs
+        :meth:`execute` on a task.  ``drain`` also shows the transient
+        ``paused``/``running`` pair QEMU shows after a backup command; a job
+        user-paused while created stays ``paused``.
+
+        :raise RuntimeError: not a created, unstarted job.
+        """
+        if self.status is not JobStatus.CREATED or self.started:
+            raise RuntimeError(f"start on job {self.id!r} in state {self.status.value}")
+        self.started = True
+        self.pause_count -= 1
+        self.busy = True
+        self.paused = False
+        self._transition(JobStatus.RUNNING)
+        if drain:
+            self._transition(JobStatus.PAUSED)
+            if self.pause_count == 0:
+                self._transition(JobStatus.RUNNING)
+            else:
+                self.busy = False
+
+    async def execute(self) -> asyncio.CancelledError | None:
+        """The job's side of its task (QEMU's job_co_entry): a pause point,
+        run(), and the result recorded; then not busy, and deferred.
+
+        :return: the ``CancelledError`` if the task itself was cancelled (the
+            job is then force-cancelled); the caller re-raises it once the
+            completion ran.
+        """
+        interrupted: asyncio.CancelledError | None = None
+        try:
+            await self.pause_point()
+            await self.run()
+        except JobCancelled:
+            pass
+        except asyncio.CancelledError as exc:
+            interrupted = exc
+            self.cancelled = self.force_cancel = True
+        except Exception as exc:
+            self.set_failure(exc)
+        self.busy = False
+        self.deferred = True
+        return interrupted
+
+    def end_work(self) -> bool:
+        """The work is over (or never started): fix the result up
+        (:meth:`update_rc`); a success moves to ``waiting``; wake
+        :meth:`wait_exited`.
+
+        :return: True on success, False if the job is now ``aborting``.
+        """
+        ok = not self.update_rc()
+        if ok:
+            self._transition(JobStatus.WAITING)
+        self._exited.set()
+        return ok
+
+    async def wait_exited(self) -> None:
+        """Return once :meth:`end_work` ran."""
+        await self._exited.wait()
+
+    async def wait_concluded(self) -> None:
+        """Return once the job is ``concluded`` or ``null``."""
+        await self._concluded.wait()
+
+    def make_pending(self) -> None:
+        """Every member of the transaction waits: ``pending`` (and
+        BLOCK_JOB_PENDING).
+
+        :raise IllegalTransition: not ``waiting`` (a bug).
+        """
+        self._transition(JobStatus.PENDING)
+        self._emit_pending()
+
+    def prepare_result(self) -> int:
+        """First finalisation step: prepare() if the job succeeded so far
+        (its exception fails the job), then :meth:`update_rc`.
+
+        :return: 0, or the negative errno the job failed with.
+        """
+        if self.ret == 0:
+            try:
+                self.prepare()
+            except Exception as exc:
+                self.set_failure(exc)
+        return self.update_rc()
+
+    def finalize(self) -> None:
+        """Finalise this job (QEMU job_finalize_single): commit() or abort(),
+        clean() (their exceptions are logged), BLOCK_JOB_COMPLETED or
+        BLOCK_JOB_CANCELLED if it started, then ``concluded``.  The caller
+        drops it from its transaction and dismisses it if
+        :attr:`dismiss_when_concluded`."""
+        self.update_rc()
+        for step in (self.commit if self.ret == 0 else self.abort, self.clean):
+            try:
+                step()
+            except Exception:
+                logger.exception("job %s: %s() failed", self.id, step.__name__)
+        self._emit_finished()
+        self._transition(JobStatus.CONCLUDED)
+
+    @property
+    def dismiss_when_concluded(self) -> bool:
+        """Auto-dismiss, or never started: ``null`` right after ``concluded``."""
+        return self.auto_dismiss or not self.started
+
+    def mark_dismissed(self) -> None:
+        """``null``: the job is gone (the caller drops it from its lists)."""
+        self.busy = False
+        self.deferred = True
+        self._transition(JobStatus.NULL)
+
+    def request_cancel(self, force: bool) -> None:
+        """Ask the job to stop (QEMU job_cancel_async): on_cancel() decides
+        whether the cancel is forced; a user pause is lifted; a job whose
+        work already ended is only cancelled when forced.  Nothing is
+        woken; see :meth:`enter`."""
+        force = self.on_cancel(force)
+        if self.user_paused:
+            self.iostatus = IoStatus.OK
+            self._user_resume()
+        if force or not self.deferred:
+            self.cancelled = True
+            self.force_cancel |= force
+
+    def request_pause(self) -> None:
+        """``job-pause`` after the verb check: the job parks at its next pause
+        point; an idle running job reaches it (``paused``) at once, as QEMU
+        enters the job's coroutine from the command.
+
+        :raise GenericError: "Job is already paused".
+        """
+        if self.user_paused:
+            raise GenericError("Job is already paused")
+        self._user_pause()
+        if not self.paused:
+            if self.status is JobStatus.RUNNING and self.started and not self.busy:
+                self._transition(JobStatus.PAUSED)
+            self._enter()
+
+    def request_resume(self) -> None:
+        """``job-resume`` after the checks (:attr:`can_resume`, verb):
+        io-status back to ``ok``; once no pause request is left the job
+        continues (``running`` inside the command, as for pause)."""
+        self.iostatus = IoStatus.OK
+        self._user_resume()
+        if self.pause_count == 0:
+            if self.status is JobStatus.PAUSED and self.started:
+                self._transition(JobStatus.RUNNING)
+            self._enter(only_no_timer=True)
+
+    def _user_pause(self) -> None:
+        """The one place a user pause is counted (job-pause, error ``stop``)."""
+        self.user_paused = True
+        self.pause_count += 1
+
+    def _user_resume(self) -> None:
+        """The one place a user pause is taken back (job-resume, cancel)."""
+        self.user_paused = False
+        self.pause_count -= 1
 
     def _emit(self, name: str, data: dict[str, Any]) -> None:
         if self._events is not None:
@@ -213,12 +398,13 @@ class Job(abc.ABC):
             raise IllegalTransition(f"job {self.id!r}: {old.value} -> {new.value}")
         logger.debug("job %s: %s -> %s (ret=%d)", self.id, old.value, new.value, self.ret)
         self.status = new
+        joblog.log_transition(self, old, new)
         if new in (JobStatus.CONCLUDED, JobStatus.NULL):
             self._concluded.set()
         if new is not old:
             self._emit(ev.JOB_STATUS_CHANGE, {"id": self.id, "status": new.value})
 
-    def _set_failure(self, exc: BaseException) -> None:
+    def set_failure(self, exc: BaseException) -> None:
         """Record ``exc`` (raised by run() or prepare()) as the job's result."""
         if isinstance(exc, JobError):
             self.ret, self.err = -exc.errno, exc.message
@@ -230,8 +416,11 @@ class Job(abc.ABC):
             logger.error("job %s failed unexpectedly", self.id, exc_info=exc)
             self.ret, self.err = -_errno.EIO, os.strerror(_errno.EIO)
 
-    def _update_rc(self) -> int:
-        """ECANCELED for a cancelled success; error text; ``aborting`` on failure."""
+    def update_rc(self) -> int:
+        """ECANCELED for a cancelled success; error text; ``aborting`` on
+        failure (QEMU job_update_rc).
+
+        :return: 0 or the negative errno."""
         if not self.ret and self.is_cancelled:
             self.ret = -_errno.ECANCELED
         if self.ret:
@@ -240,7 +429,8 @@ class Job(abc.ABC):
             self._transition(JobStatus.ABORTING)
         return self.ret
 
-    def _set_speed(self, speed: int) -> None:
+    def set_speed(self, speed: int) -> None:
+        """Apply a (validated, non-negative) speed at once; wakes a throttled job."""
         self.speed = speed
         if speed > 0:
             self._limit.set_speed(speed)
@@ -379,6 +569,8 @@ class Job(abc.ABC):
             action = ErrorAction.STOP if code == _errno.ENOSPC else ErrorAction.REPORT
         else:
             action = ErrorAction(policy.value)
+        logger.warning("job %s: %s error (%s), action %s", self.id, "read" if is_read else "write",
+                       os.strerror(code), action.value)
         if self.block_job:
             self._emit(
                 ev.BLOCK_JOB_ERROR,
@@ -386,8 +578,7 @@ class Job(abc.ABC):
             )
         if action is ErrorAction.STOP:
             if not self.user_paused:
-                self.pause_count += 1
-                self.user_paused = True
+                self._user_pause()
             if self.iostatus is IoStatus.OK:
                 self.iostatus = IoStatus.NOSPACE if code == _errno.ENOSPC else IoStatus.FAILED
             await self.pause_point()
@@ -400,14 +591,6 @@ class Job(abc.ABC):
         if not self.ret:
             return None
         return self.err if self.err is not None else os.strerror(-self.ret)
-
-    def job_info(self) -> dict[str, Any]:
-        """:return: a QAPI ``JobInfo`` (query-jobs)."""
-        return info.job_info(self)
-
-    def block_job_info(self) -> dict[str, Any]:
-        """:return: a QAPI ``BlockJobInfo`` (query-block-jobs), fields in spec order."""
-        return info.block_job_info(self)
 
     def _emit_finished(self) -> None:
         if (event := info.finished_event(self)) is not None:

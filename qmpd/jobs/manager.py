@@ -1,7 +1,9 @@
 """The job manager: job list, lookups, verbs, transactions and finalisation.
 
-It owns every job's task (awaited by :meth:`JobManager.shutdown`) and
-implements QEMU's completion rules (spec 3.3-3.5):
+It owns every job's task (awaited by :meth:`JobManager.shutdown`), the job
+list and the job transactions, and implements QEMU's completion rules
+(spec 3.3-3.5) by calling each job's public verbs; a job's flags and status
+change only inside :class:`~qmpd.jobs.job.Job`:
 
 * work ends -> ``ret`` fixed up (cancelled success = ECANCELED) ->
   failure: ``aborting`` and the transaction abort path (every other member
@@ -25,14 +27,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from qmpd.errors import DeviceNotActive, GenericError
 from qmpd.events import EventSink
 from qmpd.jobs.clock import Clock, LoopClock
-from qmpd.jobs.errors import JobCancelled
 from qmpd.jobs.job import Job
-from qmpd.jobs.status import IoStatus, JobStatus, JobVerb
+from qmpd.jobs.status import JobStatus, JobVerb
 
 __all__ = ["JobManager", "JobTxn", "id_wellformed"]
 
@@ -78,6 +79,11 @@ class JobManager:
     # -- lookups and queries -----------------------------------------------------------
 
     @property
+    def task_count(self) -> int:
+        """Job tasks not yet awaited (0 after :meth:`shutdown`)."""
+        return len(self._tasks)
+
+    @property
     def jobs(self) -> list[Job]:
         """Live jobs (not yet dismissed), newest first."""
         return list(self._jobs)
@@ -106,14 +112,6 @@ class JobManager:
             raise DeviceNotActive(f"Block job '{job_id}' not found")
         return job
 
-    def query_jobs(self) -> list[dict[str, Any]]:
-        """:return: ``JobInfo`` of every job, newest first."""
-        return [job.job_info() for job in self._jobs]
-
-    def query_block_jobs(self) -> list[dict[str, Any]]:
-        """:return: ``BlockJobInfo`` of every block job, newest first."""
-        return [job.block_job_info() for job in self._jobs if job.block_job]
-
     # -- life cycle -----------------------------------------------------------------
 
     def create(self, job: _J, txn: JobTxn | None = None) -> _J:
@@ -129,11 +127,9 @@ class JobManager:
             raise GenericError(f"Invalid job ID '{job.id}'")
         if self.get(job.id) is not None:
             raise GenericError(f"Job ID '{job.id}' already in use")
-        speed, job.speed = job.speed, 0
-        job._attach(self._events, self.clock)
+        speed = job.attach(self._events, self.clock)
         self._jobs.insert(0, job)
         (txn if txn is not None else JobTxn()).add(job)
-        job._transition(JobStatus.CREATED)
         try:
             self.set_speed(job, speed)
         except GenericError:
@@ -154,19 +150,7 @@ class JobManager:
         QEMU shows after a backup command (spec 3.5 a), before returning; if
         the job was user-paused while created it stays ``paused``.
         """
-        if job.status is not JobStatus.CREATED or job.started:
-            raise RuntimeError(f"start on job {job.id!r} in state {job.status.value}")
-        job.started = True
-        job.pause_count -= 1
-        job.busy = True
-        job.paused = False
-        job._transition(JobStatus.RUNNING)
-        if drain:
-            job._transition(JobStatus.PAUSED)
-            if job.pause_count == 0:
-                job._transition(JobStatus.RUNNING)
-            else:
-                job.busy = False
+        job.start(drain=drain)
         task = asyncio.get_running_loop().create_task(self._run(job), name=f"job {job.id}")
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -178,51 +162,30 @@ class JobManager:
 
     async def _run(self, job: Job) -> None:
         """The job's task: run(), then completion (QEMU job_co_entry + job_exit)."""
-        interrupted: asyncio.CancelledError | None = None
-        try:
-            await job.pause_point()
-            await job.run()
-        except JobCancelled:
-            pass
-        except asyncio.CancelledError as exc:  # the task itself was cancelled
-            interrupted = exc
-            job.cancelled = job.force_cancel = True
-        except Exception as exc:
-            job._set_failure(exc)
-        job.busy = False
-        job.deferred = True
+        interrupted = await job.execute()
         await self._completed(job)
         if interrupted is not None:
             raise interrupted
 
     async def _completed(self, job: Job) -> None:
-        if job._update_rc():
-            job._exited.set()
-            await self._txn_abort(job)
-        else:
+        if job.end_work():
             await self._txn_success(job)
+        else:
+            await self._txn_abort(job)
 
     async def _txn_success(self, job: Job) -> None:
-        job._transition(JobStatus.WAITING)
-        job._exited.set()
         txn = self._txn(job)
         if txn.aborting or not all(other.is_completed for other in txn.jobs):
             return
         for other in list(txn.jobs):
-            other._transition(JobStatus.PENDING)
-            other._emit_pending()
+            other.make_pending()
         if all(other.auto_finalize for other in txn.jobs):
             await self._do_finalize(job)
 
     async def _do_finalize(self, job: Job) -> None:
         txn = self._txn(job)
         for other in list(txn.jobs):
-            if other.ret == 0:
-                try:
-                    other.prepare()
-                except Exception as exc:
-                    other._set_failure(exc)
-            if other._update_rc():
+            if other.prepare_result():
                 # QEMU aborts on behalf of ``job`` (which would then commit);
                 # the failed member is the one to abort for.  Unreachable for
                 # backup, which has no prepare().
@@ -238,37 +201,28 @@ class JobManager:
         txn.aborting = True
         for other in list(txn.jobs):
             if other is not job:
-                self._cancel_async(other, force=True)
+                other.request_cancel(force=True)
         while txn.jobs:
             other = txn.jobs[0]
             if other.started and not other.is_completed:
-                other._enter()
-                await other._exited.wait()
+                other.enter()
+                await other.wait_exited()
                 if other not in txn.jobs:
                     continue
             self._finalize_single(other)
 
     def _finalize_single(self, job: Job) -> None:
-        job._update_rc()
-        for step in (job.commit if job.ret == 0 else job.abort, job.clean):
-            try:
-                step()
-            except Exception:
-                logger.exception("job %s: %s() failed", job.id, step.__name__)
-        job._emit_finished()
         txn = self._txn(job)
         if job in txn.jobs:
             txn.jobs.remove(job)
-        job._transition(JobStatus.CONCLUDED)
-        if job.auto_dismiss or not job.started:
+        job.finalize()
+        if job.dismiss_when_concluded:
             self._dismiss(job)
 
     def _dismiss(self, job: Job) -> None:
-        job.busy = False
-        job.deferred = True
         if job.txn is not None and job in job.txn.jobs:
             job.txn.jobs.remove(job)
-        job._transition(JobStatus.NULL)
+        job.mark_dismissed()
         if job in self._jobs:
             self._jobs.remove(job)
 
@@ -280,30 +234,20 @@ class JobManager:
 
     # -- cancellation -----------------------------------------------------------------
 
-    def _cancel_async(self, job: Job, force: bool) -> None:
-        force = job.on_cancel(force)
-        if job.user_paused:
-            job.iostatus = IoStatus.OK
-            job.user_paused = False
-            job.pause_count -= 1
-        if force or not job.deferred:
-            job.cancelled = True
-            job.force_cancel |= force
-
     async def _cancel(self, job: Job, force: bool) -> None:
         if job.status is JobStatus.NULL:
             return
         if job.status is JobStatus.CONCLUDED:
             self._dismiss(job)
             return
-        self._cancel_async(job, force)
+        job.request_cancel(force)
         if not job.started:
             await self._completed(job)
         elif job.deferred:
             if job.is_cancelled:
                 await self._txn_abort(job)
         else:
-            job._enter()
+            job.enter()
 
     async def cancel_sync(self, job: Job) -> None:
         """Force-cancel ``job`` without verb checks and wait until it concluded.
@@ -313,8 +257,8 @@ class JobManager:
         """
         await self._cancel(job, force=True)
         if job.status not in (JobStatus.CONCLUDED, JobStatus.NULL):
-            job._enter()
-            await job._concluded.wait()
+            job.enter()
+            await job.wait_concluded()
 
     async def abort_created(self, job: Job) -> None:
         """Roll back a created, never started job (transaction abort, spec 3.5 k):
@@ -361,16 +305,7 @@ class JobManager:
         :raise GenericError: "Job is already paused"; :class:`JobVerbError`.
         """
         job.apply_verb(JobVerb.PAUSE)
-        if job.user_paused:
-            raise GenericError("Job is already paused")
-        job.user_paused = True
-        job.pause_count += 1
-        if not job.paused:
-            if job.status is JobStatus.RUNNING and job.started and not job.busy:
-                # QEMU enters an idle job's coroutine from the command itself,
-                # so it reaches its pause point (and says so) before the reply.
-                job._transition(JobStatus.PAUSED)
-            job._enter()
+        job.request_pause()
 
     def resume(self, job: Job) -> None:
         """``job-resume``: io-status back to ``ok``; the job continues when no
@@ -379,17 +314,10 @@ class JobManager:
         :raise GenericError: "Can't resume a job that was not paused";
             :class:`JobVerbError`.
         """
-        if not job.user_paused or job.pause_count <= 0:
+        if not job.can_resume:
             raise GenericError("Can't resume a job that was not paused")
         job.apply_verb(JobVerb.RESUME)
-        job.iostatus = IoStatus.OK
-        job.user_paused = False
-        job.pause_count -= 1
-        if job.pause_count == 0:
-            if job.status is JobStatus.PAUSED and job.started:
-                # As for pause: the job leaves its pause point inside the command.
-                job._transition(JobStatus.RUNNING)
-            job._enter(only_no_timer=True)
+        job.request_resume()
 
     def set_speed(self, job: Job, speed: int) -> None:
         """``block-job-set-speed``: effective at once; wakes a throttled job.
@@ -400,7 +328,7 @@ class JobManager:
         job.apply_verb(JobVerb.SET_SPEED)
         if speed < 0:
             raise GenericError("Parameter 'speed' expects a non-negative value")
-        job._set_speed(speed)
+        job.set_speed(speed)
 
     def complete(self, job: Job) -> None:
         """``job-complete``.

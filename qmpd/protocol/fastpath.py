@@ -17,6 +17,7 @@ import json
 import re
 from typing import Any
 
+from qmpd.protocol.lexer import run_end
 from qmpd.protocol.parser import NONCHARACTER, parse_integer
 
 __all__ = ["Scanner", "Window", "NEED_MORE", "BAIL", "fast_decode"]
@@ -24,7 +25,6 @@ __all__ = ["Scanner", "Window", "NEED_MORE", "BAIL", "fast_decode"]
 NEED_MORE = -1
 BAIL = -2
 
-_WS = re.compile(rb"[ \t\r\n]*+")
 # Between tokens of valid JSON: whitespace, separators, keywords, numbers.
 _REGION = re.compile(rb"[ \t\r\n:,0-9a-z.+\-E]*+")
 # Region contents that QEMU lexes without a lexical error, and whose numbers
@@ -48,13 +48,6 @@ _CLOSE = {0x7D: 0, 0x5D: 1}
 _FAST_DEPTH = 200
 
 
-
-def _run_end(pattern: re.Pattern[bytes], buf: bytearray, pos: int) -> int:
-    """End of ``pattern``'s (always successful, possibly empty) match at ``pos``."""
-    match = pattern.match(buf, pos)
-    assert match is not None
-    return match.end()
-
 class Scanner:
     """Incremental bracket scanner for one speculative message."""
 
@@ -77,14 +70,14 @@ class Scanner:
         counts = self.counts
         while True:
             if self.in_string:
-                pos = _run_end(_STR_BODY, buf, pos)
+                pos = run_end(_STR_BODY, buf, pos)
                 if pos >= n - 1 and (pos == n or buf[pos] == 0x5C):
                     break
                 if buf[pos] != 0x22:
                     return BAIL
                 pos += 1
                 self.in_string = False
-            end = _run_end(_REGION, buf, pos)
+            end = run_end(_REGION, buf, pos)
             if end > pos:
                 if end >= n:  # the run may continue: check what is complete
                     cut = buf.rfind(b",", pos, end)
@@ -137,15 +130,7 @@ def _constant(name: str) -> Any:
     raise _Reject(name)
 
 
-def _integer(text: str) -> int | float:
-    if len(text) <= 21:
-        value = int(text)
-        if -(1 << 63) <= value < 1 << 64:
-            return value
-    return float(text)
-
-
-_DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_int=_integer, parse_constant=_constant)
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_int=parse_integer, parse_constant=_constant)
 
 
 def _strings_ok(value: object) -> bool:

@@ -54,7 +54,9 @@ class JsonStreamParser:
                  "_brace", "_bracket", "_fast", "_window", "_whole")
 
     def __init__(self, max_bytes: int = 64 << 20, max_tokens: int = 2 << 20,
-                 max_depth: int = 1024) -> None:
+                 max_depth: int = 1024, *, fast: bool = True) -> None:
+        """:param fast: try the whole-document fast path (``json.raw_decode``)
+            before the exact lexer; tests switch it off to compare both."""
         self._max_bytes = max_bytes
         self._max_tokens = max_tokens
         self._max_depth = max_depth
@@ -65,8 +67,7 @@ class JsonStreamParser:
         # (~1000) keeps what it accepts under QEMU's 1024.
         self._whole = max_depth >= 1024
         self._out: list[object | FramingError] = []
-        #: Tests switch the fast path off to compare it with the exact path.
-        self._fast = True
+        self._fast = fast
         self.reset()
 
     def reset(self) -> None:

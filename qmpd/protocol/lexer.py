@@ -18,7 +18,7 @@ from typing import Protocol
 __all__ = [
     "LCURLY", "RCURLY", "LSQUARE", "RSQUARE", "COLON", "COMMA",
     "STRING", "INTEGER", "FLOAT", "KEYWORD", "ERROR", "OVERSIZE",
-    "Lexer", "Sink",
+    "Lexer", "Sink", "run_end",
 ]
 
 LCURLY, RCURLY, LSQUARE, RSQUARE, COLON, COMMA = range(6)
@@ -58,12 +58,13 @@ _RUNS = {_DIGITS: _DIGIT_RUN, _MANT_DIGITS: _DIGIT_RUN, _EXP_DIGITS: _DIGIT_RUN,
          _KEYWORD: _LOWER_RUN}
 
 
-
-def _run_end(pattern: re.Pattern[bytes], buf: bytearray, pos: int) -> int:
-    """End of ``pattern``'s (always successful, possibly empty) match at ``pos``."""
+def run_end(pattern: re.Pattern[bytes], buf: bytearray, pos: int) -> int:
+    """End of ``pattern``'s (always successful, possibly empty) match at ``pos``
+    (shared with :mod:`qmpd.protocol.fastpath`)."""
     match = pattern.match(buf, pos)
     assert match is not None
     return match.end()
+
 
 class Sink(Protocol):
     """Receiver of tokens (the message streamer)."""
@@ -112,7 +113,7 @@ class Lexer:
         emitted = False
         while True:
             if state == _START:
-                pos = _run_end(_WS_RUN, buf, pos)
+                pos = run_end(_WS_RUN, buf, pos)
                 if emitted and stop_when_idle and sink.idle:
                     self.state, self.tok = state, tok
                     return pos, True
@@ -132,7 +133,7 @@ class Lexer:
                     state = _RECOVERY
                 continue
             if state == _RECOVERY:
-                pos = _run_end(_RECOVER_RUN, buf, pos)
+                pos = run_end(_RECOVER_RUN, buf, pos)
                 if pos >= n:
                     break
                 state = _START  # the resync byte is looked at again
@@ -145,7 +146,7 @@ class Lexer:
                 emitted = True
                 continue
             if state == _DQ or state == _SQ:
-                pos = _run_end((_DQ_RUN if state == _DQ else _SQ_RUN), buf, pos)
+                pos = run_end((_DQ_RUN if state == _DQ else _SQ_RUN), buf, pos)
                 if pos - tok > limit:
                     continue
                 if pos >= n:
@@ -165,7 +166,7 @@ class Lexer:
                 continue
             run = _RUNS.get(state)
             if run is not None:
-                pos = _run_end(run, buf, pos)
+                pos = run_end(run, buf, pos)
                 if pos - tok > limit:
                     continue
             if pos >= n:

@@ -150,8 +150,9 @@ def parse_string(tok: bytes) -> str:
     return "".join(parts)
 
 
-def parse_integer(text: bytes) -> int | float:
-    """int64 if it fits, else uint64 if it fits, else a double (like QEMU)."""
+def parse_integer(text: str | bytes) -> int | float:
+    """int64 if it fits, else uint64 if it fits, else a double (like QEMU).
+    Also the fast path's ``json`` ``parse_int`` hook (``text`` a str)."""
     if len(text) <= 21:
         value = int(text)
         if _INT64_MIN <= value < _UINT64_END:

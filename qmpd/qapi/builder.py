@@ -32,6 +32,14 @@ _KEYS: dict[str, set[str]] = {
 }
 _NAME_RE = re.compile(r"(x-)?[a-z][a-z0-9-]*$")
 _TYPE_RE = re.compile(r"[A-Z][A-Za-z0-9]*$")
+#: A downstream extension's prefix, ``__RFQDN_`` (QEMU's qapi-code-gen.rst):
+#: the name rules apply to what follows it.
+_DOWNSTREAM_RE = re.compile(r"__[a-z0-9][a-z0-9.-]*_")
+
+
+def _strip_downstream(name: str) -> str:
+    m = _DOWNSTREAM_RE.match(name)
+    return name[m.end():] if m else name
 
 
 def _meta(e: Expression) -> str:
@@ -91,7 +99,7 @@ class _Builder:
 
     def check_name(self, name: str, info: SourceInfo, owner: str, pragma: str) -> None:
         exceptions = self.pragma_list(pragma)
-        if not _NAME_RE.match(name) and owner not in exceptions and name not in exceptions:
+        if not _NAME_RE.match(_strip_downstream(name)) and owner not in exceptions and name not in exceptions:
             raise info.error(f"name of '{owner}' member '{name}' should be lower-case"
                              if pragma == "member-name-exceptions"
                              else f"name '{name}' should be lower-case")
@@ -126,7 +134,7 @@ class _Builder:
             raise info.error(f"'{name}' is already defined")
         self.defs[name] = e
         feats = _features(e.expr.get("features"), info)
-        if meta in ("struct", "union", "alternate", "enum") and not _TYPE_RE.match(name):
+        if meta in ("struct", "union", "alternate", "enum") and not _TYPE_RE.match(_strip_downstream(name)):
             raise info.error(f"name of {meta} '{name}' should use CamelCase")
         if meta == "enum":
             self.types[name] = EnumType(name, info, self.enum_members(e), feats)

@@ -70,7 +70,7 @@ class QAPIModel(BaseModel):
 def camel(name: str) -> str:
     """``block-dirty-bitmap-add`` / ``JOB_STATUS_CHANGE`` -> ``BlockDirtyBitmapAdd`` / ``JobStatusChange``."""
     return "".join(p[:1].upper() + p[1:].lower() if name.isupper() else p[:1].upper() + p[1:]
-                   for p in re.split(r"[-_]", name) if p)
+                   for p in re.split(r"[-_.]", name) if p)
 
 
 def field_name(member: str) -> str:

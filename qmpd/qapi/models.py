@@ -171,6 +171,7 @@ class BlockdevDriver(enum.StrEnum):
     NULL_CO = 'null-co'
     QCOW2 = 'qcow2'
     RAW = 'raw'
+    SNAPSHOT_ACCESS = 'snapshot-access'
 
 
 class BlockdevDiscardOptions(enum.StrEnum):
@@ -369,6 +370,46 @@ class TransactionActionKind(enum.StrEnum):
     BLOCK_DIRTY_BITMAP_MERGE = 'block-dirty-bitmap-merge'
     BLOCKDEV_BACKUP = 'blockdev-backup'
     DRIVE_BACKUP = 'drive-backup'
+
+
+class SocketAddressLegacyType(enum.StrEnum):
+    """QAPI enum ``SocketAddressLegacyType``."""
+
+    INET = 'inet'
+    UNIX = 'unix'
+
+
+class SocketAddressType(enum.StrEnum):
+    """QAPI enum ``SocketAddressType``."""
+
+    INET = 'inet'
+    UNIX = 'unix'
+
+
+class BlockExportRemoveMode(enum.StrEnum):
+    """QAPI enum ``BlockExportRemoveMode``."""
+
+    SAFE = 'safe'
+    HARD = 'hard'
+
+
+class BlockExportType(enum.StrEnum):
+    """QAPI enum ``BlockExportType``."""
+
+    NBD = 'nbd'
+
+
+class QCryptoTLSCredsEndpoint(enum.StrEnum):
+    """QAPI enum ``QCryptoTLSCredsEndpoint``."""
+
+    CLIENT = 'client'
+    SERVER = 'server'
+
+
+class ObjectType(enum.StrEnum):
+    """QAPI enum ``ObjectType``."""
+
+    TLS_CREDS_X509 = 'tls-creds-x509'
 
 
 class VersionTriple(QAPIModel):
@@ -828,6 +869,20 @@ class BlockdevOptionsRawBranch(QAPIModel):
     size: int | None = Field(default=None, alias='size')
 
 
+class BlockdevOptionsSnapshotAccessBranch(QAPIModel):
+    """QAPI union ``BlockdevOptions``, case ``snapshot-access``."""
+
+    driver: Literal[BlockdevDriver.SNAPSHOT_ACCESS] = Field(alias='driver')
+    node_name: str | None = Field(default=None, alias='node-name')
+    discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+    cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+    read_only: bool | None = Field(default=None, alias='read-only')
+    auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+    force_share: bool | None = Field(default=None, alias='force-share')
+    detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+    file: BlockdevRef = Field(alias='file')
+
+
 class BlockdevCreateOptionsFile(QAPIModel):
     """QAPI struct ``BlockdevCreateOptionsFile``."""
 
@@ -883,6 +938,12 @@ class BlockdevCreateOptionsRawBranch(QAPIModel):
     """QAPI union ``BlockdevCreateOptions``, case ``raw``."""
 
     driver: Literal[BlockdevDriver.RAW] = Field(alias='driver')
+
+
+class BlockdevCreateOptionsSnapshotAccessBranch(QAPIModel):
+    """QAPI union ``BlockdevCreateOptions``, case ``snapshot-access``."""
+
+    driver: Literal[BlockdevDriver.SNAPSHOT_ACCESS] = Field(alias='driver')
 
 
 class BlockDirtyBitmap(QAPIModel):
@@ -1205,6 +1266,175 @@ class TransactionProperties(QAPIModel):
     completion_mode: ActionCompletionMode | None = Field(default=None, alias='completion-mode')
 
 
+class InetSocketAddress(QAPIModel):
+    """QAPI struct ``InetSocketAddress``."""
+
+    host: str = Field(alias='host')
+    port: str = Field(alias='port')
+    numeric: bool | None = Field(default=None, alias='numeric')
+    to: int | None = Field(default=None, alias='to')
+    ipv4: bool | None = Field(default=None, alias='ipv4')
+    ipv6: bool | None = Field(default=None, alias='ipv6')
+    keep_alive: bool | None = Field(default=None, alias='keep-alive')
+
+
+class UnixSocketAddress(QAPIModel):
+    """QAPI struct ``UnixSocketAddress``."""
+
+    path: str = Field(alias='path')
+    abstract: bool | None = Field(default=None, alias='abstract')
+    tight: bool | None = Field(default=None, alias='tight')
+
+
+class InetSocketAddressWrapper(QAPIModel):
+    """QAPI struct ``InetSocketAddressWrapper``."""
+
+    data: InetSocketAddress = Field(alias='data')
+
+
+class UnixSocketAddressWrapper(QAPIModel):
+    """QAPI struct ``UnixSocketAddressWrapper``."""
+
+    data: UnixSocketAddress = Field(alias='data')
+
+
+class SocketAddressLegacyInetBranch(QAPIModel):
+    """QAPI union ``SocketAddressLegacy``, case ``inet``."""
+
+    type: Literal[SocketAddressLegacyType.INET] = Field(alias='type')
+    data: InetSocketAddress = Field(alias='data')
+
+
+class SocketAddressLegacyUnixBranch(QAPIModel):
+    """QAPI union ``SocketAddressLegacy``, case ``unix``."""
+
+    type: Literal[SocketAddressLegacyType.UNIX] = Field(alias='type')
+    data: UnixSocketAddress = Field(alias='data')
+
+
+class SocketAddressInetBranch(QAPIModel):
+    """QAPI union ``SocketAddress``, case ``inet``."""
+
+    type: Literal[SocketAddressType.INET] = Field(alias='type')
+    host: str = Field(alias='host')
+    port: str = Field(alias='port')
+    numeric: bool | None = Field(default=None, alias='numeric')
+    to: int | None = Field(default=None, alias='to')
+    ipv4: bool | None = Field(default=None, alias='ipv4')
+    ipv6: bool | None = Field(default=None, alias='ipv6')
+    keep_alive: bool | None = Field(default=None, alias='keep-alive')
+
+
+class SocketAddressUnixBranch(QAPIModel):
+    """QAPI union ``SocketAddress``, case ``unix``."""
+
+    type: Literal[SocketAddressType.UNIX] = Field(alias='type')
+    path: str = Field(alias='path')
+    abstract: bool | None = Field(default=None, alias='abstract')
+    tight: bool | None = Field(default=None, alias='tight')
+
+
+class NbdServerOptions(QAPIModel):
+    """QAPI struct ``NbdServerOptions``."""
+
+    addr: SocketAddress = Field(alias='addr')
+    tls_creds: str | None = Field(default=None, alias='tls-creds')
+    tls_authz: str | None = Field(default=None, alias='tls-authz')
+    max_connections: int | None = Field(default=None, alias='max-connections')
+
+
+class BlockExportOptionsNbdBase(QAPIModel):
+    """QAPI struct ``BlockExportOptionsNbdBase``."""
+
+    name: str | None = Field(default=None, alias='name')
+    description: str | None = Field(default=None, alias='description')
+
+
+class BlockExportOptionsNbd(BlockExportOptionsNbdBase):
+    """QAPI struct ``BlockExportOptionsNbd``."""
+
+    bitmaps: list[str] | None = Field(default=None, alias='bitmaps')
+    allocation_depth: bool | None = Field(default=None, alias='allocation-depth')
+
+
+class NbdServerAddOptions(BlockExportOptionsNbdBase):
+    """QAPI struct ``NbdServerAddOptions``."""
+
+    device: str = Field(alias='device')
+    writable: bool | None = Field(default=None, alias='writable')
+    bitmap: str | None = Field(default=None, alias='bitmap')
+
+
+class BlockExportOptionsNbdBranch(QAPIModel):
+    """QAPI union ``BlockExportOptions``, case ``nbd``."""
+
+    type: Literal[BlockExportType.NBD] = Field(alias='type')
+    id: str = Field(alias='id')
+    fixed_iothread: bool | None = Field(default=None, alias='fixed-iothread')
+    iothread: str | None = Field(default=None, alias='iothread')
+    node_name: str = Field(alias='node-name')
+    writable: bool | None = Field(default=None, alias='writable')
+    writethrough: bool | None = Field(default=None, alias='writethrough')
+    name: str | None = Field(default=None, alias='name')
+    description: str | None = Field(default=None, alias='description')
+    bitmaps: list[str] | None = Field(default=None, alias='bitmaps')
+    allocation_depth: bool | None = Field(default=None, alias='allocation-depth')
+
+
+class BlockExportInfo(QAPIModel):
+    """QAPI struct ``BlockExportInfo``."""
+
+    id: str = Field(alias='id')
+    type: BlockExportType = Field(alias='type')
+    node_name: str = Field(alias='node-name')
+    shutting_down: bool = Field(alias='shutting-down')
+
+
+class TlsCredsProperties(QAPIModel):
+    """QAPI struct ``TlsCredsProperties``."""
+
+    verify_peer: bool | None = Field(default=None, alias='verify-peer')
+    dir: str | None = Field(default=None, alias='dir')
+    endpoint: QCryptoTLSCredsEndpoint | None = Field(default=None, alias='endpoint')
+    priority: str | None = Field(default=None, alias='priority')
+
+
+class TlsCredsX509Properties(TlsCredsProperties):
+    """QAPI struct ``TlsCredsX509Properties``."""
+
+    sanity_check: bool | None = Field(default=None, alias='sanity-check')
+    passwordid: str | None = Field(default=None, alias='passwordid')
+
+
+class ObjectOptionsTlsCredsX509Branch(QAPIModel):
+    """QAPI union ``ObjectOptions``, case ``tls-creds-x509``."""
+
+    qom_type: Literal[ObjectType.TLS_CREDS_X509] = Field(alias='qom-type')
+    id: str = Field(alias='id')
+    verify_peer: bool | None = Field(default=None, alias='verify-peer')
+    dir: str | None = Field(default=None, alias='dir')
+    endpoint: QCryptoTLSCredsEndpoint | None = Field(default=None, alias='endpoint')
+    priority: str | None = Field(default=None, alias='priority')
+    sanity_check: bool | None = Field(default=None, alias='sanity-check')
+    passwordid: str | None = Field(default=None, alias='passwordid')
+
+
+class QmpdTimestamp(QAPIModel):
+    """QAPI struct ``QmpdTimestamp``."""
+
+    seconds: int = Field(alias='seconds')
+    microseconds: int = Field(alias='microseconds')
+
+
+class QmpdInstanceInfo(QAPIModel):
+    """QAPI struct ``QmpdInstanceInfo``."""
+
+    boot_id: str = Field(alias='boot-id')
+    start_time: QmpdTimestamp = Field(alias='start-time')
+    pid: int = Field(alias='pid')
+    state_dir: str | None = Field(default=None, alias='state-dir')
+
+
 SchemaInfo: TypeAlias = Annotated[
     Union[
         SchemaInfoBuiltinBranch,
@@ -1233,6 +1463,7 @@ BlockdevOptions: TypeAlias = Annotated[
         BlockdevOptionsNullCoBranch,
         BlockdevOptionsQcow2Branch,
         BlockdevOptionsRawBranch,
+        BlockdevOptionsSnapshotAccessBranch,
     ],
     Field(discriminator='driver'),
 ]
@@ -1245,6 +1476,7 @@ BlockdevCreateOptions: TypeAlias = Annotated[
         BlockdevCreateOptionsNullCoBranch,
         BlockdevCreateOptionsQcow2Branch,
         BlockdevCreateOptionsRawBranch,
+        BlockdevCreateOptionsSnapshotAccessBranch,
     ],
     Field(discriminator='driver'),
 ]
@@ -1261,6 +1493,32 @@ TransactionAction: TypeAlias = Annotated[
         TransactionActionDriveBackupBranch,
     ],
     Field(discriminator='type'),
+]
+SocketAddressLegacy: TypeAlias = Annotated[
+    Union[
+        SocketAddressLegacyInetBranch,
+        SocketAddressLegacyUnixBranch,
+    ],
+    Field(discriminator='type'),
+]
+SocketAddress: TypeAlias = Annotated[
+    Union[
+        SocketAddressInetBranch,
+        SocketAddressUnixBranch,
+    ],
+    Field(discriminator='type'),
+]
+BlockExportOptions: TypeAlias = Annotated[
+    Union[
+        BlockExportOptionsNbdBranch,
+    ],
+    Field(discriminator='type'),
+]
+ObjectOptions: TypeAlias = Annotated[
+    Union[
+        ObjectOptionsTlsCredsX509Branch,
+    ],
+    Field(discriminator='qom_type'),
 ]
 BlockdevRef: TypeAlias = Union[BlockdevOptions, str]
 BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]
@@ -1468,6 +1726,63 @@ class TransactionArgs(QAPIModel):
     properties: TransactionProperties | None = Field(default=None, alias='properties')
 
 
+class NbdServerStartArgs(QAPIModel):
+    """Arguments of ``nbd-server-start``."""
+
+    addr: SocketAddressLegacy = Field(alias='addr')
+    tls_creds: str | None = Field(default=None, alias='tls-creds')
+    tls_authz: str | None = Field(default=None, alias='tls-authz')
+    max_connections: int | None = Field(default=None, alias='max-connections')
+
+
+class NbdServerAddArgs(NbdServerAddOptions):
+    """Arguments of ``nbd-server-add``."""
+
+
+class NbdServerRemoveArgs(QAPIModel):
+    """Arguments of ``nbd-server-remove``."""
+
+    name: str = Field(alias='name')
+    mode: BlockExportRemoveMode | None = Field(default=None, alias='mode')
+
+
+class NbdServerStopArgs(QAPIModel):
+    """Arguments of ``nbd-server-stop``."""
+
+
+class BlockExportAddArgs(RootModel[BlockExportOptions]):
+    """Arguments of ``block-export-add``."""
+
+    model_config = ConfigDict(frozen=True, defer_build=True)
+
+
+class BlockExportDelArgs(QAPIModel):
+    """Arguments of ``block-export-del``."""
+
+    id: str = Field(alias='id')
+    mode: BlockExportRemoveMode | None = Field(default=None, alias='mode')
+
+
+class QueryBlockExportsArgs(QAPIModel):
+    """Arguments of ``query-block-exports``."""
+
+
+class ObjectAddArgs(RootModel[ObjectOptions]):
+    """Arguments of ``object-add``."""
+
+    model_config = ConfigDict(frozen=True, defer_build=True)
+
+
+class ObjectDelArgs(QAPIModel):
+    """Arguments of ``object-del``."""
+
+    id: str = Field(alias='id')
+
+
+class OrgQmpdQueryInstanceArgs(QAPIModel):
+    """Arguments of ``__org.qmpd_query-instance``."""
+
+
 class ShutdownData(QAPIModel):
     """Data of ``SHUTDOWN``."""
 
@@ -1538,6 +1853,12 @@ class BlockImageCorruptedData(QAPIModel):
     size: int | None = Field(default=None, alias='size')
     fatal: bool = Field(alias='fatal')
 
+
+class BlockExportDeletedData(QAPIModel):
+    """Data of ``BLOCK_EXPORT_DELETED``."""
+
+    id: str = Field(alias='id')
+
 #: Argument model of every command.
 COMMAND_ARGS: dict[str, type[BaseModel]] = {
     'qmp_capabilities': QmpCapabilitiesArgs,
@@ -1579,6 +1900,16 @@ COMMAND_ARGS: dict[str, type[BaseModel]] = {
     'block-job-dismiss': BlockJobDismissArgs,
     'block-job-finalize': BlockJobFinalizeArgs,
     'transaction': TransactionArgs,
+    'nbd-server-start': NbdServerStartArgs,
+    'nbd-server-add': NbdServerAddArgs,
+    'nbd-server-remove': NbdServerRemoveArgs,
+    'nbd-server-stop': NbdServerStopArgs,
+    'block-export-add': BlockExportAddArgs,
+    'block-export-del': BlockExportDelArgs,
+    'query-block-exports': QueryBlockExportsArgs,
+    'object-add': ObjectAddArgs,
+    'object-del': ObjectDelArgs,
+    '__org.qmpd_query-instance': OrgQmpdQueryInstanceArgs,
 }
 
 #: Return type of every command (``None``: returns ``{}``).
@@ -1622,6 +1953,16 @@ COMMAND_RETURNS: dict[str, Any] = {
     'block-job-dismiss': None,
     'block-job-finalize': None,
     'transaction': None,
+    'nbd-server-start': None,
+    'nbd-server-add': None,
+    'nbd-server-remove': None,
+    'nbd-server-stop': None,
+    'block-export-add': None,
+    'block-export-del': None,
+    'query-block-exports': list[BlockExportInfo],
+    'object-add': None,
+    'object-del': None,
+    '__org.qmpd_query-instance': QmpdInstanceInfo,
 }
 
 #: Data model of every event.
@@ -1634,4 +1975,5 @@ EVENT_DATA: dict[str, type[BaseModel]] = {
     'BLOCK_JOB_READY': BlockJobReadyData,
     'BLOCK_JOB_PENDING': BlockJobPendingData,
     'BLOCK_IMAGE_CORRUPTED': BlockImageCorruptedData,
+    'BLOCK_EXPORT_DELETED': BlockExportDeletedData,
 }

@@ -55,14 +55,16 @@ class ArgumentValidator:
         self._wraps = {c.name for c in self.schema.commands.values()
                        if c.arg_type is not None and uses_wrapping(c.arg_type)}
 
-    def _arg_type(self, command: str) -> ObjectType:
+    def arg_type(self, command: str) -> ObjectType:
+        """:return: the command's argument type.  :raise CommandNotFound: unknown command."""
         try:
             cmd = self.schema.commands[command]
         except KeyError:
             raise CommandNotFound(f"The command {command} has not been found") from None
         return cmd.arg_type or self.schema.empty_object
 
-    def _validator(self, command: str) -> Any:
+    def json_validator(self, command: str) -> Any:
+        """:return: the (cached) jsonschema validator of the command's arguments."""
         v = self._validators.get(command)
         if v is None:
             root = _inline(self._defs, self._defs[command_ref(command)], ())
@@ -78,12 +80,12 @@ class ArgumentValidator:
         """
         if command in self._no_args and not arguments:
             return
-        arg_type = self._arg_type(command)
-        if self._validator(command).is_valid(arguments):
+        arg_type = self.arg_type(command)
+        if self.json_validator(command).is_valid(arguments):
             return
         msg = first_error(arg_type, arguments)
         if msg is None:                      # the walker missed what jsonschema saw
-            err = next(iter(self._validator(command).iter_errors(arguments)))
+            err = next(iter(self.json_validator(command).iter_errors(arguments)))
             path = ".".join(str(p) for p in err.absolute_path)
             msg = f"Invalid parameter '{path}'" if path else "Invalid parameters"
         raise GenericError(msg)
@@ -93,7 +95,7 @@ class ArgumentValidator:
             as the command would see them in QEMU.  A copy only when needed."""
         if command not in self._wraps or not _has_negative(arguments):
             return arguments
-        out = normalize(self._arg_type(command), arguments)
+        out = normalize(self.arg_type(command), arguments)
         assert isinstance(out, dict)
         return out
 
@@ -109,7 +111,6 @@ class ArgumentValidator:
         """
         self.validate(command, arguments)
         return self.build(command, arguments)
-
 
 
 def _inline(defs: dict[str, Any], node: Any, stack: tuple[str, ...]) -> Any:

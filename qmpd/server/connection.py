@@ -67,7 +67,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses.
         self._transport = cast(asyncio.Transport, transport)
-        self.log.debug("connected")
+        self.log.info("client connected")
         self._send(self._daemon.greeting)
         self._task = self._daemon.spawn(self._worker(), self.name)
 
@@ -88,7 +88,8 @@ class Connection(asyncio.Protocol):
         return True  # keep the write side open until the queue is answered
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.log.debug("disconnected%s", f": {exc}" if exc else "")
+        self.log.info("client disconnected%s", f": {exc}" if exc else "")
+        self._daemon.connection_closed(self)
         self._closed = True
         self._items.clear()
         self._parser.reset()

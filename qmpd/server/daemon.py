@@ -15,19 +15,26 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Coroutine
+import time
+import uuid
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from qmpd import commands as _commands  # noqa: F401  (registers the handlers)
-from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState
+from qmpd.commands.block import add_blockdev
+from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState, SessionControl
+from qmpd.commands.objects import ObjectStore
 from qmpd.commands.registry import REGISTRY, Registry
-from qmpd.block import BlockGraph
+from qmpd.block import BlockGraph, BlockIOError
+from qmpd.block.persist import BitmapStateDir
 from qmpd.errors import GenericError, QMPError, SchemaError
 from qmpd.events import EventBus
 from qmpd.events.names import SHUTDOWN
 from qmpd.jobs import JobManager
+from qmpd.nbd.server import NbdServer
 from qmpd.protocol.session import Call, Session
 from qmpd.qapi.keyval import parse_option_value
+from qmpd.qapi.models import BlockdevAddArgs
 from qmpd.qapi.service import SchemaService
 from qmpd.server.connection import Connection
 from qmpd.server.listeners import Listener, UnixListener, open_listener
@@ -39,6 +46,10 @@ __all__ = ["Daemon", "UNIMPLEMENTED"]
 UNIMPLEMENTED: frozenset[str] = frozenset()
 
 log = logging.getLogger(__name__)
+
+#: Told of every executed command: ``(name, outcome, seconds)``, where
+#: ``outcome`` is ``"ok"`` or the error class.  The web layer's metrics use it.
+RequestObserver = Callable[[str, str, float], None]
 
 
 class Daemon:
@@ -66,8 +77,12 @@ class Daemon:
         self.command_names: frozenset[str] = frozenset()
         self.oob_commands: frozenset[str] = frozenset()
         self.greeting: dict[str, Any] = {}
-        self.state = DaemonState(config=config, events=self.events, request_shutdown=self.request_shutdown)
+        self.state = DaemonState(config=config, events=self.events, request_shutdown=self.request_shutdown,
+                                 boot_id=str(uuid.uuid4()), start_time=time.time())
         self.schema: SchemaService | None = None
+        self.nbd: NbdServer | None = None
+        #: Called once per executed command (see :data:`RequestObserver`).
+        self.request_observer: RequestObserver | None = None
 
     # -- lifecycle --------------------------------------------------------
     def setup(self) -> None:
@@ -85,39 +100,108 @@ class Daemon:
         self.oob_commands = self._registry.oob_commands
         self.state.command_names = tuple(sorted(names))
         self.state.introspection = self.schema.introspection(names)
-        major, minor, micro = self.config.qemu_version
-        self.greeting = {
-            "QMP": {
-                "version": {
-                    "qemu": {"micro": micro, "minor": minor, "major": major},
-                    "package": self.config.package,
-                },
-                "capabilities": ["oob"],
-            }
-        }
+        self.greeting = self.config.greeting()
         self._setup_domain()
 
     def _setup_domain(self) -> None:
         """Create the block graph and the job manager."""
-        self.state.block = BlockGraph(emit_event=self.events.emit)
+        bitmap_state = None
+        if self.config.state_dir is not None:
+            bitmap_state = BitmapStateDir(self.config.state_dir,
+                                          flush_interval=self.config.state_flush_interval)
+        self.state.block = BlockGraph(bitmap_state=bitmap_state, emit_event=self.events.emit)
         self.state.jobs = JobManager(self.events)
+        self.state.objects = ObjectStore()
+        self.nbd = NbdServer(self._graph, self.events, tls_creds=self.state.objects.get)
+        self.state.nbd = self.nbd
+
+    def _graph(self) -> BlockGraph:
+        assert self.state.block is not None
+        return self.state.block
 
     async def add_blockdevs(self, specs: list[str]) -> None:
-        """Create ``--blockdev`` nodes, in order, through ``blockdev-add``.
+        """Create ``--blockdev`` nodes, in order, through ``blockdev-add``'s
+        path (:func:`qmpd.commands.block.add_blockdev`).
 
         :raise QMPError: with blockdev-add's own error texts.
         """
         assert self.schema is not None and self.state.block is not None
+        await self.prepare_state_dir()
         options_type = self.schema.schema.lookup_type("BlockdevOptions")
         for text in specs:
             options = parse_option_value(text, options_type)
             if not isinstance(options, dict):
                 raise GenericError("--blockdev expects an object")
-            self.schema.validate_arguments("blockdev-add", options)
-            await self.state.block.add(options)
+            args = self.schema.build_arguments("blockdev-add", options)
+            assert isinstance(args, BlockdevAddArgs)
+            await add_blockdev(self.state.block, args)
+
+    async def prepare_state_dir(self) -> None:
+        """Create ``--state-dir`` (mode 0700) if configured.
+
+        :raise BlockIOError: it cannot be created.
+        """
+        state = self.state.block.bitmap_state if self.state.block is not None else None
+        if state is not None:
+            try:
+                await state.prepare()
+            except BlockIOError as exc:
+                raise GenericError(f"--state-dir {state.path}: {exc.strerror}") from exc
+
+    async def add_nbd(self, servers: list[str], exports: list[str]) -> None:
+        """``--nbd-server`` (at most one) and ``--export`` options, as
+        qemu-storage-daemon parses them (``--export`` may start with its
+        type, ``nbd,id=...``); errors read ``--OPTION TEXT: reason``.
+
+        :raise QMPError: the commands' own error texts, prefixed.
+        """
+        if len(servers) > 1:
+            raise GenericError("--nbd-server: only one NBD server may be started")
+        for text in servers:
+            try:
+                await self._nbd_server_option(text)
+            except QMPError as err:
+                raise GenericError(f"--nbd-server {text}: {err.desc}") from err
+        for text in exports:
+            try:
+                self._export_option(text)
+            except QMPError as err:
+                raise GenericError(f"--export {text}: {err.desc}") from err
+
+    async def _nbd_server_option(self, text: str) -> None:
+        assert self.schema is not None and self.nbd is not None
+        opts = parse_option_value(text, self.schema.schema.lookup_type("NbdServerOptions"))
+        if not isinstance(opts, dict) or not isinstance(opts.get("addr"), dict):
+            raise GenericError("Parameter 'addr' is missing")
+        addr = dict(opts["addr"])
+        legacy = {k: v for k, v in opts.items() if k != "addr"}
+        legacy["addr"] = {"type": addr.pop("type", None), "data": addr}
+        try:
+            self.schema.validate_arguments("nbd-server-start", legacy)
+        except QMPError as err:   # name members by the flat SocketAddress path
+            raise GenericError(err.desc.replace("'addr.data.", "'addr.")) from err
+        await self.nbd.start({"type": legacy["addr"]["type"], **addr},
+                             max_connections=int(opts.get("max-connections", 0)),
+                             tls_creds=opts.get("tls-creds"), tls_authz=opts.get("tls-authz"))
+
+    def _export_option(self, text: str) -> None:
+        assert self.schema is not None and self.nbd is not None
+        head = text.split(",", 1)[0]
+        if not text.lstrip().startswith("{") and "=" not in head:
+            text = "type=" + text
+        opts = parse_option_value(text, self.schema.schema.lookup_type("BlockExportOptions"))
+        if not isinstance(opts, dict):
+            raise GenericError("--export expects an object")
+        self.schema.validate_arguments("block-export-add", opts)
+        self.nbd.add(id=opts["id"], node_name=opts["node-name"], name=opts.get("name"),
+                     description=opts.get("description"), writable=opts.get("writable", False),
+                     writethrough=opts.get("writethrough", False),
+                     bitmaps=tuple(opts.get("bitmaps", ())),
+                     allocation_depth=opts.get("allocation-depth", False))
 
     async def start(self) -> None:
         """Open every listener.  :raise OSError: when one cannot be bound."""
+        await self.prepare_state_dir()
         for spec in self.listeners:
             label = spec.path if isinstance(spec, UnixListener) else f"{spec.host}:{spec.port}"
             server = await open_listener(spec, functools.partial(self._new_connection, label))
@@ -128,6 +212,15 @@ class Daemon:
         conn = Connection(self, label)
         self._connections.add(conn)
         return conn
+
+    def connection_closed(self, conn: Connection) -> None:
+        """Forget a connection once its transport is gone."""
+        self._connections.discard(conn)
+
+    @property
+    def connections(self) -> list[Connection]:
+        """The QMP socket connections currently open."""
+        return list(self._connections)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run ``coro`` as a task the daemon awaits at clean-up."""
@@ -169,6 +262,8 @@ class Daemon:
         for server in self._servers:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), 2.0)
+        if self.nbd is not None:
+            await self.nbd.cleanup()
         pending = [t for t in self._tasks if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=2.0)
@@ -178,7 +273,20 @@ class Daemon:
             await self.state.block.close()
 
     # -- commands ---------------------------------------------------------
-    async def execute(self, call: Call, conn: Connection) -> dict[str, Any]:
+    async def execute(self, call: Call, conn: SessionControl) -> dict[str, Any]:
+        """Run one command (:meth:`_dispatch`) and tell the request observer.
+
+        :return: the reply message (success or error).
+        """
+        started = time.perf_counter()
+        reply = await self._dispatch(call, conn)
+        observer = self.request_observer
+        if observer is not None:
+            error = reply.get("error")
+            observer(call.name, "ok" if error is None else error["class"], time.perf_counter() - started)
+        return reply
+
+    async def _dispatch(self, call: Call, conn: SessionControl) -> dict[str, Any]:
         """Validate and run one command; commands never overlap.
 
         :return: the reply message (success or error).

@@ -16,6 +16,7 @@ from qmpd.events import EventBus
 from qmpd.events import names as ev
 from qmpd.jobs import Clock, JobManager
 from qmpd.qapi.models import BlockdevBackupArgs, DriveBackupArgs
+from qmpd.commands.views import bitmap_info, query_jobs
 from tests.component.test_job_helpers import Recorder
 
 CLUSTER = 64 * 1024
@@ -72,25 +73,17 @@ class BackupEnv:
         return None
 
     async def wait_status(self, job_id: str, status: str, timeout: float = 10.0) -> None:
-        async def poll() -> None:
-            while status not in self.events.statuses(job_id):
-                await asyncio.sleep(0.001)
-        await asyncio.wait_for(poll(), timeout)
-
-    async def wait_for(self, cond: Any, timeout: float = 10.0) -> None:
-        async def poll() -> None:
-            while not cond():
-                await asyncio.sleep(0.001)
-        await asyncio.wait_for(poll(), timeout)
+        """Wait for the JOB_STATUS_CHANGE of ``job_id`` to ``status``."""
+        await asyncio.wait_for(self.events.wait(lambda: status in self.events.statuses(job_id)), timeout)
 
     def state(self) -> Any:
         """Everything a failed command must leave unchanged."""
         nodes = []
         for node in self.graph:
-            bms = [(bm.info(), bm.hbitmap.to_bytes_le()) for bm in node.bitmaps]
+            bms = [(bitmap_info(bm), bm.hbitmap.to_bytes_le()) for bm in node.bitmaps]
             nodes.append((node.node_name, node.drv, [p.node_name for p in node.parents],
-                          list(node.blockers), bms, len(node._hooks)))
-        return nodes, self.jobs.query_jobs(), len(self.events.events)
+                          list(node.blockers), bms, node.has_hooks))
+        return nodes, query_jobs(self.jobs), len(self.events.events)
 
 
 def _dashed(args: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from qmpd.bitmap import DirtyBitmap
 from qmpd.commands.backup import blockdev_create
 from qmpd.errors import GenericError
 from qmpd.qapi.models import BlockdevCreateArgs
+from qmpd.commands.views import job_info
 from tests.component.backup_env import CLUSTER, MiB, BackupEnv, read
 from tests.component.test_job_helpers import jsc
 
@@ -233,10 +234,20 @@ async def test_blockdev_create(tmp_path: Path) -> None:
     assert env.events.take() == jsc("c", "created", "running", "waiting", "pending", "concluded")
     assert read(path) == bytes(SIZE)
     job = env.jobs.find_job("c")
-    assert job.job_info() == {"id": "c", "type": "create", "status": "concluded",
+    assert job_info(job) == {"id": "c", "type": "create", "status": "concluded",
                               "current-progress": 1, "total-progress": 1}
     env.jobs.dismiss(job)
     assert env.events.take() == jsc("c", "null")
+
+
+@pytest.mark.parametrize("driver", ["raw", "null-co", "blkdebug", "copy-before-write"])
+async def test_blockdev_create_other_drivers_refused(tmp_path: Path, driver: str) -> None:
+    """As QEMU 7.2 (recorded from qemu-storage-daemon): no job, GenericError."""
+    env = BackupEnv(tmp_path)
+    args = BlockdevCreateArgs.model_validate({"job-id": "c", "options": {"driver": driver}})
+    with pytest.raises(GenericError, match="^Driver does not support blockdev-create$"):
+        await blockdev_create(env.ctx, args)
+    assert env.jobs.jobs == [] and env.events.take() == []
 
 
 async def test_blockdev_create_failure(tmp_path: Path) -> None:
@@ -245,6 +256,6 @@ async def test_blockdev_create_failure(tmp_path: Path) -> None:
         {"job-id": "c", "options": {"driver": "file", "filename": "/nonexistent/d/x", "size": SIZE}})
     await blockdev_create(env.ctx, args)
     await env.wait_status("c", "concluded")
-    assert env.jobs.find_job("c").job_info()["error"] == \
+    assert job_info(env.jobs.find_job("c"))["error"] == \
         "Could not create '/nonexistent/d/x': No such file or directory"
     assert "aborting" in env.events.statuses("c")

@@ -12,6 +12,7 @@ import pytest
 import qmpd.block.copy as copy_mod
 from qmpd.block import BlockIOError, BlockNode
 from qmpd.jobs import ManualClock
+from qmpd.commands.views import bitmap_infos
 from tests.component.backup_env import CLUSTER, MiB, BackupEnv, rand, read
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
@@ -132,7 +133,7 @@ async def test_bitmap_len_and_holes(tmp_path: Path) -> None:
     job = env.jobs.find_job("j")
     await env.wait_status("j", "pending")
     assert (job.progress.total, job.progress.current) == (393216, 393216)
-    infos = {n.node_name: n.bitmaps.infos() for n in env.graph if n.bitmaps}
+    infos = {n.node_name: bitmap_infos(n.bitmaps) for n in env.graph if n.bitmaps}
     filt = next(n for n in env.graph if n.drv == "copy-before-write")
     # QEMU 7.2 .. 9.0 layout (spec 4.10): access + done on the filter,
     # copy bitmap (newest), successor, bitmap0 on the source.
@@ -142,6 +143,18 @@ async def test_bitmap_len_and_holes(tmp_path: Path) -> None:
     await env.jobs.finalize(job)
     assert [(b.name, b.count) for b in src.bitmaps] == [("b", 0)]
     assert filt.node_name not in env.graph
+
+
+async def _throttled_or_done(env: BackupEnv, clock: ManualClock, job_id: str) -> None:
+    """Wait until a timer is pending on ``clock`` or ``job_id`` reached null."""
+    waits = [asyncio.ensure_future(clock.wait_timer()),
+             asyncio.ensure_future(env.events.wait(lambda: "null" in env.events.statuses(job_id)))]
+    try:
+        await asyncio.wait_for(asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED), 30)
+    finally:
+        for w in waits:
+            w.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
 
 
 async def test_point_in_time_under_random_writes(tmp_path: Path) -> None:
@@ -170,12 +183,13 @@ async def test_point_in_time_under_random_writes(tmp_path: Path) -> None:
                 await node.write_zeroes(off, n)
             else:
                 await node.discard(off, n)
-        await asyncio.sleep(0.005)
+        # let the job copy until it sleeps in its rate limiter (or ends)
+        await _throttled_or_done(env, clock, "j")
         clock.advance_to_next()
     assert read(tmp_path / "t.img") == snapshot
     _, data = env.finished("j")  # type: ignore[misc]
     assert data["offset"] == data["len"] == size
-    assert src._hooks == () and "fl" not in env.graph
+    assert not src.has_hooks and "fl" not in env.graph
 
 
 async def test_fleecing_sync_none(tmp_path: Path) -> None:
@@ -194,7 +208,7 @@ async def test_fleecing_sync_none(tmp_path: Path) -> None:
         assert chunk == (old[c * CLUSTER:(c + 1) * CLUSTER] if c in (1, 48, 49) else bytes(CLUSTER)), c
     job = env.jobs.find_job("j")
     assert (job.progress.current, job.progress.total) == (3 * CLUSTER, SIZE)
-    done = [b["count"] for b in filt.bitmaps.infos()]
+    done = [b["count"] for b in bitmap_infos(filt.bitmaps)]
     assert done == [SIZE, 3 * CLUSTER]  # access, done
     await env.jobs.cancel(job, force=True)
     await env.wait_status("j", "null")

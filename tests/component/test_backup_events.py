@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from qmpd.jobs import ManualClock
+from qmpd.commands.views import block_job_info
 from tests.component.backup_env import CLUSTER, MiB, BackupEnv, rand, read
 from tests.component.test_job_helpers import jsc
 
@@ -68,8 +70,10 @@ async def test_c_pending_event(tmp_path: Path) -> None:
 async def test_e_cancel_running(tmp_path: Path) -> None:
     clock = ManualClock()
     env = await world(tmp_path, clock)
-    await backup(env, speed=1)
-    await env.wait_for(lambda: env.jobs.find_job(J).progress.current == MiB)
+    # one worker: the first chunk is copied before the limiter puts the job to sleep
+    await backup(env, speed=1, x_perf={"max_workers": 1})
+    await asyncio.wait_for(clock.wait_timer(), 10)
+    assert env.jobs.find_job(J).progress.current == MiB
     env.events.take()
     await env.jobs.cancel(env.jobs.find_job(J), force=True)
     await env.wait_status(J, "null")
@@ -112,10 +116,11 @@ async def test_h_stop_then_resume(tmp_path: Path, errno: int, policy: str, iosta
     rule = {"inject-error": [{"event": "write_aio", "errno": errno, "once": True}]}
     env = await world(tmp_path, tgt_dbg=rule)
     await backup(env, on_target_error=policy, x_perf={"max_workers": 1})
-    await env.wait_status(J, "paused")
+    # the second "paused" (the first is the drain pair after the command)
+    await asyncio.wait_for(env.events.wait(lambda: env.events.statuses(J).count("paused") == 2), 10)
     job = env.jobs.find_job(J)
-    await env.wait_for(lambda: not job.busy)
-    info = job.block_job_info()
+    assert not job.busy  # parked in the same step that said "paused"
+    info = block_job_info(job)
     assert (info["status"], info["paused"], info["io-status"], info["busy"]) == ("paused", True, iostatus, False)
     assert env.named("BLOCK_JOB_ERROR") == [("BLOCK_JOB_ERROR", {"device": J, "operation": "write",
                                                                  "action": "stop"})]
@@ -149,9 +154,10 @@ async def test_i_ignore_retries(tmp_path: Path) -> None:
 async def test_speed_one_copies_one_chunk(tmp_path: Path) -> None:
     clock = ManualClock()
     env = await world(tmp_path, clock)
-    await backup(env, speed=1)
+    await backup(env, speed=1, x_perf={"max_workers": 1})
     job = env.jobs.find_job(J)
-    await env.wait_for(lambda: job.progress.current == MiB and not job.busy)
-    assert job.block_job_info()["offset"] == MiB
+    await asyncio.wait_for(clock.wait_timer(), 10)  # asleep in the limiter
+    assert job.progress.current == MiB and not job.busy
+    assert block_job_info(job)["offset"] == MiB
     env.jobs.set_speed(job, 0)
     await env.wait_status(J, "null")

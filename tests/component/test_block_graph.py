@@ -11,6 +11,7 @@ import pytest
 
 from qmpd.block import BlockGraph, NodeInUse, NodeNameError, NodeNotFound, NodeOpenError
 from qmpd.block.graph import MAX_NODE_NAME
+from qmpd.commands.views import block_device_info, named_block_nodes
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
 
@@ -150,7 +151,7 @@ async def test_read_only_file_opened_rdonly(tmp_path: Path) -> None:
     node = await g.add(raw_opts(path, "ro0", **{"read-only": True}))
     child = node.children["file"]
     assert node.read_only and child.read_only  # inherited
-    assert node.info()["ro"] is True
+    assert block_device_info(node)["ro"] is True
 
 
 async def test_child_by_name_and_del_order(tmp_path: Path) -> None:
@@ -241,7 +242,7 @@ async def test_detect_zeroes_unmap_needs_discard(tmp_path: Path) -> None:
         "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap"
     )
     node = await g.add(raw_opts(image(tmp_path), **{"detect-zeroes": "unmap", "discard": "unmap"}))
-    assert node.info()["detect_zeroes"] == "unmap"
+    assert block_device_info(node)["detect_zeroes"] == "unmap"
 
 
 async def test_null_drivers(tmp_path: Path) -> None:
@@ -255,15 +256,15 @@ async def test_null_drivers(tmp_path: Path) -> None:
                      "read-zeroes": True, "latency-ns": 1000})
     assert z.length == 65536 and await z.block_status(0, 1 << 20) == (False, 65536)
     # QEMU 7.2 lists actual-size 0, and a json: filename once size/read-zeroes are given
-    assert z.info()["drv"] == "null-aio" and z.info()["image"]["actual-size"] == 0
-    assert z.info()["file"] == 'json:{"read-zeroes": true, "driver": "null-aio", "size": 65536}'
-    assert n.info()["file"] == "null-co://"
+    assert block_device_info(z)["drv"] == "null-aio" and block_device_info(z)["image"]["actual-size"] == 0
+    assert block_device_info(z)["file"] == 'json:{"read-zeroes": true, "driver": "null-aio", "size": 65536}'
+    assert block_device_info(n)["file"] == "null-co://"
 
 
 async def test_info_shape(tmp_path: Path) -> None:
     g = BlockGraph()
     node = await g.add(raw_opts(image(tmp_path)))
-    info = node.info()
+    info = block_device_info(node)
     assert list(info) == [
         "file", "node-name", "ro", "drv", "backing_file_depth", "encrypted", "detect_zeroes",
         "bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr", "image", "cache",
@@ -274,8 +275,8 @@ async def test_info_shape(tmp_path: Path) -> None:
     assert "dirty-bitmaps" not in info
     node.bitmaps.add("b0")
     node.bitmaps.add("b1")
-    assert [b["name"] for b in node.info(flat=True)["dirty-bitmaps"]] == ["b1", "b0"]
-    assert [i["node-name"] for i in g.info()] == g.names()
+    assert [b["name"] for b in block_device_info(node, flat=True)["dirty-bitmaps"]] == ["b1", "b0"]
+    assert [i["node-name"] for i in named_block_nodes(g)] == g.names()
 
 
 async def test_graph_close(tmp_path: Path) -> None:

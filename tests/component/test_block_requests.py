@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from qmpd.block import BlockGraph, BlockIOError, BlockNode, run_qemu_io
+from tests.component.test_job_helpers import settle
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
 
@@ -221,11 +222,10 @@ async def test_overlapping_writes_serialised(tmp_path: Path) -> None:
 
     node.add_before_write_hook(hook)
     t1 = asyncio.create_task(node.write(0, b"\x01" * K64))
-    await asyncio.sleep(0)
+    await settle()
     t2 = asyncio.create_task(node.write(4096, b"\x02" * 4096))  # overlaps t1
     t3 = asyncio.create_task(node.write(2 * K64, b"\x03" * 4096))  # disjoint
-    for _ in range(20):
-        await asyncio.sleep(0)
+    await settle()
     assert order == ["start 0", f"start {2 * K64}", f"end {2 * K64}"]
     gate.set()
     await asyncio.gather(t1, t2, t3)

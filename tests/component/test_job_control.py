@@ -10,6 +10,7 @@ import pytest
 from qmpd.errors import DeviceNotActive, GenericError
 from qmpd.events import names as ev
 from qmpd.jobs import IllegalTransition, JobStatus, JobVerbError, LoopClock, OnError
+from qmpd.commands.views import query_block_jobs, query_jobs
 from tests.component.test_job_helpers import MiB, Env, Failure, FakeCreateJob, FakeJob, jsc, settle
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(10)]
@@ -44,7 +45,7 @@ async def test_speed_one_copies_exactly_one_chunk_first() -> None:
     env, job = await throttled(speed=1)
     assert job.progress.current == MiB
     assert env.clock.next_deadline() == MiB * SLICE
-    assert env.manager.query_block_jobs()[0]["speed"] == 1
+    assert query_block_jobs(env.manager)[0]["speed"] == 1
     await env.manager.shutdown()
 
 
@@ -76,11 +77,11 @@ async def test_pause_and_resume_a_throttled_job() -> None:
     env, job = await throttled(speed=10 * MiB)
     env.events.take()
     env.manager.pause(job)
-    assert env.manager.query_block_jobs()[0]["paused"] is True  # before it parks
+    assert query_block_jobs(env.manager)[0]["paused"] is True  # before it parks
     await settle()
     assert env.events.take() == jsc("job0", "paused")
     assert env.clock.next_deadline() is None  # the sleep was cut short
-    info = env.manager.query_block_jobs()[0]
+    info = query_block_jobs(env.manager)[0]
     assert (info["status"], info["paused"], info["busy"], info["io-status"]) == (
         "paused", True, False, "ok")
     with pytest.raises(GenericError) as exc:
@@ -212,13 +213,13 @@ async def test_query_shapes() -> None:
     env.manager.start(job)
     job.allow(1)
     await settle()
-    assert list(env.manager.query_block_jobs()[0].items()) == [
+    assert list(query_block_jobs(env.manager)[0].items()) == [
         ("type", "backup"), ("device", "job0"), ("len", 4 * MiB), ("offset", MiB),
         ("busy", False), ("paused", False), ("speed", 0), ("io-status", "ok"),
         ("ready", False), ("status", "running"), ("auto-finalize", True),
         ("auto-dismiss", False),
     ]
-    assert env.manager.query_jobs() == [
+    assert query_jobs(env.manager) == [
         {"id": "c", "type": "create", "status": "created",
          "current-progress": 0, "total-progress": 4 * MiB},
         {"id": "job0", "type": "backup", "status": "running",
@@ -226,7 +227,7 @@ async def test_query_shapes() -> None:
     ]
     await env.manager.cancel(job, force=True)
     await settle()
-    info = env.manager.query_block_jobs()[0]
+    info = query_block_jobs(env.manager)[0]
     assert list(info)[-1] == "error" and info["error"] == "Operation canceled"
     assert info["status"] == "concluded"
     await env.manager.shutdown()
@@ -236,7 +237,7 @@ async def test_illegal_transition_is_a_bug() -> None:
     env = Env()
     job = env.manager.create(env.job())
     with pytest.raises(IllegalTransition):
-        job._transition(JobStatus.PENDING)
+        job.make_pending()  # only a waiting job may go pending
 
 
 async def test_shutdown_cancels_everything_with_events() -> None:
@@ -254,7 +255,7 @@ async def test_shutdown_cancels_everything_with_events() -> None:
         "created", "running", "paused", "pending", "concluded"]
     env.events.take()
     await env.manager.shutdown()
-    assert env.manager.jobs == [] and env.manager._tasks == set()
+    assert env.manager.jobs == [] and env.manager.task_count == 0
     assert env.events.statuses("concluded") == ["null"]
     assert env.events.statuses("pending") == ["aborting", "concluded", "null"]
     assert env.events.statuses("paused") == ["running", "aborting", "concluded", "null"]
@@ -275,7 +276,7 @@ async def test_loop_clock_really_sleeps_briefly() -> None:
     env.manager.clock = LoopClock()
     job = env.manager.create(FakeJob("job0", chunks=2, chunk=1000, speed=100_000))  # 10 ms/chunk
     env.manager.start(job)
-    await asyncio.wait_for(job._concluded.wait(), 2)
+    await asyncio.wait_for(job.wait_concluded(), 2)
     assert env.events.statuses()[-1] == "null"
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,13 +17,24 @@ MiB = 1 << 20
 
 
 class Recorder:
-    """An EventSink that keeps (name, data) pairs in emission order."""
+    """An EventSink that keeps (name, data) pairs in emission order; tests
+    wait for events with :meth:`wait`."""
 
     def __init__(self) -> None:
         self.events: list[tuple[str, dict[str, Any]]] = []
+        self._changed: asyncio.Event | None = None
 
     def emit(self, name: str, data: dict[str, Any] | None = None) -> None:
         self.events.append((name, dict(data or {})))
+        if self._changed is not None:
+            self._changed.set()
+
+    async def wait(self, cond: Callable[[], bool]) -> None:
+        """Return once ``cond()`` holds, re-checking it after every event."""
+        while not cond():
+            if self._changed is None or self._changed.is_set():
+                self._changed = asyncio.Event()
+            await self._changed.wait()
 
     def take(self) -> list[tuple[str, dict[str, Any]]]:
         """:return: the events so far, and forget them."""
@@ -138,7 +150,16 @@ class Env:
         return cls(job_id, clock=self.clock, **kw)
 
 
-async def settle(rounds: int = 40) -> None:
-    """Let every ready task run until the loop is idle (no real sleeping)."""
-    for _ in range(rounds):
+async def settle() -> None:
+    """Let every ready callback and task run until nothing is runnable (no
+    real sleeping): yield to the loop until its ready queue is empty.
+    Timers and I/O still pending are not runnable, so they are not waited
+    for; jobs use the fake clock.  The ready queue is asyncio's
+    ``BaseEventLoop._ready`` (no public API tells that the loop is idle)."""
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(0)
+    for _ in range(100_000):
+        if not loop._ready:  # type: ignore[attr-defined]
+            return
         await asyncio.sleep(0)
+    raise AssertionError("the event loop never became idle")

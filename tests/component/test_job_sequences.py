@@ -9,6 +9,7 @@ import pytest
 from qmpd.errors import GenericError
 from qmpd.events import names as ev
 from qmpd.jobs import JobStatus, JobTxn, OnError
+from qmpd.commands.views import query_block_jobs, query_jobs
 from tests.component.test_job_helpers import MiB, Env, Failure, FakeCreateJob, jsc, settle
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(10)]
@@ -52,7 +53,7 @@ async def test_b_success_auto_finalize_auto_dismiss() -> None:
         *jsc("job0", "concluded", "null"),
     ]
     assert job.calls == ["prepare", "commit", "clean"]
-    assert env.manager.jobs == [] and env.manager.query_jobs() == []
+    assert env.manager.jobs == [] and query_jobs(env.manager) == []
 
 
 async def test_c_manual_finalize_runs_before_return() -> None:
@@ -80,7 +81,7 @@ async def test_d_no_auto_dismiss(auto_finalize: bool) -> None:
     if not auto_finalize:
         await env.manager.finalize(job)
     assert env.events.statuses()[-1] == "concluded"
-    assert env.manager.query_jobs() == [{
+    assert query_jobs(env.manager) == [{
         "id": "job0", "type": "backup", "status": "concluded",
         "current-progress": 4 * MiB, "total-progress": 4 * MiB,
     }]
@@ -96,9 +97,9 @@ async def test_d_failed_job_stays_with_error() -> None:
     env.manager.start(job)
     await settle()
     assert job.status is JobStatus.CONCLUDED
-    [info] = env.manager.query_block_jobs()
+    [info] = query_block_jobs(env.manager)
     assert info["status"] == "concluded" and info["error"] == "Input/output error"
-    assert env.manager.query_jobs()[0]["error"] == "Input/output error"
+    assert query_jobs(env.manager)[0]["error"] == "Input/output error"
     env.manager.dismiss(job)
     assert env.manager.jobs == []
 
@@ -187,7 +188,7 @@ async def test_h_stop_then_resume(err: int, iostatus: str) -> None:
         (ev.BLOCK_JOB_ERROR, {"device": "job0", "operation": "read", "action": "stop"}),
         *jsc("job0", "paused"),
     ]
-    [info] = env.manager.query_block_jobs()
+    [info] = query_block_jobs(env.manager)
     assert (info["paused"], info["status"], info["io-status"], info["busy"]) == (
         True, "paused", iostatus, False)
     assert info["offset"] == 1 * MiB
@@ -300,7 +301,7 @@ async def test_non_block_job_emits_only_status_changes() -> None:
     await env.manager.cancel(job, force=True)
     await settle()
     assert env.events.take() == jsc("c", "created", "running", "aborting", "concluded")
-    assert env.manager.query_block_jobs() == []
-    assert env.manager.query_jobs()[0]["error"] == "Operation canceled"
+    assert query_block_jobs(env.manager) == []
+    assert query_jobs(env.manager)[0]["error"] == "Operation canceled"
     env.manager.dismiss(job)
     assert env.events.take() == jsc("c", "null")

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
@@ -44,12 +45,25 @@ async def test_qmpclient_basics(qmpd: RunningDaemon) -> None:
 
 @pytest.mark.asyncio
 async def test_qmpclient_many_in_flight(qmpd: RunningDaemon) -> None:
-    """Pipelined requests all come back, each under its own id."""
+    """Pipelined requests all come back, each under its own id: every
+    request has its own answer (an error naming its node, or a success), so
+    a reply routed to the wrong request shows."""
     qmp = QMPClient("pipeline")
     await qmp.connect(qmpd.path)
+
+    async def one(i: int) -> Any:
+        if i % 3 == 0:
+            return await qmp.execute("query-status")
+        try:
+            await qmp.execute("blockdev-del", {"node-name": f"node{i}"})
+        except ExecuteError as err:
+            return err.error.error.desc
+        raise AssertionError("blockdev-del of a missing node succeeded")
+
     try:
-        results = await asyncio.gather(*(qmp.execute("query-status") for _ in range(200)))
-        assert all(r == {"status": "running", "running": True} for r in results)
+        results = await asyncio.gather(*(one(i) for i in range(200)))
+        assert results == [{"status": "running", "running": True} if i % 3 == 0
+                           else f"Failed to find node with node-name='node{i}'" for i in range(200)]
     finally:
         await qmp.disconnect()
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from qmpd.jobs import ManualClock
 from tests.support.daemon import AsyncRawClient, RunningDaemon
 
 SIZE = 8 << 20
@@ -46,15 +47,19 @@ async def _read_until(client: AsyncRawClient, pred: Any) -> list[dict[str, Any]]
             return out
 
 
-async def _wait_idle(client: AsyncRawClient, job: str) -> None:
-    """Until the job has copied its first chunk and sleeps in the limiter."""
-    for _ in range(500):
-        reply, _ = await client.execute({"execute": "query-block-jobs"})
-        info = next(j for j in reply["return"] if j["device"] == job)
-        if info["offset"] > 0 and not info["busy"]:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("job never went idle")
+def _fake_clock(qmpd: RunningDaemon) -> ManualClock:
+    """Give the daemon's jobs a clock that only the test moves: a throttled
+    job then sleeps in its rate limiter until the test says otherwise."""
+    clock = ManualClock()
+    assert qmpd.daemon.state.jobs is not None
+    qmpd.daemon.state.jobs.clock = clock
+    return clock
+
+
+async def _wait_throttled(clock: ManualClock) -> None:
+    """Until the job sleeps in its rate limiter.  With one worker, its first
+    chunk was copied before that."""
+    await asyncio.wait_for(clock.wait_timer(), 30)
 
 
 def _start(job: str, **extra: Any) -> dict[str, Any]:
@@ -62,15 +67,20 @@ def _start(job: str, **extra: Any) -> dict[str, Any]:
         "device": "drive0", "target": "target", "sync": "full", "job-id": job, **extra}}
 
 
+#: One worker: the first chunk is done before the job's first limiter sleep.
+ONE_WORKER = {"x-perf": {"max-workers": 1}}
+
+
 @pytest.mark.asyncio
 async def test_start_events_precede_the_reply_and_cancel_follows_it(qmpd: RunningDaemon, tmp_path: Path) -> None:
     client = await _client(qmpd, tmp_path)
+    clock = _fake_clock(qmpd)
     try:
-        reply, events = await client.execute(_start("j", speed=1))
+        reply, events = await client.execute(_start("j", speed=1, **ONE_WORKER))
         assert _brief([*events, reply]) == [*_jsc("j", "created", "running", "paused", "running"), ("reply", {})]
-        # speed=1: exactly one 1 MiB chunk is copied before the first throttle sleep
-        await _wait_idle(client, "j")
-        await asyncio.sleep(0.1)
+        # speed=1: exactly one 1 MiB chunk is copied before the first throttle
+        # sleep, which lasts until the (fake) clock moves: it never does
+        await _wait_throttled(clock)
         reply, events = await client.execute({"execute": "query-block-jobs"})
         assert reply["return"][0]["offset"] == 1 << 20 and reply["return"][0]["len"] == SIZE
         assert reply["return"][0]["busy"] is False
@@ -88,8 +98,9 @@ async def test_start_events_precede_the_reply_and_cancel_follows_it(qmpd: Runnin
 @pytest.mark.asyncio
 async def test_pause_resume_set_speed_and_verbs(qmpd: RunningDaemon, tmp_path: Path) -> None:
     client = await _client(qmpd, tmp_path)
+    clock = _fake_clock(qmpd)
     try:
-        await client.execute(_start("j", speed=1, **{"auto-finalize": False, "auto-dismiss": False}))
+        await client.execute(_start("j", speed=1, **ONE_WORKER, **{"auto-finalize": False, "auto-dismiss": False}))
         refusals = [
             ({"execute": "job-finalize", "arguments": {"id": "j"}},
              "Job 'j' in state 'running' cannot accept command verb 'finalize'"),
@@ -108,7 +119,7 @@ async def test_pause_resume_set_speed_and_verbs(qmpd: RunningDaemon, tmp_path: P
         reply, _ = await client.execute({"execute": "block-job-pause", "arguments": {"device": "nope"}})
         assert reply == {"error": {"class": "DeviceNotActive", "desc": "Block job 'nope' not found"}}
 
-        await _wait_idle(client, "j")
+        await _wait_throttled(clock)
         # the job sleeps in the rate limiter: like QEMU, it reaches its pause
         # point inside the command, so the event precedes the reply
         reply, events = await client.execute({"execute": "job-pause", "arguments": {"id": "j"}})

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import AsyncRawClient, running_daemon, short_socket_dir
+from tests.support.tls import make_certs
 from tests.support.transcript import localize, normalize, parse
 
 TRANSCRIPTS = sorted((Path(__file__).resolve().parents[1] / "transcripts").glob("*.qmp"))
@@ -16,6 +17,8 @@ TRANSCRIPTS = sorted((Path(__file__).resolve().parents[1] / "transcripts").glob(
 @pytest.mark.parametrize("path", TRANSCRIPTS, ids=[p.stem for p in TRANSCRIPTS])
 async def test_transcript(tmp_path: Path, path: Path) -> None:
     script = parse(path)
+    if script.certs:
+        make_certs(tmp_path)
     for name, size in script.files:
         with open(tmp_path / name, "wb") as f:
             f.truncate(size)

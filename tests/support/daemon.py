@@ -67,10 +67,19 @@ class DaemonProcess:
 
     def __init__(self, sock_dir: Path, *extra: str, socket_name: str = "qmpd.sock") -> None:
         self.path = str(sock_dir / socket_name)
-        self.argv = [sys.executable, "-m", "qmpd", "--socket", self.path, *extra]
+        # qmpd writes its pidfile once it listens and handles signals, so
+        # that (not the socket file, which exists before listen()) is the
+        # sign that it is ready.
+        ready = str(sock_dir / (socket_name + ".pid"))
+        if "--pidfile" in extra:
+            ready = extra[extra.index("--pidfile") + 1]
+            extra_args = list(extra)
+        else:
+            extra_args = [*extra, "--pidfile", ready]
+        self.argv = [sys.executable, "-m", "qmpd", "--socket", self.path, *extra_args]
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 20
-        while not os.path.exists(self.path):
+        while not os.path.exists(ready):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"qmpd exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
             if time.monotonic() > deadline:

@@ -4,6 +4,8 @@ A transcript is recorded from a real QEMU (``tests/transcripts/record.py``)
 and replayed against qmpd.  Lines:
 
 * ``! file NAME SIZE``: create a sparse file ``TEST_DIR/NAME`` first;
+* ``! certs``: create TLS test certificates in ``TEST_DIR/srv`` and
+  ``TEST_DIR/cli`` first (:mod:`tests.support.tls`);
 * ``-> {json}``: a request;
 * ``<- {json}``: the reply to it, or an event (``{"event": ...}``, without
   timestamp) expected before the reply;
@@ -35,11 +37,13 @@ class Step:
 class Transcript:
     files: list[tuple[str, int]]
     steps: list[Step]
+    certs: bool = False
 
 
 def parse(path: Path) -> Transcript:
     files: list[tuple[str, int]] = []
     steps: list[Step] = []
+    certs = False
     for lineno, raw in enumerate(path.read_text().splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -47,13 +51,15 @@ def parse(path: Path) -> Transcript:
         if line.startswith("! file "):
             _, _, name, size = line.split()
             files.append((name, int(size)))
+        elif line == "! certs":
+            certs = True
         elif line.startswith("-> "):
             steps.append(Step(json.loads(line[3:]), line=lineno))
         elif line.startswith("<- "):
             steps[-1].expected.append(json.loads(line[3:]))
         else:
             raise ValueError(f"{path}:{lineno}: cannot parse {raw!r}")
-    return Transcript(files, steps)
+    return Transcript(files, steps, certs)
 
 
 def normalize(value: Any, test_dir: str) -> Any:

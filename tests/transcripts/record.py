@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.support.tls import make_certs  # noqa: E402
 from tests.support.transcript import normalize  # noqa: E402
 
 
@@ -27,6 +28,8 @@ def main(src: Path) -> None:
     lines = src.read_text().splitlines()
     with tempfile.TemporaryDirectory(prefix="qrec-") as tmp:
         sock_path = os.path.join(tmp, "qmp.sock")
+        if "! certs" in lines:
+            make_certs(Path(tmp))
         for line in lines:
             if line.startswith("! file "):
                 _, _, name, size = line.split()

@@ -19,6 +19,7 @@ from qmpd.bitmap import (
     merge,
 )
 from qmpd.errors import GenericError
+from qmpd.commands.views import bitmap_info, bitmap_infos
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -47,16 +48,16 @@ def test_add_defaults_and_info_order() -> None:
     a = bl.add("a", 512, disabled=True)
     anon = bl.create_anonymous(4096, disabled=True)
     assert [bm.name for bm in bl] == [None, "a", "b"]  # newest first
-    assert bl.infos() == [
+    assert bitmap_infos(bl) == [
         {"count": 0, "granularity": 4096, "recording": False, "busy": False, "persistent": False},
         {"name": "a", "count": 0, "granularity": 512, "recording": False, "busy": False,
          "persistent": False},
         {"name": "b", "count": 65536, "granularity": 65536, "recording": True, "busy": False,
          "persistent": False},
     ]
-    assert list(b.info()) == ["name", "count", "granularity", "recording", "busy", "persistent"]
+    assert list(bitmap_info(b)) == ["name", "count", "granularity", "recording", "busy", "persistent"]
     b.inconsistent = True
-    assert list(b.info())[-1] == "inconsistent" and b.info()["inconsistent"] is True
+    assert list(bitmap_info(b))[-1] == "inconsistent" and bitmap_info(b)["inconsistent"] is True
     assert len(bl) == 3 and a in bl and anon in bl
 
 
@@ -93,7 +94,7 @@ def test_add_accepts_limits_and_persistent_callbacks() -> None:
     with pytest.raises(BitmapError, match="to node-b: Operation"):
         bl.add("p", persistent=True)
     ok = BitmapList(SIZE, can_store_persistent=True).add("p", persistent=True)
-    assert ok.persistent and ok.info()["persistent"] is True
+    assert ok.persistent and bitmap_info(ok)["persistent"] is True
 
 
 def test_lookup_find_remove() -> None:
@@ -316,7 +317,7 @@ def test_successor_abdicate(disabled: bool) -> None:
     assert succ.name is None and succ.disabled == disabled and not succ.busy
     assert bm.recording == (not disabled)
     assert [x.name for x in bl] == [None, "b"]
-    assert bl.infos()[1]["busy"] is True and bl.infos()[1]["recording"] == (not disabled)
+    assert bitmap_infos(bl)[1]["busy"] is True and bitmap_infos(bl)[1]["recording"] == (not disabled)
     bl.mark_dirty(10 * 65536, 100)  # written while frozen
     assert bits(bm) == old
     assert bits(succ) == (set() if disabled else {10})

@@ -6,7 +6,7 @@ import errno
 
 import pytest
 
-from qmpd.block.qemuio import _cvtstr, _timestr, cvtnum
+from qmpd.block.qemuio import cvtstr, timestr, cvtnum
 
 
 @pytest.mark.parametrize(
@@ -45,13 +45,13 @@ def test_cvtnum_erange(text: str) -> None:
 
 
 def test_cvtstr() -> None:
-    assert _cvtstr(65536) == "64 KiB"
-    assert _cvtstr(1 << 20) == "1 MiB"
-    assert _cvtstr(32) == "32 bytes"
-    assert _cvtstr(1536) == "1.500000 KiB"
+    assert cvtstr(65536) == "64 KiB"
+    assert cvtstr(1 << 20) == "1 MiB"
+    assert cvtstr(32) == "32 bytes"
+    assert cvtstr(1536) == "1.500000 KiB"
 
 
 def test_timestr() -> None:
-    assert _timestr(0.001) == "00.00 sec"
-    assert _timestr(0.5) == "00.50 sec"
-    assert _timestr(61.25) == "0:01:01.25"
+    assert timestr(0.001) == "00.00 sec"
+    assert timestr(0.5) == "00.50 sec"
+    assert timestr(61.25) == "0:01:01.25"

@@ -28,8 +28,7 @@ def perr(text: str) -> FramingError:
 
 
 def feed_all(data: bytes, eof: bool = True, fast: bool = True, **limits: int) -> list[object]:
-    parser = JsonStreamParser(**limits)
-    parser._fast = fast
+    parser = JsonStreamParser(**limits, fast=fast)
     out = parser.feed(data)
     if eof:
         out += parser.feed(b"")
@@ -37,8 +36,7 @@ def feed_all(data: bytes, eof: bool = True, fast: bool = True, **limits: int) ->
 
 
 def feed_bytewise(data: bytes, eof: bool = True, fast: bool = True, **limits: int) -> list[object]:
-    parser = JsonStreamParser(**limits)
-    parser._fast = fast
+    parser = JsonStreamParser(**limits, fast=fast)
     out: list[object] = []
     for i in range(len(data)):
         out += parser.feed(data[i:i + 1])

@@ -137,7 +137,7 @@ def test_union_variants(full: list[dict[str, Any]]) -> None:
     add = _expand(full, "blockdev-add")["arg"]
     assert add["tag"] == "driver"
     assert set(add["variants"]) == {"blkdebug", "copy-before-write", "file", "null-aio", "null-co",
-                                    "qcow2", "raw"}
+                                    "qcow2", "raw", "snapshot-access"}
     raw_file = next(m for m in add["variants"]["raw"]["members"] if m["name"] == "file")
     assert raw_file["type"] == {"alternate": ["<recursive>", "str"]}
     create = _expand(full, "blockdev-create")["arg"]["members"][1]["type"]

@@ -244,8 +244,8 @@ _SEEDS = [
 
 
 def _agree(validator: ArgumentValidator, command: str, args: dict[str, Any]) -> None:
-    js_valid = validator._validator(command).is_valid(args)
-    msg = first_error(validator._arg_type(command), args)
+    js_valid = validator.json_validator(command).is_valid(args)
+    msg = first_error(validator.arg_type(command), args)
     assert js_valid == (msg is None), (command, args, msg)
 
 

@@ -1,36 +1,54 @@
 """Block drivers, one module each, behind :class:`BlockDriver`.
 
-:data:`DRIVERS` maps a QAPI driver name to its opener; other layers may
-add theirs (e.g. ``copy-before-write``) with :func:`register_driver`.
+:data:`DRIVERS` maps a QAPI driver name to its :class:`DriverSpec` (the
+opener plus what ``blockdev-add`` must know before opening).  Each driver
+module exports its ``SPEC``; a new driver adds one line here.  What the
+generic code may ask a driver is listed in :mod:`qmpd.block.drivers.base`.
 """
 
 from __future__ import annotations
 
-from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverOpener, OpenContext
-from qmpd.block.drivers.blkdebug import open_blkdebug
-from qmpd.block.drivers.file import open_file
-from qmpd.block.drivers.null import open_null
-from qmpd.block.drivers.qcow2.driver import open_qcow2
-from qmpd.block.drivers.raw import open_raw
+from qmpd.block.drivers import blkdebug, cbw, file, null, raw, snapshot_access
+from qmpd.block.drivers.base import (
+    BaseDriver,
+    BlockDriver,
+    DriverOpener,
+    DriverSpec,
+    FileWindow,
+    OpenContext,
+)
+from qmpd.block.drivers.qcow2 import driver as qcow2
 
-__all__ = ["BaseDriver", "BlockDriver", "DRIVERS", "DriverOpener", "OpenContext", "register_driver"]
+__all__ = [
+    "BaseDriver",
+    "BlockDriver",
+    "DRIVERS",
+    "DriverOpener",
+    "DriverSpec",
+    "FileWindow",
+    "OpenContext",
+    "register_driver",
+]
 
-#: Driver name -> opener.
-DRIVERS: dict[str, DriverOpener] = {
-    "file": open_file,
-    "raw": open_raw,
-    "null-co": open_null,
-    "null-aio": open_null,
-    "blkdebug": open_blkdebug,
-    "qcow2": open_qcow2,
+#: Driver name -> spec.
+DRIVERS: dict[str, DriverSpec] = {
+    "file": file.SPEC,
+    "raw": raw.SPEC,
+    "null-co": null.SPEC,
+    "null-aio": null.SPEC,
+    "blkdebug": blkdebug.SPEC,
+    "copy-before-write": cbw.SPEC,
+    "snapshot-access": snapshot_access.SPEC,
+    "qcow2": qcow2.SPEC,
 }
 
 
-def register_driver(name: str, opener: DriverOpener) -> None:
-    """Make ``blockdev-add`` accept ``driver: name``.
+def register_driver(name: str, opener: DriverOpener | DriverSpec) -> None:
+    """Make ``blockdev-add`` accept ``driver: name`` (a bare opener is a
+    non-format driver).
 
     :raise ValueError: the name is already registered.
     """
     if name in DRIVERS:
         raise ValueError(f"driver {name!r} already registered")
-    DRIVERS[name] = opener
+    DRIVERS[name] = opener if isinstance(opener, DriverSpec) else DriverSpec(opener)

@@ -6,8 +6,47 @@ dirtying, blkdebug ``pwritev*`` events, flush generations) and then calls
 its driver, which either touches a file through ``qmpd.block.io`` or forwards
 to a child :class:`~qmpd.block.node.BlockNode`.
 
-Drivers are opened by an :data:`DriverOpener` registered in
+Drivers are opened by the :class:`DriverSpec` registered in
 ``qmpd.block.drivers.DRIVERS`` under their QAPI driver name.
+
+Capabilities.  Besides the requests, a driver answers a few questions the
+generic code asks instead of recognising drivers by name or class.  All are
+optional (:class:`BaseDriver` has the defaults):
+
+=====================  ==============================================  =========
+capability             meaning                                         default
+=====================  ==============================================  =========
+``is_format``          a format driver (raw, qcow2) over a ``file``    False
+                       child; :attr:`DriverSpec.is_format` says the
+                       same before opening (QEMU opens the ``file``
+                       child before naming the node)
+``is_protocol``        a protocol driver (file, null-co, blkdebug)     False
+``is_filter``          data passes through to the primary child        False
+``dirty_flag()``       ImageInfo ``dirty-flag``: the image's dirty     None
+                       bit, or None when QEMU's bdrv_get_info() fails
+                       (no ``dirty-flag`` listed; a filter's node then
+                       asks its filtered child)
+``file_window()``      a :class:`FileWindow`: the node's bytes are a   None
+                       window of one image file (directly, or via a
+                       child node), so block-copy may copy file to file
+``block_status()``     ``(is_data, n)``: data or zeroes, as read       all data
+                       through this node (layers below included)
+``is_allocated()``     ``(allocated, n)``: provided by this layer      all here
+                       (True) or by a backing child below (False)
+=====================  ==============================================  =========
+
+A qcow2 driver, for instance: ``is_format = True``; its opener returns the
+backing node as child ``"backing"`` (:attr:`BlockNode.backing`);
+``dirty_flag()`` reads the header's dirty bit; ``block_status`` answers for
+the whole chain and ``is_allocated`` tells its own clusters from the
+backing file's; ``file_window()`` stays None (clusters are not a window)
+unless the layout is raw-like.
+
+Every write that changes a node's data ends in
+:meth:`BlockNode.record_write <qmpd.block.node.BlockNode.record_write>`
+(write generation, dirty bitmaps), whether it went through the request
+path or around it (block-copy's fast path, via
+:meth:`BlockNode.write_around <qmpd.block.node.BlockNode.write_around>`).
 """
 
 from __future__ import annotations
@@ -17,9 +56,25 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from qmpd.block.io import ImageFile
     from qmpd.block.node import BlockNode
 
-__all__ = ["BlockDriver", "DriverOpener", "OpenContext", "BaseDriver"]
+__all__ = ["BlockDriver", "DriverOpener", "DriverSpec", "FileWindow", "OpenContext", "BaseDriver"]
+
+
+@dataclass(frozen=True, slots=True)
+class FileWindow:
+    """Answer of :meth:`BlockDriver.file_window`: the node's bytes
+    ``[0, length)`` are bytes ``[offset, offset + length)`` of ``image``
+    (a driver over a file) or of the ``child`` node (a driver that only
+    shifts offsets, like ``raw``), which is then asked in turn."""
+
+    #: Where the node's byte 0 lies in the file or child.
+    offset: int
+    #: The image file itself, or None when ``child`` is set.
+    image: ImageFile | None = None
+    #: The child node holding the window, or None when ``image`` is set.
+    child: BlockNode | None = None
 
 
 class BlockDriver(Protocol):
@@ -35,6 +90,8 @@ class BlockDriver(Protocol):
     #: True for QEMU protocol drivers (file, null-co, blkdebug): named before
     #: their children are opened (listing order, see ``qmpd.block.graph``).
     is_protocol: bool
+    #: True for format drivers (raw, qcow2) over a ``file`` child.
+    is_format: bool
 
     @property
     def length(self) -> int:
@@ -63,7 +120,20 @@ class BlockDriver(Protocol):
         """Make this node's own writes stable (children are flushed by the node)."""
 
     async def block_status(self, offset: int, length: int) -> tuple[bool, int]:
-        """:return: ``(is_data, n)`` for the first ``n`` (1..length) bytes."""
+        """:return: ``(is_data, n)`` for the first ``n`` (1..length) bytes:
+        data, or reading as zeroes, through this node (backing included)."""
+
+    async def is_allocated(self, offset: int, length: int) -> tuple[bool, int]:
+        """:return: ``(allocated, n)`` for the first ``n`` (1..length) bytes:
+        True when this layer provides them, False when they come from a
+        backing child (QEMU's bdrv_is_allocated())."""
+
+    def dirty_flag(self) -> bool | None:
+        """ImageInfo ``dirty-flag``, or None when not reported."""
+
+    def file_window(self) -> FileWindow | None:
+        """The file window behind this node (see :class:`FileWindow`), or
+        None when the node's bytes are not one window of one file."""
 
     def debug_event(self, event: str) -> None:
         """A blkdebug event raised on this node (no-op for most drivers)."""
@@ -86,6 +156,23 @@ class BaseDriver:
     is_filter = False
     has_events = False
     is_protocol = False
+    is_format = False
+
+    async def block_status(self, offset: int, length: int) -> tuple[bool, int]:
+        """All data (QEMU's default for drivers without block status)."""
+        return True, length
+
+    async def is_allocated(self, offset: int, length: int) -> tuple[bool, int]:
+        """Everything is this layer's own (no backing child)."""
+        return True, length
+
+    def dirty_flag(self) -> bool | None:
+        """Not reported."""
+        return None
+
+    def file_window(self) -> FileWindow | None:
+        """No file window."""
+        return None
 
     def debug_event(self, event: str) -> None:
         """Ignore blkdebug events."""
@@ -134,3 +221,15 @@ DriverOpener = Callable[
     [Mapping[str, Any], OpenContext],
     Awaitable[tuple[BlockDriver, dict[str, "BlockNode"]]],
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class DriverSpec:
+    """A driver as ``blockdev-add`` knows it before opening a node."""
+
+    #: Opens a node's driver from its options.
+    open: DriverOpener
+    #: A format driver: QEMU opens its ``file`` child before it names (and
+    #: checks the name of) the node, so the child's errors come first.
+    #: Equal to the driver class's :attr:`BlockDriver.is_format`.
+    is_format: bool = False

@@ -23,14 +23,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from qmpd.block.drivers.base import BaseDriver, BlockDriver, OpenContext
+from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverSpec, OpenContext
 from qmpd.block.errors import BlockIOError, NodeOpenError
 from qmpd.qapi.ghash import qdict_json, qdict_order
 
 if TYPE_CHECKING:
     from qmpd.block.node import BlockNode
 
-__all__ = ["BlkdebugDriver", "InjectRule", "SetStateRule", "open_blkdebug", "IOTYPES"]
+__all__ = ["BlkdebugDriver", "SPEC", "InjectRule", "SetStateRule", "open_blkdebug", "IOTYPES"]
 
 #: BlkdebugIOType values.
 IOTYPES = ("read", "write", "write-zeroes", "discard", "flush", "block-status")
@@ -237,3 +237,7 @@ def _strong_options(options: Mapping[str, Any]) -> dict[str, Any]:
                 out[f"{key}.{i}.{member}"] = rule[member]
     out.update((k, options[k]) for k in _STRONG if k in options)
     return out
+
+
+#: ``blockdev-add`` driver ``blkdebug``.
+SPEC = DriverSpec(open_blkdebug, is_format=BlkdebugDriver.is_format)

@@ -44,15 +44,14 @@ from typing import TYPE_CHECKING, Any
 from qmpd.bitmap import BitmapError, BitmapNotFound, DirtyBitmap
 from qmpd.bitmap.errors import sizes_differ
 from qmpd.block.copy import DEFAULT_CLUSTER, BlockCopy
-from qmpd.block.drivers import register_driver
-from qmpd.block.drivers.base import BaseDriver, BlockDriver, OpenContext
+from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverSpec, OpenContext
 from qmpd.block.errors import BlockIOError, NodeOpenError
 from qmpd.block.node import BlockNode, HookHandle
 
 if TYPE_CHECKING:
     from qmpd.block.graph import BlockGraph
 
-__all__ = ["CopyBeforeWrite", "insert_filter", "open_cbw", "remove_filter"]
+__all__ = ["CopyBeforeWrite", "SPEC", "insert_filter", "open_cbw", "remove_filter"]
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +247,8 @@ async def open_cbw(
     return driver, {"file": source, "target": target}
 
 
-register_driver(DRIVER_NAME, open_cbw)
+#: ``blockdev-add`` driver ``copy-before-write``.
+SPEC = DriverSpec(open_cbw, is_format=CopyBeforeWrite.is_format)
 
 
 # ---------------------------------------------------------------- graph surgery

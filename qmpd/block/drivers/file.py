@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from qmpd.block.drivers.base import BaseDriver, BlockDriver, OpenContext
+from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverSpec, FileWindow, OpenContext
 from qmpd.block.errors import BlockIOError, NodeOpenError
 from qmpd.block.io import ImageFile
 
 if TYPE_CHECKING:
     from qmpd.block.node import BlockNode
 
-__all__ = ["FileDriver", "open_file"]
+__all__ = ["FileDriver", "SPEC", "open_file"]
 
 SECTOR = 512
 
@@ -60,6 +60,14 @@ class FileDriver(BaseDriver):
         except BlockIOError:
             return True, length
 
+    def dirty_flag(self) -> bool | None:
+        """A plain file has no dirty bit; QEMU lists ``dirty-flag: false``."""
+        return False
+
+    def file_window(self) -> FileWindow | None:
+        """The whole file."""
+        return FileWindow(0, image=self.image)
+
     def actual_size(self) -> int | None:
         n = self.image.allocated_size()
         return n if n >= 0 else None
@@ -91,3 +99,7 @@ async def open_file(
         image.close()
         raise NodeOpenError(f"Could not open '{path}': {exc.strerror}") from exc
     return FileDriver(image, size), {}
+
+
+#: ``blockdev-add`` driver ``file``.
+SPEC = DriverSpec(open_file, is_format=FileDriver.is_format)

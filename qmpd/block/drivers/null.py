@@ -8,13 +8,13 @@ import asyncio
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from qmpd.block.drivers.base import BaseDriver, BlockDriver, OpenContext
+from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverSpec, OpenContext
 from qmpd.qapi.ghash import qdict_json
 
 if TYPE_CHECKING:
     from qmpd.block.node import BlockNode
 
-__all__ = ["NullDriver", "open_null"]
+__all__ = ["NullDriver", "SPEC", "open_null"]
 
 
 class NullDriver(BaseDriver):
@@ -86,3 +86,7 @@ async def open_null(
         ),
         {},
     )
+
+
+#: ``blockdev-add`` driver ``null-co`` and ``null-aio``.
+SPEC = DriverSpec(open_null, is_format=NullDriver.is_format)

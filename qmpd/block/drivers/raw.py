@@ -7,14 +7,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from qmpd.block.drivers.base import BaseDriver, BlockDriver, OpenContext
+from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverSpec, FileWindow, OpenContext
 from qmpd.block.errors import NodeOpenError
 from qmpd.qapi.ghash import qdict_json
 
 if TYPE_CHECKING:
     from qmpd.block.node import BlockNode
 
-__all__ = ["RawDriver", "open_raw"]
+__all__ = ["RawDriver", "SPEC", "open_raw"]
 
 SECTOR = 512
 
@@ -23,6 +23,7 @@ class RawDriver(BaseDriver):
     """Maps node offsets to ``offset + n`` on the ``file`` child."""
 
     name = "raw"
+    is_format = True
 
     def __init__(self, file: BlockNode, offset: int, size: int | None,
                  explicit: dict[str, Any] | None = None) -> None:
@@ -70,6 +71,14 @@ class RawDriver(BaseDriver):
     async def block_status(self, offset: int, length: int) -> tuple[bool, int]:
         return await self.file.block_status(self.offset + offset, length)
 
+    def dirty_flag(self) -> bool | None:
+        """raw has no header: whatever its file child reports."""
+        return self.file.dirty_flag()
+
+    def file_window(self) -> FileWindow | None:
+        """``offset`` bytes into the file child."""
+        return FileWindow(self.offset, child=self.file)
+
     def actual_size(self) -> int | None:
         return self.file.driver.actual_size()
 
@@ -98,3 +107,7 @@ async def open_raw(
         raise NodeOpenError(f"Specified size is not multiple of {SECTOR}")
     explicit = {k: options[k] for k in ("offset", "size") if k in options}
     return RawDriver(file, offset, None if size is None else int(size), explicit), {"file": file}
+
+
+#: ``blockdev-add`` driver ``raw``.
+SPEC = DriverSpec(open_raw, is_format=RawDriver.is_format)

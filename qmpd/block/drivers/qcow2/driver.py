@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from qmpd.block.drivers.base import BaseDriver, BlockDriver, OpenContext
+from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverSpec, OpenContext
 from qmpd.block.drivers.qcow2.alloc import RefcountState
 from qmpd.block.drivers.qcow2.header import MAGIC, Header, HeaderError, parse_header
 from qmpd.block.drivers.qcow2.image import CorruptImage, Qcow2Image
@@ -24,7 +24,7 @@ from qmpd.block.io import ImageFile
 if TYPE_CHECKING:
     from qmpd.block.node import BlockNode
 
-__all__ = ["Qcow2Driver", "open_qcow2", "DEFAULT_L2_CACHE_MAX"]
+__all__ = ["Qcow2Driver", "SPEC", "open_qcow2", "DEFAULT_L2_CACHE_MAX"]
 
 #: QEMU's DEFAULT_L2_CACHE_MAX_SIZE (Linux): the L2 cache covers the whole
 #: disk up to this many bytes of tables.
@@ -44,6 +44,7 @@ class Qcow2Driver(BaseDriver):
     """A qcow2 image: ``file`` child, optional ``backing`` child."""
 
     name = "qcow2"
+    is_format = True
 
     def __init__(self, file: BlockNode, image: Qcow2Image, backing: BlockNode | None,
                  options: Mapping[str, Any]) -> None:
@@ -109,6 +110,9 @@ class Qcow2Driver(BaseDriver):
     async def is_allocated(self, offset: int, length: int) -> tuple[bool, int]:
         """Allocated in this layer (not falling through to ``backing``)."""
         return await self.image.is_allocated(offset, length)
+
+    def dirty_flag(self) -> bool | None:
+        return self.image.header.dirty
 
     def actual_size(self) -> int | None:
         return self.file.driver.actual_size()
@@ -272,3 +276,6 @@ async def _probe(path: str) -> str:
         img.close()
     return "qcow2" if magic == MAGIC else "raw"
 
+
+
+SPEC = DriverSpec(open_qcow2, is_format=Qcow2Driver.is_format)

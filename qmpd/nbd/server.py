@@ -1,0 +1,466 @@
+"""The NBD server: listeners, the export table and one task per client.
+
+:class:`NbdServer` is what the QMP commands drive (``nbd-server-start``,
+``block-export-add`` ...), with QEMU 7.2's checks and texts (recorded in
+tests/transcripts/nbd_exports.qmp).  Each client runs in its own task: a
+thin adapter that feeds bytes to the sans-I/O
+:class:`~qmpd.nbd.protocol.ServerConnection`, runs the requests it yields
+against the :class:`~qmpd.nbd.exports.Export` (several at once, replies
+in completion order) and writes what the codec queued.  A client's
+failure ends that client only.
+
+``max-connections`` works as QEMU's: a connection beyond the limit is
+accepted by the kernel but gets no greeting until another client leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import re
+import socket
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from qmpd.bitmap import DirtyBitmap
+from qmpd.bitmap.errors import BitmapError
+from qmpd.block.errors import BlockIOError
+from qmpd.block.graph import BlockGraph
+from qmpd.block.node import BlockNode
+from qmpd.commands.objects import TlsCredsX509
+from qmpd.errors import GenericError
+from qmpd.events import EventBus
+from qmpd.events.names import BLOCK_EXPORT_DELETED
+from qmpd.nbd.exports import Export, ExportSettings
+from qmpd.nbd.protocol import (CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE,
+                               MAX_STRING, Closed, Cmd, ExportInfo, Request, ServerConnection,
+                               StartTLS)
+from qmpd.server.listeners import Listener, TcpListener, UnixListener, open_listener
+
+__all__ = ["NbdServer", "ExportRequest", "BLOCK_EXPORT_DELETED"]
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+#: Requests of one client run at once (more wait in the socket).
+CLIENT_DEPTH = 64
+#: Of those, requests over 1 MiB (their replies stay buffered until the
+#: client reads them, so this bounds a client's memory to about 80 MiB).
+CLIENT_BIG = 2
+#: SO_SNDBUF of client sockets.
+SEND_BUFFER = 4 * MiB
+_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class ExportRequest:
+    """``block-export-add`` / ``nbd-server-add`` arguments, flattened."""
+
+    id: str
+    node_name: str
+    name: str | None = None
+    description: str | None = None
+    writable: bool = False
+    writethrough: bool = False
+    bitmaps: tuple[str, ...] = ()
+    allocation_depth: bool = False
+    #: nbd-server-add: the node is found as a device.
+    legacy: bool = False
+
+
+class NbdServer:
+    """The daemon's NBD server and its exports.
+
+    :param graph: the block graph exports read and write through.
+    :param events: where ``BLOCK_EXPORT_DELETED`` goes.
+    """
+
+    def __init__(self, graph: Callable[[], BlockGraph], events: EventBus, *,
+                 tls_creds: Callable[[str], TlsCredsX509 | None] = lambda _id: None) -> None:
+        self._graph = graph
+        self._events = events
+        self._tls_lookup = tls_creds
+        #: The server's TLS context once started with tls-creds (STARTTLS
+        #: then required).
+        self.tls: ssl.SSLContext | None = None
+        #: Exports in creation order (query-block-exports lists newest first).
+        self.exports: dict[str, Export] = {}
+        self._server: asyncio.base_events.Server | None = None
+        self._unix_path: str | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._clients: set[_Client] = set()
+
+    # ------------------------------------------------------------ server
+
+    @property
+    def running(self) -> bool:
+        """``nbd-server-start`` succeeded and no stop since."""
+        return self._server is not None
+
+    async def start(self, addr: dict[str, Any], *, max_connections: int = 0,
+                    tls_creds: str | None = None, tls_authz: str | None = None) -> None:
+        """nbd-server-start / ``--nbd-server``; ``addr`` is a flat
+        SocketAddress (``type`` unix/inet).
+
+        :raise GenericError: already running, TLS asked for, bind failure.
+        """
+        return await self.start_listener(listener_of(addr), max_connections=max_connections,
+                                         tls_creds=tls_creds, tls_authz=tls_authz)
+
+    async def start_listener(self, addr: Listener, *, max_connections: int = 0,
+                             tls_creds: str | None = None, tls_authz: str | None = None) -> None:
+        """:meth:`start` on a listener spec."""
+        if self.running:
+            raise GenericError("NBD server already running")
+        tls: ssl.SSLContext | None = None
+        if tls_creds is not None:
+            creds = self._tls_lookup(tls_creds)
+            if creds is None:
+                raise GenericError(f"No TLS credentials with id '{tls_creds}'")
+            if creds.endpoint != "server":
+                raise GenericError("Expected TLS credentials for a server endpoint")
+            if tls_authz is not None:
+                # QEMU checks clients against an authz object; qmpd has none.
+                raise GenericError("tls-authz is not supported by qmpd")
+            tls = creds.context
+        # Without tls-creds QEMU 7.2 accepts and ignores tls-authz; so do we.
+        try:
+            self._server = await open_listener(addr, self._protocol)
+        except OSError as exc:
+            where = addr.path if isinstance(addr, UnixListener) else f"{addr.host}:{addr.port}"
+            raise GenericError(f"Failed to bind socket to {where}: {exc.strerror or exc}") from exc
+        self.tls = tls
+        self._unix_path = addr.path if isinstance(addr, UnixListener) else None
+        self._slots = asyncio.Semaphore(max_connections) if max_connections else None
+        log.info("NBD server listening on %s", addr)
+
+    async def stop(self) -> None:
+        """nbd-server-stop: remove every export (dropping clients), close
+        the listener.  :raise GenericError: not running."""
+        if not self.running:
+            raise GenericError("NBD server not running")
+        for exp in list(self.exports.values()):
+            self._shut_down(exp)
+        self._close_listener()
+        self.tls = None
+        for client in list(self._clients):
+            client.abort()
+
+    async def cleanup(self) -> None:
+        """Daemon shutdown: like :meth:`stop` when running, then wait briefly
+        for the client tasks."""
+        if self.running:
+            await self.stop()
+        tasks = [c.task for c in self._clients if c.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+
+    def _close_listener(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._unix_path)
+            self._unix_path = None
+
+    def _protocol(self) -> asyncio.Protocol:
+        reader = asyncio.StreamReader(limit=1 << 20)
+        return asyncio.StreamReaderProtocol(reader, self._connected)
+
+    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:   # room for a few READ replies: fewer partial writes
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        # drain() waits only when several replies are unread, not after each.
+        writer.transport.set_write_buffer_limits(high=SEND_BUFFER * 2, low=SEND_BUFFER)
+        client = _Client(self, reader, writer)
+        self._clients.add(client)
+        client.task = asyncio.current_task()
+        try:
+            if self._slots is None:
+                await client.run()
+            else:
+                async with self._slots:
+                    await client.run()
+        finally:
+            self._clients.discard(client)
+            client.detach()
+
+    # ------------------------------------------------------------ catalog
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        """:return: the live export called ``name`` (handshake)."""
+        exp = self.by_name(name)
+        return exp.info() if exp is not None and not exp.shutting_down else None
+
+    def listing(self) -> Sequence[ExportInfo]:
+        """:return: every live export, newest first (NBD_OPT_LIST)."""
+        return [e.info() for e in reversed(self.exports.values()) if not e.shutting_down]
+
+    def by_name(self, name: str) -> Export | None:
+        """:return: the export with NBD name ``name``, or None."""
+        for exp in self.exports.values():
+            if exp.name == name:
+                return exp
+        return None
+
+    # ------------------------------------------------------------ exports
+
+    def add(self, **kwargs: Any) -> None:
+        """block-export-add type=nbd / nbd-server-add (the fields of
+        :class:`ExportRequest`).  :raise GenericError: with QEMU's text."""
+        self.add_export(ExportRequest(**kwargs))
+
+    def add_export(self, req: ExportRequest) -> Export:
+        """:meth:`add` with its arguments as one value."""
+        # block-export-add checks the id and the node before the driver
+        # (QEMU 7.2's blk_exp_add); nbd-server-add the server first.
+        if req.legacy and not self.running:
+            raise GenericError("NBD server not running")
+        if not req.legacy:
+            if not _ID_RE.match(req.id):
+                raise GenericError("Invalid block export id")
+            if req.id in self.exports:
+                raise GenericError(f"Block export id '{req.id}' is already in use")
+        graph = self._graph()
+        node = graph.get(req.node_name)
+        if node is None:
+            raise GenericError(f"Cannot find device='' nor node-name='{req.node_name}'")
+        if not self.running:
+            raise GenericError("NBD server not running")
+        name = req.name if req.name is not None else req.node_name
+        if len(name.encode()) > MAX_STRING:
+            raise GenericError(f"export name '{name}' too long")
+        if req.description is not None and len(req.description.encode()) > MAX_STRING:
+            raise GenericError(f"description '{req.description}' too long")
+        if self.by_name(name) is not None:
+            raise GenericError(f"NBD server already has export named '{name}'")
+        if req.legacy and req.id in self.exports:
+            raise GenericError(f"Block export id '{req.id}' is already in use")
+        bitmaps: dict[str, DirtyBitmap] = {}
+        for bname in req.bitmaps:
+            bm = _find_bitmap(node, bname)
+            if bm is None:
+                raise GenericError(f"Bitmap '{bname}' is not found")
+            try:
+                bm.check(readonly=False)
+            except BitmapError as exc:
+                raise GenericError(exc.desc) from exc
+            if not req.writable and bm.enabled:
+                raise GenericError(f"Enabled bitmap '{bname}' incompatible with readonly export")
+            bitmaps[bname] = bm
+        if req.writable and node.read_only:
+            raise GenericError("Cannot export read-only node as writable")
+        settings = ExportSettings(
+            id=req.id, name=name, description=req.description or "",
+            writable=req.writable, writethrough=req.writethrough,
+            allocation_depth=req.allocation_depth,
+        )
+        exp = Export(settings, node, bitmaps)
+        exp.open()
+        self.exports[req.id] = exp
+        return exp
+
+    def delete(self, export_id: str, mode: str = "safe") -> None:
+        """block-export-del / nbd-server-remove.
+
+        Safe mode refuses while clients are attached (QEMU 7.2); hard mode
+        drops them.  ``BLOCK_EXPORT_DELETED`` follows once the last client
+        is gone (at once without clients).
+
+        :raise GenericError: unknown id, still in use, already going.
+        """
+        exp = self.exports.get(export_id)
+        if exp is None:
+            raise GenericError(f"Export '{export_id}' is not found")
+        if exp.shutting_down:
+            raise GenericError(f"Block export '{export_id}' is already shutting down")
+        if mode == "safe" and exp.clients:
+            raise GenericError(f"export '{export_id}' still in use")
+        self._shut_down(exp)
+
+    def _shut_down(self, exp: Export) -> None:
+        exp.shutting_down = True
+        if exp.clients == 0:
+            self._finish(exp)
+            return
+        for client in list(self._clients):
+            if client.export is exp:
+                client.abort()
+
+    def _finish(self, exp: Export) -> None:
+        if self.exports.get(exp.id) is exp:
+            del self.exports[exp.id]
+            exp.close()
+            self._events.emit(BLOCK_EXPORT_DELETED, {"id": exp.id})
+
+    def client_left(self, exp: Export) -> None:
+        """A client of ``exp`` disconnected."""
+        exp.clients -= 1
+        if exp.shutting_down and exp.clients == 0:
+            self._finish(exp)
+
+    def query(self) -> list[dict[str, Any]]:
+        """:return: query-block-exports (newest first)."""
+        return [{"id": e.id, "type": "nbd", "node-name": e.node.node_name,
+                 "shutting-down": e.shutting_down} for e in reversed(self.exports.values())]
+
+
+def _find_bitmap(node: BlockNode, name: str) -> DirtyBitmap | None:
+    """QEMU looks down the chain of filtered/file children for the bitmap."""
+    seen: BlockNode | None = node
+    while seen is not None:
+        bm = seen.bitmaps.find(name)
+        if bm is not None:
+            return bm
+        seen = seen.filtered_child or seen.children.get("file")
+    return None
+
+
+class _Client:
+    """One NBD client: the transport adapter around a ServerConnection."""
+
+    def __init__(self, server: NbdServer, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.conn = ServerConnection(server, tls=server.tls is not None)
+        self.export: Export | None = None
+        self.task: asyncio.Task[Any] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self._depth = asyncio.Semaphore(CLIENT_DEPTH)
+        self._big = asyncio.Semaphore(CLIENT_BIG)
+
+    def abort(self) -> None:
+        """Drop the connection (hard export removal, server stop)."""
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+
+    def detach(self) -> None:
+        """Close the transport; count the export's client out."""
+        for t in self._running:
+            t.cancel()
+        self.writer.transport.abort()
+        if self.export is not None:
+            exp, self.export = self.export, None
+            self.server.client_left(exp)
+
+    def _flush(self) -> None:
+        bufs = self.conn.buffers_to_send()
+        if bufs and not self.writer.is_closing():
+            self.writer.writelines(bufs)
+
+    async def run(self) -> None:
+        """Greet, then serve until the client or the server ends it."""
+        self._flush()
+        try:
+            while not self.conn.closed:
+                data = await self.reader.read(1 << 20)
+                self.conn.receive_data(data)
+                if not await self._dispatch():
+                    break
+                self._flush()
+                await self.writer.drain()
+            if self._running:
+                await asyncio.wait(set(self._running))
+            self._flush()
+            with contextlib.suppress(ConnectionError):
+                await self.writer.drain()
+        except (OSError, asyncio.IncompleteReadError) as exc:   # incl. ssl.SSLError
+            log.debug("NBD client dropped: %s", exc)
+
+    async def _dispatch(self) -> bool:
+        if self.export is None and self.conn.export is not None:
+            exp = self.server.by_name(self.conn.export.name)
+            if exp is None or exp.shutting_down:
+                return False
+            self.export = exp
+            exp.clients += 1
+        for event in self.conn.events():
+            if isinstance(event, Closed):
+                log.debug("NBD client closed: %s", event.reason)
+                return True
+            if isinstance(event, StartTLS):
+                await self._start_tls()
+                continue
+            if self.export is None:
+                return False
+            await self._depth.acquire()
+            big = event.length > MiB
+            if big:
+                await self._big.acquire()
+            task = asyncio.get_running_loop().create_task(self._serve(event, big))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+        return True
+
+    async def _start_tls(self) -> None:
+        """Answer STARTTLS: flush the ACK, then handshake (failures end the
+        client with ssl.SSLError)."""
+        assert self.server.tls is not None
+        self._flush()
+        await self.writer.drain()
+        await self.writer.start_tls(self.server.tls)
+        self.writer.transport.set_write_buffer_limits(high=SEND_BUFFER * 2, low=SEND_BUFFER)
+        self.conn.tls_started()
+
+    async def _serve(self, req: Request, big: bool) -> None:
+        try:
+            try:
+                await self._run_request(req)
+            except BlockIOError as exc:
+                self.conn.reply_error(req, exc.errno or errno.EIO, os.strerror(exc.errno or errno.EIO))
+            except OSError as exc:
+                self.conn.reply_error(req, errno.EIO, str(exc))
+            self._flush()
+            with contextlib.suppress(ConnectionError):
+                await self.writer.drain()   # the slot frees once the client reads
+        finally:
+            self._depth.release()
+            if big:
+                self._big.release()
+
+    async def _run_request(self, req: Request) -> None:
+        exp = self.export
+        assert exp is not None
+        fua = bool(req.flags & CMD_FLAG_FUA)
+        if req.cmd == Cmd.READ:
+            # DF: one OFFSET_DATA chunk, holes included.
+            holes = self.conn.structured and not req.flags & CMD_FLAG_DF
+            segments = await exp.read(req.offset, req.length, holes=holes)
+            self.conn.reply_read(req, segments)
+            return
+        if req.cmd == Cmd.WRITE:
+            await exp.write(req.offset, req.data, fua=fua)
+        elif req.cmd == Cmd.WRITE_ZEROES:
+            await exp.write_zeroes(req.offset, req.length,
+                                   may_unmap=not req.flags & CMD_FLAG_NO_HOLE,
+                                   fast=bool(req.flags & CMD_FLAG_FAST_ZERO), fua=fua)
+        elif req.cmd == Cmd.TRIM:
+            await exp.trim(req.offset, req.length, fua=fua)
+        elif req.cmd == Cmd.FLUSH:
+            await exp.flush()
+        elif req.cmd == Cmd.CACHE:
+            await exp.cache(req.offset, req.length)
+        elif req.cmd == Cmd.BLOCK_STATUS:
+            one = bool(req.flags & CMD_FLAG_REQ_ONE)
+            answers = [(ctx_id, await exp.block_status(name, req.offset, req.length, one))
+                       for ctx_id, name in req.contexts]
+            self.conn.reply_block_status(req, answers)
+            return
+        self.conn.reply_ok(req)
+
+
+def listener_of(addr: dict[str, Any]) -> Listener:
+    """:return: the listener of a SocketAddress (flat) dict."""
+    if addr["type"] == "unix":
+        return UnixListener(str(addr["path"]), label="nbd")
+    return TcpListener(str(addr["host"]), int(addr["port"]), label="nbd")
