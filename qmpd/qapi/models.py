@@ -904,6 +904,21 @@ class BlockdevCreateOptionsFileBranch(QAPIModel):
     extent_size_hint: int | None = Field(default=None, alias='extent-size-hint')
 
 
+class BlockdevCreateOptionsQcow2Branch(QAPIModel):
+    """QAPI union ``BlockdevCreateOptions``, case ``qcow2``."""
+
+    driver: Literal[BlockdevDriver.QCOW2] = Field(alias='driver')
+    file: BlockdevRef = Field(alias='file')
+    size: int = Field(alias='size')
+    version: BlockdevQcow2Version | None = Field(default=None, alias='version')
+    backing_file: str | None = Field(default=None, alias='backing-file')
+    backing_fmt: BlockdevDriver | None = Field(default=None, alias='backing-fmt')
+    cluster_size: int | None = Field(default=None, alias='cluster-size')
+    preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
+    lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+    refcount_bits: int | None = Field(default=None, alias='refcount-bits')
+
+
 class BlockdevCreateOptionsBlkdebugBranch(QAPIModel):
     """QAPI union ``BlockdevCreateOptions``, case ``blkdebug``."""
 
@@ -926,12 +941,6 @@ class BlockdevCreateOptionsNullCoBranch(QAPIModel):
     """QAPI union ``BlockdevCreateOptions``, case ``null-co``."""
 
     driver: Literal[BlockdevDriver.NULL_CO] = Field(alias='driver')
-
-
-class BlockdevCreateOptionsQcow2Branch(QAPIModel):
-    """QAPI union ``BlockdevCreateOptions``, case ``qcow2``."""
-
-    driver: Literal[BlockdevDriver.QCOW2] = Field(alias='driver')
 
 
 class BlockdevCreateOptionsRawBranch(QAPIModel):
@@ -1470,11 +1479,11 @@ BlockdevOptions: TypeAlias = Annotated[
 BlockdevCreateOptions: TypeAlias = Annotated[
     Union[
         BlockdevCreateOptionsFileBranch,
+        BlockdevCreateOptionsQcow2Branch,
         BlockdevCreateOptionsBlkdebugBranch,
         BlockdevCreateOptionsCopyBeforeWriteBranch,
         BlockdevCreateOptionsNullAioBranch,
         BlockdevCreateOptionsNullCoBranch,
-        BlockdevCreateOptionsQcow2Branch,
         BlockdevCreateOptionsRawBranch,
         BlockdevCreateOptionsSnapshotAccessBranch,
     ],
