@@ -351,6 +351,19 @@ class BlockdevQcow2Version(enum.StrEnum):
     V3 = 'v3'
 
 
+class Qcow2CompressionType(enum.StrEnum):
+    """QAPI enum ``Qcow2CompressionType``."""
+
+    ZLIB = 'zlib'
+    ZSTD = 'zstd'
+
+
+class ImageInfoSpecificKind(enum.StrEnum):
+    """QAPI enum ``ImageInfoSpecificKind``."""
+
+    QCOW2 = 'qcow2'
+
+
 class ActionCompletionMode(enum.StrEnum):
     """QAPI enum ``ActionCompletionMode``."""
 
@@ -1013,6 +1026,7 @@ class ImageInfo(QAPIModel):
     full_backing_filename: str | None = Field(default=None, alias='full-backing-filename')
     backing_filename_format: str | None = Field(default=None, alias='backing-filename-format')
     backing_image: ImageInfo | None = Field(default=None, alias='backing-image')
+    format_specific: ImageInfoSpecific | None = Field(default=None, alias='format-specific')
 
 
 class BlockdevCacheInfo(QAPIModel):
@@ -1164,6 +1178,30 @@ class BlockdevCreateOptionsQcow2(QAPIModel):
     preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
     lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
     refcount_bits: int | None = Field(default=None, alias='refcount-bits')
+
+
+class ImageInfoSpecificQCow2(QAPIModel):
+    """QAPI struct ``ImageInfoSpecificQCow2``."""
+
+    compat: str = Field(alias='compat')
+    extended_l2: bool | None = Field(default=None, alias='extended-l2')
+    lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+    corrupt: bool | None = Field(default=None, alias='corrupt')
+    refcount_bits: int = Field(alias='refcount-bits')
+    compression_type: Qcow2CompressionType = Field(alias='compression-type')
+
+
+class ImageInfoSpecificQCow2Wrapper(QAPIModel):
+    """QAPI struct ``ImageInfoSpecificQCow2Wrapper``."""
+
+    data: ImageInfoSpecificQCow2 = Field(alias='data')
+
+
+class ImageInfoSpecificQcow2Branch(QAPIModel):
+    """QAPI union ``ImageInfoSpecific``, case ``qcow2``."""
+
+    type: Literal[ImageInfoSpecificKind.QCOW2] = Field(alias='type')
+    data: ImageInfoSpecificQCow2 = Field(alias='data')
 
 
 class Abort(QAPIModel):
@@ -1488,6 +1526,12 @@ BlockdevCreateOptions: TypeAlias = Annotated[
         BlockdevCreateOptionsSnapshotAccessBranch,
     ],
     Field(discriminator='driver'),
+]
+ImageInfoSpecific: TypeAlias = Annotated[
+    Union[
+        ImageInfoSpecificQcow2Branch,
+    ],
+    Field(discriminator='type'),
 ]
 TransactionAction: TypeAlias = Annotated[
     Union[

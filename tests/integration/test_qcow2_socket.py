@@ -163,3 +163,37 @@ async def test_compressed_backup_and_not_qcow2(qmpd: RunningDaemon, tmp_path: Pa
     out = check_clean(dst)
     assert "100.00% compressed clusters" in out, out
     same(src, dst)
+
+
+QCOW2_SPECIFIC = {"type": "qcow2", "data": {
+    "compat": "1.1", "compression-type": "zlib", "lazy-refcounts": False, "refcount-bits": 16,
+    "corrupt": False, "extended-l2": False}}
+
+
+async def test_query_backing_chain_as_qemu(qmpd: RunningDaemon, tmp_path: Path) -> None:
+    """The shape recorded from qemu-storage-daemon 7.2 for the same chain
+    (``actual-size`` left out: it depends on the file system)."""
+    base, top = tmp_path / "base2.qcow2", tmp_path / "top2.qcow2"
+    assert sh("qemu-img", "create", "-f", "qcow2", str(base), "8M").returncode == 0
+    assert sh("qemu-img", "create", "-f", "qcow2", "-b", "base2.qcow2", "-F", "qcow2",
+              str(top)).returncode == 0
+    c = await AsyncRawClient.connect(qmpd.path)
+    await ok(c, "blockdev-add", driver="qcow2", **{"node-name": "d"},
+             file={"driver": "file", "filename": str(top)})
+    nodes = await ok(c, "query-named-block-nodes")
+    await c.close()
+    assert [(n["drv"], n["ro"]) for n in nodes] == [
+        ("qcow2", True), ("file", True), ("qcow2", False), ("file", False)]
+    d = next(n for n in nodes if n["node-name"] == "d")
+    assert d["backing_file"] == str(base) and d["backing_file_depth"] == 1
+    image = d["image"]
+    for level in (image, image["backing-image"]):
+        level.pop("actual-size")
+    assert image == {
+        "filename": str(top), "format": "qcow2", "dirty-flag": False, "virtual-size": 8 * MiB,
+        "cluster-size": 65536, "backing-filename": "base2.qcow2",
+        "full-backing-filename": str(base), "backing-filename-format": "qcow2",
+        "format-specific": QCOW2_SPECIFIC,
+        "backing-image": {
+            "filename": str(base), "format": "qcow2", "dirty-flag": False,
+            "virtual-size": 8 * MiB, "cluster-size": 65536, "format-specific": QCOW2_SPECIFIC}}

@@ -59,7 +59,8 @@ if TYPE_CHECKING:
     from qmpd.block.io import ImageFile
     from qmpd.block.node import BlockNode
 
-__all__ = ["BlockDriver", "DriverOpener", "DriverSpec", "FileWindow", "OpenContext", "BaseDriver"]
+__all__ = ["BlockDriver", "DriverOpener", "DriverSpec", "FileWindow", "FormatDetails", "OpenContext",
+           "BaseDriver"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,29 @@ class FileWindow:
     image: ImageFile | None = None
     #: The child node holding the window, or None when ``image`` is set.
     child: BlockNode | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FormatDetails:
+    """Answer of :meth:`BlockDriver.format_details`: what an image format
+    records about itself (ImageInfo's ``cluster-size``, backing file names
+    and ``format-specific``; the views build the QAPI shapes)."""
+
+    #: "qcow2".
+    format: str
+    cluster_size: int
+    #: Image version as QEMU names it ("0.10", "1.1").
+    compat: str
+    lazy_refcounts: bool
+    refcount_bits: int
+    corrupt: bool
+    extended_l2: bool
+    #: "zlib" or "zstd".
+    compression_type: str
+    #: The backing file name as stored in the image, or None.
+    backing_filename: str | None = None
+    #: The backing format as stored in the image, or None.
+    backing_format: str | None = None
 
 
 class BlockDriver(Protocol):
@@ -135,6 +159,9 @@ class BlockDriver(Protocol):
         """The file window behind this node (see :class:`FileWindow`), or
         None when the node's bytes are not one window of one file."""
 
+    def format_details(self) -> FormatDetails | None:
+        """What the image format records (see :class:`FormatDetails`), or None."""
+
     def debug_event(self, event: str) -> None:
         """A blkdebug event raised on this node (no-op for most drivers)."""
 
@@ -172,6 +199,10 @@ class BaseDriver:
 
     def file_window(self) -> FileWindow | None:
         """No file window."""
+        return None
+
+    def format_details(self) -> FormatDetails | None:
+        """Not an image format with details."""
         return None
 
     def debug_event(self, event: str) -> None:

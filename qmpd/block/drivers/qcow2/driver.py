@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverSpec, OpenContext
+from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverSpec, FormatDetails, OpenContext
 from qmpd.block.drivers.qcow2.alloc import RefcountState
 from qmpd.block.drivers.qcow2.header import MAGIC, Header, HeaderError, parse_header
 from qmpd.block.drivers.qcow2.image import CorruptImage, Qcow2Image
@@ -113,6 +113,15 @@ class Qcow2Driver(BaseDriver):
 
     def dirty_flag(self) -> bool | None:
         return self.image.header.dirty
+
+    def format_details(self) -> FormatDetails | None:
+        h = self.image.header
+        return FormatDetails(
+            format="qcow2", cluster_size=h.cluster_size,
+            compat="0.10" if h.version == 2 else "1.1", lazy_refcounts=h.lazy_refcounts,
+            refcount_bits=h.refcount_bits, corrupt=self.image.corrupt, extended_l2=False,
+            compression_type="zstd" if h.compression_type == 1 else "zlib",
+            backing_filename=h.backing_file, backing_format=h.backing_format)
 
     def actual_size(self) -> int | None:
         return self.file.driver.actual_size()
