@@ -365,6 +365,10 @@ class BlockGraph:
         if self._nodes.pop(node.node_name, None) is not None and not node.auto_named:
             log.info("node %s removed", node.node_name)
         try:
+            await node.driver.before_close()
+        except OSError as exc:
+            log.warning("node %s: could not store bitmaps: %s", node.node_name, exc)
+        try:
             await node.flush()
         except OSError:
             pass

@@ -238,3 +238,49 @@ async def test_refcount_table_past_eof_is_corruption(tmp_path: Path) -> None:
     await g.close()
     r = sh("qemu-img", "info", str(p))
     assert "corrupt: true" in r.stdout
+
+
+def bitmaps_of(path: Path) -> list[dict[str, Any]]:
+    import json
+    r = sh("qemu-img", "info", "-U", "--output=json", str(path))
+    return list(json.loads(r.stdout)["format-specific"]["data"].get("bitmaps", []))
+
+
+async def test_persistent_bitmaps_interoperate(tmp_path: Path) -> None:
+    p = tmp_path / "bm.qcow2"
+    create(p, "64M")
+    assert sh("qemu-img", "bitmap", "--add", "-g", "128k", str(p), "qemu0").returncode == 0
+    qemu_io(p, ["write 0 1M"])
+    assert sh("qemu-img", "bitmap", "--add", str(p), "qemu1").returncode == 0
+    assert sh("qemu-img", "bitmap", "--disable", str(p), "qemu1").returncode == 0
+    g = BlockGraph()
+    node = await g.add(qcow2(p))
+    got = [(b.name, b.count, b.granularity, b.disabled, b.inconsistent) for b in node.bitmaps]
+    assert got == [("qemu1", 0, 65536, True, False), ("qemu0", MiB, 131072, False, False)]
+    # While open read-write, QEMU's tools see them in use.
+    assert all(b["flags"][0] == "in-use" for b in bitmaps_of(p))
+    node.bitmaps.add("ours", 65536, persistent=True)
+    await node.write(2 * MiB, b"x" * (3 * MiB))
+    await g.close()
+    assert bitmaps_of(p) == [
+        {"flags": ["auto"], "name": "qemu0", "granularity": 131072},
+        {"flags": [], "name": "qemu1", "granularity": 65536},
+        {"flags": ["auto"], "name": "ours", "granularity": 65536}]
+    check_clean(p)
+    assert sh("qemu-img", "bitmap", "--merge", "ours", str(p), "qemu1").returncode == 0
+    g = BlockGraph()
+    node = await g.add(qcow2(p))
+    got = [(b.name, b.count, b.granularity, b.disabled, b.inconsistent) for b in node.bitmaps]
+    assert got == [("ours", 3 * MiB, 65536, False, False), ("qemu1", 3 * MiB, 65536, True, False),
+                   ("qemu0", 4 * MiB, 131072, False, False)]
+    # The daemon dies without closing: the bitmaps come back inconsistent.
+    g2 = BlockGraph()
+    again = await g2.add(qcow2(p, "e", **{"read-only": True}))
+    assert [(b.name, b.inconsistent) for b in again.bitmaps] == [
+        ("ours", True), ("qemu1", True), ("qemu0", True)]
+    await g2.close()
+    r = sh("qemu-img", "check", str(p))
+    assert r.returncode == 0 and "No errors were found on the image." in r.stdout, r.stdout
+    await g.close()
+    check_clean(p)
+    assert [b["flags"] for b in bitmaps_of(p)] == [["auto"], [], ["auto"]]

@@ -36,8 +36,8 @@ def same(a: Path, b: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-async def ok(client: AsyncRawClient, name: str, **args: Any) -> Any:
-    reply, _ = await client.execute({"execute": name, "arguments": args})
+async def ok(client: AsyncRawClient, command: str, **args: Any) -> Any:
+    reply, _ = await client.execute({"execute": command, "arguments": args})
     assert "return" in reply, reply
     return reply["return"]
 
@@ -197,3 +197,32 @@ async def test_query_backing_chain_as_qemu(qmpd: RunningDaemon, tmp_path: Path) 
         "backing-image": {
             "filename": str(base), "format": "qcow2", "dirty-flag": False,
             "virtual-size": 8 * MiB, "cluster-size": 65536, "format-specific": QCOW2_SPECIFIC}}
+
+
+async def test_persistent_bitmap_survives_restart(tmp_path: Path, sock_dir: Path) -> None:
+    from tests.support.daemon import running_daemon
+    disk = tmp_path / "disk.qcow2"
+    assert sh("qemu-img", "create", "-f", "qcow2", str(disk), "16M").returncode == 0
+    add = {"driver": "qcow2", "node-name": "drive0",
+           "file": {"driver": "file", "filename": str(disk)}}
+    async with running_daemon(sock_dir) as d1:
+        c = await AsyncRawClient.connect(d1.path)
+        await ok(c, "blockdev-add", **add)
+        await ok(c, "block-dirty-bitmap-add", node="drive0", name="bitmap0", persistent=True)
+        await qemu_io(c, "drive0", "write 1M 2M")
+        await ok(c, "quit")
+        await c.close()
+    info = json.loads(sh("qemu-img", "info", "--output=json", str(disk)).stdout)
+    assert info["format-specific"]["data"]["bitmaps"] == [
+        {"flags": ["auto"], "name": "bitmap0", "granularity": 65536}]
+    check_clean(disk)
+    async with running_daemon(sock_dir) as d2:
+        c = await AsyncRawClient.connect(d2.path)
+        await ok(c, "blockdev-add", **add)
+        nodes = await ok(c, "query-named-block-nodes")
+        node = next(n for n in nodes if n["node-name"] == "drive0")
+        assert node["dirty-bitmaps"] == [{"name": "bitmap0", "count": 2 * MiB, "granularity": 65536,
+                                          "recording": True, "busy": False, "persistent": True}]
+        await ok(c, "blockdev-del", **{"node-name": "drive0"})
+        await c.close()
+    check_clean(disk)

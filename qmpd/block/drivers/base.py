@@ -162,6 +162,10 @@ class BlockDriver(Protocol):
     def format_details(self) -> FormatDetails | None:
         """What the image format records (see :class:`FormatDetails`), or None."""
 
+    async def before_close(self) -> None:
+        """Last writes before the node closes (qcow2 stores its persistent
+        bitmaps); called by the graph with the children still open."""
+
     def debug_event(self, event: str) -> None:
         """A blkdebug event raised on this node (no-op for most drivers)."""
 
@@ -204,6 +208,9 @@ class BaseDriver:
     def format_details(self) -> FormatDetails | None:
         """Not an image format with details."""
         return None
+
+    async def before_close(self) -> None:
+        """Nothing to write."""
 
     def debug_event(self, event: str) -> None:
         """Ignore blkdebug events."""

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverSpec, FormatDetails, OpenContext
 from qmpd.block.drivers.qcow2.alloc import RefcountState
+from qmpd.block.drivers.qcow2.bitmaps import BitmapFormatError
+from qmpd.block.drivers.qcow2.bitmapstore import StoredBitmap, load_bitmaps, mark_in_use, store_bitmaps
 from qmpd.block.drivers.qcow2.header import MAGIC, Header, HeaderError, parse_header
 from qmpd.block.drivers.qcow2.image import CorruptImage, Qcow2Image
 from qmpd.block.drivers.qcow2.refcount import RefcountBlock
@@ -55,6 +57,9 @@ class Qcow2Driver(BaseDriver):
         #: Set by the graph's event hook: ``emit(name, data)``.
         self.emit: Callable[[str, dict[str, Any]], None] | None = None
         self._node_name = ""
+        self._node: BlockNode | None = None
+        #: Bitmaps read at open, turned into the node's bitmaps by node_opened.
+        self.loaded: list[StoredBitmap] = []
         image.on_corrupt = self._corrupted
 
     @property
@@ -74,6 +79,32 @@ class Qcow2Driver(BaseDriver):
 
     def node_opened(self, node: BlockNode) -> None:
         self._node_name = node.node_name
+        self._node = node
+        writable = not self.image.read_only and self.image.header.version >= 3
+        node.bitmaps.can_store_persistent = True
+        for stored in self.loaded:
+            bm = node.bitmaps.add(stored.name, stored.granularity,
+                                  disabled=not stored.enabled or stored.in_use, persistent=True)
+            if stored.in_use:
+                bm.inconsistent = True
+            else:
+                bm.hbitmap.merge_bytes_le(stored.data)
+            bm.readonly = self.image.read_only
+        self.loaded = []
+        node.bitmaps.can_store_persistent = writable
+
+    async def before_close(self) -> None:
+        """Store the node's persistent bitmaps into the image (blockdev-del,
+        quit, SIGTERM), clearing their ``in_use`` flags."""
+        node = self._node
+        if node is None or self.image.read_only or self.image.dead:
+            return
+        keep = [StoredBitmap(bm.name, bm.granularity, not bm.disabled, bm.inconsistent,
+                             b"" if bm.inconsistent else bm.hbitmap.to_bytes_le())
+                for bm in reversed(list(node.bitmaps)) if bm.persistent and bm.name is not None]
+        if not keep and self.image.header.bitmaps_ext is None:
+            return
+        await store_bitmaps(self.image, keep)
 
     def _corrupted(self, exc: CorruptImage) -> None:
         data: dict[str, Any] = {"device": "", "node-name": self._node_name, "msg": exc.msg}
@@ -233,6 +264,12 @@ async def open_qcow2(
     )
     drv = Qcow2Driver(file, image, backing, options)
     drv.emit = ctx.emit_event
+    try:
+        drv.loaded = await load_bitmaps(image)
+        if drv.loaded and not ctx.read_only:
+            await mark_in_use(image)
+    except (BitmapFormatError, BlockIOError) as exc:
+        raise NodeOpenError(f"Could not read bitmaps: {exc}") from exc
     return drv, children
 
 

@@ -50,6 +50,8 @@ class ChildIO(Protocol):
 
     async def discard(self, offset: int, length: int) -> None: ...
 
+    async def flush(self) -> None: ...
+
     async def block_status(self, offset: int, length: int) -> tuple[bool, int]: ...
 
 
@@ -532,6 +534,26 @@ class Qcow2Image:
         this image, as opposed to what falls through to the backing file."""
         m, n = await self.mapping(offset, length)
         return m.kind != Kind.UNALLOCATED, n
+
+    # ------------------------------------------------------------ other metadata
+
+    async def allocate_metadata(self, n: int, what: str) -> int:
+        """Allocate ``n`` contiguous clusters for metadata (bitmap tables,
+        directories) with their refcounts written; :return: the file offset.
+        Callers hold :attr:`lock`."""
+        start, _ = self._allocate(n, what, contiguous=True)
+        await self._write_refcounts()
+        return start << self.g.cluster_bits
+
+    async def write_metadata(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write metadata into clusters from :meth:`allocate_metadata`."""
+        await self._file_write(offset, data)
+
+    async def free_metadata(self, offset: int, n: int) -> None:
+        """Drop the reference of ``n`` clusters from ``offset`` (refcounts written)."""
+        cb = self.g.cluster_bits
+        self.refs.free(offset >> cb, n)
+        await self._write_refcounts()
 
     # ------------------------------------------------------------ header
 
