@@ -197,8 +197,8 @@ class DriveBackupAction(BlockdevBackupAction):
         options: dict[str, Any] = {"discard": "unmap", "detect-zeroes": "unmap",
                                    "driver": "qcow2",
                                    "file": {"driver": "file", "filename": d.target}}
-        if opts.sync == "none":
-            options["backing"] = source.node_name
+        if backing is not None:  # QEMU: BDRV_O_NO_BACKING, then set_backing_hd
+            options["backing"] = backing.node_name  # the open node, not its file again
         return await open_detached(graph, options)
 
     def _drop_target(self, graph: BlockGraph, target: BlockNode) -> None:

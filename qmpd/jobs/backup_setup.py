@@ -142,8 +142,8 @@ async def create_backup(
                 f"Required max-chunk ({opts.max_chunk}) is less than backup cluster size "
                 f"({job.copy.cluster_size})"
             )
-        if opts.sync == "top" and source.backing is not None:
-            await _skip_unallocated(job)
+        if opts.sync == "top":  # also without a backing child: QEMU skips
+            await _skip_unallocated(job)  # what the layer does not hold
         release = _claim_perms(source, target)
         try:
             jobs.create(job, txn)

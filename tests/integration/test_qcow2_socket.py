@@ -226,3 +226,24 @@ async def test_persistent_bitmap_survives_restart(tmp_path: Path, sock_dir: Path
         await ok(c, "blockdev-del", **{"node-name": "drive0"})
         await c.close()
     check_clean(disk)
+
+
+async def test_sync_top_without_backing_copies_allocated_only(qmpd: RunningDaemon, tmp_path: Path) -> None:
+    """QEMU skips what the top layer does not hold also when there is no
+    backing file (iotest 257's ``top`` rows: len = the written clusters)."""
+    src, dst = tmp_path / "src.qcow2", tmp_path / "dst.qcow2"
+    for p in (src, dst):
+        assert sh("qemu-img", "create", "-f", "qcow2", str(p), "64M").returncode == 0
+    assert sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x41 1M 128k", "-c",
+              "write -z 8M 64k", str(src)).returncode == 0
+    c = await AsyncRawClient.connect(qmpd.path)
+    for name, path in (("s", src), ("d", dst)):
+        await ok(c, "blockdev-add", driver="qcow2", **{"node-name": name},
+                 file={"driver": "file", "filename": str(path)})
+    await ok(c, "blockdev-backup", device="s", target="d", sync="top", **{"job-id": "j"})
+    done = await until(c, "BLOCK_JOB_COMPLETED", device="j")
+    assert done["data"]["len"] == done["data"]["offset"] == 3 * 65536   # data + zero cluster
+    for name in ("s", "d"):
+        await ok(c, "blockdev-del", **{"node-name": name})
+    await c.close()
+    same(src, dst)

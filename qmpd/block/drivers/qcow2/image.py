@@ -54,6 +54,8 @@ class ChildIO(Protocol):
 
     async def block_status(self, offset: int, length: int) -> tuple[bool, int]: ...
 
+    def debug_event(self, event: str) -> None: ...
+
 
 class CorruptImage(BlockIOError):
     """Metadata that cannot be right; the image is marked corrupt (EIO)."""
@@ -177,6 +179,7 @@ class Qcow2Image:
             raise BlockIOError(errno.ENOMEDIUM)
         m, n = await self.mapping(offset, length)
         if n == length and m.kind == Kind.NORMAL:
+            self.file.debug_event("read_aio")
             return await self.file.read(m.host + (offset & (self.g.cluster_size - 1)), length)
         out = bytearray(length)
         pos = offset
@@ -190,9 +193,12 @@ class Qcow2Image:
 
     async def _read_extent(self, m: Mapping, pos: int, n: int, out: bytearray, at: int) -> None:
         cs = self.g.cluster_size
+        # blkdebug events on the file child as QEMU's qcow2_co_preadv_task.
         if m.kind == Kind.NORMAL:
+            self.file.debug_event("read_aio")
             out[at:at + n] = await self.file.read(m.host + (pos & (cs - 1)), n)
         elif m.kind == Kind.COMPRESSED:
+            self.file.debug_event("read_compressed")
             data = await self._decompress(m)
             start = pos & (cs - 1)
             out[at:at + n] = data[start:start + n]
@@ -200,6 +206,7 @@ class Qcow2Image:
             blen = self.backing.length
             if pos < blen:
                 k = min(n, blen - pos)
+                self.file.debug_event("read_backing_aio")
                 out[at:at + k] = await self.backing.read(pos, k)
         # ZERO, or unallocated without backing: already zeroes.
 
