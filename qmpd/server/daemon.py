@@ -44,8 +44,7 @@ from qmpd.qapi.service import SchemaService
 from qmpd.server.connection import Connection
 from qmpd.server.limits import DEFAULT_LIMITS, Limits
 from qmpd.server.listeners import (
-    Listener, OwnedPath, TcpListener, UnixListener, connector_label, open_connector,
-    open_listener,
+    Listener, OwnedPath, TcpListener, UnixListener, connector_label, open_connector, open_listener,
 )
 from qmpd.server.plan import StartupError, StartupPlan
 from qmpd.server.qtest import QtestProtocol

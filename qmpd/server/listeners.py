@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["BindError", "OwnedPath", "UnixListener", "TcpListener", "Listener", "open_listener",
-           "UnixConnector", "TcpConnector", "Connector", "open_connector"]
+           "UnixConnector", "TcpConnector", "Connector", "open_connector", "connector_label"]
 
 
 @dataclass(frozen=True, slots=True)
