@@ -31,6 +31,7 @@ from typing import Any
 
 from qmpd.block.drivers import DRIVERS, OpenContext
 from qmpd.block.errors import NodeInUse, NodeNameError, NodeNotFound, NodeOpenError
+from qmpd.block.io import IOPool, shared_pool
 from qmpd.block.node import BlockNode
 from qmpd.block.persist import BitmapStateDir
 
@@ -56,11 +57,14 @@ class BlockGraph:
         *,
         device_names: Callable[[], Container[str]] | None = None,
         rng: random.Random | None = None,
+        pool: IOPool | None = None,
         bitmap_state: BitmapStateDir | None = None,
         emit_event: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         #: Drivers report events (BLOCK_IMAGE_CORRUPTED) through this.
         self.emit_event = emit_event
+        #: Worker threads for every file the graph's nodes open.
+        self.pool = pool or shared_pool()
         #: Named nodes in QEMU's naming order (the reverse of the listing).
         self._nodes: dict[str, BlockNode] = {}
         self._counter = 0
@@ -259,7 +263,7 @@ class BlockGraph:
 
         ctx = OpenContext(
             name, read_only, bool(cache.get("direct", False)), ctx_open_child, self.lookup_node,
-            self.emit_event,
+            self.pool, self.emit_event,
         )
         self._opening.append(name)
         try:
@@ -335,14 +339,15 @@ class BlockGraph:
         """blockdev-del's refusals, in QEMU's order.
 
         :raise NodeNotFound: ``"Failed to find node with node-name='%s'"``.
-        :raise NodeInUse: ``"Node %s is in use"`` (attached to a device), the
+        :raise NodeInUse: ``"Node %s is in use"`` (attached to a device or
+            an export), the
             op-blocker text, ``"Node %s is not owned by the monitor"``,
             ``"Block device %s is in use"`` (a parent or holder references it).
         """
         node = self._nodes.get(name)
         if node is None:
             raise NodeNotFound(f"Failed to find node with node-name='{name}'")
-        if node.backend is not None:
+        if node.backend is not None or node.anonymous_backends:
             raise NodeInUse(f"Node {name} is in use")
         node.check_not_busy()
         if not node.owned_by_monitor:
@@ -372,6 +377,9 @@ class BlockGraph:
             await node.flush()
         except OSError:
             pass
+        settle = getattr(node.driver, "settle", None)
+        if settle is not None:
+            await settle()  # background work of the driver (timed-out copies)
         if self.bitmap_state is not None:
             await self.bitmap_state.detach(node)
         for child in node.detach_children():

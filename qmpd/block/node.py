@@ -104,6 +104,9 @@ class BlockNode:
         self.owned_by_monitor = owned_by_monitor
         #: Name of a BlockBackend this node is attached to (qmpd has none so far).
         self.backend: str | None = None
+        #: Anonymous BlockBackends on this node (an NBD export each), which
+        #: make blockdev-del answer "Node %s is in use" as a device does.
+        self.anonymous_backends = 0
         #: Op-blocker reasons, newest last ("block device is in use by ...").
         self.blockers: list[str] = []
         #: Extra references held by jobs etc. (see :meth:`hold`).
