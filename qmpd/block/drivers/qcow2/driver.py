@@ -99,6 +99,10 @@ class Qcow2Driver(BaseDriver):
         node = self._node
         if node is None or self.image.read_only or self.image.dead:
             return
+        await self._store_bitmaps(node)
+        await self.image.trim()
+
+    async def _store_bitmaps(self, node: BlockNode) -> None:
         keep = [StoredBitmap(bm.name, bm.granularity, not bm.disabled, bm.inconsistent,
                              b"" if bm.inconsistent else bm.hbitmap.to_bytes_le())
                 for bm in reversed(list(node.bitmaps)) if bm.persistent and bm.name is not None]
@@ -259,7 +263,7 @@ async def open_qcow2(
     cache = _l2_cache_bytes(options, h, g)
     image = Qcow2Image(
         file, h, [e for e in l1], refs, backing=backing, read_only=ctx.read_only,
-        l2_cache_bytes=cache, grow=_grower(file), file_length=flen,
+        l2_cache_bytes=cache, grow=_grower(file), file_length=flen, shrink=_shrinker(file),
         pass_discard=bool(options.get("pass-discard-request", options.get("discard") in ("unmap", "on"))),
     )
     drv = Qcow2Driver(file, image, backing, options)
@@ -290,6 +294,16 @@ def _grower(file: BlockNode) -> Callable[[int], Any]:
         if size > file.length:
             await truncate(size)
     return grow
+
+
+def _shrinker(file: BlockNode) -> Callable[[int], Any] | None:
+    truncate = getattr(file.driver, "truncate", None)
+    if truncate is None:
+        return None
+
+    async def shrink(size: int) -> None:
+        await truncate(size)
+    return shrink
 
 
 async def _open_backing(options: Mapping[str, Any], ctx: OpenContext, h: Header,

@@ -76,7 +76,8 @@ class Qcow2Image:
 
     def __init__(self, file: ChildIO, header: Header, l1: list[int], refs: RefcountState, *,
                  backing: ChildIO | None, read_only: bool, l2_cache_bytes: int,
-                 grow: Grow, file_length: int, pass_discard: bool = False) -> None:
+                 grow: Grow, file_length: int, pass_discard: bool = False,
+                 shrink: Grow | None = None) -> None:
         self.file = file
         self.header = header
         self.g = Geometry(header.cluster_bits)
@@ -86,6 +87,9 @@ class Qcow2Image:
         self.read_only = read_only
         self.cache = L2Cache(self.g.cluster_size, l2_cache_bytes)
         self._grow = grow
+        self._shrink = shrink
+        #: File length when opened: :meth:`trim` never cuts below it.
+        self.opened_length = file_length
         self.file_length = file_length
         self.pass_discard = pass_discard
         self.lock = asyncio.Lock()
@@ -368,9 +372,14 @@ class Qcow2Image:
 
     async def _commit(self, data_writes: list[tuple[int, bytes | bytearray | memoryview]],
                       frees: list[Mapping]) -> None:
-        await self._write_refcounts()
-        for host, buf in data_writes:
-            await self._file_write(host, buf)
+        # Refcounts and data do not depend on each other; both must land
+        # before the L2/L1 entries that point at the new clusters.
+        if data_writes:
+            await self._ensure_length(max(h + len(b) for h, b in data_writes))
+            await asyncio.gather(self._write_refcounts(),
+                                 *(self.file.write(h, b) for h, b in data_writes))
+        else:
+            await self._write_refcounts()
         for off, buf in self.cache.take_dirty():
             await self._file_write(off, buf)
         if self._l1_dirty:
@@ -410,12 +419,28 @@ class Qcow2Image:
                 self.header.refcount_table_clusters = tclusters
                 await self.file.write(48, toff.to_bytes(8, "big") + tclusters.to_bytes(4, "big"))
 
+    async def _ensure_length(self, end: int) -> None:
+        """Grow the file to hold ``end`` bytes, ahead in steps of 1/8 of its
+        size (1 to 64 MiB) so sequential allocation does not resize on every
+        request; :meth:`trim` gives the excess back at close."""
+        if end <= self.file_length:
+            return
+        cs = self.g.cluster_size
+        step = min(max(self.file_length // 8, 1 << 20), 64 << 20)
+        new_len = -(-max(end, self.file_length + step) // cs) * cs
+        await self._grow(new_len)
+        self.file_length = max(self.file_length, new_len)
+
+    async def trim(self) -> None:
+        """Truncate the file after the last cluster in use (closing)."""
+        used = self.refs.end() << self.g.cluster_bits
+        used = max(used, self.opened_length)
+        if used < self.file_length and self._shrink is not None:
+            await self._shrink(used)
+            self.file_length = used
+
     async def _file_write(self, off: int, buf: bytes | bytearray | memoryview) -> None:
-        end = off + len(buf)
-        if end > self.file_length:
-            new_len = -(-end // self.g.cluster_size) * self.g.cluster_size
-            await self._grow(new_len)
-            self.file_length = new_len
+        await self._ensure_length(off + len(buf))
         await self.file.write(off, buf)
 
     # ------------------------------------------------------------ zeroes, discard
