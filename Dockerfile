@@ -11,7 +11,12 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY qmpd ./qmpd
 COPY schema ./schema
-RUN pip install --no-cache-dir . && rm -rf /src
+RUN pip install --no-cache-dir . && rm -rf /src \
+    && useradd --system --uid 10001 --user-group --home-dir /run/qmpd --shell /usr/sbin/nologin qmpd \
+    && mkdir -p /run/qmpd && chown qmpd:qmpd /run/qmpd
+# Not root: a client can only reach what this user may (add --allowed-dir to confine further).
+USER qmpd
+WORKDIR /run/qmpd
 VOLUME ["/run/qmpd"]
 EXPOSE 8420
 ENTRYPOINT ["qmpd"]

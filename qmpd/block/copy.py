@@ -38,7 +38,6 @@ target's contents are the same as on the generic path.
 from __future__ import annotations
 
 import asyncio
-import errno
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -57,8 +56,6 @@ DEFAULT_CLUSTER = 64 * 1024
 MAX_CHUNK = 1 << 20
 #: Most chunks dispatched as one request on the fast path.
 _BATCH = 32
-#: Errors of copy_file_range(2) that can only come from the target.
-_TARGET_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 class ProgressSink(Protocol):
@@ -245,26 +242,34 @@ class BlockCopy:
 
     async def _run_group(self, group: list[_Chunk], is_data: bool) -> CopyFailure | None:
         """Copy started chunks that are contiguous and of one kind with one
-        I/O request (one chunk except on the fast path)."""
+        I/O request (one chunk except on the fast path).
+
+        When the fast path fails, each chunk is redone with a separate read
+        and write: that tells a failed read from a failed write (the kernel's
+        copy_file_range errno cannot), and the chunks that do succeed count
+        as done, so the job's offset is what was really written.
+        """
         failure: CopyFailure | None = None
-        ok = False
+        ended = 0
         try:
             start = group[0].start
             nbytes = min(group[-1].start + group[-1].length, self.len) - start
-            if is_data and len(group) > 1:
-                failure = await self._copy_many(group)
-            elif not is_data:
+            if not is_data:
                 try:
                     await self._write_zeroes(start, nbytes)
                 except BlockIOError as exc:
                     failure = CopyFailure(exc, False)
-            else:
-                failure = await self._copy_data(start, nbytes)
-            ok = failure is None
+            elif not await self._copy_fast(group):
+                for chunk in group:
+                    failure = await self._copy_slow(chunk.start, min(chunk.length, self.len - chunk.start))
+                    if failure is not None:
+                        break
+                    self._end_chunk(chunk, True)
+                    ended += 1
             return failure
         finally:
-            for chunk in group:
-                self._end_chunk(chunk, ok)
+            for chunk in group[ended:]:
+                self._end_chunk(chunk, failure is None)
 
     async def _write_zeroes(self, offset: int, nbytes: int) -> None:
         """Zero a range of the target; on the fast path a range the target
@@ -279,10 +284,15 @@ class BlockCopy:
                 return
         await self.target.write_zeroes(offset, nbytes)
 
-    async def _copy_many(self, group: list[_Chunk]) -> CopyFailure | None:
-        """Fast path: copy data chunks (contiguous or not) in one pool job."""
+    async def _copy_fast(self, group: list[_Chunk]) -> bool:
+        """Copy data chunks (contiguous or not) file to file in one pool job.
+
+        :return: False when there is no fast path or it failed (the caller
+            redoes the chunks through the nodes).
+        """
         fast = self._fast_path()
-        assert fast is not None
+        if fast is None:
+            return False
         src, dst = fast
         ranges: list[tuple[int, int]] = []
         for ch in group:
@@ -293,29 +303,19 @@ class BlockCopy:
                 ranges.append((ch.start, n))
         mark_read(src, sum(n for _, n in ranges))
         try:
-            await write_direct(
-                dst, ranges, lambda: copy_ranges(src.image, src.base, dst.image, dst.base, ranges)
-            )
-        except BlockIOError as exc:
-            return CopyFailure(exc, exc.errno not in _TARGET_ERRNOS)
-        return None
+            if len(ranges) == 1:
+                offset, n = ranges[0]
+                await write_direct(dst, ranges, lambda: copy_range(
+                    src.image, src.base + offset, dst.image, dst.base + offset, n))
+            else:
+                await write_direct(dst, ranges, lambda: copy_ranges(
+                    src.image, src.base, dst.image, dst.base, ranges))
+        except BlockIOError:
+            return False
+        return True
 
-    async def _copy_data(self, offset: int, nbytes: int) -> CopyFailure | None:
-        fast = self._fast_path()
-        if fast is not None:
-            src, dst = fast
-            mark_read(src, nbytes)
-            try:
-                await write_direct(
-                    dst,
-                    ((offset, nbytes),),
-                    lambda: copy_range(src.image, src.base + offset, dst.image, dst.base + offset, nbytes),
-                )
-            except BlockIOError as exc:
-                # Tell a failed read from a failed write as far as the
-                # kernel lets us: ENOSPC/EDQUOT/EFBIG/EROFS are the target's.
-                return CopyFailure(exc, exc.errno not in _TARGET_ERRNOS)
-            return None
+    async def _copy_slow(self, offset: int, nbytes: int) -> CopyFailure | None:
+        """Read from the source node, then write to the target node."""
         try:
             data = await self.source.read(offset, nbytes)
         except BlockIOError as exc:

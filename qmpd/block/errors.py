@@ -68,4 +68,4 @@ class BlockIOError(OSError):
         if isinstance(exc, BlockIOError):
             return exc
         err = exc.errno if exc.errno is not None else _errno.EIO
-        return cls(err)
+        return cls(err, exc.strerror if isinstance(exc.strerror, str) and exc.errno is not None else None)

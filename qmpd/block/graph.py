@@ -31,6 +31,7 @@ from typing import Any
 
 from qmpd.block.drivers import DRIVERS, OpenContext
 from qmpd.block.errors import NodeInUse, NodeNameError, NodeNotFound, NodeOpenError
+from qmpd.block.io import IOPool, shared_pool
 from qmpd.block.node import BlockNode
 from qmpd.block.persist import BitmapStateDir
 
@@ -56,8 +57,11 @@ class BlockGraph:
         *,
         device_names: Callable[[], Container[str]] | None = None,
         rng: random.Random | None = None,
+        pool: IOPool | None = None,
         bitmap_state: BitmapStateDir | None = None,
     ) -> None:
+        #: Worker threads for every file the graph's nodes open.
+        self.pool = pool or shared_pool()
         #: Named nodes in QEMU's naming order (the reverse of the listing).
         self._nodes: dict[str, BlockNode] = {}
         self._counter = 0
@@ -255,7 +259,8 @@ class BlockGraph:
             return early.pop(role) if role in early else await open_child(ref, role)
 
         ctx = OpenContext(
-            name, read_only, bool(cache.get("direct", False)), ctx_open_child, self.lookup_node
+            name, read_only, bool(cache.get("direct", False)), ctx_open_child, self.lookup_node,
+            self.pool,
         )
         self._opening.append(name)
         try:
@@ -365,6 +370,9 @@ class BlockGraph:
             await node.flush()
         except OSError:
             pass
+        settle = getattr(node.driver, "settle", None)
+        if settle is not None:
+            await settle()  # background work of the driver (timed-out copies)
         if self.bitmap_state is not None:
             await self.bitmap_state.detach(node)
         for child in node.detach_children():

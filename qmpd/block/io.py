@@ -2,8 +2,9 @@
 
 This is the only module that opens image files or calls ``pread``,
 ``pwrite``, ``fallocate``, ``fdatasync``, ``lseek(SEEK_DATA/SEEK_HOLE)``,
-``ftruncate`` or ``copy_file_range``.  Blocking calls go through one bounded
-:class:`~concurrent.futures.ThreadPoolExecutor`; callers only ``await``.
+``ftruncate`` or ``copy_file_range``.  Blocking calls run in an
+:class:`IOPool` (the daemon owns one; files opened without one use a shared
+pool); callers only ``await``.
 
 Failures surface as :class:`~qmpd.block.errors.BlockIOError` carrying the
 errno.  Example::
@@ -22,14 +23,17 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import queue
 import stat
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from qmpd.block.confine import Confinement
 from qmpd.block.errors import BlockIOError
 
-__all__ = ["ImageFile", "copy_range", "copy_ranges", "create_file", "run_blocking", "set_max_workers",
+__all__ = ["IOPool", "ImageFile", "NotRegularFile", "copy_range", "copy_ranges", "create_file",
+           "run_blocking", "shared_pool",
            "make_private_dir", "open_state_file", "read_state_file", "remove_state_file",
            "real_path", "replace_file_durably", "stat_path", "StateFile"]
 
@@ -46,32 +50,128 @@ _ZEROS = bytes(_ZERO_CHUNK)
 #: Largest read tried on the event loop from the page cache (RWF_NOWAIT).
 _NOWAIT_MAX = 1 << 20
 
-_max_workers = 8
-_executor: ThreadPoolExecutor | None = None
+
+class IOPool:
+    """Worker threads for blocking file calls, owned by whoever creates it
+    (the daemon creates one and passes it down through the block graph).
+
+    The threads are daemon threads and :meth:`shutdown` never waits for
+    them: a call stuck in the kernel (a hung FUSE or NFS server) cannot
+    keep the process from exiting.  Threads start on demand, up to
+    ``max_workers``.
+    """
+
+    def __init__(self, max_workers: int = 8, name: str = "qmpd-io",
+                 confinement: Confinement | None = None) -> None:
+        #: ``--allowed-dir``: image paths opened or created through this pool
+        #: must resolve beneath these directories (None: anywhere).
+        self.confinement = confinement
+        self._max = max(1, max_workers)
+        self._name = name
+        self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._busy = 0
+        self._mutex = threading.Lock()
+        self._closed = False
+        self._pid = os.getpid()
+
+    def _after_fork(self) -> None:
+        """A forked child has none of the parent's threads: start afresh."""
+        self._queue = queue.SimpleQueue()
+        self._threads = []
+        self._idle = self._busy = 0
+        self._mutex = threading.Lock()
+        self._pid = os.getpid()
+
+    @property
+    def busy(self) -> int:
+        """Calls running or queued right now."""
+        return self._busy
+
+    async def run(self, fn: Callable[..., _T], *args: object) -> _T:
+        """Run the blocking ``fn(*args)`` in a worker; OSError becomes BlockIOError."""
+        if self._closed:
+            raise BlockIOError(errno.ESHUTDOWN)
+        if self._pid != os.getpid():
+            self._after_fork()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[_T] = loop.create_future()
+        with self._mutex:
+            self._busy += 1
+            if self._idle == 0 and len(self._threads) < self._max:
+                thread = threading.Thread(target=self._work, name=f"{self._name}-{len(self._threads)}",
+                                          daemon=True)
+                self._threads.append(thread)
+                thread.start()
+        self._queue.put((fn, args, fut, loop))
+        try:
+            return await fut
+        except OSError as exc:
+            raise BlockIOError.from_oserror(exc) from exc
+
+    def _work(self) -> None:
+        while True:
+            with self._mutex:
+                self._idle += 1
+            item = self._queue.get()
+            with self._mutex:
+                self._idle -= 1
+            if item is None:
+                return
+            fn, args, fut, loop = item
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                self._deliver(loop, fut, None, exc)
+            else:
+                self._deliver(loop, fut, result, None)
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any],
+                 result: object, exc: BaseException | None) -> None:
+        with self._mutex:
+            self._busy -= 1
+        try:
+            loop.call_soon_threadsafe(_settle, fut, result, exc)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    def shutdown(self) -> None:
+        """Refuse new calls and let idle workers end; never waits."""
+        self._closed = True
+        for _ in self._threads:
+            self._queue.put(None)
 
 
-def set_max_workers(n: int) -> None:
-    """Size the I/O thread pool (takes effect before the first request)."""
-    global _max_workers
-    _max_workers = max(1, n)
+_Work = tuple[Callable[..., Any], tuple[object, ...], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _executor
-    if _executor is None:
-        _executor = ThreadPoolExecutor(_max_workers, thread_name_prefix="qmpd-io")
-    return _executor
+def _settle(fut: asyncio.Future[Any], result: object, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
 
 
-async def run_blocking(fn: Callable[..., _T], *args: object) -> _T:
-    """Run the blocking ``fn(*args)`` in the I/O pool; OSError becomes
+_shared: IOPool | None = None
+
+
+def shared_pool() -> IOPool:
+    """The pool of callers that bring none (tests, library use); the
+    daemon never uses it."""
+    global _shared
+    if _shared is None:
+        _shared = IOPool()
+    return _shared
+
+
+async def run_blocking(fn: Callable[..., _T], *args: object, pool: IOPool | None = None) -> _T:
+    """Run the blocking ``fn(*args)`` in ``pool``; OSError becomes
     BlockIOError.  For callers outside this module that must run blocking
     work next to the file I/O (they must not touch image files themselves)."""
-    loop = asyncio.get_running_loop()
-    try:
-        return await loop.run_in_executor(_pool(), fn, *args)
-    except OSError as exc:
-        raise BlockIOError.from_oserror(exc) from exc
+    return await (pool or shared_pool()).run(fn, *args)
 
 
 def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
@@ -263,20 +363,44 @@ def _copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int) -> 
         done += n
 
 
-def _open(path: str, flags: int) -> int:
-    fd = os.open(path, flags, 0o600)
+class NotRegularFile(BlockIOError):
+    """The path is not a regular file (a FIFO, a device, a socket...)."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EINVAL)
+
+
+def _open(path: str, flags: int, confinement: Confinement | None = None) -> int:
+    # O_NONBLOCK: opening a FIFO must not wait for a writer (QEMU hangs
+    # there); it is refused below like any file that is not regular.
+    if confinement is not None:
+        fd = confinement.open(path, flags | os.O_NONBLOCK, 0o600)
+    else:
+        fd = os.open(path, flags | os.O_NONBLOCK, 0o600)
     try:
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
             raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile()
+        os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def _create(path: str, size: int) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+def _create(path: str, size: int, confinement: Confinement | None = None) -> None:
+    # Mode 0600: a backup of a private image must not become world-readable.
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+    if confinement is not None:
+        fd = confinement.open(path, flags, 0o600)
+    else:
+        fd = os.open(path, flags, 0o600)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        os.set_blocking(fd, True)
         os.ftruncate(fd, 0)
         os.ftruncate(fd, size)
     finally:
@@ -289,9 +413,11 @@ def _create(path: str, size: int) -> None:
 class ImageFile:
     """An open image file; every method but :meth:`close` runs in the pool."""
 
-    __slots__ = ("path", "fd", "read_only")
+    __slots__ = ("path", "fd", "read_only", "pool")
 
-    def __init__(self, path: str, fd: int, read_only: bool) -> None:
+    def __init__(self, path: str, fd: int, read_only: bool, pool: IOPool | None = None) -> None:
+        #: The worker threads that run this file's calls.
+        self.pool = pool or shared_pool()
         #: Path as given by the user.
         self.path = path
         #: The open file descriptor (-1 once closed).
@@ -300,46 +426,49 @@ class ImageFile:
         self.read_only = read_only
 
     @classmethod
-    async def open(cls, path: str, *, read_only: bool = False, direct: bool = False) -> ImageFile:
+    async def open(cls, path: str, *, read_only: bool = False, direct: bool = False,
+                   pool: IOPool | None = None) -> ImageFile:
         """Open ``path`` (O_RDONLY when ``read_only``, O_DIRECT when ``direct``).
 
+        :raise NotRegularFile: ``path`` is a FIFO, device or socket.
         :raise BlockIOError: with the errno of open(2), e.g. ENOENT.
         """
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         if direct:
             flags |= getattr(os, "O_DIRECT", 0)
-        fd = await run_blocking(_open, path, flags)
-        return cls(path, fd, read_only)
+        pool = pool or shared_pool()
+        fd = await pool.run(_open, path, flags, pool.confinement)
+        return cls(path, fd, read_only, pool)
 
     async def read(self, offset: int, length: int) -> bytes:
         """:return: ``length`` bytes at ``offset`` (zeros past EOF)."""
-        return await run_blocking(_pread, self.fd, offset, length)
+        return await self.pool.run(_pread, self.fd, offset, length)
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` from ``offset`` with preadv (no intermediate copy)."""
-        await run_blocking(_preadinto, self.fd, offset, buf)
+        await self.pool.run(_preadinto, self.fd, offset, buf)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data`` at ``offset``."""
-        await run_blocking(_pwrite, self.fd, offset, data)
+        await self.pool.run(_pwrite, self.fd, offset, data)
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
         """Zero a range: punch a hole if ``may_unmap``, else zero-range, else
         punch + re-allocate, else write zero buffers."""
-        await run_blocking(_write_zeroes, self.fd, offset, length, may_unmap)
+        await self.pool.run(_write_zeroes, self.fd, offset, length, may_unmap)
 
     async def discard(self, offset: int, length: int) -> None:
         """Punch a hole (a no-op where the file system cannot)."""
-        await run_blocking(_discard, self.fd, offset, length)
+        await self.pool.run(_discard, self.fd, offset, length)
 
     async def flush(self) -> None:
         """fdatasync(2)."""
-        await run_blocking(os.fdatasync, self.fd)
+        await self.pool.run(os.fdatasync, self.fd)
 
     async def block_status(self, offset: int, length: int) -> tuple[bool, int]:
         """:return: ``(is_data, n)``: the first ``n`` (>= 1, <= length) bytes
         from ``offset`` are all data or all hole, per SEEK_DATA/SEEK_HOLE."""
-        return await run_blocking(_block_status, self.fd, offset, length)
+        return await self.pool.run(_block_status, self.fd, offset, length)
 
     def read_sparse_cached(self, offset: int, length: int, *,
                            base: int = 0) -> list[tuple[int, bytes | bytearray | int]] | None:
@@ -360,11 +489,11 @@ class ImageFile:
         cached = self.read_sparse_cached(offset, length, base=base)
         if cached is not None:
             return cached
-        return await run_blocking(_read_sparse, self.fd, offset, length, base)
+        return await self.pool.run(_read_sparse, self.fd, offset, length, base)
 
     async def size(self) -> int:
         """:return: the file size in bytes."""
-        st = await run_blocking(os.fstat, self.fd)
+        st = await self.pool.run(os.fstat, self.fd)
         return st.st_size
 
     def allocated_size(self) -> int:
@@ -379,7 +508,7 @@ class ImageFile:
 
     async def truncate(self, size: int) -> None:
         """ftruncate(2) to ``size`` bytes."""
-        await run_blocking(os.ftruncate, self.fd, size)
+        await self.pool.run(os.ftruncate, self.fd, size)
 
     def close(self) -> None:
         """Close the descriptor (idempotent)."""
@@ -391,7 +520,7 @@ class ImageFile:
 async def copy_range(src: ImageFile, src_off: int, dst: ImageFile, dst_off: int, length: int) -> None:
     """Copy ``length`` bytes with copy_file_range(2), falling back to
     preadv/pwrite through one buffer when the kernel refuses."""
-    await run_blocking(_copy_range, src.fd, src_off, dst.fd, dst_off, length)
+    await src.pool.run(_copy_range, src.fd, src_off, dst.fd, dst_off, length)
 
 
 def _copy_ranges(src: int, src_base: int, dst: int, dst_base: int,
@@ -405,13 +534,14 @@ async def copy_ranges(src: ImageFile, src_base: int, dst: ImageFile, dst_base: i
     """Copy each ``(offset, length)`` of ``ranges`` from ``src_base + offset``
     to ``dst_base + offset`` as :func:`copy_range` does, all in one job of
     the I/O pool (block-copy's batched fast path)."""
-    await run_blocking(_copy_ranges, src.fd, src_base, dst.fd, dst_base, list(ranges))
+    await src.pool.run(_copy_ranges, src.fd, src_base, dst.fd, dst_base, list(ranges))
 
 
-async def create_file(path: str, size: int) -> None:
+async def create_file(path: str, size: int, pool: IOPool | None = None) -> None:
     """Create or truncate ``path`` to a sparse file of ``size`` bytes
     (``blockdev-create`` driver ``file``)."""
-    await run_blocking(_create, path, size)
+    pool = pool or shared_pool()
+    await pool.run(_create, path, size, pool.confinement)
 
 
 # --- state files (persistent bitmaps) --------------------------------------

@@ -96,6 +96,8 @@ class NodeJournal:
 
     def __init__(self, owner: BitmapStateDir, node: BlockNode, image: str, stem: str) -> None:
         self.owner = owner
+        #: A read-only node: bitmaps are loaded ``readonly`` and never stored.
+        self.read_only = node.read_only
         self.node = node
         #: Real path of the image file.
         self.image = image
@@ -194,6 +196,8 @@ class NodeJournal:
 
         :raise BlockIOError: the state directory could not be written.
         """
+        if self.read_only:
+            return
         async with self._store_lock:
             records = self._records()
             if records and self._file is None:
@@ -267,7 +271,8 @@ class NodeJournal:
         current = _identity(await stat_path(self.image))
         if data is None:
             return  # no files until a persistent bitmap is added
-        self._file = await open_state_file(self.intent_path)
+        if not self.read_only:
+            self._file = await open_state_file(self.intent_path)
         try:
             snap = decode_snapshot(data)
         except JournalFormatError as exc:
@@ -302,6 +307,7 @@ class NodeJournal:
             bm = self.node.bitmaps.add(rec.name, rec.granularity, persistent=True,
                                        disabled=bad or not rec.recording)
             bm.inconsistent = bad
+            bm.readonly = self.read_only
             if not bad and recovered is not None:
                 bm.hbitmap.merge_from(recovered[i])
         if reason is not None and snap.records:
@@ -309,6 +315,8 @@ class NodeJournal:
                         self.image, ", ".join(r.name for r in snap.records), reason)
         elif not snap.clean:
             log.info("bitmaps of %s recovered from the journal after an unclean stop", self.image)
+        if self.read_only:
+            return
         self.active = any(bm.persistent for bm in self.node.bitmaps)
         if snap.clean or reason is not None:
             # Clear the CLEAN flag before the first write (and keep the
@@ -336,6 +344,8 @@ class NodeJournal:
             self._timer = None
         if self._flusher is not None:
             await asyncio.wait([self._flusher])
+        if self.read_only:
+            return
         try:
             await self.store(clean=True)
         finally:
@@ -375,13 +385,15 @@ class BitmapStateDir:
     async def attach(self, node: BlockNode, image: str | None = None) -> NodeJournal | None:
         """Give ``node`` a journal if it is a raw node over a file (or
         ``image`` is given), load its bitmaps and let it accept
-        ``persistent: true``.  State-directory errors are logged; the node
-        then stays without persistence.
+        ``persistent: true``.  A read-only node gets its stored bitmaps
+        ``readonly`` (refused by clear, merge into and remove, as QEMU does
+        for a read-only qcow2) and stores nothing.  State-directory errors
+        are logged; the node then stays without persistence.
 
         :return: the journal, or None.
         """
         image = image or image_path_of(node)
-        if image is None or node.read_only:
+        if image is None:
             return None
         try:
             await self.prepare()
@@ -401,6 +413,11 @@ class BitmapStateDir:
             node.bitmaps.can_store_persistent = False
             self._forget(node)
             return None
+        if journal.read_only:
+            # Loaded ``readonly`` as QEMU loads a read-only qcow2's bitmaps;
+            # nothing is ever stored from this node.
+            node.bitmaps.can_store_persistent = False
+            return journal
         node.write_ahead = journal
         return journal
 

@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from qmpd import __version__
+from qmpd.cli.hardening import add_options as add_hardening_options
+from qmpd.cli.hardening import limits_from_args, write_pidfile
 from qmpd.cli.options import OptionError, parse_bool, parse_option_string
 from qmpd.commands.context import DaemonConfig
 from qmpd.server.listeners import Listener, TcpListener, UnixListener
@@ -78,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["debug", "info", "warning", "error"],
                    help="stderr log level (default %(default)s)")
     p.add_argument("--trace-qmp", action="store_true", help="log every QMP message in and out")
+    # --- hardening options (issue 7): limits, confinement --------------------
+    add_hardening_options(p)
+    # --- end of hardening options -----------------------------------------------
     _add_web_options(p)
     return p
 
@@ -228,7 +233,8 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
                  ready: Callable[[], None]) -> int:
     from qmpd.server.daemon import Daemon
 
-    daemon = Daemon(config, listeners, trace=args.trace_qmp)
+    daemon = Daemon(config, listeners, trace=args.trace_qmp, limits=limits_from_args(args),
+                    allowed_dirs=args.allowed_dir)
     daemon.setup()
     # Before anything listens: a signal right after a socket appears shuts down cleanly.
     loop = asyncio.get_running_loop()
@@ -236,6 +242,7 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
         loop.add_signal_handler(
             sig, lambda: daemon.spawn(daemon.request_shutdown("host-signal"), "signal")
         )
+    pidfile = None
     web_server = None
     try:
         await daemon.add_blockdevs(args.blockdev)
@@ -247,8 +254,14 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
         await daemon.cleanup()
         return 1
     if args.pidfile:
-        with open(args.pidfile, "w", encoding="ascii") as f:
-            f.write(f"{os.getpid()}\n")
+        try:
+            pidfile = write_pidfile(args.pidfile)
+        except OSError as err:
+            sys.stderr.write(f"qmpd: {err}\n")
+            if web_server is not None:
+                await web_server.stop()
+            await daemon.cleanup()
+            return 1
     ready()
     try:
         await daemon.wait_stopped()
@@ -256,11 +269,8 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
         if web_server is not None:
             await web_server.stop()
         await daemon.cleanup()
-        if args.pidfile:
-            try:
-                os.unlink(args.pidfile)
-            except FileNotFoundError:
-                pass
+        if pidfile is not None:
+            pidfile.remove()
     return 0
 
 

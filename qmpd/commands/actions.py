@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from qmpd.commands.context import CommandContext
     from qmpd.jobs import JobTxn
 
-__all__ = ["Action", "ActionFactory", "BaseAction", "TxnContext", "ACTIONS", "action", "run_actions"]
+__all__ = ["Action", "ActionFactory", "BaseAction", "TxnContext", "ACTIONS", "action", "freeze_actions",
+           "run_actions"]
 
 
 class Action(Protocol):
@@ -71,12 +72,21 @@ ActionFactory = Callable[["CommandContext", Any, TxnContext], Action]
 
 #: kind (QAPI ``TransactionActionKind`` value) -> factory(ctx, data model, txn)
 ACTIONS: dict[str, ActionFactory] = {}
+_frozen = False
+
+
+def freeze_actions() -> None:
+    """No more :func:`action` registrations (the daemon calls this in setup)."""
+    global _frozen
+    _frozen = True
 
 
 def action(kind: str) -> Callable[[ActionFactory], ActionFactory]:
     """Decorator registering the factory of transaction action ``kind``."""
 
     def register(factory: ActionFactory) -> ActionFactory:
+        if _frozen:
+            raise RuntimeError(f"action table frozen; cannot register {kind!r}")
         if kind in ACTIONS:
             raise RuntimeError(f"transaction action {kind!r} registered twice")
         ACTIONS[kind] = factory

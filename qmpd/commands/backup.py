@@ -13,6 +13,7 @@ backup of the transaction joins the transaction's :class:`JobTxn`.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from qmpd.block import BlockGraph, BlockNode
@@ -27,7 +28,7 @@ from qmpd.commands.registry import command
 from qmpd.errors import GenericError
 from qmpd.jobs import OnError
 from qmpd.jobs.backup import BackupJob
-from qmpd.jobs.backup_setup import BackupOptions, create_backup
+from qmpd.jobs.backup_setup import BackupOptions, create_backup, file_locks
 from qmpd.jobs.create import CreateFileJob
 from qmpd.qapi.models import (
     BackupCommon,
@@ -104,6 +105,24 @@ class BlockdevBackupAction(BaseAction):
             await jobs_of(self.ctx).abort_created(self.job)
 
 
+def _refuse_own_source(source: BlockNode, path: str) -> None:
+    """Creating (truncating) the target must not destroy the source itself.
+
+    QEMU 7.2 formats the file first and only then fails to take the lock
+    (the source's data is gone); qmpd refuses before touching it, with the
+    error QEMU ends up giving.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    for locks in file_locks(source):
+        if locks.fd >= 0:
+            own = os.fstat(locks.fd)
+            if (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino):
+                raise GenericError('Failed to get shared "write" lock')
+
+
 class DriveBackupAction(BlockdevBackupAction):
     """The ``drive-backup`` transaction action: opens (and with
     ``mode: absolute-paths`` creates or truncates) a raw target file that
@@ -123,8 +142,9 @@ class DriveBackupAction(BlockdevBackupAction):
         if fmt not in (None, "raw", "file"):
             raise GenericError(f"Unknown file format '{fmt}'")
         if not existing:
+            _refuse_own_source(source, d.target)
             try:
-                await create_file(d.target, source.length)
+                await create_file(d.target, source.length, pool=graph.pool)
             except BlockIOError as exc:
                 raise GenericError(f"Could not create '{d.target}': {exc.strerror}") from exc
             logger.info("Formatting '%s', fmt=%s size=%d", d.target, fmt, source.length)
@@ -183,5 +203,6 @@ async def blockdev_create(ctx: CommandContext, args: BlockdevCreateArgs) -> None
         raise GenericError("Driver does not support blockdev-create")
     prealloc = "off" if opts.preallocation is None else str(opts.preallocation)
     mgr = jobs_of(ctx)
-    job = mgr.create(CreateFileJob(args.job_id, opts.filename, opts.size, prealloc))
+    job = mgr.create(CreateFileJob(args.job_id, opts.filename, opts.size, prealloc,
+                                   pool=graph_of(ctx).pool))
     mgr.start(job)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from qmpd.events import EventBus
@@ -106,9 +107,17 @@ class DaemonState:
     start_time: float = 0.0
 
 
+def _stay_attached() -> None:
+    """The default :attr:`CommandContext.detach`: keep the command lock."""
+
+
 @dataclass(slots=True)
 class CommandContext:
     """Passed to every handler."""
 
     state: DaemonState
     session: SessionControl
+    #: ``detach()`` lets other clients' commands that touch no block state
+    #: run while this handler does long I/O (``qemu-io``); commands that do
+    #: touch block state keep waiting until the handler has finished.
+    detach: Callable[[], None] = _stay_attached

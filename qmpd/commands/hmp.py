@@ -116,6 +116,7 @@ async def _qemu_io(ctx: CommandContext, rest: str) -> str:
     assert graph is not None
     # A BlockBackend name first, then a node name; qmpd has only nodes.
     node = graph.lookup(name, device="")
+    ctx.detach()  # long I/O: let block-free commands of other clients through
     output = await run_qemu_io(node, io_cmd)
     for line in output.splitlines():
         log.info("qemu-io %s: %s", name, line)

@@ -14,10 +14,12 @@ translates QMP arguments into a :class:`BackupOptions`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from qmpd.bitmap import DirtyBitmap
-from qmpd.block import BlockGraph, BlockNode
+from qmpd.block import BlockGraph, BlockNode, locking
+from qmpd.block.locking import PermLocks
 from qmpd.block.copy import DEFAULT_CLUSTER, BlockCopy
 from qmpd.block.drivers.cbw import CopyBeforeWrite, insert_filter, remove_filter
 from qmpd.errors import GenericError
@@ -140,7 +142,13 @@ async def create_backup(
                 f"Required max-chunk ({opts.max_chunk}) is less than backup cluster size "
                 f"({job.copy.cluster_size})"
             )
-        jobs.create(job, txn)
+        release = _claim_perms(source, target)
+        try:
+            jobs.create(job, txn)
+        except BaseException:
+            release()
+            raise
+        job.cleanups.append(release)
     except BaseException:
         _undo(graph, job, bitmap)
         raise
@@ -196,6 +204,53 @@ def _check_target_writable(graph: BlockGraph, target: BlockNode, filter_name: st
                 f"'write' are both required by node '{name}' (uses node '{target.node_name}' as "
                 f"'target' child) and unshared by node '{node.node_name}' (uses node '{target.node_name}' "
                 "as 'file' child).")
+
+
+def file_locks(node: BlockNode) -> list[PermLocks]:
+    """The lock holders of the files at the bottom of ``node``'s subtree."""
+    found: list[PermLocks] = []
+    stack = [node]
+    seen: set[int] = set()
+    while stack:
+        cur = stack.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        locks = getattr(cur.driver, "perm_locks", None)
+        if isinstance(locks, PermLocks):
+            found.append(locks)
+        stack.extend(cur.children.values())
+    return found
+
+
+def _claim_perms(source: BlockNode, target: BlockNode) -> Callable[[], None]:
+    """QEMU's permissions of a backup: ``write`` on the target, then
+    ``consistent read`` on the source unsharing ``write`` and ``resize``
+    (so a backup onto its own source, or onto an image another process
+    writes, fails as in QEMU).
+
+    :return: the function that releases the claims (at clean-up).
+    :raise GenericError: QEMU's lock texts; nothing is left claimed.
+    """
+    claims: list[tuple[PermLocks, tuple[int, int]]] = []
+    wanted = [(locks, locking.WRITE, locking.ALL) for locks in file_locks(target)]
+    wanted += [(locks, locking.CONSISTENT_READ, locking.ALL & ~(locking.WRITE | locking.RESIZE))
+               for locks in file_locks(source)]
+    try:
+        for locks, perm, shared in wanted:
+            claims.append((locks, locks.claim(perm, shared)))
+    except (locking.LockConflict, OSError) as exc:
+        for locks, token in claims:
+            locks.release(token)
+        raise GenericError(str(exc) if isinstance(exc, locking.LockConflict)
+                           else f"Failed to lock image: {exc.strerror}") from None
+
+    def release() -> None:
+        for locks, token in claims:
+            locks.release(token)
+        claims.clear()
+
+    return release
 
 
 def _undo(graph: BlockGraph, job: BackupJob, bitmap: DirtyBitmap | None) -> None:

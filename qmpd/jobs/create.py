@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno as _errno
 
 from qmpd.block.errors import BlockIOError
-from qmpd.block.io import ImageFile, create_file
+from qmpd.block.io import ImageFile, IOPool, create_file
 from qmpd.jobs.errors import JobError
 from qmpd.jobs.job import Job
 from qmpd.jobs.status import JobType
@@ -29,8 +29,10 @@ class CreateFileJob(Job):
     job_type = JobType.CREATE
     block_job = False
 
-    def __init__(self, job_id: str, filename: str, size: int, preallocation: str = "off") -> None:
+    def __init__(self, job_id: str, filename: str, size: int, preallocation: str = "off",
+                 pool: IOPool | None = None) -> None:
         super().__init__(job_id, auto_finalize=True, auto_dismiss=False)
+        self.pool = pool
         self.filename = filename
         self.size = size
         self.preallocation = preallocation
@@ -38,9 +40,9 @@ class CreateFileJob(Job):
     async def run(self) -> None:
         self.progress.set_remaining(1)
         try:
-            await create_file(self.filename, self.size)
+            await create_file(self.filename, self.size, pool=self.pool)
             if self.preallocation in ("falloc", "full") and self.size:
-                image = await ImageFile.open(self.filename)
+                image = await ImageFile.open(self.filename, pool=self.pool)
                 try:
                     await image.write_zeroes(0, self.size, may_unmap=False)
                 finally:

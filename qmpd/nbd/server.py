@@ -40,7 +40,9 @@ from qmpd.nbd.exports import Export, ExportSettings
 from qmpd.nbd.protocol import (CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE,
                                MAX_STRING, Closed, Cmd, ExportInfo, Request, ServerConnection,
                                StartTLS)
-from qmpd.server.listeners import Listener, TcpListener, UnixListener, open_listener
+from qmpd.server.listeners import (
+    BindError, Listener, OwnedPath, TcpListener, UnixListener, open_listener,
+)
 
 __all__ = ["NbdServer", "ExportRequest", "BLOCK_EXPORT_DELETED"]
 
@@ -91,7 +93,7 @@ class NbdServer:
         #: Exports in creation order (query-block-exports lists newest first).
         self.exports: dict[str, Export] = {}
         self._server: asyncio.base_events.Server | None = None
-        self._unix_path: str | None = None
+        self._owned: OwnedPath | None = None
         self._slots: asyncio.Semaphore | None = None
         self._clients: set[_Client] = set()
 
@@ -130,12 +132,13 @@ class NbdServer:
             tls = creds.context
         # Without tls-creds QEMU 7.2 accepts and ignores tls-authz; so do we.
         try:
-            self._server = await open_listener(addr, self._protocol)
+            self._server, self._owned = await open_listener(addr, self._protocol)
+        except BindError as exc:
+            raise GenericError(str(exc)) from exc
         except OSError as exc:
             where = addr.path if isinstance(addr, UnixListener) else f"{addr.host}:{addr.port}"
             raise GenericError(f"Failed to bind socket to {where}: {exc.strerror or exc}") from exc
         self.tls = tls
-        self._unix_path = addr.path if isinstance(addr, UnixListener) else None
         self._slots = asyncio.Semaphore(max_connections) if max_connections else None
         log.info("NBD server listening on %s", addr)
 
@@ -164,10 +167,9 @@ class NbdServer:
         if self._server is not None:
             self._server.close()
             self._server = None
-        if self._unix_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._unix_path)
-            self._unix_path = None
+        if self._owned is not None:
+            self._owned.remove()  # only if it is still the socket bound here
+            self._owned = None
 
     def _protocol(self) -> asyncio.Protocol:
         reader = asyncio.StreamReader(limit=1 << 20)

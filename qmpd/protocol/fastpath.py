@@ -41,6 +41,8 @@ _REGION_TAIL = re.compile(
     rb"(?:-?+(?:0(?:\.[0-9]++[eE][+-]?+[0-9]*+|\.[0-9]*+)?+"
     rb"|[1-9][0-9]*+(?:\.[0-9]++[eE][+-]?+[0-9]*+|\.[0-9]*+|[eE][+-]?+[0-9]*+)?+)?+)?+"
 )
+#: One token of a validated region: a separator or a number/keyword run.
+_REGION_TOKEN = re.compile(rb"[:,]|[^ \t\r\n:,]++")
 _STR_BODY = re.compile(rb'[^"\\\x00-\x1f\xfe\xff]*+(?:\\[\x20-\xfd][^"\\\x00-\x1f\xfe\xff]*+)*+')
 _OPEN = {0x7B: 0, 0x5B: 1}
 _CLOSE = {0x7D: 0, 0x5D: 1}
@@ -51,7 +53,7 @@ _FAST_DEPTH = 200
 class Scanner:
     """Incremental bracket scanner for one speculative message."""
 
-    __slots__ = ("start", "pos", "counts", "in_string", "max_depth")
+    __slots__ = ("start", "pos", "counts", "in_string", "max_depth", "tokens")
 
     def __init__(self, max_depth: int) -> None:
         self.max_depth = min(max_depth, _FAST_DEPTH)
@@ -62,34 +64,40 @@ class Scanner:
         self.pos = start
         self.counts = [0, 0]
         self.in_string = False
+        #: QEMU tokens in the scanned part (exact: the span lexes cleanly).
+        self.tokens = 0
 
-    def scan(self, buf: bytearray, limit: int) -> int:
-        """Advance; return the span end, NEED_MORE or BAIL."""
-        n = len(buf)
+    def scan(self, buf: bytearray, limit: int, end: int | None = None) -> int:
+        """Advance up to ``end`` (default: the buffer end); return the span
+        end, NEED_MORE or BAIL."""
+        n = len(buf) if end is None else end
         pos = self.pos
         counts = self.counts
         while True:
             if self.in_string:
-                pos = run_end(_STR_BODY, buf, pos)
+                pos = run_end(_STR_BODY, buf, pos, n)
                 if pos >= n - 1 and (pos == n or buf[pos] == 0x5C):
                     break
                 if buf[pos] != 0x22:
                     return BAIL
                 pos += 1
                 self.in_string = False
-            end = run_end(_REGION, buf, pos)
+                self.tokens += 1
+            end = run_end(_REGION, buf, pos, n)
             if end > pos:
                 if end >= n:  # the run may continue: check what is complete
                     cut = buf.rfind(b",", pos, end)
                     if cut >= 0:
                         if not _REGION_OK.fullmatch(buf, pos, cut):
                             return BAIL
+                        self.tokens += len(_REGION_TOKEN.findall(buf, pos, cut + 1))
                         pos = cut + 1
                     if not _REGION_TAIL.fullmatch(buf, pos, end):
                         return BAIL  # a lexical error is already certain
                     break
                 if not _REGION_OK.fullmatch(buf, pos, end):
                     return BAIL
+                self.tokens += len(_REGION_TOKEN.findall(buf, pos, end))
                 pos = end
             if pos >= n:
                 break
@@ -97,7 +105,9 @@ class Scanner:
             pos += 1
             if c == 0x22:
                 self.in_string = True
-            elif c in _OPEN:
+                continue
+            self.tokens += 1
+            if c in _OPEN:
                 counts[_OPEN[c]] += 1
                 if counts[0] + counts[1] > self.max_depth:
                     return BAIL

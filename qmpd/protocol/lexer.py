@@ -58,10 +58,10 @@ _RUNS = {_DIGITS: _DIGIT_RUN, _MANT_DIGITS: _DIGIT_RUN, _EXP_DIGITS: _DIGIT_RUN,
          _KEYWORD: _LOWER_RUN}
 
 
-def run_end(pattern: re.Pattern[bytes], buf: bytearray, pos: int) -> int:
+def run_end(pattern: re.Pattern[bytes], buf: bytearray, pos: int, end: int | None = None) -> int:
     """End of ``pattern``'s (always successful, possibly empty) match at ``pos``
-    (shared with :mod:`qmpd.protocol.fastpath`)."""
-    match = pattern.match(buf, pos)
+    (not beyond ``end``; shared with :mod:`qmpd.protocol.fastpath`)."""
+    match = pattern.match(buf, pos) if end is None else pattern.match(buf, pos, end)
     assert match is not None
     return match.end()
 
@@ -99,21 +99,23 @@ class Lexer:
         self.state = _START
         self.tok = 0
 
-    def run(self, buf: bytearray, pos: int, sink: Sink, stop_when_idle: bool) -> tuple[int, bool]:
-        """Lex ``buf[pos:]``.
+    def run(self, buf: bytearray, pos: int, sink: Sink, stop_when_idle: bool,
+            end: int | None = None) -> tuple[int, bool]:
+        """Lex ``buf[pos:end]`` (``end`` defaults to the buffer end; a token
+        cut there resumes on the next call).
 
         :return: ``(pos, idle)``: where lexing stopped, and whether it stopped
             early at a clean point (start state, nothing queued) after having
             emitted something, as requested by ``stop_when_idle``.
         """
-        n = len(buf)
+        n = len(buf) if end is None else end
         state = self.state
         tok = self.tok
         limit = self.limit
         emitted = False
         while True:
             if state == _START:
-                pos = run_end(_WS_RUN, buf, pos)
+                pos = run_end(_WS_RUN, buf, pos, n)
                 if emitted and stop_when_idle and sink.idle:
                     self.state, self.tok = state, tok
                     return pos, True
@@ -133,7 +135,7 @@ class Lexer:
                     state = _RECOVERY
                 continue
             if state == _RECOVERY:
-                pos = run_end(_RECOVER_RUN, buf, pos)
+                pos = run_end(_RECOVER_RUN, buf, pos, n)
                 if pos >= n:
                     break
                 state = _START  # the resync byte is looked at again
@@ -146,7 +148,7 @@ class Lexer:
                 emitted = True
                 continue
             if state == _DQ or state == _SQ:
-                pos = run_end((_DQ_RUN if state == _DQ else _SQ_RUN), buf, pos)
+                pos = run_end((_DQ_RUN if state == _DQ else _SQ_RUN), buf, pos, n)
                 if pos - tok > limit:
                     continue
                 if pos >= n:
@@ -166,7 +168,7 @@ class Lexer:
                 continue
             run = _RUNS.get(state)
             if run is not None:
-                pos = run_end(run, buf, pos)
+                pos = run_end(run, buf, pos, n)
                 if pos - tok > limit:
                     continue
             if pos >= n:

@@ -13,19 +13,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
-import os
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from qmpd import commands as _commands  # noqa: F401  (registers the handlers)
 from qmpd.commands.block import add_blockdev
 from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState, SessionControl
 from qmpd.commands.objects import ObjectStore
+from qmpd.block.drivers import freeze_drivers
+from qmpd.commands.actions import freeze_actions
 from qmpd.commands.registry import REGISTRY, Registry
 from qmpd.block import BlockGraph, BlockIOError
+from qmpd.block.confine import Confinement
+from qmpd.block.io import IOPool
 from qmpd.block.persist import BitmapStateDir
 from qmpd.errors import GenericError, QMPError, SchemaError
 from qmpd.events import EventBus
@@ -37,9 +41,19 @@ from qmpd.qapi.keyval import parse_option_value
 from qmpd.qapi.models import BlockdevAddArgs
 from qmpd.qapi.service import SchemaService
 from qmpd.server.connection import Connection
-from qmpd.server.listeners import Listener, UnixListener, open_listener
+from qmpd.server.limits import DEFAULT_LIMITS, Limits
+from qmpd.server.listeners import Listener, OwnedPath, TcpListener, UnixListener, open_listener
 
 __all__ = ["Daemon", "UNIMPLEMENTED"]
+
+#: Commands that read or change no block, bitmap or job state: they may run
+#: while a detached command (``qemu-io``) still does its I/O.
+BLOCK_FREE: frozenset[str] = frozenset({
+    "qmp_capabilities", "query-version", "query-commands", "query-qmp-schema",
+    "query-status", "query-name", "query-tpm", "quit",
+})
+#: Seconds shutdown waits for jobs, I/O and connections before leaving them.
+SHUTDOWN_GRACE = 0.5
 
 #: Schema commands deliberately left without a handler.  They are neither
 #: advertised nor accepted; today every schema command is implemented.
@@ -52,6 +66,16 @@ log = logging.getLogger(__name__)
 RequestObserver = Callable[[str, str, float], None]
 
 
+def _loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Daemon:
     """A qmpd instance serving one or more listeners."""
 
@@ -62,16 +86,27 @@ class Daemon:
         *,
         registry: Registry = REGISTRY,
         trace: bool = False,
+        limits: Limits = DEFAULT_LIMITS,
+        allowed_dirs: Sequence[str] = (),
     ) -> None:
         self.config = config
+        self.limits = limits
         self.listeners = listeners
         self.trace = trace
         self.events = EventBus()
         self.stopping = False
         self._registry = registry
+        #: The I/O worker threads of every image file (see block/io.py).
+        self.pool = IOPool(confinement=Confinement.of(list(allowed_dirs)) if allowed_dirs else None)
         self._lock = asyncio.Lock()
+        #: Detached commands still doing I/O, and an event set when none is.
+        self._detached = 0
+        self._attached = asyncio.Event()
+        self._attached.set()
         self._stopped = asyncio.Event()
         self._servers: list[asyncio.base_events.Server] = []
+        #: Socket files this process bound (removed at clean-up if unchanged).
+        self._owned: list[OwnedPath] = []
         self._connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.command_names: frozenset[str] = frozenset()
@@ -91,6 +126,8 @@ class Daemon:
         :raise qmpd.errors.SchemaError: when registry and schema disagree.
         """
         self._registry.freeze()
+        freeze_actions()
+        freeze_drivers()
         self.schema = SchemaService.load()
         names = self.schema.check_registry(set(self._registry))
         missing = set(self.schema.schema.commands) - set(names) - UNIMPLEMENTED
@@ -109,7 +146,7 @@ class Daemon:
         if self.config.state_dir is not None:
             bitmap_state = BitmapStateDir(self.config.state_dir,
                                           flush_interval=self.config.state_flush_interval)
-        self.state.block = BlockGraph(bitmap_state=bitmap_state)
+        self.state.block = BlockGraph(bitmap_state=bitmap_state, pool=self.pool)
         self.state.jobs = JobManager(self.events)
         self.state.objects = ObjectStore()
         self.nbd = NbdServer(self._graph, self.events, tls_creds=self.state.objects.get)
@@ -203,18 +240,35 @@ class Daemon:
         await self.prepare_state_dir()
         for spec in self.listeners:
             label = spec.path if isinstance(spec, UnixListener) else f"{spec.host}:{spec.port}"
-            server = await open_listener(spec, functools.partial(self._new_connection, label))
+            server, owned = await open_listener(spec, functools.partial(self._new_connection, label),
+                                                backlog=self.limits.backlog)
             self._servers.append(server)
+            if owned is not None:
+                self._owned.append(owned)
             log.info("listening on %s", label)
+            if isinstance(spec, TcpListener) and not _loopback(spec.host):
+                log.warning("QMP on %s is reachable from the network without authentication; "
+                            "any peer can run every command (prefer a UNIX socket or 127.0.0.1)", label)
 
     def _new_connection(self, label: str) -> Connection:
-        conn = Connection(self, label)
+        if len(self._connections) >= self.limits.max_connections or self.stopping:
+            return Connection(self, label, self.limits, refused=True)
+        conn = Connection(self, label, self.limits)
         self._connections.add(conn)
         return conn
 
     def connection_closed(self, conn: Connection) -> None:
         """Forget a connection once its transport is gone."""
         self._connections.discard(conn)
+
+    @property
+    def connection_count(self) -> int:
+        """Connections currently open (refused ones are not counted)."""
+        return len(self._connections)
+
+    def buffered_bytes(self) -> int:
+        """Input and output buffered by all connections (``--max-buffer``)."""
+        return sum(conn.footprint() for conn in self._connections)
 
     @property
     def connections(self) -> list[Connection]:
@@ -244,32 +298,41 @@ class Daemon:
         self.stopping = True
         self.events.emit(SHUTDOWN, {"guest": False, "reason": reason})
         if self.state.jobs is not None:
-            await self.state.jobs.shutdown()
+            try:
+                await asyncio.wait_for(self.state.jobs.shutdown(), SHUTDOWN_GRACE)
+            except asyncio.TimeoutError:
+                log.warning("jobs did not stop in time (stuck I/O?); exiting anyway")
         self._stopped.set()
 
     async def cleanup(self) -> None:
         """Stop accepting, flush and close connections, release resources."""
         for server in self._servers:
             server.close()
-        for spec in self.listeners:
-            if isinstance(spec, UnixListener):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(spec.path)
+        for owned in self._owned:
+            owned.remove()
+        self._owned.clear()
         await asyncio.sleep(0)
         for conn in list(self._connections):
             conn.close()
         for server in self._servers:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), 2.0)
+                await asyncio.wait_for(server.wait_closed(), SHUTDOWN_GRACE)
         if self.nbd is not None:
             await self.nbd.cleanup()
         pending = [t for t in self._tasks if not t.done()]
         if pending:
-            await asyncio.wait(pending, timeout=2.0)
+            await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
         for task in pending:
             task.cancel()
         if self.state.block is not None:
-            await self.state.block.close()
+            if self.pool.busy:
+                # A worker is stuck in a file call: closing its descriptor
+                # under it could let a later open reuse the number.  The
+                # process is about to exit; the kernel closes everything.
+                log.warning("%d file operation(s) still running; not closing images", self.pool.busy)
+            else:
+                await self.state.block.close()
+        self.pool.shutdown()
 
     # -- commands ---------------------------------------------------------
     async def execute(self, call: Call, conn: SessionControl) -> dict[str, Any]:
@@ -286,16 +349,39 @@ class Daemon:
         return reply
 
     async def _dispatch(self, call: Call, conn: SessionControl) -> dict[str, Any]:
-        """Validate and run one command; commands never overlap.
+        """Validate and run one command.
+
+        Commands run one at a time, in arrival order, under one lock (as in
+        QEMU's monitor).  A handler that does long I/O (``qemu-io``) calls
+        ``ctx.detach()``: the lock is released so other clients are not
+        stalled, but only :data:`BLOCK_FREE` commands may run until the
+        detached handler has finished; every other command waits for it,
+        still holding the lock, so no command ever sees block, bitmap or
+        job state half-way through another command (QEMU's monitor could
+        not show that either).
 
         :return: the reply message (success or error).
         """
         assert self.schema is not None
-        async with self._lock:
+        await self._lock.acquire()
+        detached = False
+
+        def detach() -> None:
+            nonlocal detached
+            if not detached:
+                detached = True
+                self._detached += 1
+                self._attached.clear()
+                self._lock.release()
+
+        try:
+            if call.name not in BLOCK_FREE:
+                # Still under the lock, so commands keep their order.
+                await self._attached.wait()
             try:
                 args = self.schema.build_arguments(call.name, call.arguments)
                 spec = self._registry[call.name]
-                result = await spec.handler(CommandContext(self.state, conn), args)
+                result = await spec.handler(CommandContext(self.state, conn, detach), args)
             except QMPError as err:
                 return Session.failure(call, err.error_class, err.desc)
             except asyncio.CancelledError:
@@ -304,3 +390,10 @@ class Daemon:
                 log.exception("command %s failed unexpectedly", call.name)
                 return Session.failure(call, "GenericError", "Internal error in qmpd; see its log")
             return Session.success(call, result)
+        finally:
+            if detached:
+                self._detached -= 1
+                if not self._detached:
+                    self._attached.set()
+            else:
+                self._lock.release()

@@ -10,7 +10,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["UnixListener", "TcpListener", "Listener", "open_listener"]
+__all__ = ["BindError", "OwnedPath", "UnixListener", "TcpListener", "Listener", "open_listener"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,46 +33,107 @@ class TcpListener:
 Listener = UnixListener | TcpListener
 
 
-def _bind_unix(path: str) -> socket.socket:
-    """Bind a UNIX stream socket created with mode 0600.
+class BindError(OSError):
+    """A listener could not be bound; the text names the path."""
+
+
+@dataclass(frozen=True, slots=True)
+class OwnedPath:
+    """A file this process created, identified by device and inode.
+
+    :meth:`remove` unlinks the path only while it still is that file, so a
+    socket another daemon bound at the same path later stays untouched.
+    """
+
+    path: str
+    dev: int
+    ino: int
+
+    @classmethod
+    def of(cls, path: str) -> OwnedPath:
+        st = os.lstat(path)
+        return cls(path, st.st_dev, st.st_ino)
+
+    def remove(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) == (self.dev, self.ino):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+def _bind_error(path: str, reason: str) -> BindError:
+    return BindError(f"Failed to bind socket to {path}: {reason}")
+
+
+def _bind_unix(path: str, backlog: int) -> tuple[socket.socket, OwnedPath]:
+    """Bind a UNIX stream socket whose file has mode 0600.
 
     A stale socket file at ``path`` (nobody accepting) is replaced; a live
-    one, or a file that is not a socket, is an error.
+    one, or a file that is not a socket, is an error and is left alone.
+    The mode is set between bind() and listen(): nobody can connect to a
+    socket that is not listening yet, and the process umask is not touched.
     """
-    with contextlib.suppress(FileNotFoundError):
+    try:
         mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise _bind_error(path, exc.strerror or str(exc)) from exc
+    else:
         if not stat.S_ISSOCK(mode):
-            raise OSError(f"{path}: exists and is not a socket")
+            raise _bind_error(path, "the file exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
         except OSError:
-            os.unlink(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         else:
-            raise OSError(f"{path}: another server is listening there")
+            raise _bind_error(path, "another server is listening there")
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
     try:
         sock.bind(path)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o600)
-    sock.listen(16)
+        raise _bind_error(path, exc.strerror or str(exc)) from exc
+    owned = OwnedPath.of(path)
+    try:
+        os.chmod(path, 0o600)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        owned.remove()
+        raise _bind_error(path, exc.strerror or str(exc)) from exc
     sock.setblocking(False)
-    return sock
+    return sock, owned
 
 
 async def open_listener(
-    spec: Listener, factory: Callable[[], asyncio.Protocol]
-) -> asyncio.base_events.Server:
-    """Start serving ``spec``; :raise OSError: when it cannot be bound."""
+    spec: Listener, factory: Callable[[], asyncio.Protocol], *, backlog: int = 128
+) -> tuple[asyncio.base_events.Server, OwnedPath | None]:
+    """Start serving ``spec``.
+
+    :return: the server and, for a UNIX socket, the socket file it created.
+    :raise OSError: when it cannot be bound (:class:`BindError` names the path).
+    """
     loop = asyncio.get_running_loop()
     if isinstance(spec, UnixListener):
-        sock = _bind_unix(spec.path)
-        return await loop.create_unix_server(factory, sock=sock)
-    return await loop.create_server(factory, spec.host, spec.port, reuse_address=True)
+        sock, owned = _bind_unix(spec.path, backlog)
+        try:
+            return await loop.create_unix_server(factory, sock=sock, backlog=backlog), owned
+        except BaseException:
+            sock.close()
+            owned.remove()
+            raise
+    try:
+        server = await loop.create_server(factory, spec.host, spec.port, reuse_address=True,
+                                          backlog=backlog)
+    except OSError as exc:
+        raise BindError(f"Failed to bind socket to {spec.host}:{spec.port}: "
+                        f"{exc.strerror or exc}") from exc
+    return server, None

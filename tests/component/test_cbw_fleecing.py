@@ -187,6 +187,25 @@ async def test_cbw_timeout_fails_the_write(tmp_path: Path) -> None:
     await g.close()
 
 
+async def test_timed_out_copy_is_awaited_before_the_filter_goes(tmp_path: Path) -> None:
+    disk, _ = make_images(tmp_path)
+    g = BlockGraph()
+    await g.add({"driver": "raw", "node-name": "drive0", "file": {"driver": "file", "filename": str(disk)}})
+    await g.add({"driver": "null-co", "node-name": "slow", "size": SIZE, "latency-ns": 300_000_000})
+    filt = await g.add({"driver": "copy-before-write", "node-name": "cbw",
+                        "file": "drive0", "target": "slow", "cbw-timeout": 1})
+    drv = filt.driver
+    assert isinstance(drv, CopyBeforeWrite)
+    drv.timeout = 0.05
+    with pytest.raises(BlockIOError):
+        await filt.write(0, b"\x66" * 512)
+    late = list(drv.late_copies)
+    assert len(late) == 1 and not late[0].done()
+    await g.remove_node(filt)
+    assert late[0].done() and not drv.late_copies
+    await g.close()
+
+
 async def test_listing_order_as_qemu(tmp_path: Path) -> None:
     """query-named-block-nodes order, recorded from QEMU 7.2: newest first; a
     raw or copy-before-write node before its inline ``file`` child, a

@@ -279,3 +279,22 @@ def test_unusable_state_dir_is_one_line_and_exit_1(tmp_path: Path, sock_dir: Pat
     out = subprocess.run([sys.executable, "-m", "qmpd", "--socket", str(sock_dir / "x.sock"),
                           "--state-dir", str(afile)], capture_output=True, text=True, timeout=60)
     assert (out.returncode, out.stderr) == (1, f"qmpd: --state-dir {afile}: File exists\n")
+
+
+def test_read_only_node_loads_bitmaps_readonly(env: Env) -> None:
+    c = env.start()
+    _ok(c, "block-dirty-bitmap-add", node="d0", name="b0", persistent=True)
+    _hmp(c, 'qemu-io d0 "write -P 0x51 1M 64k"')
+    _ok(c, "blockdev-del", node_name="d0")
+    _ok(c, "blockdev-add", driver="raw", node_name="ro", read_only=True,
+        file={"driver": "file", "filename": str(env.disk)})
+    assert _bitmaps(c, "ro") == [{"name": "b0", "count": 65536, "granularity": 65536, "recording": True,
+                                  "busy": False, "persistent": True}]
+    for command, args in (("block-dirty-bitmap-clear", {"name": "b0"}),
+                          ("block-dirty-bitmap-remove", {"name": "b0"})):
+        assert _cmd(c, command, node="ro", **args)["error"]["desc"] == (
+            "Bitmap 'b0' is readonly and cannot be modified")
+    _ok(c, "blockdev-del", node_name="ro")
+    _ok(c, "blockdev-add", driver="raw", node_name="d0", file={"driver": "file", "filename": str(env.disk)})
+    assert _bitmaps(c) == [{"name": "b0", "count": 65536, "granularity": 65536, "recording": True,
+                            "busy": False, "persistent": True}]

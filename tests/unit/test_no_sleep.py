@@ -21,6 +21,8 @@ EXCEPTIONS = {
         "polls for the subprocess's pidfile, as DaemonProcess does",
     ("integration/test_lifecycle.py", "test_tcp_listener_and_daemonize"):
         "waits for a daemonized qmpd (not our child, so no wait()) to exit",
+    ("support/faultfs.py", "__init__"):
+        "polls for nbdfuse's pidfile (written once the FUSE mount serves): no event crosses the process boundary",
     ("support/nbd.py", "wait_listening"):
         "polls until another process (qmpd, qemu-storage-daemon) listens: no event crosses the boundary",
     ("transcripts/record.py", "main"):

@@ -27,6 +27,7 @@ __all__ = [
     "FileWindow",
     "OpenContext",
     "register_driver",
+    "freeze_drivers",
 ]
 
 #: Driver name -> spec.
@@ -41,12 +42,23 @@ DRIVERS: dict[str, DriverSpec] = {
 }
 
 
+_frozen = False
+
+
+def freeze_drivers() -> None:
+    """No more :func:`register_driver` (the daemon calls this in setup)."""
+    global _frozen
+    _frozen = True
+
+
 def register_driver(name: str, opener: DriverOpener | DriverSpec) -> None:
     """Make ``blockdev-add`` accept ``driver: name`` (a bare opener is a
     non-format driver).
 
     :raise ValueError: the name is already registered.
     """
+    if _frozen:
+        raise RuntimeError(f"driver table frozen; cannot register {name!r}")
     if name in DRIVERS:
         raise ValueError(f"driver {name!r} already registered")
     DRIVERS[name] = opener if isinstance(opener, DriverSpec) else DriverSpec(opener)

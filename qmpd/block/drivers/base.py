@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from qmpd.block.io import IOPool
     from qmpd.block.io import ImageFile
     from qmpd.block.node import BlockNode
 
@@ -211,6 +212,8 @@ class OpenContext:
     #: ``lookup_node(name)`` finds any registered node (e.g. a bitmap's);
     #: raises ``NodeNotFound`` ``"Node '%s' not found"``.
     lookup_node: Callable[[str], BlockNode]
+    #: The worker threads files are opened with (None: the shared pool).
+    pool: IOPool | None = None
 
 
 #: ``await opener(options, ctx)`` returns the open driver plus its children

@@ -89,6 +89,8 @@ class CopyBeforeWrite(BaseDriver):
         self.break_snapshot = break_snapshot
         self.standalone = standalone
         self.timeout = timeout
+        #: Copies still running after their write timed out.
+        self.late_copies: set[asyncio.Future[None]] = set()
         #: A copy failed under ``break-snapshot``: the snapshot is invalid.
         self.snapshot_error: BlockIOError | None = None
         self.done_bitmap: DirtyBitmap | None = None
@@ -155,9 +157,20 @@ class CopyBeforeWrite(BaseDriver):
             await asyncio.wait_for(asyncio.shield(task), self.timeout)
         except TimeoutError:
             # The copy goes on in the background (as QEMU's); its outcome
-            # only shows in the copy bitmap.
-            task.add_done_callback(_consume)
+            # only shows in the copy bitmap.  settle() awaits it before the
+            # node goes away.
+            self.late_copies.add(task)
+            task.add_done_callback(self._late_done)
             raise BlockIOError(errno.ETIMEDOUT) from None
+
+    def _late_done(self, task: asyncio.Future[None]) -> None:
+        self.late_copies.discard(task)
+        _consume(task)
+
+    async def settle(self) -> None:
+        """Wait for the copies that outlived their request's timeout."""
+        while self.late_copies:
+            await asyncio.wait(list(self.late_copies))
 
     # ------------------------------------------------------------ requests
 

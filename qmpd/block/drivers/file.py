@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverSpec, FileWindow, OpenContext
 from qmpd.block.errors import BlockIOError, NodeOpenError
-from qmpd.block.io import ImageFile
+from qmpd.block.io import ImageFile, NotRegularFile
+from qmpd.block.locking import PermLocks, supported
 
 if TYPE_CHECKING:
     from qmpd.block.node import BlockNode
@@ -27,8 +28,10 @@ class FileDriver(BaseDriver):
     name = "file"
     is_protocol = True
 
-    def __init__(self, image: ImageFile, size: int) -> None:
+    def __init__(self, image: ImageFile, size: int, locking: bool = False) -> None:
         self.image = image
+        #: QEMU's permission lock bytes on the file (None: ``locking=off``).
+        self.perm_locks = PermLocks(image.fd) if locking else None
         self._length = -(-size // SECTOR) * SECTOR
 
     @property
@@ -78,6 +81,8 @@ class FileDriver(BaseDriver):
         self._length = -(-size // SECTOR) * SECTOR
 
     def close(self) -> None:
+        if self.perm_locks is not None:
+            self.perm_locks.fd = -1  # closing the descriptor drops its locks
         self.image.close()
 
 
@@ -90,7 +95,9 @@ async def open_file(
     """
     path = str(options["filename"])
     try:
-        image = await ImageFile.open(path, read_only=ctx.read_only, direct=ctx.direct)
+        image = await ImageFile.open(path, read_only=ctx.read_only, direct=ctx.direct, pool=ctx.pool)
+    except NotRegularFile:
+        raise NodeOpenError(f"'file' driver requires '{path}' to be a regular file") from None
     except BlockIOError as exc:
         raise NodeOpenError(f"Could not open '{path}': {exc.strerror}") from exc
     try:
@@ -98,7 +105,8 @@ async def open_file(
     except BlockIOError as exc:
         image.close()
         raise NodeOpenError(f"Could not open '{path}': {exc.strerror}") from exc
-    return FileDriver(image, size), {}
+    locking = str(options.get("locking") or "auto")
+    return FileDriver(image, size, locking != "off" and supported(image.fd)), {}
 
 
 #: ``blockdev-add`` driver ``file``.
