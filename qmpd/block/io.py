@@ -71,6 +71,8 @@ class IOPool:
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._idle = 0
+        #: Calls queued and not yet taken by a worker.
+        self._pending = 0
         self._busy = 0
         self._mutex = threading.Lock()
         self._closed = False
@@ -80,7 +82,7 @@ class IOPool:
         """A forked child has none of the parent's threads: start afresh."""
         self._queue = queue.SimpleQueue()
         self._threads = []
-        self._idle = self._busy = 0
+        self._idle = self._busy = self._pending = 0
         self._mutex = threading.Lock()
         self._pid = os.getpid()
 
@@ -99,7 +101,10 @@ class IOPool:
         fut: asyncio.Future[_T] = loop.create_future()
         with self._mutex:
             self._busy += 1
-            if self._idle == 0 and len(self._threads) < self._max:
+            self._pending += 1
+            # a new worker unless an idle one is left for this call too (idle
+            # workers may not have taken the calls queued just before)
+            if self._pending > self._idle and len(self._threads) < self._max:
                 thread = threading.Thread(target=self._work, name=f"{self._name}-{len(self._threads)}",
                                           daemon=True)
                 self._threads.append(thread)
@@ -117,6 +122,8 @@ class IOPool:
             item = self._queue.get()
             with self._mutex:
                 self._idle -= 1
+                if item is not None:
+                    self._pending -= 1
             if item is None:
                 return
             fn, args, fut, loop = item
