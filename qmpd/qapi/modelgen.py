@@ -51,20 +51,7 @@ import enum
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, Union
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel
-
 __all__ = ["QAPIModel", "COMMAND_ARGS", "COMMAND_RETURNS", "EVENT_DATA"]
-
-
-class QAPIModel(BaseModel):
-    """Base of every generated struct model."""
-
-    # defer_build: each model's validator is built on first use, not at
-    # import, which keeps the daemon's start-up short.
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True,
-        defer_build=True,
-    )
 '''
 
 
@@ -117,6 +104,8 @@ _RUNTIME = """
         if name in g:
             return g[name]
         with _LOCK:
+            if "QAPIModel" not in g:
+                _pydantic()
             if name not in g:
                 outermost = not _BUILDING
                 _BUILDING.add(name)
@@ -135,7 +124,7 @@ _RUNTIME = """
         _PENDING.update(names)
 
     def __getattr__(name: str) -> Any:
-        if name in _FACTORIES:
+        if name in _FACTORIES or name in _PYDANTIC_NAMES:
             return _get(name)
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -161,10 +150,40 @@ _RUNTIME = """
             return f"<lazy table of {len(self._rows)}>"
 """
 
+# The base of every struct model; pydantic is imported, and this class made,
+# when the first model is made (at run time) -- not when the module is.
+_QAPIMODEL = '''\
+from pydantic import BaseModel, ConfigDict, Field, RootModel
+
+
+class QAPIModel(BaseModel):
+    """Base of every generated struct model."""
+
+    # defer_build: each model's validator is built on first use.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True,
+        defer_build=True,
+    )
+'''
+
+_PYDANTIC_TAIL = """
+    QAPIModel.__qualname__ = "QAPIModel"
+    globals().update(BaseModel=BaseModel, ConfigDict=ConfigDict, Field=Field,
+                     RootModel=RootModel, QAPIModel=QAPIModel)
+
+
+_PYDANTIC_NAMES = frozenset({"BaseModel", "ConfigDict", "Field", "RootModel", "QAPIModel"})
+"""
+
 
 def _indent(text: str, n: int) -> str:
     pad = " " * n
     return "".join(pad + line if line.strip() else line for line in text.splitlines(keepends=True))
+
+
+def _pydantic_loader() -> str:
+    return ("\ndef _pydantic() -> None:\n" + _indent(_QAPIMODEL, 4).replace("\n\n\n", "\n\n")
+            + _PYDANTIC_TAIL)
 
 
 class _Def:
@@ -334,7 +353,8 @@ class _Gen:
         lazy = (factories + f"\n\n_FACTORIES: dict[str, Callable[[], Any]] = {{\n{rows}}}\n\n"
                 + "\n".join(self.runtime_tail))
         return (_HEADER + "\n\nif TYPE_CHECKING:\n    # What mypy sees: every definition, eagerly.\n"
-                + _indent(eager, 4) + "\nelse:" + _RUNTIME + "\n" + _indent(lazy, 4))
+                + _indent(_QAPIMODEL, 4) + "\n\n" + _indent(eager, 4) + "\nelse:" + _RUNTIME
+                + _indent(_pydantic_loader(), 4) + "\n" + _indent(lazy, 4))
 
 
 def generate_models(schema: Schema) -> str:

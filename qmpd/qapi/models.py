@@ -13,24 +13,24 @@ import enum
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, Union
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel
-
 __all__ = ["QAPIModel", "COMMAND_ARGS", "COMMAND_RETURNS", "EVENT_DATA"]
-
-
-class QAPIModel(BaseModel):
-    """Base of every generated struct model."""
-
-    # defer_build: each model's validator is built on first use, not at
-    # import, which keeps the daemon's start-up short.
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True,
-        defer_build=True,
-    )
 
 
 if TYPE_CHECKING:
     # What mypy sees: every definition, eagerly.
+    from pydantic import BaseModel, ConfigDict, Field, RootModel
+
+
+    class QAPIModel(BaseModel):
+        """Base of every generated struct model."""
+
+        # defer_build: each model's validator is built on first use.
+        model_config = ConfigDict(
+            extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True,
+            defer_build=True,
+        )
+
+
     class QMPCapability(enum.StrEnum):
         """QAPI enum ``QMPCapability``."""
 
@@ -1935,6 +1935,8 @@ else:
         if name in g:
             return g[name]
         with _LOCK:
+            if "QAPIModel" not in g:
+                _pydantic()
             if name not in g:
                 outermost = not _BUILDING
                 _BUILDING.add(name)
@@ -1953,7 +1955,7 @@ else:
         _PENDING.update(names)
 
     def __getattr__(name: str) -> Any:
-        if name in _FACTORIES:
+        if name in _FACTORIES or name in _PYDANTIC_NAMES:
             return _get(name)
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -1977,6 +1979,25 @@ else:
 
         def __repr__(self) -> str:
             return f"<lazy table of {len(self._rows)}>"
+
+    def _pydantic() -> None:
+        from pydantic import BaseModel, ConfigDict, Field, RootModel
+
+        class QAPIModel(BaseModel):
+            """Base of every generated struct model."""
+
+            # defer_build: each model's validator is built on first use.
+            model_config = ConfigDict(
+                extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True,
+                defer_build=True,
+            )
+
+        QAPIModel.__qualname__ = "QAPIModel"
+        globals().update(BaseModel=BaseModel, ConfigDict=ConfigDict, Field=Field,
+                         RootModel=RootModel, QAPIModel=QAPIModel)
+
+
+    _PYDANTIC_NAMES = frozenset({"BaseModel", "ConfigDict", "Field", "RootModel", "QAPIModel"})
 
     def _make_QMPCapability() -> Any:
         class QMPCapability(enum.StrEnum):
