@@ -1197,6 +1197,15 @@ if TYPE_CHECKING:
         completion_mode: ActionCompletionMode | None = Field(default=None, alias='completion-mode')
 
 
+    class ObjectPropertyInfo(QAPIModel):
+        """QAPI struct ``ObjectPropertyInfo``."""
+
+        name: str = Field(alias='name')
+        type: str = Field(alias='type')
+        description: str | None = Field(default=None, alias='description')
+        default_value: Any | None = Field(default=None, alias='default-value')
+
+
     class InetSocketAddress(QAPIModel):
         """QAPI struct ``InetSocketAddress``."""
 
@@ -1674,6 +1683,43 @@ if TYPE_CHECKING:
         properties: TransactionProperties | None = Field(default=None, alias='properties')
 
 
+    class StopArgs(QAPIModel):
+        """Arguments of ``stop``."""
+
+
+    class ContArgs(QAPIModel):
+        """Arguments of ``cont``."""
+
+
+    class QomListArgs(QAPIModel):
+        """Arguments of ``qom-list``."""
+
+        path: str = Field(alias='path')
+
+
+    class QomGetArgs(QAPIModel):
+        """Arguments of ``qom-get``."""
+
+        path: str = Field(alias='path')
+        property: str = Field(alias='property')
+
+
+    class QomSetArgs(QAPIModel):
+        """Arguments of ``qom-set``."""
+
+        path: str = Field(alias='path')
+        property: str = Field(alias='property')
+        value: Any = Field(alias='value')
+
+
+    class BlockResizeArgs(QAPIModel):
+        """Arguments of ``block_resize``."""
+
+        device: str | None = Field(default=None, alias='device')
+        node_name: str | None = Field(default=None, alias='node-name')
+        size: int = Field(alias='size')
+
+
     class NbdServerStartArgs(QAPIModel):
         """Arguments of ``nbd-server-start``."""
 
@@ -1791,6 +1837,14 @@ if TYPE_CHECKING:
         id: str = Field(alias='id')
 
 
+    class StopData(QAPIModel):
+        """Data of ``STOP``."""
+
+
+    class ResumeData(QAPIModel):
+        """Data of ``RESUME``."""
+
+
     class BlockExportDeletedData(QAPIModel):
         """Data of ``BLOCK_EXPORT_DELETED``."""
 
@@ -1837,6 +1891,12 @@ if TYPE_CHECKING:
         'block-job-dismiss': BlockJobDismissArgs,
         'block-job-finalize': BlockJobFinalizeArgs,
         'transaction': TransactionArgs,
+        'stop': StopArgs,
+        'cont': ContArgs,
+        'qom-list': QomListArgs,
+        'qom-get': QomGetArgs,
+        'qom-set': QomSetArgs,
+        'block_resize': BlockResizeArgs,
         'nbd-server-start': NbdServerStartArgs,
         'nbd-server-add': NbdServerAddArgs,
         'nbd-server-remove': NbdServerRemoveArgs,
@@ -1890,6 +1950,12 @@ if TYPE_CHECKING:
         'block-job-dismiss': None,
         'block-job-finalize': None,
         'transaction': None,
+        'stop': None,
+        'cont': None,
+        'qom-list': list[ObjectPropertyInfo],
+        'qom-get': Any,
+        'qom-set': None,
+        'block_resize': None,
         'nbd-server-start': None,
         'nbd-server-add': None,
         'nbd-server-remove': None,
@@ -1911,6 +1977,8 @@ if TYPE_CHECKING:
         'BLOCK_JOB_ERROR': BlockJobErrorData,
         'BLOCK_JOB_READY': BlockJobReadyData,
         'BLOCK_JOB_PENDING': BlockJobPendingData,
+        'STOP': StopData,
+        'RESUME': ResumeData,
         'BLOCK_EXPORT_DELETED': BlockExportDeletedData,
     }
 
@@ -3474,6 +3542,17 @@ else:
         return TransactionProperties
 
 
+    def _make_ObjectPropertyInfo() -> Any:
+        class ObjectPropertyInfo(QAPIModel):
+            """QAPI struct ``ObjectPropertyInfo``."""
+
+            name: str = Field(alias='name')
+            type: str = Field(alias='type')
+            description: str | None = Field(default=None, alias='description')
+            default_value: Any | None = Field(default=None, alias='default-value')
+        return ObjectPropertyInfo
+
+
     def _make_InetSocketAddress() -> Any:
         class InetSocketAddress(QAPIModel):
             """QAPI struct ``InetSocketAddress``."""
@@ -4157,6 +4236,55 @@ else:
         return TransactionArgs
 
 
+    def _make_StopArgs() -> Any:
+        class StopArgs(QAPIModel):
+            """Arguments of ``stop``."""
+        return StopArgs
+
+
+    def _make_ContArgs() -> Any:
+        class ContArgs(QAPIModel):
+            """Arguments of ``cont``."""
+        return ContArgs
+
+
+    def _make_QomListArgs() -> Any:
+        class QomListArgs(QAPIModel):
+            """Arguments of ``qom-list``."""
+
+            path: str = Field(alias='path')
+        return QomListArgs
+
+
+    def _make_QomGetArgs() -> Any:
+        class QomGetArgs(QAPIModel):
+            """Arguments of ``qom-get``."""
+
+            path: str = Field(alias='path')
+            property: str = Field(alias='property')
+        return QomGetArgs
+
+
+    def _make_QomSetArgs() -> Any:
+        class QomSetArgs(QAPIModel):
+            """Arguments of ``qom-set``."""
+
+            path: str = Field(alias='path')
+            property: str = Field(alias='property')
+            value: Any = Field(alias='value')
+        return QomSetArgs
+
+
+    def _make_BlockResizeArgs() -> Any:
+        class BlockResizeArgs(QAPIModel):
+            """Arguments of ``block_resize``."""
+
+            device: str | None = Field(default=None, alias='device')
+            node_name: str | None = Field(default=None, alias='node-name')
+            size: int = Field(alias='size')
+        return BlockResizeArgs
+
+
     def _make_NbdServerStartArgs() -> Any:
         _need('SocketAddressLegacy')
         class NbdServerStartArgs(QAPIModel):
@@ -4321,6 +4449,18 @@ else:
         return BlockJobPendingData
 
 
+    def _make_StopData() -> Any:
+        class StopData(QAPIModel):
+            """Data of ``STOP``."""
+        return StopData
+
+
+    def _make_ResumeData() -> Any:
+        class ResumeData(QAPIModel):
+            """Data of ``RESUME``."""
+        return ResumeData
+
+
     def _make_BlockExportDeletedData() -> Any:
         class BlockExportDeletedData(QAPIModel):
             """Data of ``BLOCK_EXPORT_DELETED``."""
@@ -4451,6 +4591,7 @@ else:
         'TransactionActionBlockdevBackupBranch': _make_TransactionActionBlockdevBackupBranch,
         'TransactionActionDriveBackupBranch': _make_TransactionActionDriveBackupBranch,
         'TransactionProperties': _make_TransactionProperties,
+        'ObjectPropertyInfo': _make_ObjectPropertyInfo,
         'InetSocketAddress': _make_InetSocketAddress,
         'UnixSocketAddress': _make_UnixSocketAddress,
         'InetSocketAddressWrapper': _make_InetSocketAddressWrapper,
@@ -4520,6 +4661,12 @@ else:
         'BlockJobDismissArgs': _make_BlockJobDismissArgs,
         'BlockJobFinalizeArgs': _make_BlockJobFinalizeArgs,
         'TransactionArgs': _make_TransactionArgs,
+        'StopArgs': _make_StopArgs,
+        'ContArgs': _make_ContArgs,
+        'QomListArgs': _make_QomListArgs,
+        'QomGetArgs': _make_QomGetArgs,
+        'QomSetArgs': _make_QomSetArgs,
+        'BlockResizeArgs': _make_BlockResizeArgs,
         'NbdServerStartArgs': _make_NbdServerStartArgs,
         'NbdServerAddArgs': _make_NbdServerAddArgs,
         'NbdServerRemoveArgs': _make_NbdServerRemoveArgs,
@@ -4537,6 +4684,8 @@ else:
         'BlockJobErrorData': _make_BlockJobErrorData,
         'BlockJobReadyData': _make_BlockJobReadyData,
         'BlockJobPendingData': _make_BlockJobPendingData,
+        'StopData': _make_StopData,
+        'ResumeData': _make_ResumeData,
         'BlockExportDeletedData': _make_BlockExportDeletedData,
     }
 
@@ -4580,6 +4729,12 @@ else:
         'block-job-dismiss': lambda: _get('BlockJobDismissArgs'),
         'block-job-finalize': lambda: _get('BlockJobFinalizeArgs'),
         'transaction': lambda: _get('TransactionArgs'),
+        'stop': lambda: _get('StopArgs'),
+        'cont': lambda: _get('ContArgs'),
+        'qom-list': lambda: _get('QomListArgs'),
+        'qom-get': lambda: _get('QomGetArgs'),
+        'qom-set': lambda: _get('QomSetArgs'),
+        'block_resize': lambda: _get('BlockResizeArgs'),
         'nbd-server-start': lambda: _get('NbdServerStartArgs'),
         'nbd-server-add': lambda: _get('NbdServerAddArgs'),
         'nbd-server-remove': lambda: _get('NbdServerRemoveArgs'),
@@ -4632,6 +4787,12 @@ else:
         'block-job-dismiss': lambda: None,
         'block-job-finalize': lambda: None,
         'transaction': lambda: None,
+        'stop': lambda: None,
+        'cont': lambda: None,
+        'qom-list': lambda: list[_get('ObjectPropertyInfo')],
+        'qom-get': lambda: Any,
+        'qom-set': lambda: None,
+        'block_resize': lambda: None,
         'nbd-server-start': lambda: None,
         'nbd-server-add': lambda: None,
         'nbd-server-remove': lambda: None,
@@ -4652,5 +4813,7 @@ else:
         'BLOCK_JOB_ERROR': lambda: _get('BlockJobErrorData'),
         'BLOCK_JOB_READY': lambda: _get('BlockJobReadyData'),
         'BLOCK_JOB_PENDING': lambda: _get('BlockJobPendingData'),
+        'STOP': lambda: _get('StopData'),
+        'RESUME': lambda: _get('ResumeData'),
         'BLOCK_EXPORT_DELETED': lambda: _get('BlockExportDeletedData'),
     })
