@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from qmpd.qapi.models import (
         BlockdevAddArgs,
         BlockdevDelArgs,
-        QueryBlockArgs,
         QueryNamedBlockNodesArgs,
     )
 

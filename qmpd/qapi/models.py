@@ -172,6 +172,7 @@ if TYPE_CHECKING:
         FILE = 'file'
         NULL_AIO = 'null-aio'
         NULL_CO = 'null-co'
+        QCOW2 = 'qcow2'
         RAW = 'raw'
         SNAPSHOT_ACCESS = 'snapshot-access'
 
@@ -344,6 +345,26 @@ if TYPE_CHECKING:
 
         READ = 'read'
         WRITE = 'write'
+
+
+    class BlockdevQcow2Version(enum.StrEnum):
+        """QAPI enum ``BlockdevQcow2Version``."""
+
+        V2 = 'v2'
+        V3 = 'v3'
+
+
+    class Qcow2CompressionType(enum.StrEnum):
+        """QAPI enum ``Qcow2CompressionType``."""
+
+        ZLIB = 'zlib'
+        ZSTD = 'zstd'
+
+
+    class ImageInfoSpecificKind(enum.StrEnum):
+        """QAPI enum ``ImageInfoSpecificKind``."""
+
+        QCOW2 = 'qcow2'
 
 
     class ActionCompletionMode(enum.StrEnum):
@@ -824,6 +845,30 @@ if TYPE_CHECKING:
         read_zeroes: bool | None = Field(default=None, alias='read-zeroes')
 
 
+    class BlockdevOptionsQcow2Branch(QAPIModel):
+        """QAPI union ``BlockdevOptions``, case ``qcow2``."""
+
+        driver: Literal[BlockdevDriver.QCOW2] = Field(alias='driver')
+        node_name: str | None = Field(default=None, alias='node-name')
+        discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+        cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+        read_only: bool | None = Field(default=None, alias='read-only')
+        auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+        force_share: bool | None = Field(default=None, alias='force-share')
+        detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+        file: BlockdevRef = Field(alias='file')
+        backing: BlockdevRefOrNull | None = Field(default=None, alias='backing')
+        lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+        pass_discard_request: bool | None = Field(default=None, alias='pass-discard-request')
+        pass_discard_snapshot: bool | None = Field(default=None, alias='pass-discard-snapshot')
+        pass_discard_other: bool | None = Field(default=None, alias='pass-discard-other')
+        cache_size: int | None = Field(default=None, alias='cache-size')
+        l2_cache_size: int | None = Field(default=None, alias='l2-cache-size')
+        l2_cache_entry_size: int | None = Field(default=None, alias='l2-cache-entry-size')
+        refcount_cache_size: int | None = Field(default=None, alias='refcount-cache-size')
+        cache_clean_interval: int | None = Field(default=None, alias='cache-clean-interval')
+
+
     class BlockdevOptionsRawBranch(QAPIModel):
         """QAPI union ``BlockdevOptions``, case ``raw``."""
 
@@ -873,6 +918,21 @@ if TYPE_CHECKING:
         preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
         nocow: bool | None = Field(default=None, alias='nocow')
         extent_size_hint: int | None = Field(default=None, alias='extent-size-hint')
+
+
+    class BlockdevCreateOptionsQcow2Branch(QAPIModel):
+        """QAPI union ``BlockdevCreateOptions``, case ``qcow2``."""
+
+        driver: Literal[BlockdevDriver.QCOW2] = Field(alias='driver')
+        file: BlockdevRef = Field(alias='file')
+        size: int = Field(alias='size')
+        version: BlockdevQcow2Version | None = Field(default=None, alias='version')
+        backing_file: str | None = Field(default=None, alias='backing-file')
+        backing_fmt: BlockdevDriver | None = Field(default=None, alias='backing-fmt')
+        cluster_size: int | None = Field(default=None, alias='cluster-size')
+        preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
+        lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+        refcount_bits: int | None = Field(default=None, alias='refcount-bits')
 
 
     class BlockdevCreateOptionsBlkdebugBranch(QAPIModel):
@@ -969,6 +1029,7 @@ if TYPE_CHECKING:
         full_backing_filename: str | None = Field(default=None, alias='full-backing-filename')
         backing_filename_format: str | None = Field(default=None, alias='backing-filename-format')
         backing_image: ImageInfo | None = Field(default=None, alias='backing-image')
+        format_specific: ImageInfoSpecific | None = Field(default=None, alias='format-specific')
 
 
     class BlockdevCacheInfo(QAPIModel):
@@ -1086,6 +1147,64 @@ if TYPE_CHECKING:
         auto_finalize: bool = Field(alias='auto-finalize')
         auto_dismiss: bool = Field(alias='auto-dismiss')
         error: str | None = Field(default=None, alias='error')
+
+
+    class BlockdevOptionsGenericCOWFormat(BlockdevOptionsGenericFormat):
+        """QAPI struct ``BlockdevOptionsGenericCOWFormat``."""
+
+        backing: BlockdevRefOrNull | None = Field(default=None, alias='backing')
+
+
+    class BlockdevOptionsQcow2(BlockdevOptionsGenericCOWFormat):
+        """QAPI struct ``BlockdevOptionsQcow2``."""
+
+        lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+        pass_discard_request: bool | None = Field(default=None, alias='pass-discard-request')
+        pass_discard_snapshot: bool | None = Field(default=None, alias='pass-discard-snapshot')
+        pass_discard_other: bool | None = Field(default=None, alias='pass-discard-other')
+        cache_size: int | None = Field(default=None, alias='cache-size')
+        l2_cache_size: int | None = Field(default=None, alias='l2-cache-size')
+        l2_cache_entry_size: int | None = Field(default=None, alias='l2-cache-entry-size')
+        refcount_cache_size: int | None = Field(default=None, alias='refcount-cache-size')
+        cache_clean_interval: int | None = Field(default=None, alias='cache-clean-interval')
+
+
+    class BlockdevCreateOptionsQcow2(QAPIModel):
+        """QAPI struct ``BlockdevCreateOptionsQcow2``."""
+
+        file: BlockdevRef = Field(alias='file')
+        size: int = Field(alias='size')
+        version: BlockdevQcow2Version | None = Field(default=None, alias='version')
+        backing_file: str | None = Field(default=None, alias='backing-file')
+        backing_fmt: BlockdevDriver | None = Field(default=None, alias='backing-fmt')
+        cluster_size: int | None = Field(default=None, alias='cluster-size')
+        preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
+        lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+        refcount_bits: int | None = Field(default=None, alias='refcount-bits')
+
+
+    class ImageInfoSpecificQCow2(QAPIModel):
+        """QAPI struct ``ImageInfoSpecificQCow2``."""
+
+        compat: str = Field(alias='compat')
+        extended_l2: bool | None = Field(default=None, alias='extended-l2')
+        lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+        corrupt: bool | None = Field(default=None, alias='corrupt')
+        refcount_bits: int = Field(alias='refcount-bits')
+        compression_type: Qcow2CompressionType = Field(alias='compression-type')
+
+
+    class ImageInfoSpecificQCow2Wrapper(QAPIModel):
+        """QAPI struct ``ImageInfoSpecificQCow2Wrapper``."""
+
+        data: ImageInfoSpecificQCow2 = Field(alias='data')
+
+
+    class ImageInfoSpecificQcow2Branch(QAPIModel):
+        """QAPI union ``ImageInfoSpecific``, case ``qcow2``."""
+
+        type: Literal[ImageInfoSpecificKind.QCOW2] = Field(alias='type')
+        data: ImageInfoSpecificQCow2 = Field(alias='data')
 
 
     class Abort(QAPIModel):
@@ -1405,6 +1524,7 @@ if TYPE_CHECKING:
             BlockdevOptionsFileBranch,
             BlockdevOptionsNullAioBranch,
             BlockdevOptionsNullCoBranch,
+            BlockdevOptionsQcow2Branch,
             BlockdevOptionsRawBranch,
             BlockdevOptionsSnapshotAccessBranch,
         ],
@@ -1415,6 +1535,7 @@ if TYPE_CHECKING:
     BlockdevCreateOptions: TypeAlias = Annotated[
         Union[
             BlockdevCreateOptionsFileBranch,
+            BlockdevCreateOptionsQcow2Branch,
             BlockdevCreateOptionsBlkdebugBranch,
             BlockdevCreateOptionsCopyBeforeWriteBranch,
             BlockdevCreateOptionsNullAioBranch,
@@ -1423,6 +1544,14 @@ if TYPE_CHECKING:
             BlockdevCreateOptionsSnapshotAccessBranch,
         ],
         Field(discriminator='driver'),
+    ]
+
+
+    ImageInfoSpecific: TypeAlias = Annotated[
+        Union[
+            ImageInfoSpecificQcow2Branch,
+        ],
+        Field(discriminator='type'),
     ]
 
 
@@ -1480,6 +1609,9 @@ if TYPE_CHECKING:
 
 
     BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]
+
+
+    BlockdevRefOrNull: TypeAlias = Union[BlockdevOptions, str, None]
 
 
     class QmpCapabilitiesArgs(QAPIModel):
@@ -1837,6 +1969,17 @@ if TYPE_CHECKING:
         id: str = Field(alias='id')
 
 
+    class BlockImageCorruptedData(QAPIModel):
+        """Data of ``BLOCK_IMAGE_CORRUPTED``."""
+
+        device: str = Field(alias='device')
+        node_name: str | None = Field(default=None, alias='node-name')
+        msg: str = Field(alias='msg')
+        offset: int | None = Field(default=None, alias='offset')
+        size: int | None = Field(default=None, alias='size')
+        fatal: bool = Field(alias='fatal')
+
+
     class StopData(QAPIModel):
         """Data of ``STOP``."""
 
@@ -1977,6 +2120,7 @@ if TYPE_CHECKING:
         'BLOCK_JOB_ERROR': BlockJobErrorData,
         'BLOCK_JOB_READY': BlockJobReadyData,
         'BLOCK_JOB_PENDING': BlockJobPendingData,
+        'BLOCK_IMAGE_CORRUPTED': BlockImageCorruptedData,
         'STOP': StopData,
         'RESUME': ResumeData,
         'BLOCK_EXPORT_DELETED': BlockExportDeletedData,
@@ -2231,6 +2375,7 @@ else:
             FILE = 'file'
             NULL_AIO = 'null-aio'
             NULL_CO = 'null-co'
+            QCOW2 = 'qcow2'
             RAW = 'raw'
             SNAPSHOT_ACCESS = 'snapshot-access'
         return BlockdevDriver
@@ -2434,6 +2579,32 @@ else:
             READ = 'read'
             WRITE = 'write'
         return IoOperationType
+
+
+    def _make_BlockdevQcow2Version() -> Any:
+        class BlockdevQcow2Version(enum.StrEnum):
+            """QAPI enum ``BlockdevQcow2Version``."""
+
+            V2 = 'v2'
+            V3 = 'v3'
+        return BlockdevQcow2Version
+
+
+    def _make_Qcow2CompressionType() -> Any:
+        class Qcow2CompressionType(enum.StrEnum):
+            """QAPI enum ``Qcow2CompressionType``."""
+
+            ZLIB = 'zlib'
+            ZSTD = 'zstd'
+        return Qcow2CompressionType
+
+
+    def _make_ImageInfoSpecificKind() -> Any:
+        class ImageInfoSpecificKind(enum.StrEnum):
+            """QAPI enum ``ImageInfoSpecificKind``."""
+
+            QCOW2 = 'qcow2'
+        return ImageInfoSpecificKind
 
 
     def _make_ActionCompletionMode() -> Any:
@@ -3052,6 +3223,33 @@ else:
         return BlockdevOptionsNullCoBranch
 
 
+    def _make_BlockdevOptionsQcow2Branch() -> Any:
+        _need('BlockdevCacheOptions', 'BlockdevDetectZeroesOptions', 'BlockdevDiscardOptions', 'BlockdevDriver', 'BlockdevRef', 'BlockdevRefOrNull')
+        class BlockdevOptionsQcow2Branch(QAPIModel):
+            """QAPI union ``BlockdevOptions``, case ``qcow2``."""
+
+            driver: Literal[BlockdevDriver.QCOW2] = Field(alias='driver')
+            node_name: str | None = Field(default=None, alias='node-name')
+            discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+            cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+            read_only: bool | None = Field(default=None, alias='read-only')
+            auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+            force_share: bool | None = Field(default=None, alias='force-share')
+            detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+            file: BlockdevRef = Field(alias='file')
+            backing: BlockdevRefOrNull | None = Field(default=None, alias='backing')
+            lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+            pass_discard_request: bool | None = Field(default=None, alias='pass-discard-request')
+            pass_discard_snapshot: bool | None = Field(default=None, alias='pass-discard-snapshot')
+            pass_discard_other: bool | None = Field(default=None, alias='pass-discard-other')
+            cache_size: int | None = Field(default=None, alias='cache-size')
+            l2_cache_size: int | None = Field(default=None, alias='l2-cache-size')
+            l2_cache_entry_size: int | None = Field(default=None, alias='l2-cache-entry-size')
+            refcount_cache_size: int | None = Field(default=None, alias='refcount-cache-size')
+            cache_clean_interval: int | None = Field(default=None, alias='cache-clean-interval')
+        return BlockdevOptionsQcow2Branch
+
+
     def _make_BlockdevOptionsRawBranch() -> Any:
         _need('BlockdevCacheOptions', 'BlockdevDetectZeroesOptions', 'BlockdevDiscardOptions', 'BlockdevDriver', 'BlockdevRef')
         class BlockdevOptionsRawBranch(QAPIModel):
@@ -3113,6 +3311,24 @@ else:
             nocow: bool | None = Field(default=None, alias='nocow')
             extent_size_hint: int | None = Field(default=None, alias='extent-size-hint')
         return BlockdevCreateOptionsFileBranch
+
+
+    def _make_BlockdevCreateOptionsQcow2Branch() -> Any:
+        _need('BlockdevDriver', 'BlockdevQcow2Version', 'BlockdevRef', 'PreallocMode')
+        class BlockdevCreateOptionsQcow2Branch(QAPIModel):
+            """QAPI union ``BlockdevCreateOptions``, case ``qcow2``."""
+
+            driver: Literal[BlockdevDriver.QCOW2] = Field(alias='driver')
+            file: BlockdevRef = Field(alias='file')
+            size: int = Field(alias='size')
+            version: BlockdevQcow2Version | None = Field(default=None, alias='version')
+            backing_file: str | None = Field(default=None, alias='backing-file')
+            backing_fmt: BlockdevDriver | None = Field(default=None, alias='backing-fmt')
+            cluster_size: int | None = Field(default=None, alias='cluster-size')
+            preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
+            lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+            refcount_bits: int | None = Field(default=None, alias='refcount-bits')
+        return BlockdevCreateOptionsQcow2Branch
 
 
     def _make_BlockdevCreateOptionsBlkdebugBranch() -> Any:
@@ -3224,7 +3440,7 @@ else:
 
 
     def _make_ImageInfo() -> Any:
-        _need('ImageInfo')
+        _need('ImageInfo', 'ImageInfoSpecific')
         class ImageInfo(QAPIModel):
             """QAPI struct ``ImageInfo``."""
 
@@ -3240,6 +3456,7 @@ else:
             full_backing_filename: str | None = Field(default=None, alias='full-backing-filename')
             backing_filename_format: str | None = Field(default=None, alias='backing-filename-format')
             backing_image: ImageInfo | None = Field(default=None, alias='backing-image')
+            format_specific: ImageInfoSpecific | None = Field(default=None, alias='format-specific')
         return ImageInfo
 
 
@@ -3381,6 +3598,83 @@ else:
             auto_dismiss: bool = Field(alias='auto-dismiss')
             error: str | None = Field(default=None, alias='error')
         return BlockJobInfo
+
+
+    def _make_BlockdevOptionsGenericCOWFormat() -> Any:
+        _need('BlockdevRefOrNull')
+        BlockdevOptionsGenericFormat = _get('BlockdevOptionsGenericFormat')
+        class BlockdevOptionsGenericCOWFormat(BlockdevOptionsGenericFormat):
+            """QAPI struct ``BlockdevOptionsGenericCOWFormat``."""
+
+            backing: BlockdevRefOrNull | None = Field(default=None, alias='backing')
+        return BlockdevOptionsGenericCOWFormat
+
+
+    def _make_BlockdevOptionsQcow2() -> Any:
+        BlockdevOptionsGenericCOWFormat = _get('BlockdevOptionsGenericCOWFormat')
+        class BlockdevOptionsQcow2(BlockdevOptionsGenericCOWFormat):
+            """QAPI struct ``BlockdevOptionsQcow2``."""
+
+            lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+            pass_discard_request: bool | None = Field(default=None, alias='pass-discard-request')
+            pass_discard_snapshot: bool | None = Field(default=None, alias='pass-discard-snapshot')
+            pass_discard_other: bool | None = Field(default=None, alias='pass-discard-other')
+            cache_size: int | None = Field(default=None, alias='cache-size')
+            l2_cache_size: int | None = Field(default=None, alias='l2-cache-size')
+            l2_cache_entry_size: int | None = Field(default=None, alias='l2-cache-entry-size')
+            refcount_cache_size: int | None = Field(default=None, alias='refcount-cache-size')
+            cache_clean_interval: int | None = Field(default=None, alias='cache-clean-interval')
+        return BlockdevOptionsQcow2
+
+
+    def _make_BlockdevCreateOptionsQcow2() -> Any:
+        _need('BlockdevDriver', 'BlockdevQcow2Version', 'BlockdevRef', 'PreallocMode')
+        class BlockdevCreateOptionsQcow2(QAPIModel):
+            """QAPI struct ``BlockdevCreateOptionsQcow2``."""
+
+            file: BlockdevRef = Field(alias='file')
+            size: int = Field(alias='size')
+            version: BlockdevQcow2Version | None = Field(default=None, alias='version')
+            backing_file: str | None = Field(default=None, alias='backing-file')
+            backing_fmt: BlockdevDriver | None = Field(default=None, alias='backing-fmt')
+            cluster_size: int | None = Field(default=None, alias='cluster-size')
+            preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
+            lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+            refcount_bits: int | None = Field(default=None, alias='refcount-bits')
+        return BlockdevCreateOptionsQcow2
+
+
+    def _make_ImageInfoSpecificQCow2() -> Any:
+        _need('Qcow2CompressionType')
+        class ImageInfoSpecificQCow2(QAPIModel):
+            """QAPI struct ``ImageInfoSpecificQCow2``."""
+
+            compat: str = Field(alias='compat')
+            extended_l2: bool | None = Field(default=None, alias='extended-l2')
+            lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+            corrupt: bool | None = Field(default=None, alias='corrupt')
+            refcount_bits: int = Field(alias='refcount-bits')
+            compression_type: Qcow2CompressionType = Field(alias='compression-type')
+        return ImageInfoSpecificQCow2
+
+
+    def _make_ImageInfoSpecificQCow2Wrapper() -> Any:
+        _need('ImageInfoSpecificQCow2')
+        class ImageInfoSpecificQCow2Wrapper(QAPIModel):
+            """QAPI struct ``ImageInfoSpecificQCow2Wrapper``."""
+
+            data: ImageInfoSpecificQCow2 = Field(alias='data')
+        return ImageInfoSpecificQCow2Wrapper
+
+
+    def _make_ImageInfoSpecificQcow2Branch() -> Any:
+        _need('ImageInfoSpecificKind', 'ImageInfoSpecificQCow2')
+        class ImageInfoSpecificQcow2Branch(QAPIModel):
+            """QAPI union ``ImageInfoSpecific``, case ``qcow2``."""
+
+            type: Literal[ImageInfoSpecificKind.QCOW2] = Field(alias='type')
+            data: ImageInfoSpecificQCow2 = Field(alias='data')
+        return ImageInfoSpecificQcow2Branch
 
 
     def _make_Abort() -> Any:
@@ -3817,6 +4111,7 @@ else:
         BlockdevOptionsFileBranch = _get('BlockdevOptionsFileBranch')
         BlockdevOptionsNullAioBranch = _get('BlockdevOptionsNullAioBranch')
         BlockdevOptionsNullCoBranch = _get('BlockdevOptionsNullCoBranch')
+        BlockdevOptionsQcow2Branch = _get('BlockdevOptionsQcow2Branch')
         BlockdevOptionsRawBranch = _get('BlockdevOptionsRawBranch')
         BlockdevOptionsSnapshotAccessBranch = _get('BlockdevOptionsSnapshotAccessBranch')
         BlockdevOptions: TypeAlias = Annotated[
@@ -3826,6 +4121,7 @@ else:
                 BlockdevOptionsFileBranch,
                 BlockdevOptionsNullAioBranch,
                 BlockdevOptionsNullCoBranch,
+                BlockdevOptionsQcow2Branch,
                 BlockdevOptionsRawBranch,
                 BlockdevOptionsSnapshotAccessBranch,
             ],
@@ -3836,6 +4132,7 @@ else:
 
     def _make_BlockdevCreateOptions() -> Any:
         BlockdevCreateOptionsFileBranch = _get('BlockdevCreateOptionsFileBranch')
+        BlockdevCreateOptionsQcow2Branch = _get('BlockdevCreateOptionsQcow2Branch')
         BlockdevCreateOptionsBlkdebugBranch = _get('BlockdevCreateOptionsBlkdebugBranch')
         BlockdevCreateOptionsCopyBeforeWriteBranch = _get('BlockdevCreateOptionsCopyBeforeWriteBranch')
         BlockdevCreateOptionsNullAioBranch = _get('BlockdevCreateOptionsNullAioBranch')
@@ -3845,6 +4142,7 @@ else:
         BlockdevCreateOptions: TypeAlias = Annotated[
             Union[
                 BlockdevCreateOptionsFileBranch,
+                BlockdevCreateOptionsQcow2Branch,
                 BlockdevCreateOptionsBlkdebugBranch,
                 BlockdevCreateOptionsCopyBeforeWriteBranch,
                 BlockdevCreateOptionsNullAioBranch,
@@ -3855,6 +4153,17 @@ else:
             Field(discriminator='driver'),
         ]
         return BlockdevCreateOptions
+
+
+    def _make_ImageInfoSpecific() -> Any:
+        ImageInfoSpecificQcow2Branch = _get('ImageInfoSpecificQcow2Branch')
+        ImageInfoSpecific: TypeAlias = Annotated[
+            Union[
+                ImageInfoSpecificQcow2Branch,
+            ],
+            Field(discriminator='type'),
+        ]
+        return ImageInfoSpecific
 
 
     def _make_TransactionAction() -> Any:
@@ -3942,6 +4251,12 @@ else:
         BlockDirtyBitmap = _get('BlockDirtyBitmap')
         BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]
         return BlockDirtyBitmapOrStr
+
+
+    def _make_BlockdevRefOrNull() -> Any:
+        BlockdevOptions = _get('BlockdevOptions')
+        BlockdevRefOrNull: TypeAlias = Union[BlockdevOptions, str, None]
+        return BlockdevRefOrNull
 
 
     def _make_QmpCapabilitiesArgs() -> Any:
@@ -4449,6 +4764,19 @@ else:
         return BlockJobPendingData
 
 
+    def _make_BlockImageCorruptedData() -> Any:
+        class BlockImageCorruptedData(QAPIModel):
+            """Data of ``BLOCK_IMAGE_CORRUPTED``."""
+
+            device: str = Field(alias='device')
+            node_name: str | None = Field(default=None, alias='node-name')
+            msg: str = Field(alias='msg')
+            offset: int | None = Field(default=None, alias='offset')
+            size: int | None = Field(default=None, alias='size')
+            fatal: bool = Field(alias='fatal')
+        return BlockImageCorruptedData
+
+
     def _make_StopData() -> Any:
         class StopData(QAPIModel):
             """Data of ``STOP``."""
@@ -4497,6 +4825,9 @@ else:
         'NewImageMode': _make_NewImageMode,
         'BlockErrorAction': _make_BlockErrorAction,
         'IoOperationType': _make_IoOperationType,
+        'BlockdevQcow2Version': _make_BlockdevQcow2Version,
+        'Qcow2CompressionType': _make_Qcow2CompressionType,
+        'ImageInfoSpecificKind': _make_ImageInfoSpecificKind,
         'ActionCompletionMode': _make_ActionCompletionMode,
         'TransactionActionKind': _make_TransactionActionKind,
         'SocketAddressLegacyType': _make_SocketAddressLegacyType,
@@ -4550,10 +4881,12 @@ else:
         'BlockdevOptionsFileBranch': _make_BlockdevOptionsFileBranch,
         'BlockdevOptionsNullAioBranch': _make_BlockdevOptionsNullAioBranch,
         'BlockdevOptionsNullCoBranch': _make_BlockdevOptionsNullCoBranch,
+        'BlockdevOptionsQcow2Branch': _make_BlockdevOptionsQcow2Branch,
         'BlockdevOptionsRawBranch': _make_BlockdevOptionsRawBranch,
         'BlockdevOptionsSnapshotAccessBranch': _make_BlockdevOptionsSnapshotAccessBranch,
         'BlockdevCreateOptionsFile': _make_BlockdevCreateOptionsFile,
         'BlockdevCreateOptionsFileBranch': _make_BlockdevCreateOptionsFileBranch,
+        'BlockdevCreateOptionsQcow2Branch': _make_BlockdevCreateOptionsQcow2Branch,
         'BlockdevCreateOptionsBlkdebugBranch': _make_BlockdevCreateOptionsBlkdebugBranch,
         'BlockdevCreateOptionsCopyBeforeWriteBranch': _make_BlockdevCreateOptionsCopyBeforeWriteBranch,
         'BlockdevCreateOptionsNullAioBranch': _make_BlockdevCreateOptionsNullAioBranch,
@@ -4574,6 +4907,12 @@ else:
         'DriveBackup': _make_DriveBackup,
         'BlockdevBackup': _make_BlockdevBackup,
         'BlockJobInfo': _make_BlockJobInfo,
+        'BlockdevOptionsGenericCOWFormat': _make_BlockdevOptionsGenericCOWFormat,
+        'BlockdevOptionsQcow2': _make_BlockdevOptionsQcow2,
+        'BlockdevCreateOptionsQcow2': _make_BlockdevCreateOptionsQcow2,
+        'ImageInfoSpecificQCow2': _make_ImageInfoSpecificQCow2,
+        'ImageInfoSpecificQCow2Wrapper': _make_ImageInfoSpecificQCow2Wrapper,
+        'ImageInfoSpecificQcow2Branch': _make_ImageInfoSpecificQcow2Branch,
         'Abort': _make_Abort,
         'AbortWrapper': _make_AbortWrapper,
         'BlockDirtyBitmapAddWrapper': _make_BlockDirtyBitmapAddWrapper,
@@ -4615,6 +4954,7 @@ else:
         'TpmTypeOptions': _make_TpmTypeOptions,
         'BlockdevOptions': _make_BlockdevOptions,
         'BlockdevCreateOptions': _make_BlockdevCreateOptions,
+        'ImageInfoSpecific': _make_ImageInfoSpecific,
         'TransactionAction': _make_TransactionAction,
         'SocketAddressLegacy': _make_SocketAddressLegacy,
         'SocketAddress': _make_SocketAddress,
@@ -4622,6 +4962,7 @@ else:
         'ObjectOptions': _make_ObjectOptions,
         'BlockdevRef': _make_BlockdevRef,
         'BlockDirtyBitmapOrStr': _make_BlockDirtyBitmapOrStr,
+        'BlockdevRefOrNull': _make_BlockdevRefOrNull,
         'QmpCapabilitiesArgs': _make_QmpCapabilitiesArgs,
         'QueryVersionArgs': _make_QueryVersionArgs,
         'QueryCommandsArgs': _make_QueryCommandsArgs,
@@ -4684,6 +5025,7 @@ else:
         'BlockJobErrorData': _make_BlockJobErrorData,
         'BlockJobReadyData': _make_BlockJobReadyData,
         'BlockJobPendingData': _make_BlockJobPendingData,
+        'BlockImageCorruptedData': _make_BlockImageCorruptedData,
         'StopData': _make_StopData,
         'ResumeData': _make_ResumeData,
         'BlockExportDeletedData': _make_BlockExportDeletedData,
@@ -4813,6 +5155,7 @@ else:
         'BLOCK_JOB_ERROR': lambda: _get('BlockJobErrorData'),
         'BLOCK_JOB_READY': lambda: _get('BlockJobReadyData'),
         'BLOCK_JOB_PENDING': lambda: _get('BlockJobPendingData'),
+        'BLOCK_IMAGE_CORRUPTED': lambda: _get('BlockImageCorruptedData'),
         'STOP': lambda: _get('StopData'),
         'RESUME': lambda: _get('ResumeData'),
         'BLOCK_EXPORT_DELETED': lambda: _get('BlockExportDeletedData'),
