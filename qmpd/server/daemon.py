@@ -39,7 +39,7 @@ from qmpd.machine import Machine
 from qmpd.nbd.server import NbdServer
 from qmpd.protocol.session import Call, Session
 from qmpd.qapi.keyval import parse_option_value
-from qmpd.qapi.models import BlockdevAddArgs
+from qmpd.qapi import models
 from qmpd.qapi.service import SchemaService
 from qmpd.server.connection import Connection
 from qmpd.server.limits import DEFAULT_LIMITS, Limits
@@ -178,7 +178,7 @@ class Daemon:
             if not isinstance(options, dict):
                 raise GenericError("--blockdev expects an object")
             args = self.schema.build_arguments("blockdev-add", options)
-            assert isinstance(args, BlockdevAddArgs)
+            assert isinstance(args, models.BlockdevAddArgs)
             await add_blockdev(self.state.block, args)
 
     async def apply_plan(self, plan: StartupPlan) -> None:
