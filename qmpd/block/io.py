@@ -26,6 +26,7 @@ import os
 import queue
 import stat
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -99,7 +100,12 @@ class IOPool:
         fut: asyncio.Future[_T] = loop.create_future()
         with self._mutex:
             self._busy += 1
-            if self._idle == 0 and len(self._threads) < self._max:
+            # Claim an idle worker for this call, or start one.  (Counting
+            # a worker idle only until it picks an item up would let two
+            # quick calls both count on the same worker.)
+            if self._idle > 0:
+                self._idle -= 1
+            elif len(self._threads) < self._max:
                 thread = threading.Thread(target=self._work, name=f"{self._name}-{len(self._threads)}",
                                           daemon=True)
                 self._threads.append(thread)
@@ -114,9 +120,7 @@ class IOPool:
         while True:
             with self._mutex:
                 self._idle += 1
-            item = self._queue.get()
-            with self._mutex:
-                self._idle -= 1
+            item = self._queue.get()   # the caller claimed us (idle -= 1)
             if item is None:
                 return
             fn, args, fut, loop = item
@@ -141,6 +145,24 @@ class IOPool:
         self._closed = True
         for _ in self._threads:
             self._queue.put(None)
+
+    def join(self, timeout: float) -> bool:
+        """After :meth:`shutdown`, wait up to ``timeout`` seconds in all for
+        the workers to end (idle ones end at once; one stuck in the kernel
+        is left, as a daemon thread).
+
+        :return: whether every worker has ended.
+        """
+        deadline = time.monotonic() + timeout
+        for thread in list(self._threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads = [t for t in self._threads if t.is_alive()]
+        return not self._threads
+
+    @property
+    def threads(self) -> int:
+        """Worker threads alive."""
+        return sum(1 for t in self._threads if t.is_alive())
 
 
 _Work = tuple[Callable[..., Any], tuple[object, ...], "asyncio.Future[Any]", asyncio.AbstractEventLoop]

@@ -52,6 +52,7 @@ from qmpd.bitmap.journal import (
     state_file_stem,
 )
 from qmpd.block.errors import BlockIOError
+from qmpd.tasks import TaskGroup
 from qmpd.block.io import (
     StateFile,
     make_private_dir,
@@ -243,7 +244,7 @@ class NodeJournal:
     def _start_flush(self) -> None:
         self._timer = None
         if not self._closed:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush(), name="bitmap-flush")
+            self._flusher = self.owner.tasks.spawn(self._flush(), name="bitmap-flush")
 
     async def _flush(self) -> None:
         try:
@@ -364,8 +365,10 @@ class BitmapStateDir:
     """
 
     def __init__(self, path: str, *, flush_interval: float = 5.0,
-                 coarse_shift: int = DEFAULT_COARSE_SHIFT) -> None:
+                 coarse_shift: int = DEFAULT_COARSE_SHIFT, tasks: TaskGroup | None = None) -> None:
         self.path = path
+        #: Where the lazy stores run (the daemon's group, or one of its own).
+        self.tasks = tasks if tasks is not None else TaskGroup("bitmap-state")
         self.flush_interval = flush_interval
         self.coarse_shift = coarse_shift
         self._ready = False
