@@ -43,6 +43,11 @@ class TaskGroup:
         if parent is not None:
             parent._children.append(self)
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`shutdown` has begun (spawn then raises)."""
+        return self._closed
+
     def child(self, name: str) -> TaskGroup:
         """A group whose tasks this group's :meth:`shutdown` also ends."""
         return TaskGroup(f"{self.name}/{name}", self)

@@ -578,12 +578,12 @@ def _make_private_dir(path: str) -> str:
     return os.path.realpath(path)
 
 
-async def make_private_dir(path: str) -> str:
+async def make_private_dir(path: str, *, pool: IOPool | None = None) -> str:
     """Create ``path`` (and parents) with mode 0700 unless it exists.
 
     :return: its real path.
     """
-    return await run_blocking(_make_private_dir, path)
+    return await run_blocking(_make_private_dir, path, pool=pool)
 
 
 def _read_state(path: str) -> bytes | None:
@@ -594,9 +594,9 @@ def _read_state(path: str) -> bytes | None:
         return None
 
 
-async def read_state_file(path: str) -> bytes | None:
+async def read_state_file(path: str, *, pool: IOPool | None = None) -> bytes | None:
     """:return: the whole file, or None if it does not exist."""
-    return await run_blocking(_read_state, path)
+    return await run_blocking(_read_state, path, pool=pool)
 
 
 def _replace_durably(path: str, data: bytes) -> None:
@@ -615,11 +615,11 @@ def _replace_durably(path: str, data: bytes) -> None:
         os.close(dfd)
 
 
-async def replace_file_durably(path: str, data: bytes) -> None:
+async def replace_file_durably(path: str, data: bytes, *, pool: IOPool | None = None) -> None:
     """Make ``path`` hold ``data`` atomically and durably: write
     ``path.tmp`` (mode 0600), fdatasync, rename over ``path``, fsync the
     directory.  A crash leaves the old or the new contents, whole."""
-    await run_blocking(_replace_durably, path, data)
+    await run_blocking(_replace_durably, path, data, pool=pool)
 
 
 def _remove(path: str) -> None:
@@ -630,23 +630,23 @@ def _remove(path: str) -> None:
             pass
 
 
-async def remove_state_file(path: str) -> None:
+async def remove_state_file(path: str, *, pool: IOPool | None = None) -> None:
     """Delete ``path`` and a leftover ``path.tmp`` (missing ones are fine)."""
-    await run_blocking(_remove, path)
+    await run_blocking(_remove, path, pool=pool)
 
 
-async def stat_path(path: str) -> os.stat_result:
+async def stat_path(path: str, *, pool: IOPool | None = None) -> os.stat_result:
     """:return: stat(2) of ``path`` (following links)."""
-    return await run_blocking(os.stat, path)
+    return await run_blocking(os.stat, path, pool=pool)
 
 
 def _realpath(path: str) -> str:
     return os.path.realpath(path)
 
 
-async def real_path(path: str) -> str:
+async def real_path(path: str, *, pool: IOPool | None = None) -> str:
     """:return: ``os.path.realpath(path)`` (resolved off the loop)."""
-    return await run_blocking(_realpath, path)
+    return await run_blocking(_realpath, path, pool=pool)
 
 
 def _write_sync(fd: int, offset: int, data: bytes) -> None:
@@ -661,10 +661,11 @@ class StateFile(ImageFile):
 
     async def write_durable(self, offset: int, data: bytes) -> None:
         """pwrite then fdatasync, in one job of the pool."""
-        await run_blocking(_write_sync, self.fd, offset, data)
+        await self.pool.run(_write_sync, self.fd, offset, data)
 
 
-async def open_state_file(path: str) -> StateFile:
-    """Open ``path`` read-write, creating it with mode 0600."""
-    fd = await run_blocking(_open, path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
-    return StateFile(path, fd, False)
+async def open_state_file(path: str, *, pool: IOPool | None = None) -> StateFile:
+    """Open ``path`` read-write, creating it with mode 0600; its calls run
+    in ``pool`` (the daemon's; None: the shared pool)."""
+    fd = await run_blocking(_open, path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, pool=pool)
+    return StateFile(path, fd, False, pool)

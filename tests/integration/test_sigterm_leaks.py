@@ -171,7 +171,10 @@ async def test_in_process_sigterm_leaves_no_thread_task_or_fd(tmp_path: Path,
     tasks_before = asyncio.all_tasks()
     fds_before = _fds()
 
-    daemon = Daemon(DaemonConfig(qemu_version=(9, 0, 0), package="qmpd-test"), [UnixListener(path)])
+    # --state-dir with a short flush interval: the lazy bitmap stores run too.
+    config = DaemonConfig(qemu_version=(9, 0, 0), package="qmpd-test", state_dir=str(tmp_path / "state"),
+                          state_flush_interval=0.01)
+    daemon = Daemon(config, [UnixListener(path)])
     daemon.setup()
     await daemon.start()
     web_server = WebServer(daemon, "127.0.0.1", 0, create_token_file(str(tmp_path / "token")))
@@ -182,6 +185,8 @@ async def test_in_process_sigterm_leaves_no_thread_task_or_fd(tmp_path: Path,
         control = await AsyncRawClient.connect(path)
         for request in _setup_commands(src, dst, scratch, nbd_sock):
             await _ok(control, request)
+        await _ok(control, {"execute": "block-dirty-bitmap-add", "arguments": {
+            "node": "scratch", "name": "b", "persistent": True}})
         reader = await _nbd_reader(f"nbd+unix:///src?socket={nbd_sock}")
         seen = asyncio.Event()
         load = [asyncio.ensure_future(c) for c in (
