@@ -157,7 +157,8 @@ class Daemon:
             bitmap_state = BitmapStateDir(self.config.state_dir,
                                           flush_interval=self.config.state_flush_interval,
                                           tasks=self.tasks.child("bitmap-state"), pool=self.pool)
-        self.state.block = BlockGraph(bitmap_state=bitmap_state, pool=self.pool)
+        self.state.block = BlockGraph(bitmap_state=bitmap_state, pool=self.pool,
+                                      emit_event=self.events.emit)
         self.state.jobs = JobManager(self.events, tasks=self.tasks.child("jobs"))
         self.state.machine = Machine(self.state.block, self.events, prelaunch=self.config.prelaunch)
         self.state.objects = ObjectStore()
