@@ -48,6 +48,7 @@ from qmpd.server.listeners import (
 )
 from qmpd.server.plan import StartupError, StartupPlan
 from qmpd.server.qtest import QtestProtocol
+from qmpd.tasks import TaskGroup
 
 __all__ = ["Daemon", "UNIMPLEMENTED"]
 
@@ -113,7 +114,10 @@ class Daemon:
         #: Socket files this process bound (removed at clean-up if unchanged).
         self._owned: list[OwnedPath] = []
         self._connections: set[Connection] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        #: Every task the daemon and its parts start (qmpd/tasks.py): the
+        #: job manager, the NBD server, the bitmap state directory and the
+        #: web server get this group; clean-up awaits or cancels them all.
+        self.tasks = TaskGroup("qmpd")
         self._qtests: list[QtestProtocol] = []
         self.command_names: frozenset[str] = frozenset()
         self.oob_commands: frozenset[str] = frozenset()
@@ -151,13 +155,15 @@ class Daemon:
         bitmap_state = None
         if self.config.state_dir is not None:
             bitmap_state = BitmapStateDir(self.config.state_dir,
-                                          flush_interval=self.config.state_flush_interval)
+                                          flush_interval=self.config.state_flush_interval,
+                                          tasks=self.tasks.child("bitmap-state"), pool=self.pool)
         self.state.block = BlockGraph(bitmap_state=bitmap_state, pool=self.pool,
                                       emit_event=self.events.emit)
-        self.state.jobs = JobManager(self.events)
+        self.state.jobs = JobManager(self.events, tasks=self.tasks.child("jobs"))
         self.state.machine = Machine(self.state.block, self.events, prelaunch=self.config.prelaunch)
         self.state.objects = ObjectStore()
-        self.nbd = NbdServer(self._graph, self.events, tls_creds=self.state.objects.get)
+        self.nbd = NbdServer(self._graph, self.events, tls_creds=self.state.objects.get,
+                             tasks=self.tasks.child("nbd"))
         self.state.nbd = self.nbd
 
     def _graph(self) -> BlockGraph:
@@ -333,15 +339,7 @@ class Daemon:
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run ``coro`` as a task the daemon awaits at clean-up."""
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+        return self.tasks.spawn(coro, name=name)
 
     async def wait_stopped(self) -> None:
         """Return once shutdown was requested."""
@@ -377,11 +375,7 @@ class Daemon:
                 await asyncio.wait_for(server.wait_closed(), SHUTDOWN_GRACE)
         if self.nbd is not None:
             await self.nbd.cleanup()
-        pending = [t for t in self._tasks if not t.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
-        for task in pending:
-            task.cancel()
+        await self.tasks.shutdown(SHUTDOWN_GRACE)
         if self.state.block is not None:
             if self.pool.busy:
                 # A worker is stuck in a file call: closing its descriptor
@@ -391,6 +385,8 @@ class Daemon:
             else:
                 await self.state.block.close()
         self.pool.shutdown()
+        if not self.pool.busy:   # idle workers end at once; a stuck one is left
+            self.pool.join(SHUTDOWN_GRACE)
 
     # -- commands ---------------------------------------------------------
     async def execute(self, call: Call, conn: SessionControl) -> dict[str, Any]:
