@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     """:return: the argument parser (also used for ``--help``)."""
     p = _Parser(
         prog="qmpd",
-        description="QMP daemon with QEMU's block backup control plane over raw images.",
+        description="QMP daemon with QEMU's block backup control plane over raw and qcow2 images.",
     )
     p.add_argument("-V", "--version", action="version", version=f"qmpd {__version__}")
     p.add_argument("--socket", action="append", default=[], metavar="PATH",
