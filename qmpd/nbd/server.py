@@ -144,7 +144,8 @@ class NbdServer:
             raise GenericError(f"Failed to bind socket to {where}: {exc.strerror or exc}") from exc
         self.tls = tls
         self._slots = asyncio.Semaphore(max_connections) if max_connections else None
-        log.info("NBD server listening on %s", addr)
+        log.info("NBD server listening on %s",
+                 addr.path if isinstance(addr, UnixListener) else f"{addr.host}:{addr.port}")
 
     async def stop(self) -> None:
         """nbd-server-stop: remove every export (dropping clients), close
@@ -157,6 +158,7 @@ class NbdServer:
         self.tls = None
         for client in list(self._clients):
             client.abort()
+        log.info("NBD server stopped")
 
     async def cleanup(self) -> None:
         """Daemon shutdown: like :meth:`stop` when running, then wait briefly
@@ -276,6 +278,9 @@ class NbdServer:
         exp = Export(settings, node, bitmaps)
         exp.open()
         self.exports[req.id] = exp
+        log.info("export %s added (node %s, NBD name '%s', %s%s)", req.id, node.node_name, name,
+                 "writable" if req.writable else "read-only",
+                 "".join(f", bitmap {b}" for b in bitmaps))
         return exp
 
     def delete(self, export_id: str, mode: str = "safe") -> None:
@@ -309,6 +314,7 @@ class NbdServer:
         if self.exports.get(exp.id) is exp:
             del self.exports[exp.id]
             exp.close()
+            log.info("export %s removed", exp.id)
             self._events.emit(BLOCK_EXPORT_DELETED, {"id": exp.id})
 
     def client_left(self, exp: Export) -> None:

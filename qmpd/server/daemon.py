@@ -219,7 +219,7 @@ class Daemon:
         for spec, option in zip(plan.connectors, plan.connector_options):
             label = connector_label(spec)
             try:
-                await open_connector(spec, functools.partial(self._new_connection, label))
+                await open_connector(spec, functools.partial(self._new_connection, label, spec.pretty))
             except OSError as err:
                 raise StartupError(option, f"Failed to connect to '{label}': {err.strerror}") from err
         if plan.qtest is not None:
@@ -302,7 +302,7 @@ class Daemon:
         await self.prepare_state_dir()
         for spec in self.listeners:
             label = spec.path if isinstance(spec, UnixListener) else f"{spec.host}:{spec.port}"
-            server, owned = await open_listener(spec, functools.partial(self._new_connection, label),
+            server, owned = await open_listener(spec, functools.partial(self._new_connection, label, spec.pretty),
                                                 backlog=self.limits.backlog)
             self._servers.append(server)
             if owned is not None:
@@ -312,10 +312,10 @@ class Daemon:
                 log.warning("QMP on %s is reachable from the network without authentication; "
                             "any peer can run every command (prefer a UNIX socket or 127.0.0.1)", label)
 
-    def _new_connection(self, label: str) -> Connection:
+    def _new_connection(self, label: str, pretty: bool = False) -> Connection:
         if len(self._connections) >= self.limits.max_connections or self.stopping:
             return Connection(self, label, self.limits, refused=True)
-        conn = Connection(self, label, self.limits)
+        conn = Connection(self, label, self.limits, pretty=pretty)
         self._connections.add(conn)
         return conn
 
