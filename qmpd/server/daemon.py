@@ -35,6 +35,7 @@ from qmpd.errors import GenericError, QMPError, SchemaError
 from qmpd.events import EventBus
 from qmpd.events.names import SHUTDOWN
 from qmpd.jobs import JobManager
+from qmpd.machine import Machine
 from qmpd.nbd.server import NbdServer
 from qmpd.protocol.session import Call, Session
 from qmpd.qapi.keyval import parse_option_value
@@ -42,7 +43,11 @@ from qmpd.qapi.models import BlockdevAddArgs
 from qmpd.qapi.service import SchemaService
 from qmpd.server.connection import Connection
 from qmpd.server.limits import DEFAULT_LIMITS, Limits
-from qmpd.server.listeners import Listener, OwnedPath, TcpListener, UnixListener, open_listener
+from qmpd.server.listeners import (
+    Listener, OwnedPath, TcpListener, UnixListener, connector_label, open_connector, open_listener,
+)
+from qmpd.server.plan import StartupError, StartupPlan
+from qmpd.server.qtest import QtestProtocol
 
 __all__ = ["Daemon", "UNIMPLEMENTED"]
 
@@ -109,6 +114,7 @@ class Daemon:
         self._owned: list[OwnedPath] = []
         self._connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._qtests: list[QtestProtocol] = []
         self.command_names: frozenset[str] = frozenset()
         self.oob_commands: frozenset[str] = frozenset()
         self.greeting: dict[str, Any] = {}
@@ -149,6 +155,7 @@ class Daemon:
         self.state.block = BlockGraph(bitmap_state=bitmap_state, pool=self.pool,
                                       emit_event=self.events.emit)
         self.state.jobs = JobManager(self.events)
+        self.state.machine = Machine(self.state.block, self.events, prelaunch=self.config.prelaunch)
         self.state.objects = ObjectStore()
         self.nbd = NbdServer(self._graph, self.events, tls_creds=self.state.objects.get)
         self.state.nbd = self.nbd
@@ -173,6 +180,54 @@ class Daemon:
             args = self.schema.build_arguments("blockdev-add", options)
             assert isinstance(args, BlockdevAddArgs)
             await add_blockdev(self.state.block, args)
+
+    async def apply_plan(self, plan: StartupPlan) -> None:
+        """Build what the command line asked for, in QEMU's order:
+        ``-blockdev`` nodes, ``-drive``s, then ``-device``s.
+
+        :raise StartupError: naming the failed option, with QEMU's text.
+        """
+        assert self.schema is not None and self.state.machine is not None
+        machine = self.state.machine
+        for text in plan.blockdevs:
+            try:
+                await self.add_blockdevs([text])
+            except QMPError as err:
+                raise StartupError(f"-blockdev {text}", err.desc) from err
+        for text in plan.drives:
+            try:
+                await machine.add_drive(text, self.schema)
+            except QMPError as err:
+                raise StartupError(f"-drive {text}", err.desc) from err
+        for text in plan.devices:
+            try:
+                machine.add_device(text)
+            except QMPError as err:
+                raise StartupError(f"-device {text}", err.desc) from err
+
+    async def connect(self, plan: StartupPlan) -> None:
+        """Connect the client-mode monitors and the qtest socket.
+
+        :raise StartupError: ``"Failed to connect to 'PATH': <strerror>"``.
+        """
+        for spec, option in zip(plan.connectors, plan.connector_options):
+            label = connector_label(spec)
+            try:
+                await open_connector(spec, functools.partial(self._new_connection, label))
+            except OSError as err:
+                raise StartupError(option, f"Failed to connect to '{label}': {err.strerror}") from err
+        if plan.qtest is not None:
+            label = connector_label(plan.qtest)
+            try:
+                await open_connector(plan.qtest, self._new_qtest)
+            except OSError as err:
+                raise StartupError(plan.qtest_option,
+                                   f"Failed to connect to '{label}': {err.strerror}") from err
+
+    def _new_qtest(self) -> QtestProtocol:
+        proto = QtestProtocol()
+        self._qtests.append(proto)
+        return proto
 
     async def prepare_state_dir(self) -> None:
         """Create ``--state-dir`` (mode 0700) if configured.
@@ -315,6 +370,8 @@ class Daemon:
         await asyncio.sleep(0)
         for conn in list(self._connections):
             conn.close()
+        for qtest in self._qtests:
+            qtest.close()
         for server in self._servers:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), SHUTDOWN_GRACE)
