@@ -142,7 +142,7 @@ async def create_backup(
                 f"Required max-chunk ({opts.max_chunk}) is less than backup cluster size "
                 f"({job.copy.cluster_size})"
             )
-        if opts.sync == "top" and source.backing is not None:
+        if opts.sync == "top":
             await _skip_unallocated(job)
         release = _claim_perms(source, target)
         try:

@@ -52,6 +52,8 @@ class ChildIO(Protocol):
 
     async def flush(self) -> None: ...
 
+    def debug_event(self, event: str) -> None: ...
+
     async def block_status(self, offset: int, length: int) -> tuple[bool, int]: ...
 
 
@@ -130,6 +132,7 @@ class Qcow2Image:
         if off & (self.g.cluster_size - 1):
             raise CorruptImage(f"L2 table offset {off:#x} unaligned (L1 index: {l1_index:#x})")
         if self.cache.table(off) is None:
+            self.file.debug_event("l2_load")
             data = await self.file.read(off, self.g.cluster_size)
             self.cache.put(off, bytearray(data))
         return off
@@ -181,6 +184,7 @@ class Qcow2Image:
             raise BlockIOError(errno.ENOMEDIUM)
         m, n = await self.mapping(offset, length)
         if n == length and m.kind == Kind.NORMAL:
+            self.file.debug_event("read_aio")
             return await self.file.read(m.host + (offset & (self.g.cluster_size - 1)), length)
         out = bytearray(length)
         pos = offset
@@ -195,6 +199,7 @@ class Qcow2Image:
     async def _read_extent(self, m: Mapping, pos: int, n: int, out: bytearray, at: int) -> None:
         cs = self.g.cluster_size
         if m.kind == Kind.NORMAL:
+            self.file.debug_event("read_aio")
             out[at:at + n] = await self.file.read(m.host + (pos & (cs - 1)), n)
         elif m.kind == Kind.COMPRESSED:
             data = await self._decompress(m)
@@ -368,6 +373,7 @@ class Qcow2Image:
         # Refcounts and data do not depend on each other; both must land
         # before the L2/L1 entries that point at the new clusters.
         if data_writes:
+            self.file.debug_event("write_aio")
             await self._ensure_length(max(h + len(b) for h, b in data_writes))
             await asyncio.gather(self._write_refcounts(),
                                  *(self.file.write(h, b) for h, b in data_writes))
