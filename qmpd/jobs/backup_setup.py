@@ -227,7 +227,9 @@ def _check_target_writable(graph: BlockGraph, target: BlockNode, filter_name: st
 
 
 def file_locks(node: BlockNode) -> list[PermLocks]:
-    """The lock holders of the files at the bottom of ``node``'s subtree."""
+    """The lock holders of the files at the bottom of ``node``'s subtree,
+    not counting backing files (a backup only reads through those, and a
+    ``sync: none`` target's backing node is the source itself)."""
     found: list[PermLocks] = []
     stack = [node]
     seen: set[int] = set()
@@ -239,7 +241,7 @@ def file_locks(node: BlockNode) -> list[PermLocks]:
         locks = getattr(cur.driver, "perm_locks", None)
         if isinstance(locks, PermLocks):
             found.append(locks)
-        stack.extend(cur.children.values())
+        stack.extend(child for role, child in cur.children.items() if role != "backing")
     return found
 
 

@@ -63,8 +63,8 @@ if TYPE_CHECKING:
     from qmpd.block.io import ImageFile
     from qmpd.block.node import BlockNode
 
-__all__ = ["BlockDriver", "DriverOpener", "DriverSpec", "FileWindow", "FormatDetails", "OpenContext", "BaseDriver",
-           "Breakpoints"]
+__all__ = ["BlockDriver", "DriverOpener", "DriverSpec", "FileWindow", "FormatDetails", "OpenContext",
+           "BaseDriver", "Breakpoints"]
 
 
 class Breakpoints(Protocol):

@@ -52,9 +52,9 @@ class ChildIO(Protocol):
 
     async def flush(self) -> None: ...
 
-    async def block_status(self, offset: int, length: int) -> tuple[bool, int]: ...
-
     def debug_event(self, event: str) -> None: ...
+
+    async def block_status(self, offset: int, length: int) -> tuple[bool, int]: ...
 
 
 class CorruptImage(BlockIOError):
@@ -132,6 +132,7 @@ class Qcow2Image:
         if off & (self.g.cluster_size - 1):
             raise CorruptImage(f"L2 table offset {off:#x} unaligned (L1 index: {l1_index:#x})")
         if self.cache.table(off) is None:
+            self.file.debug_event("l2_load")
             data = await self.file.read(off, self.g.cluster_size)
             self.cache.put(off, bytearray(data))
         return off
@@ -375,6 +376,7 @@ class Qcow2Image:
         # Refcounts and data do not depend on each other; both must land
         # before the L2/L1 entries that point at the new clusters.
         if data_writes:
+            self.file.debug_event("write_aio")
             await self._ensure_length(max(h + len(b) for h, b in data_writes))
             await asyncio.gather(self._write_refcounts(),
                                  *(self.file.write(h, b) for h, b in data_writes))
