@@ -629,6 +629,27 @@ class TPMInfo(QAPIModel):
     options: TpmTypeOptions = Field(alias='options')
 
 
+class AddfdInfo(QAPIModel):
+    """QAPI struct ``AddfdInfo``."""
+
+    fdset_id: int = Field(alias='fdset-id')
+    fd: int = Field(alias='fd')
+
+
+class FdsetFdInfo(QAPIModel):
+    """QAPI struct ``FdsetFdInfo``."""
+
+    fd: int = Field(alias='fd')
+    opaque: str | None = Field(default=None, alias='opaque')
+
+
+class FdsetInfo(QAPIModel):
+    """QAPI struct ``FdsetInfo``."""
+
+    fdset_id: int = Field(alias='fdset-id')
+    fds: list[FdsetFdInfo] = Field(alias='fds')
+
+
 class JobInfo(QAPIModel):
     """QAPI struct ``JobInfo``."""
 
@@ -1491,6 +1512,36 @@ class QueryTpmArgs(QAPIModel):
     """Arguments of ``query-tpm``."""
 
 
+class GetfdArgs(QAPIModel):
+    """Arguments of ``getfd``."""
+
+    fdname: str = Field(alias='fdname')
+
+
+class ClosefdArgs(QAPIModel):
+    """Arguments of ``closefd``."""
+
+    fdname: str = Field(alias='fdname')
+
+
+class AddFdArgs(QAPIModel):
+    """Arguments of ``add-fd``."""
+
+    fdset_id: int | None = Field(default=None, alias='fdset-id')
+    opaque: str | None = Field(default=None, alias='opaque')
+
+
+class RemoveFdArgs(QAPIModel):
+    """Arguments of ``remove-fd``."""
+
+    fdset_id: int = Field(alias='fdset-id')
+    fd: int | None = Field(default=None, alias='fd')
+
+
+class QueryFdsetsArgs(QAPIModel):
+    """Arguments of ``query-fdsets``."""
+
+
 class JobPauseArgs(QAPIModel):
     """Arguments of ``job-pause``."""
 
@@ -1784,6 +1835,11 @@ COMMAND_ARGS: dict[str, type[BaseModel]] = {
     'query-name': QueryNameArgs,
     'human-monitor-command': HumanMonitorCommandArgs,
     'query-tpm': QueryTpmArgs,
+    'getfd': GetfdArgs,
+    'closefd': ClosefdArgs,
+    'add-fd': AddFdArgs,
+    'remove-fd': RemoveFdArgs,
+    'query-fdsets': QueryFdsetsArgs,
     'job-pause': JobPauseArgs,
     'job-resume': JobResumeArgs,
     'job-cancel': JobCancelArgs,
@@ -1837,6 +1893,11 @@ COMMAND_RETURNS: dict[str, Any] = {
     'query-name': NameInfo,
     'human-monitor-command': str,
     'query-tpm': list[TPMInfo],
+    'getfd': None,
+    'closefd': None,
+    'add-fd': AddfdInfo,
+    'remove-fd': None,
+    'query-fdsets': list[FdsetInfo],
     'job-pause': None,
     'job-resume': None,
     'job-cancel': None,
