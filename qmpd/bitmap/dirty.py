@@ -284,6 +284,15 @@ class BitmapList:
     def __iter__(self) -> Iterator[DirtyBitmap]:
         return iter(list(self._bitmaps))
 
+    def truncate(self, size: int) -> None:
+        """The node now has ``size`` bytes: every bitmap (and successor)
+        follows, new areas clean (``block_resize``)."""
+        self.size = size
+        for bitmap in self._bitmaps:
+            bitmap.hbitmap.truncate(size)
+            if bitmap.successor is not None:
+                bitmap.successor.hbitmap.truncate(size)
+
     def __len__(self) -> int:
         return len(self._bitmaps)
 

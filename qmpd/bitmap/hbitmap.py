@@ -130,6 +130,19 @@ class HBitmap:
 
     __hash__ = None  # type: ignore[assignment]
 
+    def truncate(self, size: int) -> None:
+        """Cover ``size`` bytes: new bits are clean, bits past the end go
+        (QEMU's hbitmap_truncate, used by ``block_resize``)."""
+        if size < 0:
+            raise ValueError(f"negative bitmap size {size}")
+        nbits = -(-size // self._granularity)
+        if nbits < len(self._bits):
+            del self._bits[nbits:]
+        else:
+            self._bits.extend(zeros(nbits - len(self._bits), "little"))
+        self._size = size
+        self._count = self._bits.count()
+
     # -------------------------------------------------------------- updating
 
     def set(self, offset: int, length: int) -> None:

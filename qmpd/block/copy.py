@@ -402,6 +402,11 @@ class BlockCopy:
                 first = first or _first_failure(done)
         return first
 
+    async def drain(self) -> None:
+        """Wait until no chunk is in flight (a pausing job's last work)."""
+        while self._in_flight:
+            await asyncio.gather(*(c.done.wait() for c in list(self._in_flight)))
+
     # ------------------------------------------------------------ copy-before-write
 
     async def copy_range(self, offset: int, length: int) -> None:

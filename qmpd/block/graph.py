@@ -48,7 +48,7 @@ class BlockGraph:
     """All nodes, in QEMU's listing order (module docstring).
 
     :param device_names: BlockBackend (device) names, which node-names must
-        not clash with; empty unless the lead adds ``-drive`` style devices.
+        not clash with (the machine's backends).
     :param rng: random source for the two digits of automatic names.
     """
 
@@ -62,10 +62,17 @@ class BlockGraph:
     ) -> None:
         #: Worker threads for every file the graph's nodes open.
         self.pool = pool or shared_pool()
+        #: ``backend_root(name)`` -> (a BlockBackend ``name`` exists, its
+        #: root or None without medium).  Set by the machine (qmpd.machine);
+        #: block/ knows no devices.
+        self.backend_root: Callable[[str], tuple[bool, BlockNode | None]] = lambda name: (False, None)
+        #: ``root_moved(old, new)``: :meth:`replace_node` moved ``old``'s
+        #: parents to ``new``; BlockBackends on ``old`` follow (the machine).
+        self.root_moved: Callable[[BlockNode, BlockNode], None] = lambda old, new: None
         #: Named nodes in QEMU's naming order (the reverse of the listing).
         self._nodes: dict[str, BlockNode] = {}
         self._counter = 0
-        self._device_names = device_names or (lambda: ())
+        self.device_names = device_names or (lambda: ())
         self._rng = rng or random.Random()
         self._reserved: set[str] = set()
         #: Names of the nodes whose driver is being opened (outermost first).
@@ -94,15 +101,25 @@ class BlockGraph:
         return self._nodes.get(name)
 
     def lookup(self, name: str, *, device: str | None = None) -> BlockNode:
-        """Device-or-node lookup (blockdev-backup, bitmap-add, HMP qemu-io).
+        """Device-or-node lookup (blockdev-backup, bitmap-add, HMP qemu-io):
+        a BlockBackend called ``device`` first (its root), then a node
+        called ``name``, as QEMU's bdrv_lookup_bs.
 
-        :param device: the device name to print; defaults to ``name``
-            (backup and bitmap-add give the same name twice; HMP gives "").
-        :raise NodeNotFound: ``"Cannot find device='%s' nor node-name='%s'"``.
+        :param device: the device name to look up and print; defaults to
+            ``name`` (backup and bitmap-add give the same name twice; HMP
+            and node-name-only arguments give "").
+        :raise NodeNotFound: ``"Cannot find device='%s' nor node-name='%s'"``,
+            ``"Device '%s' has no medium"``.
         """
-        node = self._nodes.get(name)
+        dev = name if device is None else device
+        if dev:
+            found, root = self.backend_root(dev)
+            if found:
+                if root is None:
+                    raise NodeNotFound(f"Device '{dev}' has no medium")
+                return root
+        node = self._nodes.get(name) if name else None
         if node is None:
-            dev = name if device is None else device
             raise NodeNotFound(f"Cannot find device='{dev}' nor node-name='{name}'")
         return node
 
@@ -127,7 +144,7 @@ class BlockGraph:
         """
         if not _NAME_RE.match(name):
             raise NodeNameError(f"Invalid node-name: '{name}'")
-        if name in self._device_names():
+        if name in self.device_names():
             raise NodeNameError(f"node-name={name} is conflicting with a device id")
         if name in self._nodes or name in self._reserved:
             raise NodeNameError(f"Duplicate nodes with node-name='{name}'")
@@ -329,6 +346,24 @@ class BlockGraph:
             for role, child in list(parent.children.items()):
                 if child is old:
                     parent.attach_child(role, new)
+        self.root_moved(old, new)
+
+    # ------------------------------------------------------------ block_resize
+
+    async def resize(self, node: BlockNode, size: int) -> None:
+        """``block_resize``: truncate the image below ``node`` to give it
+        ``size`` bytes (rounded up to 512 by the file), then let every
+        node's bitmaps follow its new length.
+
+        :raise BlockIOError: the driver cannot resize (ENOTSUP) or the
+            truncate failed.
+        """
+        try:
+            await node.driver.truncate(size)
+        finally:
+            for n in self._nodes.values():
+                if n.bitmaps.size != n.length:
+                    n.bitmaps.truncate(n.length)
 
     # ------------------------------------------------------------ blockdev-del
 
@@ -336,14 +371,15 @@ class BlockGraph:
         """blockdev-del's refusals, in QEMU's order.
 
         :raise NodeNotFound: ``"Failed to find node with node-name='%s'"``.
-        :raise NodeInUse: ``"Node %s is in use"`` (attached to a device), the
+        :raise NodeInUse: ``"Node %s is in use"`` (attached to a device or
+            an export), the
             op-blocker text, ``"Node %s is not owned by the monitor"``,
             ``"Block device %s is in use"`` (a parent or holder references it).
         """
         node = self._nodes.get(name)
         if node is None:
             raise NodeNotFound(f"Failed to find node with node-name='{name}'")
-        if node.backend is not None:
+        if node.backend is not None or node.anonymous_backends:
             raise NodeInUse(f"Node {name} is in use")
         node.check_not_busy()
         if not node.owned_by_monitor:

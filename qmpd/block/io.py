@@ -487,18 +487,25 @@ class ImageFile:
         from ``offset`` are all data or all hole, per SEEK_DATA/SEEK_HOLE."""
         return await self.pool.run(_block_status, self.fd, offset, length)
 
+    def read_sparse_cached(self, offset: int, length: int, *,
+                           base: int = 0) -> list[tuple[int, bytes | bytearray | int]] | None:
+        """:meth:`read_sparse` without waiting: the answer if every byte is
+        in the page cache (preadv2 RWF_NOWAIT, up to 1 MiB), else None."""
+        if length > _NOWAIT_MAX:
+            return None
+        try:
+            return _read_sparse_cached(self.fd, offset, length, base)
+        except OSError:
+            return None
+
     async def read_sparse(self, offset: int, length: int, *,
                           base: int = 0) -> list[tuple[int, bytes | bytearray | int]]:
         """Read a range as data runs and holes in one pool call (an NBD
         READ's structured reply): ``(offset - base, data)`` for data,
         ``(offset - base, n)`` for ``n`` bytes of hole."""
-        if length <= _NOWAIT_MAX:
-            try:
-                cached = _read_sparse_cached(self.fd, offset, length, base)
-            except OSError:
-                cached = None
-            if cached is not None:
-                return cached
+        cached = self.read_sparse_cached(offset, length, base=base)
+        if cached is not None:
+            return cached
         return await self.pool.run(_read_sparse, self.fd, offset, length, base)
 
     async def size(self) -> int:

@@ -104,6 +104,9 @@ class BlockNode:
         self.owned_by_monitor = owned_by_monitor
         #: Name of a BlockBackend this node is attached to (qmpd has none so far).
         self.backend: str | None = None
+        #: Anonymous BlockBackends on this node (an NBD export each), which
+        #: make blockdev-del answer "Node %s is in use" as a device does.
+        self.anonymous_backends = 0
         #: Op-blocker reasons, newest last ("block device is in use by ...").
         self.blockers: list[str] = []
         #: Extra references held by jobs etc. (see :meth:`hold`).
@@ -168,8 +171,9 @@ class BlockNode:
 
     @property
     def in_use(self) -> bool:
-        """Referenced by a parent node or a holder (blockdev-del refuses)."""
-        return bool(self.parents) or self.refs > 0
+        """Referenced by a parent node, a holder or a BlockBackend
+        (blockdev-del refuses; a parent going away keeps it)."""
+        return bool(self.parents) or self.refs > 0 or self.backend is not None
 
     def hold(self) -> None:
         """Take a reference (e.g. a job's source) that keeps blockdev-del away."""
@@ -244,11 +248,22 @@ class BlockNode:
         else:
             await self._request(_WRITE, offset, length, data, False)
 
-    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
-        """Make the range read as zeroes; ``may_unmap`` only counts on
-        ``discard: unmap`` nodes.  Errors as :meth:`write`."""
+    async def write_zeroes(
+        self, offset: int, length: int, *, may_unmap: bool = False, addressed: bool = False
+    ) -> None:
+        """Make the range read as zeroes.  Errors as :meth:`write`.
+
+        :param may_unmap: a hole is fine.  A parent (or block-copy) handing
+            the request to this node keeps it only if this node has
+            ``discard: unmap`` (QEMU's bdrv_co_pwrite_zeroes); a request
+            addressed to the node through a BlockBackend (qemu-io,
+            ``addressed=True``) keeps it as given (blk_co_pwrite_zeroes), so
+            ``write -z -u`` on a raw node over an inline file child leaves a
+            hole, as in QEMU 7.2.
+        """
         self._check_write(offset, length)
-        await self._request(_ZEROES, offset, length, None, may_unmap)
+        unmap = may_unmap and (addressed or self.discard_mode == "unmap")
+        await self._request(_ZEROES, offset, length, None, unmap)
 
     async def discard(self, offset: int, length: int) -> None:
         """Discard the range; dropped (nothing happens) unless ``discard`` is
@@ -286,8 +301,7 @@ class BlockNode:
                 elif kind == _ZEROES:
                     if debug is not None:
                         debug("pwritev_zero")
-                    unmap = may_unmap and self.discard_mode == "unmap"
-                    await self.driver.pwrite_zeroes(offset, length, unmap)
+                    await self.driver.pwrite_zeroes(offset, length, may_unmap)
                 else:
                     await self.driver.pdiscard(offset, length)
             finally:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from qmpd.block.drivers.base import Breakpoints
 from qmpd.block.errors import BlockIOError, ReadOnlyNode
 from qmpd.block.node import BlockNode
 
@@ -227,7 +228,7 @@ async def _write(node: BlockNode, opts: dict[str, str], operands: list[str]) -> 
         if "b" in opts or "c" in opts or "s" in opts:
             raise BlockIOError(errno.ENOTSUP)
         if zero:
-            await node.write_zeroes(offset, count, may_unmap="u" in opts)
+            await node.write_zeroes(offset, count, may_unmap="u" in opts, addressed=True)
         else:
             if _fill[0] != pattern or _fill[1] != count:
                 _fill = (pattern, count, bytes([pattern]) * count)
@@ -298,7 +299,47 @@ async def _flush(node: BlockNode, opts: dict[str, str], operands: list[str]) -> 
     return ""
 
 
+def _blkdebug(node: BlockNode) -> Breakpoints | None:
+    """The first driver with breakpoints (blkdebug) down the primary-child
+    chain (QEMU's bdrv_debug_breakpoint walk)."""
+    cur: BlockNode | None = node
+    while cur is not None:
+        found = cur.driver.breakpoints()
+        if found is not None:
+            return found
+        cur = cur.primary_child
+    return None
+
+
+def _debug_cmd(name: str) -> Callable[[BlockNode, dict[str, str], list[str]], Awaitable[str]]:
+    async def run(node: BlockNode, opts: dict[str, str], operands: list[str]) -> str:
+        drv = _blkdebug(node)
+        try:
+            if drv is None:
+                raise BlockIOError(errno.ENOTSUP)
+            if name == "break":
+                drv.add_breakpoint(operands[0], operands[1])
+            elif name == "remove_break":
+                drv.remove_breakpoint(operands[0])
+            elif name == "resume":
+                drv.resume(operands[0])
+            else:
+                await drv.wait_suspended(operands[0])
+        except BlockIOError as exc:
+            return f"{name}: {_strerror(exc)}\n"
+        return ""
+    return run
+
+
 _COMMANDS: dict[str, _Cmd] = {
+    "break": _Cmd("break", "event tag", "sets a breakpoint on event and tags the stopped request as tag",
+                  "", 2, 2, False, _debug_cmd("break")),
+    "remove_break": _Cmd("remove_break", "tag", "remove a breakpoint by tag",
+                         "", 1, 1, False, _debug_cmd("remove_break")),
+    "resume": _Cmd("resume", "tag", "resumes the request tagged as tag",
+                   "", 1, 1, False, _debug_cmd("resume")),
+    "wait_break": _Cmd("wait_break", "tag", "waits for the suspension of a request",
+                       "", 1, 1, False, _debug_cmd("wait_break")),
     "read": _Cmd("read", "[-abCqv] [-P pattern [-s off] [-l len]] off len",
                  "reads a number of bytes at a specified offset",
                  "abCqrvP:s:l:", 2, -1, False, _read),

@@ -7,6 +7,9 @@ Compatible with qemu-storage-daemon where the two overlap::
          --monitor chardev=mon0
     qmpd --chardev socket,id=tcp0,host=127.0.0.1,port=4444,server=on,wait=off \\
          --monitor tcp0
+
+and with QEMU's system emulator (``-machine``, ``-drive``, ``-device``,
+``-qmp``, ``-chardev``/``-mon``, ``-qtest``...; see :mod:`qmpd.cli.qemu_argv`).
 """
 
 from __future__ import annotations
@@ -25,8 +28,12 @@ from qmpd import __version__
 from qmpd.cli.hardening import add_options as add_hardening_options
 from qmpd.cli.hardening import limits_from_args, write_pidfile
 from qmpd.cli.options import OptionError, parse_bool, parse_option_string
+from qmpd.cli.qemu_argv import ArgvError, Chardev, QemuArgs, split_argv
 from qmpd.commands.context import DaemonConfig
-from qmpd.server.listeners import Listener, TcpListener, UnixListener
+from qmpd.server.listeners import (
+    Connector, Listener, TcpConnector, TcpListener, UnixConnector, UnixListener,
+)
+from qmpd.server.plan import StartupPlan
 
 __all__ = ["main", "build_parser", "parse_args"]
 
@@ -162,8 +169,20 @@ def _chardev_listener(opts: dict[str, str]) -> Listener:
     raise OptionError("chardev: 'path' or 'port' is required")
 
 
-def parse_listeners(args: argparse.Namespace) -> list[Listener]:
-    """Turn ``--socket``/``--chardev``/``--monitor`` into listeners.
+def _qemu_socket(dev: Chardev) -> Listener | Connector:
+    """A QEMU-style ``-chardev socket``: a listener (server=on) or a peer
+    qmpd connects to (server=off, QEMU's default)."""
+    if dev.path is not None:
+        return UnixListener(dev.path) if dev.server else UnixConnector(dev.path)
+    assert dev.port is not None
+    return TcpListener(dev.host, dev.port) if dev.server else TcpConnector(dev.host, dev.port)
+
+
+def parse_listeners(args: argparse.Namespace, qemu: QemuArgs | None = None,
+                    plan: StartupPlan | None = None) -> list[Listener]:
+    """Turn ``--socket``/``--chardev``/``--monitor`` (and QEMU's ``-chardev``,
+    ``-mon``, ``-qmp``, ``-qtest``) into listeners; client-mode sockets go to
+    ``plan.connectors``.
 
     :raise OptionError: on malformed or dangling options.
     """
@@ -176,6 +195,22 @@ def parse_listeners(args: argparse.Namespace) -> list[Listener]:
             raise OptionError(f"Duplicate chardev ID '{opts['id']}'")
         chardevs[opts["id"]] = _chardev_listener(opts)
     listeners: list[Listener] = [UnixListener(p) for p in args.socket]
+    if qemu is not None and plan is not None:
+        for cid, _text in qemu.monitors:
+            dev = qemu.chardevs[cid]
+            sock = _qemu_socket(dev)
+            if isinstance(sock, (UnixListener, TcpListener)):
+                listeners.append(sock)
+            else:
+                plan.connectors.append(sock)
+                kind = "-qmp" if cid.startswith("compat_monitor") else "-chardev"
+                plan.connector_options.append(f"{kind} {dev.option}")
+        if qemu.qtest is not None:
+            sock = _qemu_socket(qemu.qtest)
+            if isinstance(sock, (UnixListener, TcpListener)):
+                raise OptionError("-qtest: only client sockets are supported (the harness listens)")
+            plan.qtest = sock
+            plan.qtest_option = f"-qtest {qemu.qtest.option}"
     for text in args.monitor:
         opts = parse_option_string(text, "chardev")
         if opts.get("mode", "control") != "control":
@@ -189,7 +224,7 @@ def parse_listeners(args: argparse.Namespace) -> list[Listener]:
         if name is None or name not in chardevs:
             raise OptionError(f"chardev '{name}' not found")
         listeners.append(chardevs.pop(name))
-    if not listeners:
+    if not listeners and not (plan is not None and plan.connectors):
         listeners.append(UnixListener(DEFAULT_SOCKET))
     return listeners
 
@@ -201,16 +236,33 @@ def _parse_version(text: str) -> tuple[int, int, int]:
     return int(parts[0]), int(parts[1]), int(parts[2])
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[Listener], DaemonConfig]:
-    """:return: namespace, listeners and config; exits 1 on bad input."""
+def parse_args(
+    argv: Sequence[str] | None = None,
+) -> tuple[argparse.Namespace, list[Listener], DaemonConfig]:
+    """:return: namespace, listeners and config; exits 1 on bad input.
+
+    The namespace carries the QEMU-style options as ``args.qemu``
+    (:class:`QemuArgs`) and the start-up plan as ``args.plan``.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        listeners = parse_listeners(args)
+        qemu, rest = split_argv(list(sys.argv[1:] if argv is None else argv))
+    except ArgvError as err:
+        parser.error(str(err))
+    args = parser.parse_args(rest)
+    plan = StartupPlan(blockdevs=list(qemu.blockdevs), drives=list(qemu.drives),
+                       devices=list(qemu.devices))
+    args.qemu, args.plan = qemu, plan
+    args.name = args.name if args.name is not None else qemu.name
+    args.pidfile = args.pidfile or qemu.pidfile
+    args.daemonize = args.daemonize or qemu.daemonize
+    try:
+        listeners = parse_listeners(args, qemu, plan)
         config = DaemonConfig(
             qemu_version=_parse_version(args.qemu_version),
             package=f"qmpd-{__version__}",
             name=args.name,
+            prelaunch=qemu.prelaunch,
             state_dir=args.state_dir,
             state_flush_interval=args.state_flush_interval,
         )
@@ -246,8 +298,10 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
     web_server = None
     try:
         await daemon.add_blockdevs(args.blockdev)
+        await daemon.apply_plan(args.plan)                     # QEMU's -drive/-device
         await daemon.add_nbd(args.nbd_server, args.export)   # NBD (issue 11)
         await daemon.start()
+        await daemon.connect(args.plan)                        # client-mode -chardev, -qtest
         web_server = await _start_web(args, listeners, daemon)
     except Exception as err:  # noqa: BLE001 - one line to stderr, exit 1
         sys.stderr.write(f"qmpd: {getattr(err, 'desc', None) or err}\n")
@@ -325,6 +379,11 @@ def _daemonize() -> Callable[[], None]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qmpd`` console script."""
     args, listeners, config = parse_args(argv)
+    if args.qemu.probe is not None:
+        from qmpd.cli.probes import answer_probe
+
+        sys.stdout.write(answer_probe(args.qemu.probe))
+        return 0
     handler = logging.StreamHandler(sys.stderr)
     if args.log_format == "json":
         handler.setFormatter(JsonLogFormatter())

@@ -1,4 +1,4 @@
-"""Block graph commands: blockdev-add/del, query-named-block-nodes, query-block."""
+"""Block graph commands: blockdev-add/del, query-named-block-nodes."""
 
 from __future__ import annotations
 
@@ -54,8 +54,3 @@ async def query_named_block_nodes(ctx: CommandContext, args: QueryNamedBlockNode
     """Every named node, in creation order (BlockDeviceInfo, QEMU 7.2 shape)."""
     return named_block_nodes(graph_of(ctx), flat=bool(args.flat))
 
-
-@command("query-block")
-async def query_block(ctx: CommandContext, args: QueryBlockArgs) -> list[dict[str, Any]]:
-    """BlockBackends only: nodes created with blockdev-add are not listed."""
-    return []

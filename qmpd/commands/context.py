@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -13,6 +14,7 @@ if TYPE_CHECKING:
     from qmpd.block.graph import BlockGraph
     from qmpd.commands.objects import ObjectStore
     from qmpd.jobs.manager import JobManager
+    from qmpd.machine import Machine
 
 __all__ = ["CommandContext", "DaemonConfig", "DaemonState", "NbdControl", "OFFERED_CAPABILITIES", "SessionControl"]
 
@@ -30,6 +32,8 @@ class DaemonConfig:
     package: str = ""
     #: ``--name``: answered by ``query-name``.
     name: str | None = None
+    #: ``-S``: start in the ``prelaunch`` run state.
+    prelaunch: bool = False
     #: ``--state-dir``: where persistent bitmaps of raw images live (None: off).
     state_dir: str | None = None
     #: ``--state-flush-interval``: seconds before fine bits are stored lazily.
@@ -64,6 +68,13 @@ class SessionControl(Protocol):
         """Switch the connection to command mode after this reply."""
 
 
+def _stdout(text: str) -> None:
+    """Write ``text`` to stdout at once (the VM log of QEMU's harness)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
 class NbdControl(Protocol):
     """The NBD server as the commands drive it (``qmpd.nbd.server``)."""
 
@@ -94,12 +105,15 @@ class DaemonState:
     request_shutdown: Any = None
     block: BlockGraph | None = None
     jobs: JobManager | None = None
+    machine: Machine | None = None
     #: The NBD server (set up by the daemon).
     nbd: NbdControl | None = None
     #: Objects made by object-add (set up by the daemon).
     objects: ObjectStore = None  # type: ignore[assignment]
     #: Names of every advertised command (frozen registry).
     command_names: tuple[str, ...] = ()
+    #: Where qemu-io's output goes (QEMU prints it on its stdout).
+    console: Any = field(default=_stdout)
     #: Cached ``query-qmp-schema`` answer.
     introspection: list[dict[str, Any]] = field(default_factory=list)
     #: Random identity of this daemon run (``__org.qmpd_query-instance``).

@@ -13,7 +13,6 @@ from qmpd.qapi.models import (
     QueryCommandsArgs,
     QueryNameArgs,
     QueryQmpSchemaArgs,
-    QueryStatusArgs,
     QueryTpmArgs,
     OrgQmpdQueryInstanceArgs,
     QueryVersionArgs,
@@ -55,12 +54,6 @@ async def query_commands(ctx: CommandContext, args: QueryCommandsArgs) -> list[d
 async def query_qmp_schema(ctx: CommandContext, args: QueryQmpSchemaArgs) -> list[dict[str, Any]]:
     """The introspection of everything qmpd implements."""
     return ctx.state.introspection
-
-
-@command("query-status")
-async def query_status(ctx: CommandContext, args: QueryStatusArgs) -> dict[str, Any]:
-    """qmpd has no guest: it is always running."""
-    return {"status": "running", "running": True}
 
 
 @command("query-name")

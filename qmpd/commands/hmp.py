@@ -17,7 +17,7 @@ from qmpd.block.qemuio import run_qemu_io
 from qmpd.commands.context import CommandContext
 from qmpd.commands.registry import command
 from qmpd.commands.views import query_block_jobs
-from qmpd.errors import GenericError, QMPError
+from qmpd.errors import DeviceNotFound, GenericError, QMPError
 from qmpd.qapi.models import HumanMonitorCommandArgs
 
 __all__: list[str] = []
@@ -50,7 +50,18 @@ async def _info_version(ctx: CommandContext, rest: str) -> str:
 
 
 async def _info_status(ctx: CommandContext, rest: str) -> str:
-    return "VM status: running\r\n"
+    machine = ctx.state.machine
+    status = machine.runstate.status if machine is not None else "running"
+    if status == "running":
+        return "VM status: running\r\n"
+    if status == "paused":
+        return "VM status: paused\r\n"
+    return f"VM status: paused ({status})\r\n"
+
+
+async def _info_block(ctx: CommandContext, rest: str) -> str:
+    machine = ctx.state.machine
+    return machine.info_block() if machine is not None else ""
 
 
 async def _info_name(ctx: CommandContext, rest: str) -> str:
@@ -72,6 +83,8 @@ async def _info_block_jobs(ctx: CommandContext, rest: str) -> str:
 
 
 INFO_COMMANDS: tuple[HmpCommand, ...] = (
+    HmpCommand("info block", "[-n] [-v] [device]", "show info of one block device or all block devices "
+               "(-n: show named nodes; -v: show details)", _info_block),
     HmpCommand("info block-jobs", "", "show progress of ongoing block device operations", _info_block_jobs),
     HmpCommand("info name", "", "show the current VM name", _info_name),
     HmpCommand("info status", "", "show the current VM status (running|paused)", _info_status),
@@ -105,7 +118,8 @@ async def _qemu_io(ctx: CommandContext, rest: str) -> str:
         words = shlex.split(rest)
     except ValueError as err:
         return f"qemu-io: {err}\r\n"
-    if words and words[0] == "-d":
+    qdev = bool(words) and words[0] == "-d"
+    if qdev:
         words = words[1:]
     if not words:
         return 'qemu-io: block device name expected\r\nTry "help qemu-io" for more information\r\n'
@@ -114,10 +128,24 @@ async def _qemu_io(ctx: CommandContext, rest: str) -> str:
     name, io_cmd = words[0], " ".join(words[1:])
     graph = ctx.state.block
     assert graph is not None
-    # A BlockBackend name first, then a node name; qmpd has only nodes.
-    node = graph.lookup(name, device="")
+    machine = ctx.state.machine
+    # -d: a qdev id; else a BlockBackend name first, then a node name.  The
+    # request goes to the backend's current root (through a swapped filter).
+    node = None
+    if qdev:
+        if machine is None:
+            raise DeviceNotFound(f"Device '{name}' not found")
+        node = machine.backend_by_qdev(name).root
+    else:
+        found, node = graph.backend_root(name)
+        if not found:
+            node = graph.lookup(name, device="")
+    if node is None:
+        raise GenericError(f"Device '{name}' has no medium")
     ctx.detach()  # long I/O: let block-free commands of other clients through
     output = await run_qemu_io(node, io_cmd)
+    if output:
+        ctx.state.console(output)
     for line in output.splitlines():
         log.info("qemu-io %s: %s", name, line)
     return ""

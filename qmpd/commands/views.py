@@ -6,6 +6,7 @@ the query commands, HMP and the web layer alike.  Each function returns
 plain JSON-able dicts in QEMU 7.2's member order::
 
     block_device_info(node)   # BlockDeviceInfo (query-named-block-nodes)
+    block_info(backend)       # BlockInfo (query-block)
     image_info(node)          # ImageInfo
     bitmap_info(bitmap)       # BlockDirtyInfo
     job_info(job)             # JobInfo (query-jobs)
@@ -24,8 +25,10 @@ from typing import Any
 from qmpd.bitmap import DirtyBitmap
 from qmpd.block import BlockGraph, BlockNode
 from qmpd.jobs import Job, JobManager, JobStatus
+from qmpd.machine import BlockBackend
 
 __all__ = [
+    "block_info",
     "bitmap_info",
     "bitmap_infos",
     "block_device_info",
@@ -173,3 +176,26 @@ def query_jobs(manager: JobManager) -> list[dict[str, Any]]:
 def query_block_jobs(manager: JobManager) -> list[dict[str, Any]]:
     """:return: ``BlockJobInfo`` of every block job, newest first."""
     return [block_job_info(job) for job in manager.jobs if job.block_job]
+
+
+def block_info(backend: BlockBackend) -> dict[str, Any]:
+    """:return: query-block's BlockInfo: ``inserted`` is the root's
+    BlockDeviceInfo; a backend without a device counts as removable and,
+    like QEMU 7.2, has no ``io-status``; ``tray_open`` only if removable."""
+    removable = backend.removable or backend.device is None
+    out: dict[str, Any] = {"device": backend.name}
+    if backend.device is not None:
+        out["qdev"] = backend.device.qdev
+    out["type"] = "unknown"
+    out["removable"] = removable
+    out["locked"] = False
+    if backend.root is not None:
+        inserted = block_device_info(backend.root)
+        if not backend.writeback:
+            inserted["cache"] = {**inserted["cache"], "writeback": False}
+        out["inserted"] = inserted
+    if backend.removable:
+        out["tray_open"] = False
+    if backend.device is not None:
+        out["io-status"] = backend.io_status
+    return out

@@ -100,6 +100,10 @@ class BackupJob(Job):
 
     # ------------------------------------------------------------ work
 
+    async def drain_hook(self) -> None:
+        if self.copy is not None:
+            await self.copy.drain()
+
     async def run(self) -> None:
         copy = self.copy
         assert copy is not None, "backup job started without its block-copy state"

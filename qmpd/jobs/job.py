@@ -180,6 +180,11 @@ class Job(abc.ABC):
     def resume_hook(self) -> None:
         """Called at a pause point when the job is about to continue."""
 
+    async def drain_hook(self) -> None:
+        """Called at a pause point before parking, with the job still busy:
+        finish work in flight (QEMU's backup_pause waits for block-copy's
+        running tasks, so a paused job's offset stays put)."""
+
     # -- state ---------------------------------------------------------------
 
     @property
@@ -484,6 +489,7 @@ class Job(abc.ABC):
         """
         if self.should_pause:
             self.pause_hook()
+            await self.drain_hook()
             if self.should_pause:
                 await self._park()
             self.resume_hook()

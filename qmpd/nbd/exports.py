@@ -74,12 +74,10 @@ class Export:
         return self.settings.name
 
     def open(self) -> None:
-        """Take the node (in use) and the bitmaps (busy)."""
-        if self.node.backend is None:
-            self.node.backend = f"#export-{self.id}"
-            self._backend_taken = True
-        else:
-            self.node.hold()
+        """Take the node (in use, as QEMU's anonymous BlockBackend) and the
+        bitmaps (busy)."""
+        self.node.anonymous_backends += 1
+        self._backend_taken = True
         for bm in self.bitmaps.values():
             bm.busy = True
             # Load the extent search now (numpy), not on the first request.
@@ -88,10 +86,8 @@ class Export:
     def close(self) -> None:
         """Give back what :meth:`open` took (idempotent)."""
         if self._backend_taken:
-            self.node.backend = None
+            self.node.anonymous_backends -= 1
             self._backend_taken = False
-        elif self.node.refs > 0:
-            self.node.release()
         for bm in self.bitmaps.values():
             bm.busy = False
         self.bitmaps = {}
@@ -114,6 +110,21 @@ class Export:
         )
 
     # ------------------------------------------------------------ requests
+
+    def read_cached(self, offset: int, length: int) -> list[tuple[int, bytes | bytearray | int]] | None:
+        """A structured READ answered at once from the page cache, when the
+        node is a plain raw/file chain and every byte is cached; else None
+        (then :meth:`read`)."""
+        node = self.node
+        if length == 0 or offset + length > node.length:
+            return None
+        view = file_view(node, for_write=False)
+        if view is None:
+            return None
+        direct = view.image.read_sparse_cached(offset + view.base, length, base=view.base)
+        if direct is not None:
+            mark_read(view, length)
+        return direct
 
     async def read(self, offset: int, length: int, *,
                    holes: bool) -> list[tuple[int, bytes | bytearray | int]]:

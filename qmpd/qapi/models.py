@@ -1215,6 +1215,15 @@ class TransactionProperties(QAPIModel):
     completion_mode: ActionCompletionMode | None = Field(default=None, alias='completion-mode')
 
 
+class ObjectPropertyInfo(QAPIModel):
+    """QAPI struct ``ObjectPropertyInfo``."""
+
+    name: str = Field(alias='name')
+    type: str = Field(alias='type')
+    description: str | None = Field(default=None, alias='description')
+    default_value: Any | None = Field(default=None, alias='default-value')
+
+
 class InetSocketAddress(QAPIModel):
     """QAPI struct ``InetSocketAddress``."""
 
@@ -1702,6 +1711,43 @@ class TransactionArgs(QAPIModel):
     properties: TransactionProperties | None = Field(default=None, alias='properties')
 
 
+class StopArgs(QAPIModel):
+    """Arguments of ``stop``."""
+
+
+class ContArgs(QAPIModel):
+    """Arguments of ``cont``."""
+
+
+class QomListArgs(QAPIModel):
+    """Arguments of ``qom-list``."""
+
+    path: str = Field(alias='path')
+
+
+class QomGetArgs(QAPIModel):
+    """Arguments of ``qom-get``."""
+
+    path: str = Field(alias='path')
+    property: str = Field(alias='property')
+
+
+class QomSetArgs(QAPIModel):
+    """Arguments of ``qom-set``."""
+
+    path: str = Field(alias='path')
+    property: str = Field(alias='property')
+    value: Any = Field(alias='value')
+
+
+class BlockResizeArgs(QAPIModel):
+    """Arguments of ``block_resize``."""
+
+    device: str | None = Field(default=None, alias='device')
+    node_name: str | None = Field(default=None, alias='node-name')
+    size: int = Field(alias='size')
+
+
 class NbdServerStartArgs(QAPIModel):
     """Arguments of ``nbd-server-start``."""
 
@@ -1819,6 +1865,14 @@ class BlockJobPendingData(QAPIModel):
     id: str = Field(alias='id')
 
 
+class StopData(QAPIModel):
+    """Data of ``STOP``."""
+
+
+class ResumeData(QAPIModel):
+    """Data of ``RESUME``."""
+
+
 class BlockExportDeletedData(QAPIModel):
     """Data of ``BLOCK_EXPORT_DELETED``."""
 
@@ -1870,6 +1924,12 @@ COMMAND_ARGS: dict[str, type[BaseModel]] = {
     'block-job-dismiss': BlockJobDismissArgs,
     'block-job-finalize': BlockJobFinalizeArgs,
     'transaction': TransactionArgs,
+    'stop': StopArgs,
+    'cont': ContArgs,
+    'qom-list': QomListArgs,
+    'qom-get': QomGetArgs,
+    'qom-set': QomSetArgs,
+    'block_resize': BlockResizeArgs,
     'nbd-server-start': NbdServerStartArgs,
     'nbd-server-add': NbdServerAddArgs,
     'nbd-server-remove': NbdServerRemoveArgs,
@@ -1928,6 +1988,12 @@ COMMAND_RETURNS: dict[str, Any] = {
     'block-job-dismiss': None,
     'block-job-finalize': None,
     'transaction': None,
+    'stop': None,
+    'cont': None,
+    'qom-list': list[ObjectPropertyInfo],
+    'qom-get': Any,
+    'qom-set': None,
+    'block_resize': None,
     'nbd-server-start': None,
     'nbd-server-add': None,
     'nbd-server-remove': None,
@@ -1949,5 +2015,7 @@ EVENT_DATA: dict[str, type[BaseModel]] = {
     'BLOCK_JOB_ERROR': BlockJobErrorData,
     'BLOCK_JOB_READY': BlockJobReadyData,
     'BLOCK_JOB_PENDING': BlockJobPendingData,
+    'STOP': StopData,
+    'RESUME': ResumeData,
     'BLOCK_EXPORT_DELETED': BlockExportDeletedData,
 }

@@ -36,6 +36,7 @@ from qmpd.errors import GenericError, QMPError, SchemaError
 from qmpd.events import EventBus
 from qmpd.events.names import SHUTDOWN
 from qmpd.jobs import JobManager
+from qmpd.machine import Machine
 from qmpd.nbd.server import NbdServer
 from qmpd.protocol.session import Call, Session
 from qmpd.qapi.keyval import parse_option_value
@@ -43,7 +44,12 @@ from qmpd.qapi.models import BlockdevAddArgs
 from qmpd.qapi.service import SchemaService
 from qmpd.server.connection import Connection
 from qmpd.server.limits import DEFAULT_LIMITS, Limits
-from qmpd.server.listeners import Listener, OwnedPath, Server, TcpListener, UnixListener, open_qmp_listener
+from qmpd.server.listeners import (
+    Listener, OwnedPath, Server, TcpListener, UnixListener, connector_label, open_connector,
+    open_qmp_listener,
+)
+from qmpd.server.plan import StartupError, StartupPlan
+from qmpd.server.qtest import QtestProtocol
 
 __all__ = ["Daemon", "UNIMPLEMENTED"]
 
@@ -113,6 +119,7 @@ class Daemon:
         self._owned: list[OwnedPath] = []
         self._connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._qtests: list[QtestProtocol] = []
         self.command_names: frozenset[str] = frozenset()
         self.oob_commands: frozenset[str] = frozenset()
         self.greeting: dict[str, Any] = {}
@@ -152,6 +159,7 @@ class Daemon:
                                           flush_interval=self.config.state_flush_interval)
         self.state.block = BlockGraph(bitmap_state=bitmap_state, pool=self.pool)
         self.state.jobs = JobManager(self.events)
+        self.state.machine = Machine(self.state.block, self.events, prelaunch=self.config.prelaunch)
         self.state.objects = ObjectStore()
         self.nbd = NbdServer(self._graph, self.events, tls_creds=self.state.objects.get)
         self.state.nbd = self.nbd
@@ -177,6 +185,54 @@ class Daemon:
             assert isinstance(args, BlockdevAddArgs)
             await add_blockdev(self.state.block, args)
 
+    async def apply_plan(self, plan: StartupPlan) -> None:
+        """Build what the command line asked for, in QEMU's order:
+        ``-blockdev`` nodes, ``-drive``s, then ``-device``s.
+
+        :raise StartupError: naming the failed option, with QEMU's text.
+        """
+        assert self.schema is not None and self.state.machine is not None
+        machine = self.state.machine
+        for text in plan.blockdevs:
+            try:
+                await self.add_blockdevs([text])
+            except QMPError as err:
+                raise StartupError(f"-blockdev {text}", err.desc) from err
+        for text in plan.drives:
+            try:
+                await machine.add_drive(text, self.schema)
+            except QMPError as err:
+                raise StartupError(f"-drive {text}", err.desc) from err
+        for text in plan.devices:
+            try:
+                machine.add_device(text)
+            except QMPError as err:
+                raise StartupError(f"-device {text}", err.desc) from err
+
+    async def connect(self, plan: StartupPlan) -> None:
+        """Connect the client-mode monitors and the qtest socket.
+
+        :raise StartupError: ``"Failed to connect to 'PATH': <strerror>"``.
+        """
+        for spec, option in zip(plan.connectors, plan.connector_options):
+            label = connector_label(spec)
+            try:
+                await open_connector(spec, functools.partial(self._new_connection, label))
+            except OSError as err:
+                raise StartupError(option, f"Failed to connect to '{label}': {err.strerror}") from err
+        if plan.qtest is not None:
+            label = connector_label(plan.qtest)
+            try:
+                await open_connector(plan.qtest, self._new_qtest)
+            except OSError as err:
+                raise StartupError(plan.qtest_option,
+                                   f"Failed to connect to '{label}': {err.strerror}") from err
+
+    def _new_qtest(self) -> QtestProtocol:
+        proto = QtestProtocol()
+        self._qtests.append(proto)
+        return proto
+
     async def prepare_state_dir(self) -> None:
         """Create ``--state-dir`` (mode 0700) if configured.
 
@@ -190,14 +246,13 @@ class Daemon:
                 raise GenericError(f"--state-dir {state.path}: {exc.strerror}") from exc
 
     async def add_nbd(self, servers: list[str], exports: list[str]) -> None:
-        """``--nbd-server`` (at most one) and ``--export`` options, as
+        """``--nbd-server`` (a second one fails as nbd-server-start does) and
+        ``--export`` options, as
         qemu-storage-daemon parses them (``--export`` may start with its
         type, ``nbd,id=...``); errors read ``--OPTION TEXT: reason``.
 
         :raise QMPError: the commands' own error texts, prefixed.
         """
-        if len(servers) > 1:
-            raise GenericError("--nbd-server: only one NBD server may be started")
         for text in servers:
             try:
                 await self._nbd_server_option(text)
@@ -246,7 +301,7 @@ class Daemon:
         for spec in self.listeners:
             label = spec.path if isinstance(spec, UnixListener) else f"{spec.host}:{spec.port}"
             server, owned = await open_qmp_listener(spec, functools.partial(self._new_connection, label),
-                                                backlog=self.limits.backlog)
+                                                    backlog=self.limits.backlog)
             self._servers.append(server)
             if owned is not None:
                 self._owned.append(owned)
@@ -323,6 +378,8 @@ class Daemon:
         await asyncio.sleep(0)
         for conn in list(self._connections):
             conn.close()
+        for qtest in self._qtests:
+            qtest.close()
         for server in self._servers:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), SHUTDOWN_GRACE)

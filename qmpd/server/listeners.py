@@ -1,4 +1,6 @@
-"""Listening sockets: UNIX (mode 0600) and TCP (loopback by default)."""
+"""Listening sockets: UNIX (mode 0600) and TCP (loopback by default), and
+client-mode sockets (QEMU's ``-chardev socket,...,server=off``): the
+daemon connects to a peer that listens, as QEMU's iotests harness wants."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from typing import Protocol
 from qmpd.server.fdtransport import FdServer
 
 __all__ = ["BindError", "OwnedPath", "Server", "UnixListener", "TcpListener", "Listener", "open_listener",
-           "open_qmp_listener"]
+           "open_qmp_listener", "UnixConnector", "TcpConnector", "Connector", "open_connector",
+           "connector_label"]
 
 
 class Server(Protocol):
@@ -43,6 +46,24 @@ class TcpListener:
 
 
 Listener = UnixListener | TcpListener
+
+
+@dataclass(frozen=True, slots=True)
+class UnixConnector:
+    """A UNIX socket the daemon connects to (client mode)."""
+
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class TcpConnector:
+    """A TCP peer the daemon connects to (client mode)."""
+
+    host: str
+    port: int
+
+
+Connector = UnixConnector | TcpConnector
 
 
 class BindError(OSError):
@@ -165,3 +186,20 @@ async def open_qmp_listener(
         sock.close()
         owned.remove()
         raise
+
+
+async def open_connector(
+    spec: Connector, factory: Callable[[], asyncio.Protocol]
+) -> asyncio.BaseTransport:
+    """Connect to ``spec``; :raise OSError: when the peer is not there."""
+    loop = asyncio.get_running_loop()
+    if isinstance(spec, UnixConnector):
+        transport, _ = await loop.create_unix_connection(factory, spec.path)
+    else:
+        transport, _ = await loop.create_connection(factory, spec.host, spec.port)
+    return transport
+
+
+def connector_label(spec: Connector) -> str:
+    """``path`` or ``host:port`` (QEMU's error texts name it)."""
+    return spec.path if isinstance(spec, UnixConnector) else f"{spec.host}:{spec.port}"

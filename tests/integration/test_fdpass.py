@@ -170,13 +170,11 @@ async def test_backup_to_a_passed_target_and_allowed_dir(sock_dir: Path, tmp_pat
                         "device": "src", "job-id": "j", "target": "/dev/fdset/5", "sync": "full",
                         "format": "raw", "mode": "absolute-paths"}}),
                 ]
-                while not any(e.get("data") == {"id": "j", "status": "null"} for e in c.events):
-                    c.events.append(json.loads(c._file.readline()))
+                c.wait_event({"id": "j", "status": "null"})
                 out.append(c.cmd({"execute": "blockdev-create", "arguments": {
                     "job-id": "c", "options": {"driver": "file", "filename": "/dev/fdset/8",
                                                "size": 1 << 20}}}))
-                while not any(e.get("data") == {"id": "c", "status": "concluded"} for e in c.events):
-                    c.events.append(json.loads(c._file.readline()))
+                c.wait_event({"id": "c", "status": "concluded"})
                 out.append(c.cmd({"execute": "job-dismiss", "arguments": {"id": "c"}}))
                 out.append(c.cmd({"execute": "query-fdsets"}))
                 return out

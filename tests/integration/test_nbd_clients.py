@@ -211,6 +211,13 @@ def test_qsd_command_line(tmp_path: Path) -> None:
         bad = [["--nbd-server", "addr.type=unix"],
                ["--nbd-server", f"addr.type=unix,addr.path={tmp / 'x.sock'}", "--export", "nbd,id=e0,node-name=nosuch"],
                ["--export", "nbd,id=e0,node-name=nosuch"],
+               [*blockdevs, "--nbd-server", f"addr.type=unix,addr.path={tmp / 'x.sock'}",
+                "--export", "nbd,id=e0,node-name=drive0,bitmaps.0=nosuch"],
+               [*blockdevs, "--nbd-server", f"addr.type=unix,addr.path={tmp / 'x.sock'}",
+                "--export", "nbd,id=e0,node-name=drive0,writable=maybe"],
+               [*blockdevs, "--export", "nbd,node-name=drive0"],
+               ["--nbd-server", f"addr.type=unix,addr.path={tmp / 'x.sock'}",
+                "--nbd-server", f"addr.type=unix,addr.path={tmp / 'y.sock'}"],
                ["--nbd-server", f"addr.type=unix,addr.path={tmp / 'x.sock'},tls-creds=x"]]
         for argv in bad:
             ours = subprocess.run([sys.executable, "-m", "qmpd", "--socket", str(tmp / "q.sock"), *argv],
@@ -310,3 +317,27 @@ def test_transmission_errors_as_qsd(env: NbdDaemon) -> None:
     finally:
         proc.terminate()  # type: ignore[attr-defined]
         proc.wait()  # type: ignore[attr-defined]
+
+
+def test_inet_server_and_export_keeps_node(env: NbdDaemon) -> None:
+    """An inet listener (libvirt's TCP form); the export holds its node
+    ("Node drive0 is in use") without making it a device: a backup's
+    default job id stays the empty device name."""
+    env.add_raw("drive0", env.tmp / "disk.img")
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    env.ok("nbd-server-start", addr={"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}})
+    env.ok("block-export-add", type="nbd", id="e0", **{"node-name": "drive0"})
+    assert run("nbdinfo", "--size", f"nbd://127.0.0.1:{port}/drive0").stdout == f"{64 * MiB}\n"
+    assert env.q("blockdev-del", **{"node-name": "drive0"}) == {
+        "error": {"class": "GenericError", "desc": "Node drive0 is in use"}}
+    with open(env.tmp / "t.img", "wb") as f:
+        f.truncate(64 * MiB)
+    env.add_raw("t0", env.tmp / "t.img")
+    assert env.q("blockdev-backup", device="drive0", target="t0", sync="full") == {
+        "error": {"class": "GenericError", "desc": "Invalid job ID ''"}}
+    env.ok("nbd-server-stop")
+    assert env.events == [{"event": "BLOCK_EXPORT_DELETED", "data": {"id": "e0"}}]
+    env.ok("blockdev-del", **{"node-name": "drive0"})

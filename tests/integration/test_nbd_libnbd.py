@@ -288,3 +288,33 @@ def test_transmission_abuse(env: NbdDaemon) -> None:
     assert_healthy(env)
     hog.close()
     assert_healthy(env)
+
+
+def _rss_mib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_client_that_never_reads_is_bounded(env: NbdDaemon) -> None:
+    """A client sending thousands of 1 MiB READs without reading a reply
+    costs the daemon a bounded amount of memory, and nobody else waits."""
+    before = _rss_mib(env.proc.proc.pid)
+    hog = connect(env)
+    hog.sendall(struct.pack(">I", 3) + option(8))
+    read_reply(hog)
+    go(hog, b"ro")
+    hog.settimeout(1.0)
+    sent = 0
+    try:
+        while sent < 20000:
+            hog.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, sent, 0, MiB))
+            sent += 1
+    except TimeoutError:
+        pass
+    assert sent > 100
+    assert_healthy(env)
+    assert _rss_mib(env.proc.proc.pid) - before < 200
+    hog.close()
+    assert_healthy(env)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from qmpd.cli.qemu_argv import split_argv
+from qmpd.server.plan import StartupPlan
 from tests.support.daemon import AsyncRawClient, running_daemon, short_socket_dir
 from tests.support.tls import make_certs
 from tests.support.transcript import localize, normalize, parse
@@ -23,8 +25,10 @@ async def test_transcript(tmp_path: Path, path: Path) -> None:
         with open(tmp_path / name, "wb") as f:
             f.truncate(size)
     test_dir = str(tmp_path)
+    qemu, _ = split_argv([a.replace("TEST_DIR", test_dir) for a in script.args])
+    plan = StartupPlan(blockdevs=qemu.blockdevs, drives=qemu.drives, devices=qemu.devices)
     with short_socket_dir(tmp_path) as sock_dir:
-        async with running_daemon(sock_dir) as d:
+        async with running_daemon(sock_dir, plan=plan, prelaunch=qemu.prelaunch) as d:
             client = await AsyncRawClient.connect(d.path)
             try:
                 for step in script.steps:

@@ -19,6 +19,7 @@ from typing import Any
 from qmpd.commands.context import DaemonConfig
 from qmpd.server.daemon import Daemon
 from qmpd.server.listeners import UnixListener
+from qmpd.server.plan import StartupPlan
 
 UNIX_PATH_MAX = 107
 
@@ -41,12 +42,16 @@ class RunningDaemon:
 
 
 @contextlib.asynccontextmanager
-async def running_daemon(sock_dir: Path, **config: Any) -> AsyncIterator[RunningDaemon]:
-    """A Daemon serving ``sock_dir/qmpd.sock`` in the current event loop."""
+async def running_daemon(sock_dir: Path, *, plan: StartupPlan | None = None,
+                         **config: Any) -> AsyncIterator[RunningDaemon]:
+    """A Daemon serving ``sock_dir/qmpd.sock`` in the current event loop,
+    after building ``plan`` (``-drive``/``-device``... from a command line)."""
     path = str(sock_dir / "qmpd.sock")
     daemon = Daemon(DaemonConfig(qemu_version=(9, 0, 0), package="qmpd-test", **config),
                     [UnixListener(path)])
     daemon.setup()
+    if plan is not None:
+        await daemon.apply_plan(plan)
     await daemon.start()
 
     async def serve() -> None:

@@ -36,6 +36,11 @@ class FdClient:
         msg: dict[str, Any] = json.loads(line)
         return msg
 
+    def wait_event(self, data: dict[str, Any]) -> None:
+        """Read until an event with ``data`` was seen."""
+        while not any(e.get("data") == data for e in self.events):
+            self.events.append(self._read())
+
     def cmd(self, msg: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> dict[str, Any]:
         data = json.dumps(msg).encode()
         if fds:

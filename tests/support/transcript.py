@@ -4,6 +4,8 @@ A transcript is recorded from a real QEMU (``tests/transcripts/record.py``)
 and replayed against qmpd.  Lines:
 
 * ``! file NAME SIZE``: create a sparse file ``TEST_DIR/NAME`` first;
+* ``! args ...``: QEMU command-line options the VM was started with
+  (``-machine pc -S -drive ... -device ...``), given to qmpd as well;
 * ``! certs``: create TLS test certificates in ``TEST_DIR/srv`` and
   ``TEST_DIR/cli`` first (:mod:`tests.support.tls`);
 * ``-> {json}``: a request;
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,11 +41,14 @@ class Transcript:
     files: list[tuple[str, int]]
     steps: list[Step]
     certs: bool = False
+    #: ``! args`` (shell words, TEST_DIR not yet substituted).
+    args: list[str] = field(default_factory=list)
 
 
 def parse(path: Path) -> Transcript:
     files: list[tuple[str, int]] = []
     steps: list[Step] = []
+    args: list[str] = []
     certs = False
     for lineno, raw in enumerate(path.read_text().splitlines(), 1):
         line = raw.strip()
@@ -51,6 +57,8 @@ def parse(path: Path) -> Transcript:
         if line.startswith("! file "):
             _, _, name, size = line.split()
             files.append((name, int(size)))
+        elif line.startswith("! args "):
+            args = shlex.split(line[len("! args "):])
         elif line == "! certs":
             certs = True
         elif line.startswith("-> "):
@@ -59,7 +67,7 @@ def parse(path: Path) -> Transcript:
             steps[-1].expected.append(json.loads(line[3:]))
         else:
             raise ValueError(f"{path}:{lineno}: cannot parse {raw!r}")
-    return Transcript(files, steps, certs)
+    return Transcript(files, steps, certs, args)
 
 
 def normalize(value: Any, test_dir: str) -> Any:

@@ -3,15 +3,18 @@
 
     python tests/transcripts/record.py INPUT.qmp > OUTPUT.qmp
 
-INPUT holds ``! file`` lines and ``->`` requests; the output adds the
-``<-`` replies (and events) that ``qemu-system-x86_64 -machine none``
-gives, with the temporary directory written as ``TEST_DIR``.
+INPUT holds ``! file`` lines, an optional ``! args`` line (QEMU command-line
+options replacing the default ``-machine none``; TEST_DIR is substituted)
+and ``->`` requests; the output adds the ``<-`` replies (and events) that
+``qemu-system-x86_64`` gives, with the temporary directory written as
+``TEST_DIR``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -28,14 +31,17 @@ def main(src: Path) -> None:
     lines = src.read_text().splitlines()
     with tempfile.TemporaryDirectory(prefix="qrec-") as tmp:
         sock_path = os.path.join(tmp, "qmp.sock")
+        extra = ["-machine", "none"]
         if "! certs" in lines:
             make_certs(Path(tmp))
         for line in lines:
+            if line.startswith("! args "):
+                extra = shlex.split(line[len("! args "):].replace("TEST_DIR", tmp))
             if line.startswith("! file "):
                 _, _, name, size = line.split()
                 with open(os.path.join(tmp, name), "wb") as f:
                     f.truncate(int(size))
-        proc = subprocess.Popen(["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+        proc = subprocess.Popen(["qemu-system-x86_64", *extra, "-nodefaults", "-display", "none",
                                  "-qmp", f"unix:{sock_path},server=on,wait=off"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

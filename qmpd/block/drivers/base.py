@@ -51,16 +51,37 @@ path or around it (block-copy's fast path, via
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+
+from qmpd.block.errors import BlockIOError
 
 if TYPE_CHECKING:
     from qmpd.block.io import IOPool
     from qmpd.block.io import ImageFile
     from qmpd.block.node import BlockNode
 
-__all__ = ["BlockDriver", "DriverOpener", "DriverSpec", "FileWindow", "OpenContext", "BaseDriver"]
+__all__ = ["BlockDriver", "DriverOpener", "DriverSpec", "FileWindow", "OpenContext", "BaseDriver",
+           "Breakpoints"]
+
+
+class Breakpoints(Protocol):
+    """qemu-io's ``break``/``remove_break``/``resume``/``wait_break`` on a
+    driver that can hold requests (blkdebug).  Errors are ``BlockIOError``."""
+
+    def add_breakpoint(self, event: str, tag: str) -> None:
+        """Hold the next request raising ``event`` under ``tag``."""
+
+    def remove_breakpoint(self, tag: str) -> None:
+        """Drop ``tag``'s breakpoints and release its held requests."""
+
+    def resume(self, tag: str) -> None:
+        """Release the requests held under ``tag``."""
+
+    async def wait_suspended(self, tag: str) -> None:
+        """Return once a request is held under ``tag``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +160,13 @@ class BlockDriver(Protocol):
     def debug_event(self, event: str) -> None:
         """A blkdebug event raised on this node (no-op for most drivers)."""
 
+    def breakpoints(self) -> Breakpoints | None:
+        """qemu-io's breakpoint commands, for drivers that can hold requests."""
+
+    async def truncate(self, size: int) -> None:
+        """Resize to ``size`` bytes (``block_resize``); :raise BlockIOError:
+        ENOTSUP where the driver cannot."""
+
     def actual_size(self) -> int | None:
         """Bytes allocated on disk, or None when unknown (no ``actual-size``)."""
 
@@ -158,6 +186,10 @@ class BaseDriver:
     has_events = False
     is_protocol = False
     is_format = False
+
+    def breakpoints(self) -> Breakpoints | None:
+        """No qemu-io breakpoint commands (blkdebug has them)."""
+        return None
 
     async def block_status(self, offset: int, length: int) -> tuple[bool, int]:
         """All data (QEMU's default for drivers without block status)."""
@@ -191,6 +223,10 @@ class BaseDriver:
 
     async def flush_to_disk(self) -> None:
         """Nothing of its own to flush."""
+
+    async def truncate(self, size: int) -> None:
+        """Not supported unless the driver says otherwise."""
+        raise BlockIOError(errno.ENOTSUP)
 
     def close(self) -> None:
         """Nothing to release."""

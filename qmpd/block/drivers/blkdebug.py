@@ -18,6 +18,7 @@ deleted if ``once``.  Example (iotest 257)::
 
 from __future__ import annotations
 
+import asyncio
 import errno as _errno
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -30,7 +31,24 @@ from qmpd.qapi.ghash import qdict_json, qdict_order
 if TYPE_CHECKING:
     from qmpd.block.node import BlockNode
 
-__all__ = ["BlkdebugDriver", "SPEC", "InjectRule", "SetStateRule", "open_blkdebug", "IOTYPES"]
+__all__ = ["BlkdebugDriver", "SPEC", "InjectRule", "SetStateRule", "open_blkdebug", "IOTYPES",
+           "BLKDEBUG_EVENTS"]
+
+#: QEMU 7.2's BlkdebugEvent names (``break`` refuses others with ENOENT).
+BLKDEBUG_EVENTS = frozenset("""
+    l1_update l1_grow_alloc_table l1_grow_write_table l1_grow_activate_table
+    l2_load l2_update l2_update_compressed l2_alloc_cow_read l2_alloc_write
+    read_aio read_backing_aio read_compressed write_aio write_compressed
+    vmstate_load vmstate_save cow_read cow_write reftable_load reftable_grow
+    reftable_update refblock_load refblock_update refblock_update_part
+    refblock_alloc refblock_alloc_hookup refblock_alloc_write
+    refblock_alloc_write_blocks refblock_alloc_write_table
+    refblock_alloc_switch_table cluster_alloc cluster_alloc_bytes
+    cluster_free flush_to_os flush_to_disk pwritev_rmw_head
+    pwritev_rmw_after_head pwritev_rmw_tail pwritev_rmw_after_tail pwritev
+    pwritev_zero pwritev_done empty_image_prepare l1_shrink_write_table
+    l1_shrink_free_l2_clusters cor_write cluster_alloc_space none
+""".split())
 
 #: BlkdebugIOType values.
 IOTYPES = ("read", "write", "write-zeroes", "discard", "flush", "block-status")
@@ -80,6 +98,13 @@ class BlkdebugDriver(BaseDriver):
         self._active: list[InjectRule] = []
         #: Flattened options that make QEMU name the node ``json:{...}``.
         self.strong: dict[str, Any] = {}
+        #: Breakpoints (qemu-io ``break EVENT TAG``), one-shot, in order.
+        self._breaks: list[tuple[str, str]] = []
+        #: Suspended requests: (tag, future resolved by resume).
+        self._suspended: list[tuple[str, asyncio.Future[None]]] = []
+        #: Suspensions raised by an event, taken by the next request.
+        self._pending: list[asyncio.Future[None]] = []
+        self._changed: asyncio.Event | None = None
 
     @property
     def length(self) -> int:
@@ -101,7 +126,75 @@ class BlkdebugDriver(BaseDriver):
         """The currently armed inject-error rules (a copy)."""
         return list(self._active)
 
+    # ------------------------------------------------------------ breakpoints
+    # qemu-io's break/remove_break/resume/wait_break (QEMU's blkdebug
+    # suspend rules): a breakpoint fires once, on the first request raising
+    # its event, and holds that request until its tag is resumed.
+
+    def breakpoints(self) -> BlkdebugDriver:
+        return self
+
+    def add_breakpoint(self, event: str, tag: str) -> None:
+        """``break EVENT TAG``.  :raise BlockIOError: ENOENT, unknown event."""
+        if event not in BLKDEBUG_EVENTS:
+            raise BlockIOError(_errno.ENOENT)
+        self._breaks.append((event, tag))
+
+    def remove_breakpoint(self, tag: str) -> None:
+        """``remove_break TAG``: drop its breakpoints, resume its requests.
+
+        :raise BlockIOError: ENOENT when the tag is unknown."""
+        found = self._resume(tag)
+        before = len(self._breaks)
+        self._breaks = [b for b in self._breaks if b[1] != tag]
+        if not found and len(self._breaks) == before:
+            raise BlockIOError(_errno.ENOENT)
+
+    def resume(self, tag: str) -> None:
+        """``resume TAG``.  :raise BlockIOError: ENOENT, nothing suspended."""
+        if not self._resume(tag):
+            raise BlockIOError(_errno.ENOENT)
+
+    def is_suspended(self, tag: str) -> bool:
+        return any(t == tag for t, _ in self._suspended)
+
+    async def wait_suspended(self, tag: str) -> None:
+        """``wait_break TAG``: return once a request is held under ``tag``."""
+        while not self.is_suspended(tag):
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            self._changed.clear()
+            await self._changed.wait()
+
+    def _resume(self, tag: str) -> bool:
+        found = False
+        for entry in list(self._suspended):
+            if entry[0] == tag:
+                self._suspended.remove(entry)
+                if not entry[1].done():
+                    entry[1].set_result(None)
+                found = True
+        return found
+
+    def _fire_breakpoint(self, event: str) -> None:
+        for entry in self._breaks:
+            if entry[0] == event:
+                self._breaks.remove(entry)
+                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._suspended.append((entry[1], fut))
+                self._pending.append(fut)
+                if self._changed is not None:
+                    self._changed.set()
+                return
+
+    async def _hold(self) -> None:
+        """A request raised a breakpoint's event: wait until resumed."""
+        while self._pending:
+            await self._pending.pop(0)
+
     def debug_event(self, event: str) -> None:
+        if self._breaks:
+            self._fire_breakpoint(event)
         rules = self._rules.get(event)
         if not rules:
             return
@@ -138,14 +231,20 @@ class BlkdebugDriver(BaseDriver):
         raise BlockIOError(rule.errno)
 
     async def pread(self, offset: int, length: int) -> bytes:
+        if self._pending:
+            await self._hold()
         self._check("read", offset, length)
         return await self.image.read(offset, length)
 
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self._pending:
+            await self._hold()
         self._check("write", offset, len(data))
         await self.image.write(offset, data)
 
     async def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        if self._pending:
+            await self._hold()
         self._check("write-zeroes", offset, length)
         await self.image.write_zeroes(offset, length, may_unmap=may_unmap)
 
@@ -154,6 +253,8 @@ class BlkdebugDriver(BaseDriver):
         await self.image.discard(offset, length)
 
     async def flush_to_disk(self) -> None:
+        if self._pending:
+            await self._hold()
         self._check("flush", 0, 0)
 
     async def block_status(self, offset: int, length: int) -> tuple[bool, int]:
@@ -162,6 +263,9 @@ class BlkdebugDriver(BaseDriver):
 
     def actual_size(self) -> int | None:
         return None  # QEMU 7.2 lists no actual-size for blkdebug
+
+    async def truncate(self, size: int) -> None:
+        await self.image.driver.truncate(size)
 
 
 def _inject_rule(opts: Mapping[str, Any]) -> InjectRule:

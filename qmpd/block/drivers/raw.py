@@ -4,11 +4,12 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverSpec, FileWindow, OpenContext
-from qmpd.block.errors import NodeOpenError
+from qmpd.block.errors import BlockIOError, NodeOpenError
 from qmpd.qapi.ghash import qdict_json
 
 if TYPE_CHECKING:
@@ -70,6 +71,11 @@ class RawDriver(BaseDriver):
 
     async def block_status(self, offset: int, length: int) -> tuple[bool, int]:
         return await self.file.block_status(self.offset + offset, length)
+
+    async def truncate(self, size: int) -> None:
+        if self.size is not None:
+            raise BlockIOError(errno.ENOTSUP)
+        await self.file.driver.truncate(self.offset + size)
 
     def dirty_flag(self) -> bool | None:
         """raw has no header: whatever its file child reports."""
