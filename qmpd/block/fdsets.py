@@ -138,6 +138,15 @@ class FdSets:
                 out.append({"fdset-id": fdset_id, "fds": fds})
             return out
 
+    def stat(self, path: str) -> os.stat_result | None:
+        """fstat of the first member of ``/dev/fdset/N`` (None: no such set)."""
+        fdset_id = fdset_id_of(path)
+        with self._lock:
+            fdset = self._sets.get(fdset_id) if fdset_id is not None else None
+            if fdset is None or not fdset.members:
+                return None
+            return os.fstat(fdset.members[0].fd)
+
     def dup(self, path: str, flags: int) -> int:
         """Open ``/dev/fdset/N`` with ``flags``: duplicate the first member
         whose access mode matches, with the remaining status flags applied.

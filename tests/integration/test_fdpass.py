@@ -210,3 +210,26 @@ async def test_a_descriptor_no_command_takes_is_closed(sock_dir: Path) -> None:
                 c.close()
         assert await asyncio.to_thread(session) == {"error": {
             "class": "GenericError", "desc": "File descriptor named 'zz' not found"}}
+
+
+async def test_drive_backup_onto_its_own_source_through_an_fdset(sock_dir: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src.img"
+    src.write_bytes(b"s" * 65536)
+    async with daemon_at(sock_dir):
+        def session() -> list[dict[str, Any]]:
+            c = FdClient(str(sock_dir / "qmpd.sock"))
+            fd = os.open(src, os.O_RDWR)
+            try:
+                return [
+                    c.cmd({"execute": "blockdev-add", "arguments": {
+                        "driver": "file", "node-name": "src", "filename": str(src)}}),
+                    c.cmd({"execute": "add-fd", "arguments": {"fdset-id": 1}}, [fd]),
+                    c.cmd({"execute": "drive-backup", "arguments": {
+                        "device": "src", "job-id": "j", "target": "/dev/fdset/1", "sync": "full"}}),
+                ]
+            finally:
+                os.close(fd)
+                c.close()
+        replies = await asyncio.to_thread(session)
+    assert replies[2] == {"error": {"class": "GenericError", "desc": 'Failed to get shared "write" lock'}}
+    assert src.read_bytes() == b"s" * 65536
