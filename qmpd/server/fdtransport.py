@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 MAX_FDS_PER_MESSAGE = 16
 #: Bytes read per recvmsg call (asyncio's selector transport reads 256 KiB).
 READ_SIZE = 256 << 10
+#: Seconds accepting pauses after accept(2) failed (EMFILE and the like).
+ACCEPT_RETRY_DELAY = 1.0
 _HIGH_WATER = 64 << 10
 _LOW_WATER = 16 << 10
 
@@ -174,6 +176,8 @@ class FdTransport(asyncio.Transport):
 
     def abort(self) -> None:
         """Close now, dropping buffered output."""
+        if self._lost:
+            return
         self._closing = True
         self.pause_reading()
         if self._buffer:
@@ -182,6 +186,8 @@ class FdTransport(asyncio.Transport):
         self._loop.call_soon(self._lose, None)
 
     def _fatal(self, exc: OSError) -> None:
+        if self._lost:
+            return
         self._closing = True
         self.pause_reading()
         self._buffer.clear()
@@ -228,8 +234,13 @@ class FdServer:
                 conn, _addr = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: try again on the next wakeup
-                log.warning("accept on %s failed: %s", sock.getsockname(), exc)
+            except OSError as exc:
+                # Out of descriptors (EMFILE...): the pending connect would
+                # wake us at once, again and again; stop accepting for a
+                # second, as asyncio's own server does.
+                log.warning("accept failed: %s; pausing accepts for %gs", exc, ACCEPT_RETRY_DELAY)
+                self._loop.remove_reader(sock.fileno())
+                self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting)
                 return
             try:
                 protocol = self._factory()
@@ -238,6 +249,10 @@ class FdServer:
                 conn.close()
                 continue
             FdTransport(self._loop, conn, protocol)
+
+    def _resume_accepting(self) -> None:
+        if self._sock is not None:
+            self._loop.add_reader(self._sock.fileno(), self._accept_ready)
 
     def close(self) -> None:
         """Stop accepting (open connections are the daemon's to close)."""
