@@ -111,6 +111,7 @@ class BlockCopy:
         skip_hole_zeroing: bool = True,
     ) -> None:
         self.source = source
+        self.compress = compress
         self.skip_hole_zeroing = skip_hole_zeroing
         self.target = target
         self.copy_bitmap = copy_bitmap
@@ -178,7 +179,8 @@ class BlockCopy:
             src = file_view(self.source, for_write=False)
             dst = file_view(self.target, for_write=True)
             same = self.source.length == self.target.length  # else the bounds checks matter
-            self._fast = (src, dst) if src is not None and dst is not None and same else None
+            ok = src is not None and dst is not None and same and not self.compress
+            self._fast = (src, dst) if ok and src is not None and dst is not None else None
             self._fast_checked = True
         if self._fast is not None and self._fast[1].chain[0][0].has_hooks:
             return None  # someone hooked the target since
@@ -320,8 +322,12 @@ class BlockCopy:
             data = await self.source.read(offset, nbytes)
         except BlockIOError as exc:
             return CopyFailure(exc, True)
+        compressed = getattr(self.target.driver, "pwrite_compressed", None) if self.compress else None
         try:
-            await self.target.write(offset, data)
+            if compressed is not None:
+                await self.target.write_around([(offset, nbytes)], lambda: compressed(offset, data))
+            else:
+                await self.target.write(offset, data)
         except BlockIOError as exc:
             return CopyFailure(exc, False)
         return None

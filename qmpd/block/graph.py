@@ -59,6 +59,7 @@ class BlockGraph:
         rng: random.Random | None = None,
         pool: IOPool | None = None,
         bitmap_state: BitmapStateDir | None = None,
+        emit_event: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         #: Worker threads for every file the graph's nodes open.
         self.pool = pool or shared_pool()
@@ -69,6 +70,8 @@ class BlockGraph:
         #: ``root_moved(old, new)``: :meth:`replace_node` moved ``old``'s
         #: parents to ``new``; BlockBackends on ``old`` follow (the machine).
         self.root_moved: Callable[[BlockNode, BlockNode], None] = lambda old, new: None
+        #: Drivers report events (BLOCK_IMAGE_CORRUPTED) through this.
+        self.emit_event = emit_event
         #: Named nodes in QEMU's naming order (the reverse of the listing).
         self._nodes: dict[str, BlockNode] = {}
         self._counter = 0
@@ -246,7 +249,7 @@ class BlockGraph:
                 child = await self._open(ref, opts, created, mine)
                 if role == "file":
                     file_subtrees.append((start, len(created)))
-            if child.read_only and not read_only:
+            if child.read_only and not read_only and role != "backing":
                 raise NodeOpenError("Block node is read-only")
             return child
 
@@ -277,7 +280,7 @@ class BlockGraph:
 
         ctx = OpenContext(
             name, read_only, bool(cache.get("direct", False)), ctx_open_child, self.lookup_node,
-            self.pool,
+            self.pool, self.emit_event,
         )
         self._opening.append(name)
         try:
@@ -401,6 +404,10 @@ class BlockGraph:
         children; flushes before closing each."""
         if self._nodes.pop(node.node_name, None) is not None and not node.auto_named:
             log.info("node %s removed", node.node_name)
+        try:
+            await node.driver.before_close()
+        except OSError as exc:
+            log.warning("node %s: could not store bitmaps: %s", node.node_name, exc)
         try:
             await node.flush()
         except OSError:

@@ -163,7 +163,7 @@ def _apply(out: QemuArgs, name: str, value: str) -> None:
         out.prelaunch = True
     elif name == "display":
         if value.split(",")[0] != "none":
-            raise ArgvError(f"qmpd has no display (only 'none')")
+            raise ArgvError("qmpd has no display (only 'none')")
     elif name in ("vga", "serial", "parallel"):
         if value not in ("none", "null"):
             raise ArgvError(f"qmpd has no {name} (only 'none')")
@@ -272,7 +272,7 @@ def _chardev(out: QemuArgs, text: str, option: str, *, register: bool = True) ->
         try:
             dev.port = int(opts["port"])
         except ValueError as err:
-            raise ArgvError(f"Parameter 'port' expects a number") from err
+            raise ArgvError("Parameter 'port' expects a number") from err
         dev.host = opts.get("host") or "127.0.0.1"
     else:
         raise ArgvError("chardev: socket: no 'path' or 'port'")

@@ -31,12 +31,14 @@ from qmpd.jobs import OnError
 from qmpd.jobs.backup import BackupJob
 from qmpd.jobs.backup_setup import BackupOptions, create_backup, file_locks
 from qmpd.jobs.create import CreateFileJob
+from qmpd.jobs.create_qcow2 import CreateQcow2Job, check_qcow2_options, create_qcow2_file, probe_format
 from qmpd.qapi.models import (
     BackupCommon,
     BlockdevBackup,
     BlockdevBackupArgs,
     BlockdevCreateArgs,
     BlockdevCreateOptionsFileBranch,
+    BlockdevCreateOptionsQcow2Branch,
     DriveBackup,
     DriveBackupArgs,
 )
@@ -138,6 +140,10 @@ class DriveBackupAction(BlockdevBackupAction):
         existing = mode == "existing"
         fmt = d.format if d.format is not None else (None if existing else _format_of(source))
         source.check_not_busy()
+        if fmt is None and existing:
+            fmt = await probe_format(d.target)
+        if fmt == "qcow2":
+            return await self._qcow2_target(graph, source, opts, existing)
         if opts.sync == "top":
             opts.sync = "full"  # a raw source has no backing node
         if opts.sync == "none" and not existing:
@@ -164,6 +170,39 @@ class DriveBackupAction(BlockdevBackupAction):
                 f"Driver '{target.drv}' of node '{target.node_name}' does not support backing files"
             )
         return target
+
+    async def _qcow2_target(self, graph: BlockGraph, source: BlockNode, opts: BackupOptions,
+                            existing: bool) -> BlockNode:
+        """A qcow2 target: for ``sync: top`` its backing file is the source's
+        backing file, for ``sync: none`` the source itself (as QEMU's
+        drive-backup sets them); created first unless ``mode: existing``."""
+        d = self.data
+        assert isinstance(d, DriveBackup)
+        backing: BlockNode | None = None
+        if opts.sync == "top":
+            backing = source.backing
+            if backing is None:
+                opts.sync = "full"
+        elif opts.sync == "none":
+            backing = source
+        if not existing:
+            bfile = None if backing is None else backing.driver.filename
+            bfmt = None if backing is None else backing.drv
+            try:
+                await create_qcow2_file(d.target, source.length, backing_file=bfile,
+                                        backing_format=bfmt)
+            except BlockIOError as exc:
+                raise GenericError(f"Could not create '{d.target}': {exc.strerror}") from exc
+            logger.info("Formatting '%s', fmt=qcow2 cluster_size=65536 extended_l2=off "
+                        "compression_type=zlib size=%d%s lazy_refcounts=off refcount_bits=16",
+                        d.target, source.length,
+                        "" if bfile is None else f" backing_file={bfile} backing_fmt={bfmt}")
+        options: dict[str, Any] = {"discard": "unmap", "detect-zeroes": "unmap",
+                                   "driver": "qcow2",
+                                   "file": {"driver": "file", "filename": d.target}}
+        if backing is not None:  # QEMU: BDRV_O_NO_BACKING, then set_backing_hd
+            options["backing"] = backing.node_name  # the open node, not its file again
+        return await open_detached(graph, options)
 
     def _drop_target(self, graph: BlockGraph, target: BlockNode) -> None:
         close_detached(graph, target)
@@ -202,10 +241,29 @@ async def blockdev_create(ctx: CommandContext, args: BlockdevCreateArgs) -> None
         driver but ``file``, as QEMU 7.2 answers for raw, null-co, blkdebug).
     """
     opts = args.options
+    if isinstance(opts, BlockdevCreateOptionsQcow2Branch):
+        await _create_qcow2(ctx, args.job_id, opts)
+        return
     if not isinstance(opts, BlockdevCreateOptionsFileBranch):
         raise GenericError("Driver does not support blockdev-create")
     prealloc = "off" if opts.preallocation is None else str(opts.preallocation)
     mgr = jobs_of(ctx)
     job = mgr.create(CreateFileJob(args.job_id, opts.filename, opts.size, prealloc,
                                    pool=graph_of(ctx).pool))
+    mgr.start(job)
+
+
+async def _create_qcow2(ctx: CommandContext, job_id: str,
+                        opts: BlockdevCreateOptionsQcow2Branch) -> None:
+    """``blockdev-create`` driver ``qcow2`` on the node named by ``file``."""
+    if not isinstance(opts.file, str):
+        raise GenericError("Driver does not support blockdev-create")
+    file = graph_of(ctx).lookup(opts.file)
+    spec = check_qcow2_options(
+        opts.size, None if opts.version is None else str(opts.version), opts.cluster_size,
+        opts.refcount_bits, opts.lazy_refcounts, opts.backing_file,
+        None if opts.backing_fmt is None else str(opts.backing_fmt),
+        None if opts.preallocation is None else str(opts.preallocation))
+    mgr = jobs_of(ctx)
+    job = mgr.create(CreateQcow2Job(job_id, file, spec))
     mgr.start(job)

@@ -11,7 +11,6 @@ from qmpd.commands.views import named_block_nodes
 from qmpd.qapi.models import (
     BlockdevAddArgs,
     BlockdevDelArgs,
-    QueryBlockArgs,
     QueryNamedBlockNodesArgs,
 )
 

@@ -44,7 +44,7 @@ async def cont(ctx: CommandContext, args: ContArgs) -> None:
     try:
         machine_of(ctx).runstate.cont()
     except ValueError as err:
-        raise GenericError(f"Resetting the Virtual Machine is required") from err
+        raise GenericError("Resetting the Virtual Machine is required") from err
 
 
 @command("query-block")

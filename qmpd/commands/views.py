@@ -24,6 +24,7 @@ from typing import Any
 
 from qmpd.bitmap import DirtyBitmap
 from qmpd.block import BlockGraph, BlockNode
+from qmpd.block.drivers.base import FormatDetails
 from qmpd.jobs import Job, JobManager, JobStatus
 from qmpd.machine import BlockBackend
 
@@ -80,7 +81,33 @@ def image_info(node: BlockNode) -> dict[str, Any]:
     flag = node.dirty_flag()
     if flag is not None:
         info["dirty-flag"] = flag
+    details = driver.format_details()
+    if details is not None:
+        info["cluster-size"] = details.cluster_size
+        if details.backing_filename is not None:
+            info["backing-filename"] = details.backing_filename
+            backing = node.backing
+            info["full-backing-filename"] = (backing.driver.filename if backing is not None
+                                             else details.backing_filename)
+            if details.backing_format is not None:
+                info["backing-filename-format"] = details.backing_format
+        info["format-specific"] = {"type": details.format,
+                                   "data": _format_specific(details)}
     return info
+
+
+def _format_specific(d: FormatDetails) -> dict[str, Any]:
+    """ImageInfoSpecificQCow2 as QEMU 7.2 fills it (v2 images have no
+    feature members)."""
+    data: dict[str, Any] = {"compat": d.compat}
+    if d.compat != "0.10":
+        data["lazy-refcounts"] = d.lazy_refcounts
+        data["corrupt"] = d.corrupt
+    data["refcount-bits"] = d.refcount_bits
+    if d.compat != "0.10":
+        data["extended-l2"] = d.extended_l2
+    data["compression-type"] = d.compression_type
+    return data
 
 
 def block_device_info(node: BlockNode, flat: bool = False) -> dict[str, Any]:
@@ -113,6 +140,7 @@ def block_device_info(node: BlockNode, flat: bool = False) -> dict[str, Any]:
         "iops_rd": 0,
         "iops_wr": 0,
         "image": image,
+        **({"backing_file": node.backing.driver.filename} if node.backing is not None else {}),
         "cache": {
             "writeback": True,
             "direct": node.cache_direct,

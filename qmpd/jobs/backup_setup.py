@@ -104,7 +104,7 @@ async def create_backup(
     bitmap = check_bitmap_sync(source, opts)
     if source is target:
         raise GenericError("Source and target cannot be the same")
-    if opts.compress:
+    if opts.compress and getattr(target.driver, "pwrite_compressed", None) is None:
         raise GenericError(f"Compression is not supported for this drive {target.backend or ''}")
     source.check_not_busy()
     target.check_not_busy()
@@ -142,6 +142,8 @@ async def create_backup(
                 f"Required max-chunk ({opts.max_chunk}) is less than backup cluster size "
                 f"({job.copy.cluster_size})"
             )
+        if opts.sync == "top":  # also without a backing child: QEMU skips
+            await _skip_unallocated(job)  # what the layer does not hold
         release = _claim_perms(source, target)
         try:
             jobs.create(job, txn)
@@ -190,6 +192,24 @@ def _insert_filter(
         source.bitmaps.remove(copy_bitmap)
         raise
     job.copy = copy
+
+
+async def _skip_unallocated(job: BackupJob) -> None:
+    """``sync: top``: copy only what the source's own layer holds (QEMU's
+    block_copy_reset_unallocated over the whole disk)."""
+    assert job.copy is not None
+    source, bits = job.source, job.copy.copy_bitmap.hbitmap
+    pos, size = 0, source.length
+    cluster = job.copy.cluster_size
+    while pos < size:
+        allocated, n = await source.is_allocated(pos, size - pos)
+        if not allocated:
+            start = -(-pos // cluster) * cluster
+            end = size if pos + n >= size else (pos + n) // cluster * cluster
+            if end > start:
+                bits.reset(start, end - start)
+        pos += n
+    job.progress.set_remaining(job.copy.dirty_bytes)
 
 
 def _check_target_writable(graph: BlockGraph, target: BlockNode, filter_name: str | None) -> None:

@@ -149,7 +149,7 @@ def parse_drive(text: str, next_index: dict[str, int]) -> DriveSpec:
     index_text = opts.pop("index", None)
     if index_text is not None:
         if not str(index_text).isdigit():
-            raise GenericError(f"Parameter 'index' expects a number")
+            raise GenericError("Parameter 'index' expects a number")
         index = int(index_text)
     else:
         index = next_index.get(interface, 0)

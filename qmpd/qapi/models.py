@@ -169,6 +169,7 @@ class BlockdevDriver(enum.StrEnum):
     FILE = 'file'
     NULL_AIO = 'null-aio'
     NULL_CO = 'null-co'
+    QCOW2 = 'qcow2'
     RAW = 'raw'
     SNAPSHOT_ACCESS = 'snapshot-access'
 
@@ -341,6 +342,26 @@ class IoOperationType(enum.StrEnum):
 
     READ = 'read'
     WRITE = 'write'
+
+
+class BlockdevQcow2Version(enum.StrEnum):
+    """QAPI enum ``BlockdevQcow2Version``."""
+
+    V2 = 'v2'
+    V3 = 'v3'
+
+
+class Qcow2CompressionType(enum.StrEnum):
+    """QAPI enum ``Qcow2CompressionType``."""
+
+    ZLIB = 'zlib'
+    ZSTD = 'zstd'
+
+
+class ImageInfoSpecificKind(enum.StrEnum):
+    """QAPI enum ``ImageInfoSpecificKind``."""
+
+    QCOW2 = 'qcow2'
 
 
 class ActionCompletionMode(enum.StrEnum):
@@ -842,6 +863,30 @@ class BlockdevOptionsNullCoBranch(QAPIModel):
     read_zeroes: bool | None = Field(default=None, alias='read-zeroes')
 
 
+class BlockdevOptionsQcow2Branch(QAPIModel):
+    """QAPI union ``BlockdevOptions``, case ``qcow2``."""
+
+    driver: Literal[BlockdevDriver.QCOW2] = Field(alias='driver')
+    node_name: str | None = Field(default=None, alias='node-name')
+    discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+    cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+    read_only: bool | None = Field(default=None, alias='read-only')
+    auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+    force_share: bool | None = Field(default=None, alias='force-share')
+    detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+    file: BlockdevRef = Field(alias='file')
+    backing: BlockdevRefOrNull | None = Field(default=None, alias='backing')
+    lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+    pass_discard_request: bool | None = Field(default=None, alias='pass-discard-request')
+    pass_discard_snapshot: bool | None = Field(default=None, alias='pass-discard-snapshot')
+    pass_discard_other: bool | None = Field(default=None, alias='pass-discard-other')
+    cache_size: int | None = Field(default=None, alias='cache-size')
+    l2_cache_size: int | None = Field(default=None, alias='l2-cache-size')
+    l2_cache_entry_size: int | None = Field(default=None, alias='l2-cache-entry-size')
+    refcount_cache_size: int | None = Field(default=None, alias='refcount-cache-size')
+    cache_clean_interval: int | None = Field(default=None, alias='cache-clean-interval')
+
+
 class BlockdevOptionsRawBranch(QAPIModel):
     """QAPI union ``BlockdevOptions``, case ``raw``."""
 
@@ -891,6 +936,21 @@ class BlockdevCreateOptionsFileBranch(QAPIModel):
     preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
     nocow: bool | None = Field(default=None, alias='nocow')
     extent_size_hint: int | None = Field(default=None, alias='extent-size-hint')
+
+
+class BlockdevCreateOptionsQcow2Branch(QAPIModel):
+    """QAPI union ``BlockdevCreateOptions``, case ``qcow2``."""
+
+    driver: Literal[BlockdevDriver.QCOW2] = Field(alias='driver')
+    file: BlockdevRef = Field(alias='file')
+    size: int = Field(alias='size')
+    version: BlockdevQcow2Version | None = Field(default=None, alias='version')
+    backing_file: str | None = Field(default=None, alias='backing-file')
+    backing_fmt: BlockdevDriver | None = Field(default=None, alias='backing-fmt')
+    cluster_size: int | None = Field(default=None, alias='cluster-size')
+    preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
+    lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+    refcount_bits: int | None = Field(default=None, alias='refcount-bits')
 
 
 class BlockdevCreateOptionsBlkdebugBranch(QAPIModel):
@@ -987,6 +1047,7 @@ class ImageInfo(QAPIModel):
     full_backing_filename: str | None = Field(default=None, alias='full-backing-filename')
     backing_filename_format: str | None = Field(default=None, alias='backing-filename-format')
     backing_image: ImageInfo | None = Field(default=None, alias='backing-image')
+    format_specific: ImageInfoSpecific | None = Field(default=None, alias='format-specific')
 
 
 class BlockdevCacheInfo(QAPIModel):
@@ -1104,6 +1165,64 @@ class BlockJobInfo(QAPIModel):
     auto_finalize: bool = Field(alias='auto-finalize')
     auto_dismiss: bool = Field(alias='auto-dismiss')
     error: str | None = Field(default=None, alias='error')
+
+
+class BlockdevOptionsGenericCOWFormat(BlockdevOptionsGenericFormat):
+    """QAPI struct ``BlockdevOptionsGenericCOWFormat``."""
+
+    backing: BlockdevRefOrNull | None = Field(default=None, alias='backing')
+
+
+class BlockdevOptionsQcow2(BlockdevOptionsGenericCOWFormat):
+    """QAPI struct ``BlockdevOptionsQcow2``."""
+
+    lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+    pass_discard_request: bool | None = Field(default=None, alias='pass-discard-request')
+    pass_discard_snapshot: bool | None = Field(default=None, alias='pass-discard-snapshot')
+    pass_discard_other: bool | None = Field(default=None, alias='pass-discard-other')
+    cache_size: int | None = Field(default=None, alias='cache-size')
+    l2_cache_size: int | None = Field(default=None, alias='l2-cache-size')
+    l2_cache_entry_size: int | None = Field(default=None, alias='l2-cache-entry-size')
+    refcount_cache_size: int | None = Field(default=None, alias='refcount-cache-size')
+    cache_clean_interval: int | None = Field(default=None, alias='cache-clean-interval')
+
+
+class BlockdevCreateOptionsQcow2(QAPIModel):
+    """QAPI struct ``BlockdevCreateOptionsQcow2``."""
+
+    file: BlockdevRef = Field(alias='file')
+    size: int = Field(alias='size')
+    version: BlockdevQcow2Version | None = Field(default=None, alias='version')
+    backing_file: str | None = Field(default=None, alias='backing-file')
+    backing_fmt: BlockdevDriver | None = Field(default=None, alias='backing-fmt')
+    cluster_size: int | None = Field(default=None, alias='cluster-size')
+    preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
+    lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+    refcount_bits: int | None = Field(default=None, alias='refcount-bits')
+
+
+class ImageInfoSpecificQCow2(QAPIModel):
+    """QAPI struct ``ImageInfoSpecificQCow2``."""
+
+    compat: str = Field(alias='compat')
+    extended_l2: bool | None = Field(default=None, alias='extended-l2')
+    lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+    corrupt: bool | None = Field(default=None, alias='corrupt')
+    refcount_bits: int = Field(alias='refcount-bits')
+    compression_type: Qcow2CompressionType = Field(alias='compression-type')
+
+
+class ImageInfoSpecificQCow2Wrapper(QAPIModel):
+    """QAPI struct ``ImageInfoSpecificQCow2Wrapper``."""
+
+    data: ImageInfoSpecificQCow2 = Field(alias='data')
+
+
+class ImageInfoSpecificQcow2Branch(QAPIModel):
+    """QAPI union ``ImageInfoSpecific``, case ``qcow2``."""
+
+    type: Literal[ImageInfoSpecificKind.QCOW2] = Field(alias='type')
+    data: ImageInfoSpecificQCow2 = Field(alias='data')
 
 
 class Abort(QAPIModel):
@@ -1419,6 +1538,7 @@ BlockdevOptions: TypeAlias = Annotated[
         BlockdevOptionsFileBranch,
         BlockdevOptionsNullAioBranch,
         BlockdevOptionsNullCoBranch,
+        BlockdevOptionsQcow2Branch,
         BlockdevOptionsRawBranch,
         BlockdevOptionsSnapshotAccessBranch,
     ],
@@ -1427,6 +1547,7 @@ BlockdevOptions: TypeAlias = Annotated[
 BlockdevCreateOptions: TypeAlias = Annotated[
     Union[
         BlockdevCreateOptionsFileBranch,
+        BlockdevCreateOptionsQcow2Branch,
         BlockdevCreateOptionsBlkdebugBranch,
         BlockdevCreateOptionsCopyBeforeWriteBranch,
         BlockdevCreateOptionsNullAioBranch,
@@ -1435,6 +1556,12 @@ BlockdevCreateOptions: TypeAlias = Annotated[
         BlockdevCreateOptionsSnapshotAccessBranch,
     ],
     Field(discriminator='driver'),
+]
+ImageInfoSpecific: TypeAlias = Annotated[
+    Union[
+        ImageInfoSpecificQcow2Branch,
+    ],
+    Field(discriminator='type'),
 ]
 TransactionAction: TypeAlias = Annotated[
     Union[
@@ -1478,6 +1605,7 @@ ObjectOptions: TypeAlias = Annotated[
 ]
 BlockdevRef: TypeAlias = Union[BlockdevOptions, str]
 BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]
+BlockdevRefOrNull: TypeAlias = Union[BlockdevOptions, str, None]
 
 
 class QmpCapabilitiesArgs(QAPIModel):
@@ -1865,6 +1993,17 @@ class BlockJobPendingData(QAPIModel):
     id: str = Field(alias='id')
 
 
+class BlockImageCorruptedData(QAPIModel):
+    """Data of ``BLOCK_IMAGE_CORRUPTED``."""
+
+    device: str = Field(alias='device')
+    node_name: str | None = Field(default=None, alias='node-name')
+    msg: str = Field(alias='msg')
+    offset: int | None = Field(default=None, alias='offset')
+    size: int | None = Field(default=None, alias='size')
+    fatal: bool = Field(alias='fatal')
+
+
 class StopData(QAPIModel):
     """Data of ``STOP``."""
 
@@ -2015,6 +2154,7 @@ EVENT_DATA: dict[str, type[BaseModel]] = {
     'BLOCK_JOB_ERROR': BlockJobErrorData,
     'BLOCK_JOB_READY': BlockJobReadyData,
     'BLOCK_JOB_PENDING': BlockJobPendingData,
+    'BLOCK_IMAGE_CORRUPTED': BlockImageCorruptedData,
     'STOP': StopData,
     'RESUME': ResumeData,
     'BLOCK_EXPORT_DELETED': BlockExportDeletedData,

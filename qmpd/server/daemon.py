@@ -157,7 +157,8 @@ class Daemon:
         if self.config.state_dir is not None:
             bitmap_state = BitmapStateDir(self.config.state_dir,
                                           flush_interval=self.config.state_flush_interval)
-        self.state.block = BlockGraph(bitmap_state=bitmap_state, pool=self.pool)
+        self.state.block = BlockGraph(bitmap_state=bitmap_state, pool=self.pool,
+                                      emit_event=self.events.emit)
         self.state.jobs = JobManager(self.events)
         self.state.machine = Machine(self.state.block, self.events, prelaunch=self.config.prelaunch)
         self.state.objects = ObjectStore()

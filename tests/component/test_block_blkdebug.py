@@ -162,3 +162,33 @@ async def test_pwritev_events_on_blkdebug_node(tmp_path: Path) -> None:
     await node.flush()
     assert drv.state == 6
     await g.close()
+
+
+async def test_iotest_257_configuration_under_qcow2(tmp_path: Path) -> None:
+    """qcow2 raises ``read_aio`` on its file child for data reads only (as
+    QEMU's qcow2_co_preadv_task), so 257's rules fail the second data read
+    after a flush; reads of unallocated clusters raise nothing."""
+    import subprocess
+
+    path = tmp_path / "a.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(path), "64M"],
+                   check=True, capture_output=True)
+    g = BlockGraph()
+    node = await g.add({"driver": "qcow2", "node-name": "drive0", "file": {
+        "driver": "blkdebug", "node-name": "dbg",
+        "image": {"driver": "file", "filename": str(path)},
+        "inject-error": CONFIG_257["inject"], "set-state": CONFIG_257["set_state"]}})
+    drv = g.lookup("dbg").driver
+    assert isinstance(drv, BlkdebugDriver)
+    await run_qemu_io(node, "write -P0x65 0 128k")
+    assert await run_qemu_io(node, "flush") == ""
+    assert drv.state == 2
+    assert await node.read(K64 * 4, K64) == bytes(K64)  # unallocated: no event
+    assert drv.state == 2
+    assert await node.read(0, K64) == b"\x65" * K64      # read_aio -> state 3
+    assert drv.state == 3
+    with pytest.raises(BlockIOError) as ei:
+        await node.read(K64, K64)
+    assert ei.value.errno == errno.EIO
+    assert await node.read(K64, K64) == b"\x65" * K64
+    await g.close()

@@ -1,4 +1,5 @@
-"""QEMU 7.2's own iotests harness drives qmpd as ``QEMU_PROG``: ``./check -raw 055``.
+"""QEMU 7.2's own iotests harness drives qmpd as ``QEMU_PROG``: ``./check -raw 055``
+and ``./check -qcow2 257``.
 
 The harness (an unmodified copy in ../shared/qemu-iotests-7.2) probes the
 binary (``-machine help``, ``-drive format=help``, ``-M none -device help``),
@@ -44,9 +45,9 @@ def _failed_cases(out_bad: Path) -> set[str]:
     return set(re.findall(r"^(?:FAIL|ERROR): test_\w+ \(__main__\.(\w+\.test_\w+)\)", text, re.M))
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_check_raw_055(tmp_path: Path) -> None:
+def _run_check(tmp_path: Path, fmt: str, test: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Copy the harness into ``tmp_path``, run ``./check -FMT TEST`` with
+    qmpd as QEMU_PROG; :return: the process and the harness directory."""
     src = _harness()
     if src is None:
         pytest.skip("../shared/qemu-iotests-7.2 is not there")
@@ -66,8 +67,20 @@ def test_check_raw_055(tmp_path: Path) -> None:
     )
     env.pop("PYTHONPATH", None)
     workdir = tree / "tests" / "qemu-iotests"
-    proc = subprocess.run(["./check", "-raw", "055"], cwd=workdir, env=env,
+    proc = subprocess.run(["./check", f"-{fmt}", test], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=900)
+    return proc, workdir
+
+
+def _bad_output(workdir: Path, test: str) -> str:
+    bad = workdir / "scratch" / f"{test}.out.bad"
+    return bad.read_text(errors="replace") if bad.exists() else "(no .out.bad)"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_check_raw_055(tmp_path: Path) -> None:
+    proc, workdir = _run_check(tmp_path, "raw", "055")
     if proc.returncode == 0:
         assert "Passed all 1 iotests" in proc.stdout, proc.stdout
         return
@@ -79,3 +92,16 @@ def test_check_raw_055(tmp_path: Path) -> None:
     assert "qcow2" not in DRIVERS, f"055 failed with a qcow2 driver present: {sorted(failed)}"
     assert failed == QCOW2_CASES, out_bad.read_text()
     assert "Ran 40 tests" in out_bad.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_check_qcow2_257(tmp_path: Path) -> None:
+    """iotest 257 unmodified (issue 10): bitmap-mode never/on-success/always
+    x sync bitmap/full/top x no failure/simulated (blkdebug read_aio under a
+    qcow2 node)/intermediate (cancel); every reply, event and bitmap count
+    against QEMU's 257.out, and the qemu-img compare verifications."""
+    proc, workdir = _run_check(tmp_path, "qcow2", "257")
+    assert proc.returncode == 0, proc.stdout + proc.stderr + _bad_output(workdir, "257")
+    assert "Passed all 1 iotests" in proc.stdout, proc.stdout
+    assert "Not run" not in proc.stdout, proc.stdout

@@ -107,7 +107,9 @@ def test_masking_in_order_of_first_use(full: list[dict[str, Any]]) -> None:
 
 def test_builtins_and_arrays(full: list[dict[str, Any]]) -> None:
     builtins = {e["name"]: e["json-type"] for e in full if e["meta-type"] == "builtin"}
-    assert builtins == {"str": "string", "int": "int", "bool": "boolean", "any": "value"}
+    # "null" is used by BlockdevRefOrNull (a qcow2 node's backing), as in QEMU.
+    assert builtins == {"str": "string", "int": "int", "bool": "boolean", "any": "value",
+                        "null": "null"}
     arrays = [e for e in full if e["meta-type"] == "array"]
     assert all(a["name"] == f"[{a['element-type']}]" for a in arrays)
     assert {"name": "[str]", "element-type": "str", "meta-type": "array"} in arrays
@@ -134,8 +136,8 @@ def test_features_and_empty_object(full: list[dict[str, Any]]) -> None:
 def test_union_variants(full: list[dict[str, Any]]) -> None:
     add = _expand(full, "blockdev-add")["arg"]
     assert add["tag"] == "driver"
-    assert set(add["variants"]) == {"blkdebug", "copy-before-write", "file", "null-aio", "null-co", "raw",
-                                    "snapshot-access"}
+    assert set(add["variants"]) == {"blkdebug", "copy-before-write", "file", "null-aio", "null-co",
+                                    "qcow2", "raw", "snapshot-access"}
     raw_file = next(m for m in add["variants"]["raw"]["members"] if m["name"] == "file")
     assert raw_file["type"] == {"alternate": ["<recursive>", "str"]}
     create = _expand(full, "blockdev-create")["arg"]["members"][1]["type"]

@@ -123,5 +123,5 @@ def test_real_schema_shapes() -> None:
     assert create.variants.lookup("raw").type is schema.empty_object   # padded like QEMU
     assert {"SHUTDOWN", "JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED",
             "BLOCK_JOB_ERROR", "BLOCK_JOB_READY", "BLOCK_JOB_PENDING", "BLOCK_EXPORT_DELETED",
-            "STOP", "RESUME"} <= set(schema.events)
+            "BLOCK_IMAGE_CORRUPTED", "STOP", "RESUME"} <= set(schema.events)
     assert "stop" in schema.commands and "cont" in schema.commands

@@ -17,6 +17,7 @@ from qmpd.block.drivers.base import (
     FileWindow,
     OpenContext,
 )
+from qmpd.block.drivers.qcow2 import driver as qcow2
 
 __all__ = [
     "BaseDriver",
@@ -39,6 +40,7 @@ DRIVERS: dict[str, DriverSpec] = {
     "blkdebug": blkdebug.SPEC,
     "copy-before-write": cbw.SPEC,
     "snapshot-access": snapshot_access.SPEC,
+    "qcow2": qcow2.SPEC,
 }
 
 

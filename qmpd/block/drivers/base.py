@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from qmpd.block.io import ImageFile
     from qmpd.block.node import BlockNode
 
-__all__ = ["BlockDriver", "DriverOpener", "DriverSpec", "FileWindow", "OpenContext", "BaseDriver",
+__all__ = ["BlockDriver", "DriverOpener", "DriverSpec", "FileWindow", "FormatDetails", "OpenContext", "BaseDriver",
            "Breakpoints"]
 
 
@@ -97,6 +97,29 @@ class FileWindow:
     image: ImageFile | None = None
     #: The child node holding the window, or None when ``image`` is set.
     child: BlockNode | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FormatDetails:
+    """Answer of :meth:`BlockDriver.format_details`: what an image format
+    records about itself (ImageInfo's ``cluster-size``, backing file names
+    and ``format-specific``; the views build the QAPI shapes)."""
+
+    #: "qcow2".
+    format: str
+    cluster_size: int
+    #: Image version as QEMU names it ("0.10", "1.1").
+    compat: str
+    lazy_refcounts: bool
+    refcount_bits: int
+    corrupt: bool
+    extended_l2: bool
+    #: "zlib" or "zstd".
+    compression_type: str
+    #: The backing file name as stored in the image, or None.
+    backing_filename: str | None = None
+    #: The backing format as stored in the image, or None.
+    backing_format: str | None = None
 
 
 class BlockDriver(Protocol):
@@ -157,6 +180,13 @@ class BlockDriver(Protocol):
         """The file window behind this node (see :class:`FileWindow`), or
         None when the node's bytes are not one window of one file."""
 
+    def format_details(self) -> FormatDetails | None:
+        """What the image format records (see :class:`FormatDetails`), or None."""
+
+    async def before_close(self) -> None:
+        """Last writes before the node closes (qcow2 stores its persistent
+        bitmaps); called by the graph with the children still open."""
+
     def debug_event(self, event: str) -> None:
         """A blkdebug event raised on this node (no-op for most drivers)."""
 
@@ -207,6 +237,13 @@ class BaseDriver:
         """No file window."""
         return None
 
+    def format_details(self) -> FormatDetails | None:
+        """Not an image format with details."""
+        return None
+
+    async def before_close(self) -> None:
+        """Nothing to write."""
+
     def debug_event(self, event: str) -> None:
         """Ignore blkdebug events."""
 
@@ -250,6 +287,8 @@ class OpenContext:
     lookup_node: Callable[[str], BlockNode]
     #: The worker threads files are opened with (None: the shared pool).
     pool: IOPool | None = None
+    #: ``emit_event(name, data)`` sends a QMP event (None: nobody listens).
+    emit_event: Callable[[str, dict[str, Any]], None] | None = None
 
 
 #: ``await opener(options, ctx)`` returns the open driver plus its children

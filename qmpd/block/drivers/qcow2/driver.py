@@ -1,0 +1,341 @@
+"""Driver ``qcow2``: open an image over its ``file`` child (and its backing
+chain) and forward requests to :class:`~.image.Qcow2Image`.
+
+The opener checks the header and tables in QEMU 7.2's order and words
+(``qcow2_do_open``) and writes nothing before every check has passed, so a
+refused open never modifies the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverSpec, FormatDetails, OpenContext
+from qmpd.block.drivers.qcow2.alloc import RefcountState
+from qmpd.block.drivers.qcow2.bitmaps import BitmapFormatError
+from qmpd.block.drivers.qcow2.bitmapstore import StoredBitmap, load_bitmaps, mark_in_use, store_bitmaps
+from qmpd.block.drivers.qcow2.header import MAGIC, Header, HeaderError, parse_header
+from qmpd.block.drivers.qcow2.image import CorruptImage, Qcow2Image
+from qmpd.block.drivers.qcow2.refcount import RefcountBlock
+from qmpd.block.drivers.qcow2.tables import Geometry, unpack_table
+from qmpd.block.errors import BlockIOError, NodeOpenError
+from qmpd.block.io import ImageFile
+
+if TYPE_CHECKING:
+    from qmpd.block.node import BlockNode
+
+__all__ = ["Qcow2Driver", "SPEC", "open_qcow2", "DEFAULT_L2_CACHE_MAX"]
+
+#: QEMU's DEFAULT_L2_CACHE_MAX_SIZE (Linux): the L2 cache covers the whole
+#: disk up to this many bytes of tables.
+DEFAULT_L2_CACHE_MAX = 32 << 20
+#: QCOW_MAX_L1_SIZE and QCOW_MAX_REFTABLE_SIZE (bytes).
+MAX_L1_BYTES = 32 << 20
+MAX_REFTABLE_BYTES = 8 << 20
+MAX_SNAPSHOTS = 65536
+INT64_MAX = (1 << 63) - 1
+
+#: Options of BlockdevOptionsQcow2 the driver accepts (checked by the schema).
+CACHE_OPTIONS = ("cache-size", "l2-cache-size", "l2-cache-entry-size", "refcount-cache-size",
+                 "cache-clean-interval")
+
+
+class Qcow2Driver(BaseDriver):
+    """A qcow2 image: ``file`` child, optional ``backing`` child."""
+
+    name = "qcow2"
+    is_format = True
+
+    def __init__(self, file: BlockNode, image: Qcow2Image, backing: BlockNode | None,
+                 options: Mapping[str, Any]) -> None:
+        self.file = file
+        self.image = image
+        self.backing = backing
+        self._options = dict(options)
+        #: Set by the graph's event hook: ``emit(name, data)``.
+        self.emit: Callable[[str, dict[str, Any]], None] | None = None
+        self._node_name = ""
+        self._node: BlockNode | None = None
+        #: Bitmaps read at open, turned into the node's bitmaps by node_opened.
+        self.loaded: list[StoredBitmap] = []
+        image.on_corrupt = self._corrupted
+
+    @property
+    def length(self) -> int:
+        return self.image.size
+
+    @property
+    def filename(self) -> str:
+        return self.file.driver.filename
+
+    def full_options(self) -> dict[str, Any]:
+        return {"driver": "qcow2", "file": self.file.driver.full_options()}
+
+    @property
+    def header(self) -> Header:
+        return self.image.header
+
+    def node_opened(self, node: BlockNode) -> None:
+        self._node_name = node.node_name
+        self._node = node
+        writable = not self.image.read_only and self.image.header.version >= 3
+        node.bitmaps.can_store_persistent = True
+        for stored in self.loaded:
+            bm = node.bitmaps.add(stored.name, stored.granularity,
+                                  disabled=not stored.enabled or stored.in_use, persistent=True)
+            if stored.in_use:
+                bm.inconsistent = True
+            else:
+                bm.hbitmap.merge_bytes_le(stored.data)
+            bm.readonly = self.image.read_only
+        self.loaded = []
+        node.bitmaps.can_store_persistent = writable
+
+    async def before_close(self) -> None:
+        """Store the node's persistent bitmaps into the image (blockdev-del,
+        quit, SIGTERM), clearing their ``in_use`` flags."""
+        node = self._node
+        if node is None or self.image.read_only or self.image.dead:
+            return
+        await self._store_bitmaps(node)
+        await self.image.trim()
+
+    async def _store_bitmaps(self, node: BlockNode) -> None:
+        keep = [StoredBitmap(bm.name, bm.granularity, not bm.disabled, bm.inconsistent,
+                             b"" if bm.inconsistent else bm.hbitmap.to_bytes_le())
+                for bm in reversed(list(node.bitmaps)) if bm.persistent and bm.name is not None]
+        if not keep and self.image.header.bitmaps_ext is None:
+            return
+        await store_bitmaps(self.image, keep)
+
+    def _corrupted(self, exc: CorruptImage) -> None:
+        data: dict[str, Any] = {"device": "", "node-name": self._node_name, "msg": exc.msg}
+        if exc.offset >= 0:
+            data["offset"] = exc.offset
+        if exc.size >= 0:
+            data["size"] = exc.size
+        data["fatal"] = True
+        if self.emit is not None:
+            self.emit("BLOCK_IMAGE_CORRUPTED", data)
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        return bytes(await self.image.read(offset, length))
+
+    async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        await self.image.write(offset, data)
+
+    async def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        await self.image.write_zeroes(offset, length, may_unmap)
+
+    async def pdiscard(self, offset: int, length: int) -> None:
+        await self.image.discard(offset, length)
+
+    async def pwrite_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write whole clusters compressed (``compress: true`` backups)."""
+        cs = self.image.g.cluster_size
+        view = memoryview(data)
+        for at in range(0, len(view), cs):
+            await self.image.write_compressed(offset + at, view[at:at + cs])
+
+    async def block_status(self, offset: int, length: int) -> tuple[bool, int]:
+        return await self.image.block_status(offset, length)
+
+    async def is_allocated(self, offset: int, length: int) -> tuple[bool, int]:
+        """Allocated in this layer (not falling through to ``backing``)."""
+        return await self.image.is_allocated(offset, length)
+
+    def dirty_flag(self) -> bool | None:
+        return self.image.header.dirty
+
+    def format_details(self) -> FormatDetails | None:
+        h = self.image.header
+        return FormatDetails(
+            format="qcow2", cluster_size=h.cluster_size,
+            compat="0.10" if h.version == 2 else "1.1", lazy_refcounts=h.lazy_refcounts,
+            refcount_bits=h.refcount_bits, corrupt=self.image.corrupt, extended_l2=False,
+            compression_type="zstd" if h.compression_type == 1 else "zlib",
+            backing_filename=h.backing_file, backing_format=h.backing_format)
+
+    def actual_size(self) -> int | None:
+        return self.file.driver.actual_size()
+
+    def close(self) -> None:
+        """Nothing to release: metadata is written through and the file
+        belongs to the ``file`` child."""
+
+
+def _backing_path(image_path: str, backing: str) -> str:
+    """QEMU's bdrv_get_full_backing_filename: relative to the image's directory."""
+    if os.path.isabs(backing) or ":" in backing.split("/", 1)[0]:
+        return backing
+    return os.path.join(os.path.dirname(image_path), backing)
+
+
+def _validate_table(offset: int, entries: int, entry_len: int, cluster_size: int) -> bool:
+    if entries > INT64_MAX // entry_len:
+        return False
+    if INT64_MAX - entries * entry_len < offset:
+        return False
+    return offset % cluster_size == 0
+
+
+async def _read_header(file: BlockNode) -> tuple[Header, int]:
+    flen = file.length
+    head = await file.read(0, min(flen, 4096)) if flen else b""
+    if len(head) < 8 or head[:4] != MAGIC:
+        raise NodeOpenError("Image is not in qcow2 format")
+    h = parse_header(bytes(head) + bytes(max(0, 4096 - len(head))))
+    cs = h.cluster_size
+    if cs > 4096:
+        first = await file.read(0, min(flen, cs))
+        h = parse_header(bytes(first) + bytes(cs - len(first)))
+    else:
+        h = parse_header(bytes(head[:cs]) + bytes(max(0, cs - len(head))))
+    return h, flen
+
+
+async def _load(file: BlockNode, offset: int, length: int) -> bytes:
+    """Read metadata; what lies past the end of the file reads as zeroes."""
+    flen = file.length
+    if offset >= flen or length == 0:
+        return bytes(length)
+    n = min(length, flen - offset)
+    data = await file.read(offset, n)
+    return bytes(data) + bytes(length - n)
+
+
+async def open_qcow2(
+    options: Mapping[str, Any], ctx: OpenContext
+) -> tuple[BlockDriver, dict[str, BlockNode]]:
+    """Open the ``file`` child, check and load the metadata, open ``backing``.
+
+    :raise NodeOpenError: QEMU's texts (header, table and feature checks).
+    """
+    file = await ctx.open_child(options["file"], "file")
+    try:
+        h, flen = await _read_header(file)
+    except HeaderError as exc:
+        raise NodeOpenError(exc.text) from exc
+    except BlockIOError as exc:
+        raise NodeOpenError(f"Could not read qcow2 header: {exc.strerror}") from exc
+    cs = h.cluster_size
+    if h.corrupt and not ctx.read_only:
+        raise NodeOpenError("qcow2: Image is corrupt; cannot be opened read/write")
+    rt_entries = h.refcount_table_clusters * cs // 8
+    if h.refcount_table_clusters * cs > MAX_REFTABLE_BYTES:
+        raise NodeOpenError("Reference count table too large")
+    if not _validate_table(h.refcount_table_offset, rt_entries, 8, cs):
+        raise NodeOpenError("Reference count table offset invalid")
+    if h.nb_snapshots > MAX_SNAPSHOTS:
+        raise NodeOpenError("Too many snapshots")
+    if not _validate_table(h.snapshots_offset, h.nb_snapshots, 40, cs):
+        raise NodeOpenError("Snapshot table offset invalid")
+    if h.l1_size > MAX_L1_BYTES // 8:
+        raise NodeOpenError("Active L1 table too large")
+    g = Geometry(h.cluster_bits)
+    if g.l1_entries_for(h.size) > (1 << 31) - 1:
+        raise NodeOpenError("Image is too big")
+    if h.l1_size < g.l1_entries_for(h.size):
+        raise NodeOpenError("L1 table is too small")
+    if not _validate_table(h.l1_table_offset, h.l1_size, 8, cs):
+        raise NodeOpenError("Active L1 table offset invalid")
+    try:
+        l1 = unpack_table(await _load(file, h.l1_table_offset, h.l1_size * 8))
+        table = unpack_table(await _load(file, h.refcount_table_offset, rt_entries * 8))
+        blocks: dict[int, RefcountBlock] = {}
+        for bi, entry in enumerate(table):
+            off = entry & ~511
+            if off:
+                if off % cs:
+                    raise NodeOpenError("Could not initialize refcount handling: Invalid argument")
+                blocks[bi] = RefcountBlock(bytearray(await _load(file, off, cs)), h.refcount_bits)
+    except BlockIOError as exc:
+        raise NodeOpenError(f"Could not read L1 table: {exc.strerror}") from exc
+    refs = RefcountState(h.cluster_bits, h.refcount_bits, table=table, blocks=blocks,
+                         table_offset=h.refcount_table_offset,
+                         table_clusters=h.refcount_table_clusters)
+    children: dict[str, BlockNode] = {"file": file}
+    backing = await _open_backing(options, ctx, h, file)
+    if backing is not None:
+        children["backing"] = backing
+    cache = _l2_cache_bytes(options, h, g)
+    image = Qcow2Image(
+        file, h, [e for e in l1], refs, backing=backing, read_only=ctx.read_only,
+        l2_cache_bytes=cache, grow=_grower(file), file_length=flen, shrink=_shrinker(file),
+        pass_discard=bool(options.get("pass-discard-request", options.get("discard") in ("unmap", "on"))),
+    )
+    drv = Qcow2Driver(file, image, backing, options)
+    drv.emit = ctx.emit_event
+    try:
+        drv.loaded = await load_bitmaps(image)
+        if drv.loaded and not ctx.read_only:
+            await mark_in_use(image)
+    except (BitmapFormatError, BlockIOError) as exc:
+        raise NodeOpenError(f"Could not read bitmaps: {exc}") from exc
+    return drv, children
+
+
+def _l2_cache_bytes(options: Mapping[str, Any], h: Header, g: Geometry) -> int:
+    if "l2-cache-size" in options:
+        return int(options["l2-cache-size"])
+    if "cache-size" in options:
+        return int(options["cache-size"])
+    whole = g.l1_entries_for(h.size) * g.cluster_size
+    return max(2 * g.cluster_size, min(DEFAULT_L2_CACHE_MAX, whole))
+
+
+def _grower(file: BlockNode) -> Callable[[int], Any]:
+    async def grow(size: int) -> None:
+        truncate = getattr(file.driver, "truncate", None)
+        if truncate is None:
+            raise BlockIOError(28)
+        if size > file.length:
+            await truncate(size)
+    return grow
+
+
+def _shrinker(file: BlockNode) -> Callable[[int], Any] | None:
+    truncate = getattr(file.driver, "truncate", None)
+    if truncate is None:
+        return None
+
+    async def shrink(size: int) -> None:
+        await truncate(size)
+    return shrink
+
+
+async def _open_backing(options: Mapping[str, Any], ctx: OpenContext, h: Header,
+                        file: BlockNode) -> BlockNode | None:
+    if "backing" in options:
+        ref = options["backing"]
+        if ref is None:
+            return None
+        return await ctx.open_child(ref, "backing")
+    if h.backing_file is None:
+        return None
+    path = _backing_path(file.driver.filename, h.backing_file)
+    fmt = h.backing_format or await _probe(path)
+    ref = {"driver": fmt, "read-only": True,
+           "file": {"driver": "file", "filename": path, "read-only": True}}
+    try:
+        return await ctx.open_child(ref, "backing")
+    except NodeOpenError as exc:
+        raise NodeOpenError(f"Could not open backing file: {exc.desc}") from exc
+
+
+async def _probe(path: str) -> str:
+    try:
+        img = await ImageFile.open(path, read_only=True)
+    except BlockIOError:
+        return "raw"
+    try:
+        magic = await img.read(0, 4)
+    finally:
+        img.close()
+    return "qcow2" if magic == MAGIC else "raw"
+
+
+
+SPEC = DriverSpec(open_qcow2, is_format=Qcow2Driver.is_format)

@@ -1,0 +1,606 @@
+"""An open qcow2 image: guest requests mapped onto host clusters.
+
+This is the stateful half of the driver.  It holds the header, the L1
+table, an :class:`~.l2cache.L2Cache` and the :class:`~.alloc.RefcountState`,
+and does all its file I/O through the ``file`` child node (which goes
+through ``qmpd.block.io``).  Metadata is written through, in crash-safe
+order, inside each request:
+
+1. refcount blocks, then the refcount table (and, after a table move, the
+   header): a pointer is never written before the refcounts it relies on;
+2. guest data into the newly allocated clusters;
+3. L2 tables (new tables whole), then the L1 entries pointing at new tables;
+4. only then the references dropped by the request are freed.
+
+A crash at any point leaves at worst leaked clusters (``qemu-img check``
+reports them as leaks, not corruption), as with QEMU.  One asyncio lock
+serialises metadata changes; reads and in-place writes of allocated
+clusters take it only to look up the mapping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from qmpd.block.drivers.qcow2.alloc import RefcountState
+from qmpd.block.drivers.qcow2.header import Header, INCOMPAT_CORRUPT, encode_header
+from qmpd.block.drivers.qcow2.l2cache import L2Cache
+from qmpd.block.drivers.qcow2.tables import (
+    COPIED, OFFSET_MASK, ZERO_FLAG, Geometry, Kind, Mapping,
+    compressed_entry, compressed_host_clusters, decode, standard_entry,
+)
+from qmpd.block.errors import BlockIOError
+
+__all__ = ["Qcow2Image", "ChildIO", "CorruptImage"]
+
+
+class ChildIO(Protocol):
+    """What the image needs from a child node (``qmpd.block.node.BlockNode``)."""
+
+    @property
+    def length(self) -> int: ...
+
+    async def read(self, offset: int, length: int) -> bytes: ...
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
+
+    async def discard(self, offset: int, length: int) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def block_status(self, offset: int, length: int) -> tuple[bool, int]: ...
+
+    def debug_event(self, event: str) -> None: ...
+
+
+class CorruptImage(BlockIOError):
+    """Metadata that cannot be right; the image is marked corrupt (EIO)."""
+
+    def __init__(self, msg: str, offset: int = -1, size: int = -1) -> None:
+        super().__init__(errno.EIO)
+        self.msg = msg
+        self.offset = offset
+        self.size = size
+
+
+#: ``await grow(new_length)`` makes the file at least that long.
+Grow = Callable[[int], Awaitable[None]]
+
+
+class Qcow2Image:
+    """Header, L1, L2 cache and refcounts of one open image."""
+
+    def __init__(self, file: ChildIO, header: Header, l1: list[int], refs: RefcountState, *,
+                 backing: ChildIO | None, read_only: bool, l2_cache_bytes: int,
+                 grow: Grow, file_length: int, pass_discard: bool = False,
+                 shrink: Grow | None = None) -> None:
+        self.file = file
+        self.header = header
+        self.g = Geometry(header.cluster_bits)
+        self.l1 = l1
+        self.refs = refs
+        self.backing = backing
+        self.read_only = read_only
+        self.cache = L2Cache(self.g.cluster_size, l2_cache_bytes)
+        self._grow = grow
+        self._shrink = shrink
+        #: File length when opened: :meth:`trim` never cuts below it.
+        self.opened_length = file_length
+        self.file_length = file_length
+        self.pass_discard = pass_discard
+        self.lock = asyncio.Lock()
+        self.corrupt = header.corrupt
+        #: After a fatal corruption every request fails (QEMU drops the driver).
+        self.dead = False
+        self._l1_dirty: set[int] = set()
+        #: Called once with the CorruptImage when the image is marked corrupt.
+        self.on_corrupt: Callable[[CorruptImage], None] | None = None
+
+    @property
+    def size(self) -> int:
+        return self.header.size
+
+    # ------------------------------------------------------------ corruption
+
+    async def signal_corruption(self, exc: CorruptImage) -> None:
+        """Mark the image corrupt (header bit, once) and report it."""
+        if self.dead:
+            return
+        self.dead = True
+        self.corrupt = True
+        if not self.read_only:
+            self.header = self.header.with_features(set_bits=INCOMPAT_CORRUPT)
+            try:
+                await self.file.write(72, self.header.incompatible_features.to_bytes(8, "big"))
+            except BlockIOError:
+                pass
+        if self.on_corrupt is not None:
+            self.on_corrupt(exc)
+
+    # ------------------------------------------------------------ mapping
+
+    async def _l2(self, l1_index: int) -> int | None:
+        """:return: the host offset of the L2 table (loaded), or None."""
+        entry = self.l1[l1_index] if l1_index < len(self.l1) else 0
+        off = entry & OFFSET_MASK
+        if not off:
+            return None
+        if off & (self.g.cluster_size - 1):
+            raise CorruptImage(f"L2 table offset {off:#x} unaligned (L1 index: {l1_index:#x})")
+        if self.cache.table(off) is None:
+            data = await self.file.read(off, self.g.cluster_size)
+            self.cache.put(off, bytearray(data))
+        return off
+
+    async def extent(self, pos: int, maxlen: int) -> tuple[Mapping, int]:
+        """:return: the mapping at ``pos`` and how many bytes (<= maxlen) from
+        ``pos`` map the same way (same kind; contiguous host for data)."""
+        g = self.g
+        cs = g.cluster_size
+        l1i, l2i = g.split(pos)
+        off = await self._l2(l1i)
+        in_cluster = pos & (cs - 1)
+        if off is None:
+            # The whole L2 range is unallocated.
+            span = (g.l2_entries - l2i) * cs - in_cluster
+            return Mapping(Kind.UNALLOCATED, 0, False, 0), min(maxlen, span)
+        m = decode(self.cache.get_entry(off, l2i), g)
+        if m.kind == Kind.NORMAL and m.host & (cs - 1):
+            raise CorruptImage(f"Cluster allocation offset {m.host:#x} unaligned "
+                               f"(L2 offset: {off:#x}, L2 index: {l2i:#x})")
+        n = cs - in_cluster
+        if m.kind == Kind.COMPRESSED:
+            return m, min(maxlen, n)
+        i = l2i + 1
+        expect = m.host + cs
+        while n < maxlen and i < g.l2_entries:
+            nxt = decode(self.cache.get_entry(off, i), g)
+            if nxt.kind != m.kind:
+                break
+            if m.kind == Kind.NORMAL and nxt.host != expect:
+                break
+            expect += cs
+            n += cs
+            i += 1
+        return m, min(maxlen, n)
+
+    async def mapping(self, pos: int, maxlen: int) -> tuple[Mapping, int]:
+        """:meth:`extent`, turning corruption into a marked image and EIO."""
+        try:
+            return await self.extent(pos, maxlen)
+        except CorruptImage as exc:
+            await self.signal_corruption(exc)
+            raise
+
+    # ------------------------------------------------------------ reading
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        if self.dead:
+            raise BlockIOError(errno.ENOMEDIUM)
+        m, n = await self.mapping(offset, length)
+        if n == length and m.kind == Kind.NORMAL:
+            self.file.debug_event("read_aio")
+            return await self.file.read(m.host + (offset & (self.g.cluster_size - 1)), length)
+        out = bytearray(length)
+        pos = offset
+        end = offset + length
+        while True:
+            await self._read_extent(m, pos, n, out, pos - offset)
+            pos += n
+            if pos >= end:
+                return out
+            m, n = await self.mapping(pos, end - pos)
+
+    async def _read_extent(self, m: Mapping, pos: int, n: int, out: bytearray, at: int) -> None:
+        cs = self.g.cluster_size
+        # blkdebug events on the file child as QEMU's qcow2_co_preadv_task.
+        if m.kind == Kind.NORMAL:
+            self.file.debug_event("read_aio")
+            out[at:at + n] = await self.file.read(m.host + (pos & (cs - 1)), n)
+        elif m.kind == Kind.COMPRESSED:
+            self.file.debug_event("read_compressed")
+            data = await self._decompress(m)
+            start = pos & (cs - 1)
+            out[at:at + n] = data[start:start + n]
+        elif m.kind == Kind.UNALLOCATED and self.backing is not None:
+            blen = self.backing.length
+            if pos < blen:
+                k = min(n, blen - pos)
+                self.file.debug_event("read_backing_aio")
+                out[at:at + k] = await self.backing.read(pos, k)
+        # ZERO, or unallocated without backing: already zeroes.
+
+    async def _decompress(self, m: Mapping) -> bytes:
+        raw = await self.file.read(m.host, m.csize)
+        cs = self.g.cluster_size
+        try:
+            if self.header.compression_type == 0:
+                d = zlib.decompressobj(-12)
+                data = d.decompress(raw, cs)
+            else:
+                data = _zstd_decompress(raw, cs)
+        except (zlib.error, ValueError, Exception) as exc:
+            raise BlockIOError(errno.EIO) from exc
+        if len(data) != cs:
+            raise BlockIOError(errno.EIO)
+        return data
+
+    async def cluster_content(self, guest_cluster: int) -> bytes | bytearray:
+        """:return: what one whole guest cluster reads as now."""
+        cs = self.g.cluster_size
+        start = guest_cluster * cs
+        n = min(cs, self.size - start)
+        data = await self.read(start, n)
+        return data if n == cs else bytes(data) + bytes(cs - n)
+
+    # ------------------------------------------------------------ writing
+
+    def _check_writable(self) -> None:
+        if self.dead:
+            raise BlockIOError(errno.ENOMEDIUM)
+        if self.corrupt:
+            raise BlockIOError(errno.EIO)
+
+    async def _l2_for_write(self, l1i: int) -> int:
+        """:return: the L2 table for ``l1i``, allocating a new one (in
+        memory: written by :meth:`_commit`)."""
+        off = await self._l2(l1i)
+        if off is not None:
+            return off
+        cluster, _ = self._allocate(1, "L2 table")
+        off = cluster << self.g.cluster_bits
+        table = bytearray(self.g.cluster_size)
+        self.cache.put(off, table)
+        self.cache.set_entry(off, 0, 0)
+        self.cache.set_entry(off, self.g.l2_entries - 1, 0)
+        self.l1[l1i] = off | COPIED
+        self._l1_dirty.add(l1i)
+        return off
+
+    def _allocate(self, n: int, what: str, *, contiguous: bool = False) -> tuple[int, int]:
+        """Allocate host clusters for ``what``, refusing (as corruption) any
+        that overlap the header, the L1 table or the refcount table, and any
+        refcount block the allocation had to place over them."""
+        if self.refs.get(0) == 0:
+            raise CorruptImage(f"Preventing invalid allocation of {what} at offset 0", 0,
+                               self.g.cluster_size)
+        before = set(self.refs.blocks)
+        if contiguous:
+            start, count = self.refs.allocate_contiguous(n), n
+        else:
+            start, count = self.refs.allocate(n)
+        cb = self.g.cluster_bits
+        self._check_overlap(start << cb, count << cb, what)
+        for bi in set(self.refs.blocks) - before:
+            self._check_overlap(self.refs.table[bi], 1 << cb, "refcount block")
+        return start, count
+
+    def _check_overlap(self, off: int, n: int, what: str = "cluster") -> None:
+        """Refuse to hand out clusters that hold the header, L1 or refcount table."""
+        cs = self.g.cluster_size
+        h = self.header
+        areas = [("qcow2_header", 0, cs),
+                 ("active L1 table", h.l1_table_offset, max(1, h.l1_size * 8)),
+                 ("refcount table", self.refs.table_offset, self.refs.table_clusters * cs)]
+        for name, start, size in areas:
+            if off < start + size and start < off + n:
+                raise CorruptImage(f"Preventing invalid allocation of {what} at offset "
+                                   f"{off:#x} (overlaps with {name})", off, n)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._check_writable()
+        async with self.lock:
+            try:
+                await self._write_locked(offset, memoryview(data).cast("B"))
+            except CorruptImage as exc:
+                await self.signal_corruption(exc)
+                raise
+
+    async def _write_locked(self, offset: int, view: memoryview) -> None:
+        g = self.g
+        cs = g.cluster_size
+        cb = g.cluster_bits
+        self._l1_dirty = set()
+        frees: list[Mapping] = []
+        data_writes: list[tuple[int, bytes | bytearray | memoryview]] = []
+        pos = offset
+        end = offset + len(view)
+        while pos < end:
+            l1i, l2i = g.split(pos)
+            l2off = await self._l2_for_write(l1i)
+            # Clusters of this request inside this L2 table.
+            table_end = min(end, ((pos >> cb) - l2i + g.l2_entries) << cb)
+            while pos < table_end:
+                l2i = (pos >> cb) & (g.l2_entries - 1)
+                m = decode(self.cache.get_entry(l2off, l2i), g)
+                if m.kind == Kind.NORMAL and m.copied:
+                    # In place, over the following host-contiguous in-place clusters.
+                    n_end = min(table_end, ((pos >> cb) + 1) << cb)
+                    expect = m.host + cs
+                    while n_end < table_end:
+                        nm = decode(self.cache.get_entry(l2off, (n_end >> cb) & (g.l2_entries - 1)), g)
+                        if not (nm.kind == Kind.NORMAL and nm.copied and nm.host == expect):
+                            break
+                        n_end = min(table_end, n_end + cs)
+                        expect += cs
+                    data_writes.append((m.host + (pos & (cs - 1)), view[pos - offset:n_end - offset]))
+                    pos = n_end
+                    continue
+                # Needs new clusters: the run of such clusters from here.
+                first = pos >> cb
+                last = first
+                while ((last + 1) << cb) < table_end:
+                    nm = decode(self.cache.get_entry(l2off, (last + 1) & (g.l2_entries - 1)), g)
+                    if nm.kind == Kind.NORMAL and nm.copied:
+                        break
+                    last += 1
+                count = last - first + 1
+                start_cluster, got = self._allocate(count, "data cluster")
+                run_end = min(table_end, (first + got) << cb)
+                buf = await self._cow_buffer(pos, run_end, view[pos - offset:run_end - offset])
+                data_writes.append((start_cluster << cb, buf))
+                for k in range(got):
+                    idx = (first + k) & (g.l2_entries - 1)
+                    old = decode(self.cache.get_entry(l2off, idx), g)
+                    if old.host and old.kind != Kind.UNALLOCATED:
+                        frees.append(old)
+                    self.cache.set_entry(l2off, idx, standard_entry((start_cluster + k) << cb))
+                pos = run_end
+        await self._commit(data_writes, frees)
+
+    async def _cow_buffer(self, pos: int, end: int, data: memoryview) -> bytes | bytearray | memoryview:
+        """:return: whole clusters covering [pos, end) with ``data`` in place
+        and the old content around it (copy-on-write of head and tail)."""
+        cs = self.g.cluster_size
+        head = pos & (cs - 1)
+        astart = pos - head
+        aend = -(-end // cs) * cs
+        if head == 0 and end == aend:
+            return data
+        buf = bytearray(aend - astart)
+        if head:
+            buf[:cs] = await self.cluster_content(astart // cs)
+        last = aend // cs - 1
+        if end != aend and not (head and last == astart // cs):
+            buf[-cs:] = await self.cluster_content(last)
+        buf[head:head + len(data)] = data
+        return buf
+
+    async def _commit(self, data_writes: list[tuple[int, bytes | bytearray | memoryview]],
+                      frees: list[Mapping]) -> None:
+        # Refcounts and data do not depend on each other; both must land
+        # before the L2/L1 entries that point at the new clusters.
+        if data_writes:
+            await self._ensure_length(max(h + len(b) for h, b in data_writes))
+            await asyncio.gather(self._write_refcounts(),
+                                 *(self.file.write(h, b) for h, b in data_writes))
+        else:
+            await self._write_refcounts()
+        for off, buf in self.cache.take_dirty():
+            await self._file_write(off, buf)
+        if self._l1_dirty:
+            lo, hi = min(self._l1_dirty), max(self._l1_dirty) + 1
+            lo_b, hi_b = (lo * 8) & ~511, min(len(self.l1) * 8, (hi * 8 + 511) & ~511)
+            entries = self.l1[lo_b // 8:hi_b // 8]
+            await self._file_write(self.header.l1_table_offset + lo_b,
+                                   b"".join(e.to_bytes(8, "big") for e in entries))
+            self._l1_dirty = set()
+        if frees:
+            await self._free(frees)
+
+    async def _free(self, frees: list[Mapping]) -> None:
+        cb = self.g.cluster_bits
+        released: list[int] = []
+        for m in frees:
+            clusters = (compressed_host_clusters(m, cb) if m.kind == Kind.COMPRESSED
+                        else range(m.host >> cb, (m.host >> cb) + 1))
+            for c in clusters:
+                if self.refs.update(c, -1) == 0:
+                    released.append(c)
+        await self._write_refcounts()
+        if self.pass_discard:
+            for c in released:
+                await self.file.discard(c << cb, 1 << cb)
+
+    async def _write_refcounts(self) -> None:
+        while self.refs.pending():
+            w = self.refs.take_writes()
+            for off, buf in w.blocks:
+                await self._file_write(off, buf)
+            for off, buf in w.table:
+                await self._file_write(off, buf)
+            if w.new_table is not None:
+                toff, tclusters = w.new_table
+                self.header.refcount_table_offset = toff
+                self.header.refcount_table_clusters = tclusters
+                await self.file.write(48, toff.to_bytes(8, "big") + tclusters.to_bytes(4, "big"))
+
+    async def _ensure_length(self, end: int) -> None:
+        """Grow the file to hold ``end`` bytes, ahead in steps of 1/8 of its
+        size (1 to 64 MiB) so sequential allocation does not resize on every
+        request; :meth:`trim` gives the excess back at close."""
+        if end <= self.file_length:
+            return
+        cs = self.g.cluster_size
+        step = min(max(self.file_length // 8, 1 << 20), 64 << 20)
+        new_len = -(-max(end, self.file_length + step) // cs) * cs
+        await self._grow(new_len)
+        self.file_length = max(self.file_length, new_len)
+
+    async def trim(self) -> None:
+        """Truncate the file after the last cluster in use (closing)."""
+        used = self.refs.end() << self.g.cluster_bits
+        used = max(used, self.opened_length)
+        if used < self.file_length and self._shrink is not None:
+            await self._shrink(used)
+            self.file_length = used
+
+    async def _file_write(self, off: int, buf: bytes | bytearray | memoryview) -> None:
+        await self._ensure_length(off + len(buf))
+        await self.file.write(off, buf)
+
+    # ------------------------------------------------------------ zeroes, discard
+
+    async def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        self._check_writable()
+        cs = self.g.cluster_size
+        end = offset + length
+        astart = -(-offset // cs) * cs
+        aend = end if end == self.size else end // cs * cs
+        if self.header.version < 3 and self.backing is not None or astart >= aend:
+            await self._write_zero_buffers(offset, end)
+            return
+        if offset < astart:
+            await self._write_zero_buffers(offset, astart)
+        async with self.lock:
+            await self._set_entries(astart, aend, zero=True, unmap=may_unmap)
+        if aend < end:
+            await self._write_zero_buffers(aend, end)
+
+    async def _write_zero_buffers(self, start: int, end: int) -> None:
+        step = 1 << 20
+        while start < end:
+            n = min(step, end - start)
+            m, k = await self.mapping(start, n)
+            if not (m.kind == Kind.ZERO or (m.kind == Kind.UNALLOCATED and self.backing is None)):
+                await self.write(start, bytes(k))
+            start += k
+
+    async def discard(self, offset: int, length: int) -> None:
+        self._check_writable()
+        cs = self.g.cluster_size
+        end = offset + length
+        astart = -(-offset // cs) * cs
+        aend = end if end == self.size else end // cs * cs
+        if astart >= aend:
+            return
+        async with self.lock:
+            await self._set_entries(astart, aend, zero=False, unmap=True)
+
+    async def _set_entries(self, start: int, end: int, *, zero: bool, unmap: bool) -> None:
+        """Make whole clusters [start, end) zero clusters (``zero``) or
+        discarded ones, freeing their host clusters when ``unmap``."""
+        g = self.g
+        cb = g.cluster_bits
+        v3 = self.header.version >= 3
+        self._l1_dirty = set()
+        frees: list[Mapping] = []
+        try:
+            c = start >> cb
+            last = -(-end >> cb)
+            while c < last:
+                l1i, l2i = g.split(c << cb)
+                n = min(last - c, g.l2_entries - l2i)
+                off = await self._l2(l1i)
+                if off is None:
+                    if self.backing is None or not v3:
+                        c += n
+                        continue
+                    off = await self._l2_for_write(l1i)
+                for k in range(n):
+                    idx = l2i + k
+                    entry = self.cache.get_entry(off, idx)
+                    m = decode(entry, g)
+                    if m.kind == Kind.UNALLOCATED and self.backing is None:
+                        continue
+                    if zero and not unmap and m.kind == Kind.NORMAL and v3:
+                        new = entry | ZERO_FLAG
+                    else:
+                        new = ZERO_FLAG if v3 and (zero or self.backing is not None) else 0
+                        if m.host and m.kind != Kind.UNALLOCATED:
+                            frees.append(m)
+                    if new != entry:
+                        self.cache.set_entry(off, idx, new)
+                c += n
+            await self._commit([], frees)
+        except CorruptImage as exc:
+            await self.signal_corruption(exc)
+            raise
+
+    # ------------------------------------------------------------ compressed writes
+
+    async def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write one whole cluster compressed (deflate), as QEMU's
+        ``compress: true`` backups do; falls back to a normal write when it
+        does not shrink.  ``offset`` is cluster aligned."""
+        cs = self.g.cluster_size
+        comp = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12)
+        out = comp.compress(bytes(data)) + comp.flush()
+        if len(out) >= cs - 512 or len(data) != cs or self.header.compression_type != 0:
+            await self.write(offset, data)
+            return
+        self._check_writable()
+        async with self.lock:
+            g = self.g
+            cb = g.cluster_bits
+            self._l1_dirty = set()
+            l1i, l2i = g.split(offset)
+            l2off = await self._l2_for_write(l1i)
+            old = decode(self.cache.get_entry(l2off, l2i), g)
+            # Compressed data is packed into whole sectors of fresh clusters.
+            nclusters = -(-len(out) // cs)
+            first, _ = self._allocate(nclusters, "compressed cluster", contiguous=True)
+            host = first << cb
+            self.cache.set_entry(l2off, l2i, compressed_entry(host, len(out), g))
+            frees = [old] if old.host and old.kind != Kind.UNALLOCATED else []
+            await self._commit([(host, out)], frees)
+
+    # ------------------------------------------------------------ status
+
+    async def block_status(self, offset: int, length: int) -> tuple[bool, int]:
+        m, n = await self.mapping(offset, length)
+        if m.kind in (Kind.NORMAL, Kind.COMPRESSED):
+            return True, n
+        if m.kind == Kind.UNALLOCATED and self.backing is not None:
+            blen = self.backing.length
+            if offset < blen:
+                return await self.backing.block_status(offset, min(n, blen - offset))
+        return False, n
+
+    async def is_allocated(self, offset: int, length: int) -> tuple[bool, int]:
+        """:return: ``(allocated in this layer, n)``: data or zero clusters of
+        this image, as opposed to what falls through to the backing file."""
+        m, n = await self.mapping(offset, length)
+        return m.kind != Kind.UNALLOCATED, n
+
+    # ------------------------------------------------------------ other metadata
+
+    async def allocate_metadata(self, n: int, what: str) -> int:
+        """Allocate ``n`` contiguous clusters for metadata (bitmap tables,
+        directories) with their refcounts written; :return: the file offset.
+        Callers hold :attr:`lock`."""
+        start, _ = self._allocate(n, what, contiguous=True)
+        await self._write_refcounts()
+        return start << self.g.cluster_bits
+
+    async def write_metadata(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write metadata into clusters from :meth:`allocate_metadata`."""
+        await self._file_write(offset, data)
+
+    async def free_metadata(self, offset: int, n: int) -> None:
+        """Drop the reference of ``n`` clusters from ``offset`` (refcounts written)."""
+        cb = self.g.cluster_bits
+        self.refs.free(offset >> cb, n)
+        await self._write_refcounts()
+
+    # ------------------------------------------------------------ header
+
+    async def rewrite_header(self) -> None:
+        """Rewrite cluster 0's header and extensions (the backing name keeps
+        its place after them)."""
+        data = encode_header(self.header)
+        await self.file.write(0, data)
+
+
+def _zstd_decompress(raw: bytes, size: int) -> bytes:
+    """QEMU writes one zstd frame per cluster; trailing sector padding is
+    ignored (a decompressobj stops at the frame end)."""
+    import zstandard
+    d = zstandard.ZstdDecompressor().decompressobj()
+    out: bytes = d.decompress(raw)
+    return out[:size]
+
