@@ -11,13 +11,15 @@ duplicate of a member.  Error texts are QEMU 7.2's (monitor/fds.c).
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qmpd.block.fdsets import FdSets
 from qmpd.commands.context import CommandContext
 from qmpd.commands.registry import command
 from qmpd.errors import GenericError
-from qmpd.qapi.models import AddFdArgs, ClosefdArgs, GetfdArgs, QueryFdsetsArgs, RemoveFdArgs
+
+if TYPE_CHECKING:
+    from qmpd.qapi.models import AddFdArgs, ClosefdArgs, GetfdArgs, QueryFdsetsArgs, RemoveFdArgs
 
 __all__: list[str] = []
 

@@ -96,6 +96,12 @@ WIRE_ERRNOS = frozenset({_errno.EPERM, _errno.EIO, _errno.ENOMEM, _errno.EINVAL,
                          _errno.EOVERFLOW, _errno.ENOTSUP, _errno.ESHUTDOWN})
 
 
+#: errno values the protocol carries under another name (QEMU's
+#: system_errno_to_nbd_errno); anything else unknown becomes EINVAL.
+_ERRNO_ALIASES = {_errno.EROFS: _errno.EPERM, _errno.EDQUOT: _errno.ENOSPC, _errno.EFBIG: _errno.ENOSPC,
+                  _errno.EOPNOTSUPP: _errno.ENOTSUP}
+
+
 class Opt(enum.IntEnum):
     """Handshake options."""
 
@@ -612,6 +618,7 @@ class ServerConnection:
         self._simple_or_error(req.cookie, err, message)
 
     def _simple_or_error(self, cookie: int, err: int, message: str) -> None:
+        err = _ERRNO_ALIASES.get(err, err)
         err = err if err in WIRE_ERRNOS else _errno.EINVAL
         if self.structured:
             msg = message.encode()[:4096]

@@ -34,6 +34,8 @@ class UnixListener:
 
     path: str
     label: str = "unix"
+    #: QEMU's ``pretty=on``: multi-line JSON for this monitor's clients.
+    pretty: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,7 @@ class TcpListener:
     host: str
     port: int
     label: str = "tcp"
+    pretty: bool = False
 
 
 Listener = UnixListener | TcpListener
@@ -53,6 +56,7 @@ class UnixConnector:
     """A UNIX socket the daemon connects to (client mode)."""
 
     path: str
+    pretty: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,7 @@ class TcpConnector:
 
     host: str
     port: int
+    pretty: bool = False
 
 
 Connector = UnixConnector | TcpConnector

@@ -243,3 +243,15 @@ def test_eof_closes() -> None:
     conn = negotiated()
     conn.receive_data(b"")
     assert list(conn.events()) == [Closed("client disconnected")]
+
+
+def test_errno_mapping() -> None:
+    """QEMU's system_errno_to_nbd_errno: EROFS is EPERM, EDQUOT/EFBIG are
+    ENOSPC, anything off the protocol's list is EINVAL."""
+    conn = negotiated()
+    go(conn, "disk", structured=False)
+    got = []
+    for err in (errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EIO):
+        conn.reply_error(Request(1, Cmd.READ, 0, 0, 1), err)
+        got.append(struct.unpack(">IIQ", conn.data_to_send())[1])
+    assert got == [errno.EPERM, errno.ENOSPC, errno.ENOSPC, errno.EINVAL, errno.EIO]
