@@ -9,6 +9,9 @@ path is checked instead and the final component is opened with
 and open is the remaining gap).
 
 Runs in the I/O pool's threads (called from :mod:`qmpd.block.io`).
+``/dev/fdset/N`` names never get here: they open a descriptor the client
+opened itself and passed with ``add-fd`` (:mod:`qmpd.block.fdsets`), so
+the client's own permissions decided what it may reach.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 from qmpd.block.confine import Confinement
 from qmpd.block.errors import BlockIOError
+from qmpd.block.fdsets import FdSets, fdset_id_of
 
 __all__ = ["IOPool", "ImageFile", "NotRegularFile", "copy_range", "copy_ranges", "create_file",
            "run_blocking", "shared_pool",
@@ -63,10 +64,14 @@ class IOPool:
     """
 
     def __init__(self, max_workers: int = 8, name: str = "qmpd-io",
-                 confinement: Confinement | None = None) -> None:
+                 confinement: Confinement | None = None, fdsets: FdSets | None = None) -> None:
         #: ``--allowed-dir``: image paths opened or created through this pool
         #: must resolve beneath these directories (None: anywhere).
         self.confinement = confinement
+        #: Descriptor sets (``add-fd``): ``/dev/fdset/N`` opens a duplicate of
+        #: a member and bypasses :attr:`confinement` (the caller opened it).
+        #: None: such names are ordinary paths.
+        self.fdsets = fdsets
         self._max = max(1, max_workers)
         self._name = name
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
@@ -392,13 +397,21 @@ class NotRegularFile(BlockIOError):
         super().__init__(errno.EINVAL)
 
 
-def _open(path: str, flags: int, confinement: Confinement | None = None) -> int:
+def _open_path(path: str, flags: int, mode: int, confinement: Confinement | None,
+               fdsets: FdSets | None) -> int:
+    """open(2), or a duplicate from an fdset, or confined to --allowed-dir."""
+    if fdsets is not None and fdset_id_of(path) is not None:
+        return fdsets.dup(path, flags)
+    if confinement is not None:
+        return confinement.open(path, flags, mode)
+    return os.open(path, flags, mode)
+
+
+def _open(path: str, flags: int, confinement: Confinement | None = None,
+          fdsets: FdSets | None = None) -> int:
     # O_NONBLOCK: opening a FIFO must not wait for a writer (QEMU hangs
     # there); it is refused below like any file that is not regular.
-    if confinement is not None:
-        fd = confinement.open(path, flags | os.O_NONBLOCK, 0o600)
-    else:
-        fd = os.open(path, flags | os.O_NONBLOCK, 0o600)
+    fd = _open_path(path, flags | os.O_NONBLOCK, 0o600, confinement, fdsets)
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
@@ -407,18 +420,22 @@ def _open(path: str, flags: int, confinement: Confinement | None = None) -> int:
             raise NotRegularFile()
         os.set_blocking(fd, True)
     except BaseException:
-        os.close(fd)
+        _close(fd, fdsets)
         raise
     return fd
 
 
-def _create(path: str, size: int, confinement: Confinement | None = None) -> None:
+def _close(fd: int, fdsets: FdSets | None) -> None:
+    if fdsets is not None:
+        fdsets.released(fd)
+    os.close(fd)
+
+
+def _create(path: str, size: int, confinement: Confinement | None = None,
+            fdsets: FdSets | None = None) -> None:
     # Mode 0600: a backup of a private image must not become world-readable.
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
-    if confinement is not None:
-        fd = confinement.open(path, flags, 0o600)
-    else:
-        fd = os.open(path, flags, 0o600)
+    fd = _open_path(path, flags, 0o600, confinement, fdsets)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
@@ -426,7 +443,7 @@ def _create(path: str, size: int, confinement: Confinement | None = None) -> Non
         os.ftruncate(fd, 0)
         os.ftruncate(fd, size)
     finally:
-        os.close(fd)
+        _close(fd, fdsets)
 
 
 # --- public API -----------------------------------------------------------
@@ -459,7 +476,7 @@ class ImageFile:
         if direct:
             flags |= getattr(os, "O_DIRECT", 0)
         pool = pool or shared_pool()
-        fd = await pool.run(_open, path, flags, pool.confinement)
+        fd = await pool.run(_open, path, flags, pool.confinement, pool.fdsets)
         return cls(path, fd, read_only, pool)
 
     async def read(self, offset: int, length: int) -> bytes:
@@ -536,7 +553,7 @@ class ImageFile:
         """Close the descriptor (idempotent)."""
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
-            os.close(fd)
+            _close(fd, self.pool.fdsets)
 
 
 async def copy_range(src: ImageFile, src_off: int, dst: ImageFile, dst_off: int, length: int) -> None:
@@ -563,7 +580,7 @@ async def create_file(path: str, size: int, pool: IOPool | None = None) -> None:
     """Create or truncate ``path`` to a sparse file of ``size`` bytes
     (``blockdev-create`` driver ``file``)."""
     pool = pool or shared_pool()
-    await pool.run(_create, path, size, pool.confinement)
+    await pool.run(_create, path, size, pool.confinement, pool.fdsets)
 
 
 # --- state files (persistent bitmaps) --------------------------------------

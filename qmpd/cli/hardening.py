@@ -68,7 +68,9 @@ def add_options(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("confinement")
     c.add_argument("--allowed-dir", action="append", default=[], metavar="DIR", type=_directory,
                    help="image files may only be opened, created or truncated beneath DIR "
-                        "(repeatable; no escape through '..' or symlinks; default: anywhere)")
+                        "(repeatable; no escape through '..' or symlinks; default: anywhere); "
+                        "/dev/fdset/N names descriptors the client opened and passed (add-fd) "
+                        "and is not checked")
     g.add_argument("--negotiation-timeout", type=_seconds, default=None, metavar="SECONDS",
                    help="close connections that have not sent qmp_capabilities in time (default: never)")
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from qmpd.block import BlockGraph, BlockNode
 from qmpd.block.detached import close_detached, open_detached
 from qmpd.block.errors import BlockIOError
+from qmpd.block.fdsets import FdSets, fdset_id_of
 from qmpd.block.io import create_file
 from qmpd.commands.actions import BaseAction, TxnContext, action, run_actions
 from qmpd.commands.block import graph_of
@@ -112,7 +113,7 @@ class BlockdevBackupAction(BaseAction):
             await jobs_of(self.ctx).abort_created(self.job)
 
 
-def _refuse_own_source(source: BlockNode, path: str) -> None:
+def _refuse_own_source(source: BlockNode, path: str, fdsets: FdSets | None = None) -> None:
     """Creating (truncating) the target must not destroy the source itself.
 
     QEMU 7.2 formats the file first and only then fails to take the lock
@@ -120,8 +121,10 @@ def _refuse_own_source(source: BlockNode, path: str) -> None:
     error QEMU ends up giving.
     """
     try:
-        st = os.stat(path)
+        st = fdsets.stat(path) if fdsets is not None and fdset_id_of(path) is not None else os.stat(path)
     except OSError:
+        return
+    if st is None:
         return
     for locks in file_locks(source):
         if locks.fd >= 0:
@@ -153,7 +156,7 @@ class DriveBackupAction(BlockdevBackupAction):
         if fmt not in (None, "raw", "file"):
             raise GenericError(f"Unknown file format '{fmt}'")
         if not existing:
-            _refuse_own_source(source, d.target)
+            _refuse_own_source(source, d.target, graph.pool.fdsets)
             try:
                 await create_file(d.target, source.length, pool=graph.pool)
             except BlockIOError as exc:

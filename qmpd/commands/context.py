@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from qmpd.events import EventBus
 
 if TYPE_CHECKING:
+    from qmpd.block.fdsets import FdSets, PassedFds
     from qmpd.block.graph import BlockGraph
     from qmpd.commands.objects import ObjectStore
     from qmpd.jobs.manager import JobManager
@@ -119,6 +120,8 @@ class DaemonState:
     boot_id: str = ""
     #: Start time, seconds since the epoch (wall clock).
     start_time: float = 0.0
+    #: Descriptor sets of ``add-fd`` (the block layer's opener consults them).
+    fdsets: FdSets | None = None
 
 
 def _stay_attached() -> None:
@@ -135,3 +138,6 @@ class CommandContext:
     #: run while this handler does long I/O (``qemu-io``); commands that do
     #: touch block state keep waiting until the handler has finished.
     detach: Callable[[], None] = _stay_attached
+    #: Descriptors the client passed with SCM_RIGHTS (None: a connection
+    #: that cannot pass descriptors, e.g. TCP or WebSocket).
+    fds: PassedFds | None = None

@@ -653,6 +653,27 @@ if TYPE_CHECKING:
         options: TpmTypeOptions = Field(alias='options')
 
 
+    class AddfdInfo(QAPIModel):
+        """QAPI struct ``AddfdInfo``."""
+
+        fdset_id: int = Field(alias='fdset-id')
+        fd: int = Field(alias='fd')
+
+
+    class FdsetFdInfo(QAPIModel):
+        """QAPI struct ``FdsetFdInfo``."""
+
+        fd: int = Field(alias='fd')
+        opaque: str | None = Field(default=None, alias='opaque')
+
+
+    class FdsetInfo(QAPIModel):
+        """QAPI struct ``FdsetInfo``."""
+
+        fdset_id: int = Field(alias='fdset-id')
+        fds: list[FdsetFdInfo] = Field(alias='fds')
+
+
     class JobInfo(QAPIModel):
         """QAPI struct ``JobInfo``."""
 
@@ -1655,6 +1676,36 @@ if TYPE_CHECKING:
         """Arguments of ``query-tpm``."""
 
 
+    class GetfdArgs(QAPIModel):
+        """Arguments of ``getfd``."""
+
+        fdname: str = Field(alias='fdname')
+
+
+    class ClosefdArgs(QAPIModel):
+        """Arguments of ``closefd``."""
+
+        fdname: str = Field(alias='fdname')
+
+
+    class AddFdArgs(QAPIModel):
+        """Arguments of ``add-fd``."""
+
+        fdset_id: int | None = Field(default=None, alias='fdset-id')
+        opaque: str | None = Field(default=None, alias='opaque')
+
+
+    class RemoveFdArgs(QAPIModel):
+        """Arguments of ``remove-fd``."""
+
+        fdset_id: int = Field(alias='fdset-id')
+        fd: int | None = Field(default=None, alias='fd')
+
+
+    class QueryFdsetsArgs(QAPIModel):
+        """Arguments of ``query-fdsets``."""
+
+
     class JobPauseArgs(QAPIModel):
         """Arguments of ``job-pause``."""
 
@@ -2004,6 +2055,11 @@ if TYPE_CHECKING:
         'query-name': QueryNameArgs,
         'human-monitor-command': HumanMonitorCommandArgs,
         'query-tpm': QueryTpmArgs,
+        'getfd': GetfdArgs,
+        'closefd': ClosefdArgs,
+        'add-fd': AddFdArgs,
+        'remove-fd': RemoveFdArgs,
+        'query-fdsets': QueryFdsetsArgs,
         'job-pause': JobPauseArgs,
         'job-resume': JobResumeArgs,
         'job-cancel': JobCancelArgs,
@@ -2063,6 +2119,11 @@ if TYPE_CHECKING:
         'query-name': NameInfo,
         'human-monitor-command': str,
         'query-tpm': list[TPMInfo],
+        'getfd': None,
+        'closefd': None,
+        'add-fd': AddfdInfo,
+        'remove-fd': None,
+        'query-fdsets': list[FdsetInfo],
         'job-pause': None,
         'job-resume': None,
         'job-cancel': None,
@@ -2985,6 +3046,34 @@ else:
             model: TpmModel = Field(alias='model')
             options: TpmTypeOptions = Field(alias='options')
         return TPMInfo
+
+
+    def _make_AddfdInfo() -> Any:
+        class AddfdInfo(QAPIModel):
+            """QAPI struct ``AddfdInfo``."""
+
+            fdset_id: int = Field(alias='fdset-id')
+            fd: int = Field(alias='fd')
+        return AddfdInfo
+
+
+    def _make_FdsetFdInfo() -> Any:
+        class FdsetFdInfo(QAPIModel):
+            """QAPI struct ``FdsetFdInfo``."""
+
+            fd: int = Field(alias='fd')
+            opaque: str | None = Field(default=None, alias='opaque')
+        return FdsetFdInfo
+
+
+    def _make_FdsetInfo() -> Any:
+        _need('FdsetFdInfo')
+        class FdsetInfo(QAPIModel):
+            """QAPI struct ``FdsetInfo``."""
+
+            fdset_id: int = Field(alias='fdset-id')
+            fds: list[FdsetFdInfo] = Field(alias='fds')
+        return FdsetInfo
 
 
     def _make_JobInfo() -> Any:
@@ -4319,6 +4408,46 @@ else:
         return QueryTpmArgs
 
 
+    def _make_GetfdArgs() -> Any:
+        class GetfdArgs(QAPIModel):
+            """Arguments of ``getfd``."""
+
+            fdname: str = Field(alias='fdname')
+        return GetfdArgs
+
+
+    def _make_ClosefdArgs() -> Any:
+        class ClosefdArgs(QAPIModel):
+            """Arguments of ``closefd``."""
+
+            fdname: str = Field(alias='fdname')
+        return ClosefdArgs
+
+
+    def _make_AddFdArgs() -> Any:
+        class AddFdArgs(QAPIModel):
+            """Arguments of ``add-fd``."""
+
+            fdset_id: int | None = Field(default=None, alias='fdset-id')
+            opaque: str | None = Field(default=None, alias='opaque')
+        return AddFdArgs
+
+
+    def _make_RemoveFdArgs() -> Any:
+        class RemoveFdArgs(QAPIModel):
+            """Arguments of ``remove-fd``."""
+
+            fdset_id: int = Field(alias='fdset-id')
+            fd: int | None = Field(default=None, alias='fd')
+        return RemoveFdArgs
+
+
+    def _make_QueryFdsetsArgs() -> Any:
+        class QueryFdsetsArgs(QAPIModel):
+            """Arguments of ``query-fdsets``."""
+        return QueryFdsetsArgs
+
+
     def _make_JobPauseArgs() -> Any:
         class JobPauseArgs(QAPIModel):
             """Arguments of ``job-pause``."""
@@ -4866,6 +4995,9 @@ else:
         'TpmTypeOptionsPassthroughBranch': _make_TpmTypeOptionsPassthroughBranch,
         'TpmTypeOptionsEmulatorBranch': _make_TpmTypeOptionsEmulatorBranch,
         'TPMInfo': _make_TPMInfo,
+        'AddfdInfo': _make_AddfdInfo,
+        'FdsetFdInfo': _make_FdsetFdInfo,
+        'FdsetInfo': _make_FdsetInfo,
         'JobInfo': _make_JobInfo,
         'BlockdevCacheOptions': _make_BlockdevCacheOptions,
         'BlockdevOptionsFile': _make_BlockdevOptionsFile,
@@ -4972,6 +5104,11 @@ else:
         'QueryNameArgs': _make_QueryNameArgs,
         'HumanMonitorCommandArgs': _make_HumanMonitorCommandArgs,
         'QueryTpmArgs': _make_QueryTpmArgs,
+        'GetfdArgs': _make_GetfdArgs,
+        'ClosefdArgs': _make_ClosefdArgs,
+        'AddFdArgs': _make_AddFdArgs,
+        'RemoveFdArgs': _make_RemoveFdArgs,
+        'QueryFdsetsArgs': _make_QueryFdsetsArgs,
         'JobPauseArgs': _make_JobPauseArgs,
         'JobResumeArgs': _make_JobResumeArgs,
         'JobCancelArgs': _make_JobCancelArgs,
@@ -5041,6 +5178,11 @@ else:
         'query-name': lambda: _get('QueryNameArgs'),
         'human-monitor-command': lambda: _get('HumanMonitorCommandArgs'),
         'query-tpm': lambda: _get('QueryTpmArgs'),
+        'getfd': lambda: _get('GetfdArgs'),
+        'closefd': lambda: _get('ClosefdArgs'),
+        'add-fd': lambda: _get('AddFdArgs'),
+        'remove-fd': lambda: _get('RemoveFdArgs'),
+        'query-fdsets': lambda: _get('QueryFdsetsArgs'),
         'job-pause': lambda: _get('JobPauseArgs'),
         'job-resume': lambda: _get('JobResumeArgs'),
         'job-cancel': lambda: _get('JobCancelArgs'),
@@ -5099,6 +5241,11 @@ else:
         'query-name': lambda: _get('NameInfo'),
         'human-monitor-command': lambda: str,
         'query-tpm': lambda: list[_get('TPMInfo')],
+        'getfd': lambda: None,
+        'closefd': lambda: None,
+        'add-fd': lambda: _get('AddfdInfo'),
+        'remove-fd': lambda: None,
+        'query-fdsets': lambda: list[_get('FdsetInfo')],
         'job-pause': lambda: None,
         'job-resume': lambda: None,
         'job-cancel': lambda: None,

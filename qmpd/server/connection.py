@@ -20,8 +20,10 @@ import asyncio
 import collections
 import itertools
 import logging
+import os
 from typing import TYPE_CHECKING, Any, cast
 
+from qmpd.block.fdsets import PassedFds
 from qmpd.protocol.framing import FramingError, JsonStreamParser, encode
 from qmpd.protocol.session import Call, Session, SessionState
 from qmpd.server.limits import Limits
@@ -66,6 +68,8 @@ class Connection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._pending_negotiation = False
         self._negotiate_oob = False
+        #: Descriptors received with SCM_RIGHTS (``getfd``, ``add-fd``).
+        self.fds = PassedFds()
 
     # -- SessionControl ---------------------------------------------------
     @property
@@ -107,6 +111,14 @@ class Connection(asyncio.Protocol):
         self._take(self._parser.feed(data))
         self._check_budget()
 
+    def fds_received(self, fds: list[int]) -> None:
+        """Descriptors arrived (before the bytes they came with)."""
+        if self._closed or self._eof:
+            for fd in fds:
+                os.close(fd)
+            return
+        self.fds.received(fds)
+
     def eof_received(self) -> bool:
         if not self._eof:
             self._take(self._parser.feed(b""))
@@ -120,6 +132,7 @@ class Connection(asyncio.Protocol):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+        self.fds.close_all()
         self._daemon.connection_closed(self)
         self._items.clear()
         self._parser.reset()

@@ -29,6 +29,7 @@ from qmpd.commands.actions import freeze_actions
 from qmpd.commands.registry import REGISTRY, Registry
 from qmpd.block import BlockGraph, BlockIOError
 from qmpd.block.confine import Confinement
+from qmpd.block.fdsets import FdSets
 from qmpd.block.io import IOPool
 from qmpd.block.persist import BitmapStateDir
 from qmpd.errors import GenericError, QMPError, SchemaError
@@ -44,7 +45,8 @@ from qmpd.qapi.service import SchemaService
 from qmpd.server.connection import Connection
 from qmpd.server.limits import DEFAULT_LIMITS, Limits
 from qmpd.server.listeners import (
-    Listener, OwnedPath, TcpListener, UnixListener, connector_label, open_connector, open_listener,
+    Listener, OwnedPath, Server, TcpListener, UnixListener, connector_label, open_connector,
+    open_qmp_listener,
 )
 from qmpd.server.plan import StartupError, StartupPlan
 from qmpd.server.qtest import QtestProtocol
@@ -103,14 +105,17 @@ class Daemon:
         self.stopping = False
         self._registry = registry
         #: The I/O worker threads of every image file (see block/io.py).
-        self.pool = IOPool(confinement=Confinement.of(list(allowed_dirs)) if allowed_dirs else None)
+        #: Descriptor sets of ``add-fd``; ``/dev/fdset/N`` opens through the pool.
+        self.fdsets = FdSets()
+        self.pool = IOPool(confinement=Confinement.of(list(allowed_dirs)) if allowed_dirs else None,
+                           fdsets=self.fdsets)
         self._lock = asyncio.Lock()
         #: Detached commands still doing I/O, and an event set when none is.
         self._detached = 0
         self._attached = asyncio.Event()
         self._attached.set()
         self._stopped = asyncio.Event()
-        self._servers: list[asyncio.base_events.Server] = []
+        self._servers: list[Server] = []
         #: Socket files this process bound (removed at clean-up if unchanged).
         self._owned: list[OwnedPath] = []
         self._connections: set[Connection] = set()
@@ -123,7 +128,7 @@ class Daemon:
         self.oob_commands: frozenset[str] = frozenset()
         self.greeting: dict[str, Any] = {}
         self.state = DaemonState(config=config, events=self.events, request_shutdown=self.request_shutdown,
-                                 boot_id=str(uuid.uuid4()), start_time=time.time())
+                                 boot_id=str(uuid.uuid4()), start_time=time.time(), fdsets=self.fdsets)
         self.schema: SchemaService | None = None
         self.nbd: NbdServer | None = None
         #: Called once per executed command (see :data:`RequestObserver`).
@@ -302,8 +307,8 @@ class Daemon:
         await self.prepare_state_dir()
         for spec in self.listeners:
             label = spec.path if isinstance(spec, UnixListener) else f"{spec.host}:{spec.port}"
-            server, owned = await open_listener(spec, functools.partial(self._new_connection, label, spec.pretty),
-                                                backlog=self.limits.backlog)
+            server, owned = await open_qmp_listener(
+                spec, functools.partial(self._new_connection, label, spec.pretty), backlog=self.limits.backlog)
             self._servers.append(server)
             if owned is not None:
                 self._owned.append(owned)
@@ -317,11 +322,15 @@ class Daemon:
             return Connection(self, label, self.limits, refused=True)
         conn = Connection(self, label, self.limits, pretty=pretty)
         self._connections.add(conn)
+        self.fdsets.client_arrived()
         return conn
 
     def connection_closed(self, conn: Connection) -> None:
         """Forget a connection once its transport is gone."""
         self._connections.discard(conn)
+        if not self._connections:
+            # QEMU closes unused fdsets when its last monitor disconnects.
+            self.fdsets.last_client_gone()
 
     @property
     def connection_count(self) -> int:
@@ -387,6 +396,7 @@ class Daemon:
         self.pool.shutdown()
         if not self.pool.busy:   # idle workers end at once; a stuck one is left
             self.pool.join(SHUTDOWN_GRACE)
+        self.fdsets.close_all()
 
     # -- commands ---------------------------------------------------------
     async def execute(self, call: Call, conn: SessionControl) -> dict[str, Any]:
@@ -435,7 +445,8 @@ class Daemon:
             try:
                 args = self.schema.build_arguments(call.name, call.arguments)
                 spec = self._registry[call.name]
-                result = await spec.handler(CommandContext(self.state, conn, detach), args)
+                fds = conn.fds if isinstance(conn, Connection) else None
+                result = await spec.handler(CommandContext(self.state, conn, detach, fds), args)
             except QMPError as err:
                 return Session.failure(call, err.error_class, err.desc)
             except asyncio.CancelledError:

@@ -11,9 +11,21 @@ import socket
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ["BindError", "OwnedPath", "UnixListener", "TcpListener", "Listener", "open_listener",
-           "UnixConnector", "TcpConnector", "Connector", "open_connector", "connector_label"]
+from qmpd.server.fdtransport import FdServer
+
+__all__ = ["BindError", "OwnedPath", "Server", "UnixListener", "TcpListener", "Listener", "open_listener",
+           "open_qmp_listener", "UnixConnector", "TcpConnector", "Connector", "open_connector",
+           "connector_label"]
+
+
+class Server(Protocol):
+    """What the daemon needs of a listening server (asyncio's or :class:`FdServer`)."""
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +175,22 @@ async def open_listener(
         raise BindError(f"Failed to bind socket to {spec.host}:{spec.port}: "
                         f"{exc.strerror or exc}") from exc
     return server, None
+
+
+async def open_qmp_listener(
+    spec: Listener, factory: Callable[[], asyncio.Protocol], *, backlog: int = 128
+) -> tuple[Server, OwnedPath | None]:
+    """:func:`open_listener` for QMP: a UNIX socket is served by
+    :class:`FdServer`, so clients can pass descriptors with SCM_RIGHTS."""
+    if isinstance(spec, TcpListener):
+        return await open_listener(spec, factory, backlog=backlog)
+    sock, owned = _bind_unix(spec.path, backlog)
+    try:
+        return FdServer(asyncio.get_running_loop(), sock, factory, backlog), owned
+    except BaseException:
+        sock.close()
+        owned.remove()
+        raise
 
 
 async def open_connector(

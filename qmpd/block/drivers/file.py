@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverSpec, FileWindow, OpenContext
 from qmpd.block.errors import BlockIOError, NodeOpenError
+from qmpd.block.fdsets import FdsetOpenError
 from qmpd.block.io import ImageFile, NotRegularFile
 from qmpd.block.locking import PermLocks, supported
 
@@ -96,6 +97,8 @@ async def open_file(
     path = str(options["filename"])
     try:
         image = await ImageFile.open(path, read_only=ctx.read_only, direct=ctx.direct, pool=ctx.pool)
+    except FdsetOpenError as exc:
+        raise NodeOpenError(exc.desc) from None
     except NotRegularFile:
         raise NodeOpenError(f"'file' driver requires '{path}' to be a regular file") from None
     except BlockIOError as exc:
