@@ -47,6 +47,7 @@ from qmpd.block.errors import BlockIOError
 from qmpd.block.fastcopy import FileView, file_view, mark_read, write_direct
 from qmpd.block.io import copy_range, copy_ranges
 from qmpd.block.node import BlockNode
+from qmpd.tasks import TaskGroup
 
 __all__ = ["BlockCopy", "CopyFailure", "ProgressSink", "DEFAULT_CLUSTER", "MAX_CHUNK"]
 
@@ -371,6 +372,8 @@ class BlockCopy:
     ) -> CopyFailure | None:
         cursor = 0
         tasks: set[asyncio.Task[CopyFailure | None]] = set()
+        # Chunk workers live only for this call: awaited in ``finally``.
+        workers = TaskGroup("block-copy", log_failures=False)
         first: CopyFailure | None = None
         try:
             while first is None:
@@ -397,7 +400,7 @@ class BlockCopy:
                         more, _ = await self._start_chunk(*nxt)
                         group.append(more)
                         cursor = more.start + more.length
-                tasks.add(asyncio.ensure_future(self._run_group(group, is_data)))
+                tasks.add(workers.spawn(self._run_group(group, is_data), name="block-copy"))
                 if len(tasks) >= max_workers:
                     done, tasks_left = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     tasks = set(tasks_left)

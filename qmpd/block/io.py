@@ -26,6 +26,7 @@ import os
 import queue
 import stat
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -101,7 +102,12 @@ class IOPool:
         fut: asyncio.Future[_T] = loop.create_future()
         with self._mutex:
             self._busy += 1
-            if self._idle == 0 and len(self._threads) < self._max:
+            # Claim an idle worker for this call, or start one.  (Counting
+            # a worker idle only until it picks an item up would let two
+            # quick calls both count on the same worker.)
+            if self._idle > 0:
+                self._idle -= 1
+            elif len(self._threads) < self._max:
                 thread = threading.Thread(target=self._work, name=f"{self._name}-{len(self._threads)}",
                                           daemon=True)
                 self._threads.append(thread)
@@ -116,9 +122,7 @@ class IOPool:
         while True:
             with self._mutex:
                 self._idle += 1
-            item = self._queue.get()
-            with self._mutex:
-                self._idle -= 1
+            item = self._queue.get()   # the caller claimed us (idle -= 1)
             if item is None:
                 return
             fn, args, fut, loop = item
@@ -143,6 +147,24 @@ class IOPool:
         self._closed = True
         for _ in self._threads:
             self._queue.put(None)
+
+    def join(self, timeout: float) -> bool:
+        """After :meth:`shutdown`, wait up to ``timeout`` seconds in all for
+        the workers to end (idle ones end at once; one stuck in the kernel
+        is left, as a daemon thread).
+
+        :return: whether every worker has ended.
+        """
+        deadline = time.monotonic() + timeout
+        for thread in list(self._threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads = [t for t in self._threads if t.is_alive()]
+        return not self._threads
+
+    @property
+    def threads(self) -> int:
+        """Worker threads alive."""
+        return sum(1 for t in self._threads if t.is_alive())
 
 
 _Work = tuple[Callable[..., Any], tuple[object, ...], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
@@ -636,12 +658,12 @@ def _make_private_dir(path: str) -> str:
     return os.path.realpath(path)
 
 
-async def make_private_dir(path: str) -> str:
+async def make_private_dir(path: str, *, pool: IOPool | None = None) -> str:
     """Create ``path`` (and parents) with mode 0700 unless it exists.
 
     :return: its real path.
     """
-    return await run_blocking(_make_private_dir, path)
+    return await run_blocking(_make_private_dir, path, pool=pool)
 
 
 def _read_state(path: str) -> bytes | None:
@@ -652,9 +674,9 @@ def _read_state(path: str) -> bytes | None:
         return None
 
 
-async def read_state_file(path: str) -> bytes | None:
+async def read_state_file(path: str, *, pool: IOPool | None = None) -> bytes | None:
     """:return: the whole file, or None if it does not exist."""
-    return await run_blocking(_read_state, path)
+    return await run_blocking(_read_state, path, pool=pool)
 
 
 def _replace_durably(path: str, data: bytes) -> None:
@@ -673,11 +695,11 @@ def _replace_durably(path: str, data: bytes) -> None:
         os.close(dfd)
 
 
-async def replace_file_durably(path: str, data: bytes) -> None:
+async def replace_file_durably(path: str, data: bytes, *, pool: IOPool | None = None) -> None:
     """Make ``path`` hold ``data`` atomically and durably: write
     ``path.tmp`` (mode 0600), fdatasync, rename over ``path``, fsync the
     directory.  A crash leaves the old or the new contents, whole."""
-    await run_blocking(_replace_durably, path, data)
+    await run_blocking(_replace_durably, path, data, pool=pool)
 
 
 def _remove(path: str) -> None:
@@ -688,23 +710,23 @@ def _remove(path: str) -> None:
             pass
 
 
-async def remove_state_file(path: str) -> None:
+async def remove_state_file(path: str, *, pool: IOPool | None = None) -> None:
     """Delete ``path`` and a leftover ``path.tmp`` (missing ones are fine)."""
-    await run_blocking(_remove, path)
+    await run_blocking(_remove, path, pool=pool)
 
 
-async def stat_path(path: str) -> os.stat_result:
+async def stat_path(path: str, *, pool: IOPool | None = None) -> os.stat_result:
     """:return: stat(2) of ``path`` (following links)."""
-    return await run_blocking(os.stat, path)
+    return await run_blocking(os.stat, path, pool=pool)
 
 
 def _realpath(path: str) -> str:
     return os.path.realpath(path)
 
 
-async def real_path(path: str) -> str:
+async def real_path(path: str, *, pool: IOPool | None = None) -> str:
     """:return: ``os.path.realpath(path)`` (resolved off the loop)."""
-    return await run_blocking(_realpath, path)
+    return await run_blocking(_realpath, path, pool=pool)
 
 
 def _write_sync(fd: int, offset: int, data: bytes) -> None:
@@ -719,10 +741,11 @@ class StateFile(ImageFile):
 
     async def write_durable(self, offset: int, data: bytes) -> None:
         """pwrite then fdatasync, in one job of the pool."""
-        await run_blocking(_write_sync, self.fd, offset, data)
+        await self.pool.run(_write_sync, self.fd, offset, data)
 
 
-async def open_state_file(path: str) -> StateFile:
-    """Open ``path`` read-write, creating it with mode 0600."""
-    fd = await run_blocking(_open, path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
-    return StateFile(path, fd, False)
+async def open_state_file(path: str, *, pool: IOPool | None = None) -> StateFile:
+    """Open ``path`` read-write, creating it with mode 0600; its calls run
+    in ``pool`` (the daemon's; None: the shared pool)."""
+    fd = await run_blocking(_open, path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, pool=pool)
+    return StateFile(path, fd, False, pool)

@@ -52,7 +52,9 @@ from qmpd.bitmap.journal import (
     state_file_stem,
 )
 from qmpd.block.errors import BlockIOError
+from qmpd.tasks import TaskGroup
 from qmpd.block.io import (
+    IOPool,
     StateFile,
     make_private_dir,
     open_state_file,
@@ -202,7 +204,7 @@ class NodeJournal:
             records = self._records()
             if records and self._file is None:
                 # The first persistent bitmap of this image: a fresh layer.
-                self._file = await open_state_file(self.intent_path)
+                self._file = await open_state_file(self.intent_path, pool=self.owner.pool)
                 await self._file.write_durable(0, encode_intent(self.intent.size, self.intent.shift))
             if records and not self.active:
                 # Writes already running began without waiting: make their
@@ -215,16 +217,16 @@ class NodeJournal:
             if not records and not clean and self.sequence == 0:
                 return
             if clean and not records:
-                await remove_state_file(self.snap_path)
-                await remove_state_file(self.intent_path)
+                await remove_state_file(self.snap_path, pool=self.owner.pool)
+                await remove_state_file(self.intent_path, pool=self.owner.pool)
                 return
             records = self._records()  # no await from here to capture()
             self.intent.capture()
             self._fine_dirty = False
-            ident = _identity(await stat_path(self.image))
+            ident = _identity(await stat_path(self.image, pool=self.owner.pool))
             self.sequence += 1
             snap = Snapshot(self.image, ident, clean, self.sequence, self.intent.shift, records)
-            await replace_file_durably(self.snap_path, encode_snapshot(snap))
+            await replace_file_durably(self.snap_path, encode_snapshot(snap), pool=self.owner.pool)
             async with self._io_lock:
                 mask = self.intent.reset_mask()
                 if self._file is not None and not clean:
@@ -242,8 +244,9 @@ class NodeJournal:
 
     def _start_flush(self) -> None:
         self._timer = None
-        if not self._closed:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush(), name="bitmap-flush")
+        # After the daemon's tasks were shut down, close() does the last store.
+        if not self._closed and not self.owner.tasks.closed:
+            self._flusher = self.owner.tasks.spawn(self._flush(), name="bitmap-flush")
 
     async def _flush(self) -> None:
         try:
@@ -267,12 +270,12 @@ class NodeJournal:
 
         :raise BlockIOError: the state directory could not be read or written.
         """
-        data = await read_state_file(self.snap_path)
-        current = _identity(await stat_path(self.image))
+        data = await read_state_file(self.snap_path, pool=self.owner.pool)
+        current = _identity(await stat_path(self.image, pool=self.owner.pool))
         if data is None:
             return  # no files until a persistent bitmap is added
         if not self.read_only:
-            self._file = await open_state_file(self.intent_path)
+            self._file = await open_state_file(self.intent_path, pool=self.owner.pool)
         try:
             snap = decode_snapshot(data)
         except JournalFormatError as exc:
@@ -289,7 +292,7 @@ class NodeJournal:
             reason = "the image was modified while qmpd did not have it open (mtime/ctime differ)"
         intent_bits = None
         if reason is None and not snap.clean:
-            idata = await read_state_file(self.intent_path)
+            idata = await read_state_file(self.intent_path, pool=self.owner.pool)
             try:
                 if not idata:
                     raise JournalFormatError("write-intent layer missing")
@@ -364,8 +367,13 @@ class BitmapStateDir:
     """
 
     def __init__(self, path: str, *, flush_interval: float = 5.0,
-                 coarse_shift: int = DEFAULT_COARSE_SHIFT) -> None:
+                 coarse_shift: int = DEFAULT_COARSE_SHIFT, tasks: TaskGroup | None = None,
+                 pool: IOPool | None = None) -> None:
         self.path = path
+        #: The worker threads of the state files (the daemon's; None: shared).
+        self.pool = pool
+        #: Where the lazy stores run (the daemon's group, or one of its own).
+        self.tasks = tasks if tasks is not None else TaskGroup("bitmap-state")
         self.flush_interval = flush_interval
         self.coarse_shift = coarse_shift
         self._ready = False
@@ -375,7 +383,7 @@ class BitmapStateDir:
     async def prepare(self) -> None:
         """Create the directory (idempotent).  :raise BlockIOError: cannot."""
         if not self._ready:
-            self.path = await make_private_dir(self.path)
+            self.path = await make_private_dir(self.path, pool=self.pool)
             self._ready = True
 
     def journal_of(self, node: BlockNode) -> NodeJournal | None:
@@ -397,7 +405,7 @@ class BitmapStateDir:
             return None
         try:
             await self.prepare()
-            real = await real_path(image)
+            real = await real_path(image, pool=self.pool)
             stem = state_file_stem(real)
             if stem in self._by_stem:
                 log.warning("%s is open twice; only node '%s' keeps persistent bitmaps",

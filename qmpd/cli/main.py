@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -169,13 +170,20 @@ def _chardev_listener(opts: dict[str, str]) -> Listener:
     raise OptionError("chardev: 'path' or 'port' is required")
 
 
-def _qemu_socket(dev: Chardev) -> Listener | Connector:
+def _qemu_socket(dev: Chardev, pretty: bool = False) -> Listener | Connector:
     """A QEMU-style ``-chardev socket``: a listener (server=on) or a peer
     qmpd connects to (server=off, QEMU's default)."""
     if dev.path is not None:
-        return UnixListener(dev.path) if dev.server else UnixConnector(dev.path)
+        return (UnixListener(dev.path, pretty=pretty) if dev.server
+                else UnixConnector(dev.path, pretty=pretty))
     assert dev.port is not None
-    return TcpListener(dev.host, dev.port) if dev.server else TcpConnector(dev.host, dev.port)
+    return (TcpListener(dev.host, dev.port, pretty=pretty) if dev.server
+            else TcpConnector(dev.host, dev.port, pretty=pretty))
+
+
+def _pretty(opts: dict[str, str]) -> bool:
+    """``pretty=on|off`` of a ``-mon``/``--monitor`` (default off)."""
+    return "pretty" in opts and parse_bool("pretty", opts["pretty"])
 
 
 def parse_listeners(args: argparse.Namespace, qemu: QemuArgs | None = None,
@@ -196,9 +204,9 @@ def parse_listeners(args: argparse.Namespace, qemu: QemuArgs | None = None,
         chardevs[opts["id"]] = _chardev_listener(opts)
     listeners: list[Listener] = [UnixListener(p) for p in args.socket]
     if qemu is not None and plan is not None:
-        for cid, _text in qemu.monitors:
+        for cid, text in qemu.monitors:
             dev = qemu.chardevs[cid]
-            sock = _qemu_socket(dev)
+            sock = _qemu_socket(dev, _pretty(parse_option_string(text, "chardev")))
             if isinstance(sock, (UnixListener, TcpListener)):
                 listeners.append(sock)
             else:
@@ -215,15 +223,14 @@ def parse_listeners(args: argparse.Namespace, qemu: QemuArgs | None = None,
         opts = parse_option_string(text, "chardev")
         if opts.get("mode", "control") != "control":
             raise OptionError("only mode=control monitors are supported")
-        if "pretty" in opts and parse_bool("pretty", opts["pretty"]):
-            raise OptionError("pretty=on is not supported (line-based clients need compact output)")
+        pretty = _pretty(opts)
         if "path" in opts or "port" in opts:
-            listeners.append(_chardev_listener({"server": "on", **opts}))
+            listeners.append(dataclasses.replace(_chardev_listener({"server": "on", **opts}), pretty=pretty))
             continue
         name = opts.get("chardev")
         if name is None or name not in chardevs:
             raise OptionError(f"chardev '{name}' not found")
-        listeners.append(chardevs.pop(name))
+        listeners.append(dataclasses.replace(chardevs.pop(name), pretty=pretty))
     if not listeners and not (plan is not None and plan.connectors):
         listeners.append(UnixListener(DEFAULT_SOCKET))
     return listeners

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qmpd.block import BlockGraph, BlockNode
 from qmpd.block.detached import close_detached, open_detached
@@ -31,16 +31,21 @@ from qmpd.jobs.backup import BackupJob
 from qmpd.jobs.backup_setup import BackupOptions, create_backup, file_locks
 from qmpd.jobs.create import CreateFileJob
 from qmpd.jobs.create_qcow2 import CreateQcow2Job, check_qcow2_options, create_qcow2_file, probe_format
-from qmpd.qapi.models import (
-    BackupCommon,
-    BlockdevBackup,
-    BlockdevBackupArgs,
-    BlockdevCreateArgs,
-    BlockdevCreateOptionsFileBranch,
-    BlockdevCreateOptionsQcow2Branch,
-    DriveBackup,
-    DriveBackupArgs,
-)
+from qmpd.qapi import models
+
+if TYPE_CHECKING:
+    # Annotations only: the registry resolves each command's model by name
+    # at dispatch time (qmpd.qapi.validate); run-time checks go through
+    # ``models.X``, which creates the class on first use.
+    from qmpd.qapi.models import (
+        BackupCommon,
+        BlockdevBackup,
+        BlockdevBackupArgs,
+        BlockdevCreateArgs,
+        BlockdevCreateOptionsQcow2Branch,
+        DriveBackup,
+        DriveBackupArgs,
+    )
 
 __all__ = ["BlockdevBackupAction", "DriveBackupAction", "backup_options"]
 
@@ -132,7 +137,7 @@ class DriveBackupAction(BlockdevBackupAction):
 
     async def _target(self, graph: BlockGraph, source: BlockNode, opts: BackupOptions) -> BlockNode:
         d = self.data
-        assert isinstance(d, DriveBackup)
+        assert isinstance(d, models.DriveBackup)
         mode = str(d.mode or "absolute-paths")
         existing = mode == "existing"
         fmt = d.format if d.format is not None else (None if existing else _format_of(source))
@@ -174,7 +179,7 @@ class DriveBackupAction(BlockdevBackupAction):
         backing file, for ``sync: none`` the source itself (as QEMU's
         drive-backup sets them); created first unless ``mode: existing``."""
         d = self.data
-        assert isinstance(d, DriveBackup)
+        assert isinstance(d, models.DriveBackup)
         backing: BlockNode | None = None
         if opts.sync == "top":
             backing = source.backing
@@ -238,10 +243,10 @@ async def blockdev_create(ctx: CommandContext, args: BlockdevCreateArgs) -> None
         driver but ``file``, as QEMU 7.2 answers for raw, null-co, blkdebug).
     """
     opts = args.options
-    if isinstance(opts, BlockdevCreateOptionsQcow2Branch):
+    if isinstance(opts, models.BlockdevCreateOptionsQcow2Branch):
         await _create_qcow2(ctx, args.job_id, opts)
         return
-    if not isinstance(opts, BlockdevCreateOptionsFileBranch):
+    if not isinstance(opts, models.BlockdevCreateOptionsFileBranch):
         raise GenericError("Driver does not support blockdev-create")
     prealloc = "off" if opts.preallocation is None else str(opts.preallocation)
     mgr = jobs_of(ctx)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from collections.abc import Iterator
 
 from qmpd.bitmap import BitmapList, DirtyBitmap, merge
@@ -13,18 +15,23 @@ from qmpd.commands.block import graph_of
 from qmpd.commands.context import CommandContext
 from qmpd.commands.registry import command
 from qmpd.errors import GenericError
-from qmpd.qapi.models import (
-    BlockDirtyBitmap,
-    BlockDirtyBitmapAdd,
-    BlockDirtyBitmapAddArgs,
-    BlockDirtyBitmapClearArgs,
-    BlockDirtyBitmapDisableArgs,
-    BlockDirtyBitmapEnableArgs,
-    BlockDirtyBitmapMerge,
-    BlockDirtyBitmapMergeArgs,
-    BlockDirtyBitmapRemoveArgs,
-    XDebugBlockDirtyBitmapSha256Args,
-)
+
+if TYPE_CHECKING:
+    # Annotations only: the registry resolves each command's model by name
+    # at dispatch time (qmpd.qapi.validate), so importing this module
+    # creates no model.
+    from qmpd.qapi.models import (
+        BlockDirtyBitmap,
+        BlockDirtyBitmapAdd,
+        BlockDirtyBitmapAddArgs,
+        BlockDirtyBitmapClearArgs,
+        BlockDirtyBitmapDisableArgs,
+        BlockDirtyBitmapEnableArgs,
+        BlockDirtyBitmapMerge,
+        BlockDirtyBitmapMergeArgs,
+        BlockDirtyBitmapRemoveArgs,
+        XDebugBlockDirtyBitmapSha256Args,
+    )
 
 __all__: list[str] = []
 

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from qmpd.block import BlockGraph, BlockNode
 from qmpd.commands.context import CommandContext
 from qmpd.commands.registry import command
 from qmpd.commands.views import named_block_nodes
-from qmpd.qapi.models import (
-    BlockdevAddArgs,
-    BlockdevDelArgs,
-    QueryNamedBlockNodesArgs,
-)
+
+if TYPE_CHECKING:
+    # Annotations only: the registry resolves each command's model by name
+    # at dispatch time (qmpd.qapi.validate), so importing this module
+    # creates no model.
+    from qmpd.qapi.models import (
+        BlockdevAddArgs,
+        BlockdevDelArgs,
+        QueryNamedBlockNodesArgs,
+    )
 
 __all__ = ["graph_of", "add_blockdev"]
 

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from qmpd.commands.context import OFFERED_CAPABILITIES, CommandContext
 from qmpd.commands.registry import command
 from qmpd.errors import CommandNotFound, GenericError
-from qmpd.qapi.models import (
-    QmpCapabilitiesArgs,
-    QueryCommandsArgs,
-    QueryNameArgs,
-    QueryQmpSchemaArgs,
-    QueryTpmArgs,
-    OrgQmpdQueryInstanceArgs,
-    QueryVersionArgs,
-    QuitArgs,
-)
+
+if TYPE_CHECKING:
+    # Annotations only: the registry resolves each command's model by name
+    # at dispatch time (qmpd.qapi.validate), so importing this module
+    # creates no model.
+    from qmpd.qapi.models import (
+        QmpCapabilitiesArgs,
+        QueryCommandsArgs,
+        QueryNameArgs,
+        QueryQmpSchemaArgs,
+        QueryTpmArgs,
+        OrgQmpdQueryInstanceArgs,
+        QueryVersionArgs,
+        QuitArgs,
+    )
 
 __all__: list[str] = []
 

@@ -12,13 +12,19 @@ import logging
 import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from qmpd.block.qemuio import run_qemu_io
 from qmpd.commands.context import CommandContext
 from qmpd.commands.registry import command
 from qmpd.commands.views import query_block_jobs
 from qmpd.errors import DeviceNotFound, GenericError, QMPError
-from qmpd.qapi.models import HumanMonitorCommandArgs
+
+if TYPE_CHECKING:
+    # Annotations only: the registry resolves each command's model by name
+    # at dispatch time (qmpd.qapi.validate), so importing this module
+    # creates no model.
+    from qmpd.qapi.models import HumanMonitorCommandArgs
 
 __all__: list[str] = []
 

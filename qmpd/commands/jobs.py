@@ -7,29 +7,34 @@ found" (spec §2.5).  ``job-cancel`` always forces.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from qmpd.commands import views
 from qmpd.commands.context import CommandContext
 from qmpd.commands.registry import command
 from qmpd.jobs import JobManager
-from qmpd.qapi.models import (
-    BlockJobCancelArgs,
-    BlockJobCompleteArgs,
-    BlockJobDismissArgs,
-    BlockJobFinalizeArgs,
-    BlockJobPauseArgs,
-    BlockJobResumeArgs,
-    BlockJobSetSpeedArgs,
-    JobCancelArgs,
-    JobCompleteArgs,
-    JobDismissArgs,
-    JobFinalizeArgs,
-    JobPauseArgs,
-    JobResumeArgs,
-    QueryBlockJobsArgs,
-    QueryJobsArgs,
-)
+
+if TYPE_CHECKING:
+    # Annotations only: the registry resolves each command's model by name
+    # at dispatch time (qmpd.qapi.validate), so importing this module
+    # creates no model.
+    from qmpd.qapi.models import (
+        BlockJobCancelArgs,
+        BlockJobCompleteArgs,
+        BlockJobDismissArgs,
+        BlockJobFinalizeArgs,
+        BlockJobPauseArgs,
+        BlockJobResumeArgs,
+        BlockJobSetSpeedArgs,
+        JobCancelArgs,
+        JobCompleteArgs,
+        JobDismissArgs,
+        JobFinalizeArgs,
+        JobPauseArgs,
+        JobResumeArgs,
+        QueryBlockJobsArgs,
+        QueryJobsArgs,
+    )
 
 __all__ = ["jobs_of"]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from qmpd.block.errors import BlockIOError
 from qmpd.commands.block import graph_of
@@ -11,10 +11,15 @@ from qmpd.commands.registry import command
 from qmpd.commands.views import block_info
 from qmpd.errors import GenericError
 from qmpd.machine import Machine
-from qmpd.qapi.models import (
-    BlockResizeArgs, ContArgs, QomGetArgs, QomListArgs, QomSetArgs, QueryBlockArgs, QueryStatusArgs,
-    StopArgs,
-)
+
+if TYPE_CHECKING:
+    # Annotations only: the registry resolves each command's model by name
+    # at dispatch time (qmpd.qapi.validate), so importing this module
+    # creates no model.
+    from qmpd.qapi.models import (
+        BlockResizeArgs, ContArgs, QomGetArgs, QomListArgs, QomSetArgs, QueryBlockArgs, QueryStatusArgs,
+        StopArgs,
+    )
 
 __all__ = ["machine_of"]
 

@@ -6,19 +6,24 @@ with the server.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from qmpd.commands.context import CommandContext, NbdControl
 from qmpd.commands.registry import command
-from qmpd.qapi.models import (
-    BlockExportAddArgs,
-    BlockExportDelArgs,
-    NbdServerAddArgs,
-    NbdServerRemoveArgs,
-    NbdServerStartArgs,
-    NbdServerStopArgs,
-    QueryBlockExportsArgs,
-)
+
+if TYPE_CHECKING:
+    # Annotations only: the registry resolves each command's model by name
+    # at dispatch time (qmpd.qapi.validate), so importing this module
+    # creates no model.
+    from qmpd.qapi.models import (
+        BlockExportAddArgs,
+        BlockExportDelArgs,
+        NbdServerAddArgs,
+        NbdServerRemoveArgs,
+        NbdServerStartArgs,
+        NbdServerStopArgs,
+        QueryBlockExportsArgs,
+    )
 
 __all__: list[str] = []
 

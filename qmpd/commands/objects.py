@@ -18,12 +18,17 @@ import os
 import re
 import ssl
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from qmpd.commands.context import CommandContext
 from qmpd.commands.registry import command
 from qmpd.errors import GenericError
-from qmpd.qapi.models import ObjectAddArgs, ObjectDelArgs
+
+if TYPE_CHECKING:
+    # Annotations only: the registry resolves each command's model by name
+    # at dispatch time (qmpd.qapi.validate), so importing this module
+    # creates no model.
+    from qmpd.qapi.models import ObjectAddArgs, ObjectDelArgs
 
 __all__ = ["ObjectStore", "TlsCredsX509"]
 

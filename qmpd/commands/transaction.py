@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
 from qmpd.commands.actions import ACTIONS, Action, BaseAction, TxnContext, action, run_actions
 from qmpd.commands.bitmap import sync_persistent
@@ -9,7 +10,12 @@ from qmpd.commands.context import CommandContext
 from qmpd.commands.registry import command
 from qmpd.errors import GenericError
 from qmpd.jobs import JobTxn
-from qmpd.qapi.models import Abort, TransactionArgs
+
+if TYPE_CHECKING:
+    # Annotations only: the registry resolves each command's model by name
+    # at dispatch time (qmpd.qapi.validate), so importing this module
+    # creates no model.
+    from qmpd.qapi.models import Abort, TransactionArgs
 
 __all__: list[str] = []
 

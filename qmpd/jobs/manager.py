@@ -34,6 +34,7 @@ from qmpd.events import EventSink
 from qmpd.jobs.clock import Clock, LoopClock
 from qmpd.jobs.job import Job
 from qmpd.jobs.status import JobStatus, JobVerb
+from qmpd.tasks import TaskGroup
 
 __all__ = ["JobManager", "JobTxn", "id_wellformed"]
 
@@ -70,8 +71,11 @@ class JobTxn:
 class JobManager:
     """All jobs of a daemon, newest first."""
 
-    def __init__(self, events: EventSink, clock: Clock | None = None) -> None:
+    def __init__(self, events: EventSink, clock: Clock | None = None, *,
+                 tasks: TaskGroup | None = None) -> None:
         self._events = events
+        #: Where job tasks run (the daemon's; a group of its own otherwise).
+        self._group = tasks if tasks is not None else TaskGroup("jobs")
         self.clock: Clock = clock if clock is not None else LoopClock()
         self._jobs: list[Job] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -151,14 +155,12 @@ class JobManager:
         the job was user-paused while created it stays ``paused``.
         """
         job.start(drain=drain)
-        task = asyncio.get_running_loop().create_task(self._run(job), name=f"job {job.id}")
+        task = self._group.spawn(self._run(job), name=f"job {job.id}")
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            logger.error("job task %s crashed", task.get_name(), exc_info=exc)
+        self._tasks.discard(task)  # a crash is logged by the task group
 
     async def _run(self, job: Job) -> None:
         """The job's task: run(), then completion (QEMU job_co_entry + job_exit)."""

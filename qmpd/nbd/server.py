@@ -43,6 +43,7 @@ from qmpd.nbd.protocol import (CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CM
 from qmpd.server.listeners import (
     BindError, Listener, OwnedPath, TcpListener, UnixListener, open_listener,
 )
+from qmpd.tasks import TaskGroup
 
 __all__ = ["NbdServer", "ExportRequest", "BLOCK_EXPORT_DELETED"]
 
@@ -83,8 +84,11 @@ class NbdServer:
     """
 
     def __init__(self, graph: Callable[[], BlockGraph], events: EventBus, *,
-                 tls_creds: Callable[[str], TlsCredsX509 | None] = lambda _id: None) -> None:
+                 tls_creds: Callable[[str], TlsCredsX509 | None] = lambda _id: None,
+                 tasks: TaskGroup | None = None) -> None:
         self._graph = graph
+        #: Where per-request tasks run (the daemon's group, or one of its own).
+        self.tasks = tasks if tasks is not None else TaskGroup("nbd")
         self._events = events
         self._tls_lookup = tls_creds
         #: The server's TLS context once started with tls-creds (STARTTLS
@@ -140,7 +144,8 @@ class NbdServer:
             raise GenericError(f"Failed to bind socket to {where}: {exc.strerror or exc}") from exc
         self.tls = tls
         self._slots = asyncio.Semaphore(max_connections) if max_connections else None
-        log.info("NBD server listening on %s", addr)
+        log.info("NBD server listening on %s",
+                 addr.path if isinstance(addr, UnixListener) else f"{addr.host}:{addr.port}")
 
     async def stop(self) -> None:
         """nbd-server-stop: remove every export (dropping clients), close
@@ -153,6 +158,7 @@ class NbdServer:
         self.tls = None
         for client in list(self._clients):
             client.abort()
+        log.info("NBD server stopped")
 
     async def cleanup(self) -> None:
         """Daemon shutdown: like :meth:`stop` when running, then wait briefly
@@ -175,7 +181,9 @@ class NbdServer:
         reader = asyncio.StreamReader(limit=1 << 20)
         return asyncio.StreamReaderProtocol(reader, self._connected)
 
-    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A client connected: serve it on a task of the server's group (not
+        on asyncio's own callback task, which must never be cancelled)."""
         sock = writer.get_extra_info("socket")
         if sock is not None:   # room for a few READ replies: fewer partial writes
             with contextlib.suppress(OSError):
@@ -184,7 +192,9 @@ class NbdServer:
         writer.transport.set_write_buffer_limits(high=SEND_BUFFER * 2, low=SEND_BUFFER)
         client = _Client(self, reader, writer)
         self._clients.add(client)
-        client.task = asyncio.current_task()
+        client.task = self.tasks.spawn(self._serve_client(client), name="nbd-client")
+
+    async def _serve_client(self, client: _Client) -> None:
         try:
             if self._slots is None:
                 await client.run()
@@ -268,6 +278,9 @@ class NbdServer:
         exp = Export(settings, node, bitmaps)
         exp.open()
         self.exports[req.id] = exp
+        log.info("export %s added (node %s, NBD name '%s', %s%s)", req.id, node.node_name, name,
+                 "writable" if req.writable else "read-only",
+                 "".join(f", bitmap {b}" for b in bitmaps))
         return exp
 
     def delete(self, export_id: str, mode: str = "safe") -> None:
@@ -301,6 +314,7 @@ class NbdServer:
         if self.exports.get(exp.id) is exp:
             del self.exports[exp.id]
             exp.close()
+            log.info("export %s removed", exp.id)
             self._events.emit(BLOCK_EXPORT_DELETED, {"id": exp.id})
 
     def client_left(self, exp: Export) -> None:
@@ -428,7 +442,7 @@ class _Client:
             big = event.length > MiB
             if big:
                 await self._big.acquire()
-            task = asyncio.get_running_loop().create_task(self._serve(event, big))
+            task = self.server.tasks.spawn(self._serve(event, big), name="nbd-request")
             self._running.add(task)
             task.add_done_callback(self._running.discard)
         return True

@@ -5,6 +5,13 @@ and from 0x7F on are ``\\uXXXX`` with upper-case hex (surrogate pairs above
 the BMP), ``"`` ``\\`` ``\\b`` ``\\f`` ``\\n`` ``\\r`` ``\\t`` use short escapes.
 One message per line, ending in CR LF.
 
+Pretty form (``-mon ...,pretty=on``; ``json_writer_new(true)``): every
+member or element on its own line, indented by four spaces per open
+container, ``","`` ending each line but the last; an empty object or
+array still opens and closes on two lines (``{`` / ``}`` at the closing
+indentation).  The monitor turns each ``\n`` into CR LF and ends the
+message with one more CR LF.
+
 Deviations from QEMU, on purpose: floats are printed like Python's
 ``repr`` (shortest round-trip form) instead of ``%.17g``; infinities are
 written ``1e999`` / ``-1e999`` (which JSON parsers, QEMU's included, read
@@ -87,8 +94,40 @@ def _slow(obj: object) -> str:
     return "".join(parts)
 
 
-def encode(obj: object) -> bytes:
-    """One QMP output line (compact QEMU formatting) ending in ``\\r\\n``."""
+def _pretty(obj: object) -> str:
+    """QEMU's pretty form with CR LF line ends (iterative: any depth)."""
+    parts: list[str] = []
+    # Work items: (value, depth) to encode, or literal text (_Lit).
+    todo: list[Any] = [(obj, 0)]
+    while todo:
+        item = todo.pop()
+        if type(item) is _Lit:
+            parts.append(item)
+            continue
+        value, depth = item
+        if isinstance(value, dict):
+            opener, closer, members = "{", "}", [(_escape(str(k)) + ": ", v) for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            opener, closer, members = "[", "]", [("", v) for v in value]
+        else:
+            parts.append(_slow(value))
+            continue
+        inner = "\r\n" + " " * (4 * (depth + 1))
+        seq: list[Any] = [_Lit("\r\n" + " " * (4 * depth) + closer)]
+        for index in range(len(members) - 1, -1, -1):
+            prefix, member = members[index]
+            seq.append((member, depth + 1))
+            seq.append(_Lit(("," if index else "") + inner + prefix))
+        seq.append(_Lit(opener))
+        todo.extend(seq)
+    return "".join(parts)
+
+
+def encode(obj: object, *, pretty: bool = False) -> bytes:
+    """One QMP output message ending in ``\\r\\n``: QEMU's compact
+    formatting on one line, or its pretty form (``pretty``)."""
+    if pretty:
+        return (_fix_hex(_pretty(obj)) + "\r\n").encode("ascii")
     try:
         text = _dumps(obj)
     except (ValueError, RecursionError):

@@ -5,6 +5,7 @@ From ``schema/qmpd.json`` (and its includes) it writes:
 * ``schema/qmpd.schema.json``     JSON Schema, see :mod:`qmpd.qapi.jsonschema`
 * ``schema/qmpd.introspect.json`` the full ``query-qmp-schema`` answer
 * ``qmpd/qapi/models.py``         pydantic models, see :mod:`qmpd.qapi.modelgen`
+* ``schema/qmpd.expr.json``       the parsed expressions, see :mod:`qmpd.qapi.exprcache`
 
 ``--check`` writes nothing and exits 1 when any output is stale.
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 from qmpd.errors import SchemaError
 from qmpd.qapi.builder import build
+from qmpd.qapi.exprcache import CACHE_NAME, render_cache
 from qmpd.qapi.introspect import introspect
 from qmpd.qapi.jsonschema import to_json_schema
 from qmpd.qapi.loader import load
@@ -39,6 +41,7 @@ def render(schema: Schema, schema_dir: Path | None = None) -> dict[Path, str]:
         sdir / "qmpd.schema.json": json.dumps(to_json_schema(schema), indent=1) + "\n",
         sdir / "qmpd.introspect.json": _dump_lines(introspect(schema)),
         Path(__file__).resolve().parent / "models.py": generate_models(schema),
+        sdir / CACHE_NAME: render_cache(sdir / "qmpd.json"),
     }
 
 

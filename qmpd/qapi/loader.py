@@ -192,20 +192,24 @@ def parse_text(text: str, fname: str = "<string>") -> list[Expression]:
     return _Parser(text, fname).top_level()
 
 
-def load(path: str | Path) -> list[Expression]:
+def load(path: str | Path, sources: list[Path] | None = None) -> list[Expression]:
     """Parse *path* and, in place, every file it includes.
 
+    :param sources: if given, receives every file read (resolved), in order.
     :return: the expressions in definition order, includes expanded.
     :raise SchemaError: on syntax errors, unreadable files or include loops.
     """
     top = Path(path)
     out: list[Expression] = []
-    _load_into(top, top.name, top.parent, out, set(), [])
+    seen: dict[Path, None] = {}
+    _load_into(top, top.name, top.parent, out, seen, [])
+    if sources is not None:
+        sources.extend(seen)
     return out
 
 
 def _load_into(
-    path: Path, shown: str, root: Path, out: list[Expression], seen: set[Path], stack: list[Path]
+    path: Path, shown: str, root: Path, out: list[Expression], seen: dict[Path, None], stack: list[Path]
 ) -> None:
     real = path.resolve()
     try:
@@ -213,7 +217,7 @@ def _load_into(
     except OSError as err:
         raise SchemaError(f"{shown}: can't read: {err.strerror}") from err
     stack.append(real)
-    seen.add(real)
+    seen[real] = None
     for expr in parse_text(text, shown):
         if "include" not in expr.expr:
             out.append(expr)

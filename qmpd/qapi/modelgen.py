@@ -48,22 +48,10 @@ member names (aliases) and the Python field names.  Dump wire values with
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Literal, TypeAlias, Union
-
-from pydantic import BaseModel, ConfigDict, Field, RootModel
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, Union
 
 __all__ = ["QAPIModel", "COMMAND_ARGS", "COMMAND_RETURNS", "EVENT_DATA"]
-
-
-class QAPIModel(BaseModel):
-    """Base of every generated struct model."""
-
-    # defer_build: each model's validator is built on first use, not at
-    # import, which keeps the daemon's start-up short.
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True,
-        defer_build=True,
-    )
 '''
 
 
@@ -95,11 +83,124 @@ def event_class_name(event: str) -> str:
     return camel(event) + "Data"
 
 
+_RUNTIME = """
+    # Runtime: every class and alias below is made by its factory on first
+    # access (``models.X``, ``from qmpd.qapi.models import X`` or a table
+    # lookup), together with the models its annotations name, so start-up
+    # pays only for the models it uses.  Factories are generated from the
+    # same text as the definitions above.
+    import threading
+
+    _BUILDING: set[str] = set()
+    _PENDING: set[str] = set()
+    _LOCK = threading.RLock()
+
+    def _get(name: str) -> Any:
+        # Names a definition needs while it runs (bases, alias members) are
+        # made at once; names only its annotations use are made after the
+        # outermost definition is done (pydantic resolves annotations when
+        # it builds a validator, on first use), which allows cycles.
+        g = globals()
+        if name in g:
+            return g[name]
+        with _LOCK:
+            if "QAPIModel" not in g:
+                _pydantic()
+            if name not in g:
+                outermost = not _BUILDING
+                _BUILDING.add(name)
+                try:
+                    obj = _FACTORIES[name]()
+                finally:
+                    _BUILDING.discard(name)
+                if isinstance(obj, type):
+                    obj.__qualname__ = name
+                g[name] = obj
+                while outermost and _PENDING:
+                    _get(_PENDING.pop())
+            return g[name]
+
+    def _need(*names: str) -> None:
+        _PENDING.update(names)
+
+    def __getattr__(name: str) -> Any:
+        if name in _FACTORIES or name in _PYDANTIC_NAMES:
+            return _get(name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+    class _Table(Mapping[str, Any]):
+        \"\"\"A read-only table whose values are made on first lookup.\"\"\"
+
+        def __init__(self, rows: dict[str, Callable[[], Any]]) -> None:
+            self._rows = rows
+            self._made: dict[str, Any] = {}
+
+        def __getitem__(self, key: str) -> Any:
+            if key not in self._made:
+                self._made[key] = self._rows[key]()
+            return self._made[key]
+
+        def __iter__(self) -> Iterator[str]:
+            return iter(self._rows)
+
+        def __len__(self) -> int:
+            return len(self._rows)
+
+        def __repr__(self) -> str:
+            return f"<lazy table of {len(self._rows)}>"
+"""
+
+# The base of every struct model; pydantic is imported, and this class made,
+# when the first model is made (at run time) -- not when the module is.
+_QAPIMODEL = '''\
+from pydantic import BaseModel, ConfigDict, Field, RootModel
+
+
+class QAPIModel(BaseModel):
+    """Base of every generated struct model."""
+
+    # defer_build: each model's validator is built on first use.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True,
+        defer_build=True,
+    )
+'''
+
+_PYDANTIC_TAIL = """
+    QAPIModel.__qualname__ = "QAPIModel"
+    globals().update(BaseModel=BaseModel, ConfigDict=ConfigDict, Field=Field,
+                     RootModel=RootModel, QAPIModel=QAPIModel)
+
+
+_PYDANTIC_NAMES = frozenset({"BaseModel", "ConfigDict", "Field", "RootModel", "QAPIModel"})
+"""
+
+
+def _indent(text: str, n: int) -> str:
+    pad = " " * n
+    return "".join(pad + line if line.strip() else line for line in text.splitlines(keepends=True))
+
+
+def _pydantic_loader() -> str:
+    return ("\ndef _pydantic() -> None:\n" + _indent(_QAPIMODEL, 4).replace("\n\n\n", "\n\n")
+            + _PYDANTIC_TAIL)
+
+
+class _Def:
+    """One generated definition: its text, the names it needs when it is
+    executed (bases, alias members) and the names its annotations name."""
+
+    def __init__(self, name: str, text: str, runtime: list[str], deps: set[str]) -> None:
+        self.name, self.text, self.runtime, self.deps = name, text, runtime, deps
+
+
 class _Gen:
     def __init__(self, schema: Schema) -> None:
         self.schema = schema
-        self.out: list[str] = [_HEADER]
+        self.defs: list[_Def] = []
         self.names: set[str] = {"QAPIModel"}
+        self.tail: list[str] = []
+        self.runtime_tail: list[str] = []
 
     def claim(self, name: str) -> str:
         if name in self.names:
@@ -107,32 +208,47 @@ class _Gen:
         self.names.add(name)
         return name
 
-    def annot(self, typ: QAPIType) -> str:
+    def annot(self, typ: QAPIType, deps: set[str] | None = None) -> str:
         if isinstance(typ, BuiltinType):
             return "int" if typ.json_type() == "int" else _PY[typ.name]
         if isinstance(typ, ArrayType):
-            return f"list[{self.annot(typ.element)}]"
+            return f"list[{self.annot(typ.element, deps)}]"
+        if deps is not None:
+            deps.add(typ.name)
         return typ.name
 
-    def field(self, m: Member, literal: str | None = None) -> str:
-        annot = literal or self.annot(m.type)
+    def runtime_annot(self, typ: QAPIType) -> str:
+        """:return: an expression that makes the type at run time."""
+        if isinstance(typ, BuiltinType):
+            return self.annot(typ)
+        if isinstance(typ, ArrayType):
+            return f"list[{self.runtime_annot(typ.element)}]"
+        return f"_get({typ.name!r})"
+
+    def field(self, m: Member, deps: set[str], literal: str | None = None) -> str:
+        annot = literal or self.annot(m.type, deps)
         if m.optional:
             return f"    {field_name(m.name)}: {annot} | None = Field(default=None, alias={m.name!r})"
         return f"    {field_name(m.name)}: {annot} = Field(alias={m.name!r})"
 
-    def klass(self, name: str, base: str, doc: str, fields: list[str]) -> None:
-        self.out.append(f"\n\nclass {self.claim(name)}({base}):\n    \"\"\"{doc}\"\"\"\n")
+    def klass(self, name: str, base: str, doc: str, fields: list[str], deps: set[str],
+              body: str = "") -> None:
+        text = f"class {self.claim(name)}({base}):\n    \"\"\"{doc}\"\"\"\n"
         if fields:
-            self.out.append("\n" + "\n".join(fields) + "\n")
+            text += "\n" + "\n".join(fields) + "\n"
+        text += body
+        runtime = [] if base in ("QAPIModel", "enum.StrEnum") else [base]
+        self.defs.append(_Def(name, text, runtime, deps))
 
     def enum(self, typ: EnumType) -> None:
         lines = [f"    {enum_member_name(v)} = {v!r}" for v in typ.values]
-        self.klass(typ.name, "enum.StrEnum", f"QAPI enum ``{typ.name}``.", lines)
+        self.klass(typ.name, "enum.StrEnum", f"QAPI enum ``{typ.name}``.", lines, set())
 
     def struct(self, typ: ObjectType) -> None:
         base = typ.base.name if typ.base and not typ.base.implicit else "QAPIModel"
         members = typ.local_members if base != "QAPIModel" else typ.members
-        self.klass(typ.name, base, f"QAPI struct ``{typ.name}``.", [self.field(m) for m in members])
+        deps: set[str] = set()
+        self.klass(typ.name, base, f"QAPI struct ``{typ.name}``.", [self.field(m, deps) for m in members], deps)
 
     def union(self, typ: ObjectType) -> list[str]:
         assert typ.variants is not None
@@ -142,9 +258,10 @@ class _Gen:
             assert isinstance(v.type, ObjectType)
             cls = f"{typ.name}{camel(v.name)}Branch"
             lit = f"Literal[{tag.type.name}.{enum_member_name(v.name)}]"
-            fields = [self.field(m, lit if m is tag else None) for m in typ.members]
-            fields += [self.field(m) for m in v.type.members]
-            self.klass(cls, "QAPIModel", f"QAPI union ``{typ.name}``, case ``{v.name}``.", fields)
+            deps = {tag.type.name}
+            fields = [self.field(m, deps, lit if m is tag else None) for m in typ.members]
+            fields += [self.field(m, deps) for m in v.type.members]
+            self.klass(cls, "QAPIModel", f"QAPI union ``{typ.name}``, case ``{v.name}``.", fields, deps)
             branches.append(cls)
         return branches
 
@@ -153,58 +270,91 @@ class _Gen:
         for t in types:
             if isinstance(t, EnumType):
                 self.enum(t)
-        aliases: list[str] = []
-        alternates: list[str] = []
+        aliases: list[_Def] = []
+        alternates: list[_Def] = []
         for t in types:
             if isinstance(t, ObjectType) and not t.implicit and not t.variants:
                 self.struct(t)
             elif isinstance(t, ObjectType) and t.variants:
-                branches = ",\n        ".join(self.union(t))
-                aliases.append(f"{self.claim(t.name)}: TypeAlias = Annotated[\n    Union[\n"
-                               f"        {branches},\n    ],\n"
-                               f"    Field(discriminator={field_name(t.variants.tag.name)!r}),\n]")
+                members = self.union(t)
+                branches = ",\n        ".join(members)
+                aliases.append(_Def(self.claim(t.name),
+                                    f"{t.name}: TypeAlias = Annotated[\n    Union[\n"
+                                    f"        {branches},\n    ],\n"
+                                    f"    Field(discriminator={field_name(t.variants.tag.name)!r}),\n]\n",
+                                    members, set()))
             elif isinstance(t, AlternateType):
-                alts = ", ".join(self.annot(v.type) for v in t.variants)
-                alternates.append(f"{self.claim(t.name)}: TypeAlias = Union[{alts}]")
-        self.out.append("\n\n" + "\n".join(aliases + alternates) + "\n")
+                deps: set[str] = set()
+                alts = ", ".join(self.annot(v.type, deps) for v in t.variants)
+                alternates.append(_Def(self.claim(t.name), f"{t.name}: TypeAlias = Union[{alts}]\n",
+                                       sorted(deps), set()))
+        self.defs += aliases + alternates
         self.commands_and_events()
         self.tables()
-        return "".join(self.out)
+        return self.render()
 
     def commands_and_events(self) -> None:
         for cmd in self.schema.commands.values():
             name, arg = args_class_name(cmd.name), cmd.arg_type
             doc = f"Arguments of ``{cmd.name}``."
             if arg is not None and arg.variants:
-                self.out.append(f"\n\nclass {self.claim(name)}(RootModel[{arg.name}]):\n"
-                                f"    \"\"\"{doc}\"\"\"\n\n    model_config = ConfigDict(frozen=True, defer_build=True)\n")
+                self.klass(name, f"RootModel[{arg.name}]", doc, [], set(),
+                           "\n    model_config = ConfigDict(frozen=True, defer_build=True)\n")
+                self.defs[-1].runtime = [arg.name]
             elif arg is not None and not arg.implicit:
-                self.klass(name, arg.name, doc, [])
+                self.klass(name, arg.name, doc, [], set())
             else:
-                self.klass(name, "QAPIModel", doc, [self.field(m) for m in (arg.members if arg else [])])
+                deps: set[str] = set()
+                self.klass(name, "QAPIModel", doc, [self.field(m, deps) for m in (arg.members if arg else [])], deps)
         for ev in self.schema.events.values():
             arg = ev.arg_type
             if arg is not None and not arg.implicit:
-                self.klass(event_class_name(ev.name), arg.name, f"Data of ``{ev.name}``.", [])
+                self.klass(event_class_name(ev.name), arg.name, f"Data of ``{ev.name}``.", [], set())
             else:
+                deps = set()
                 self.klass(event_class_name(ev.name), "QAPIModel", f"Data of ``{ev.name}``.",
-                           [self.field(m) for m in (arg.members if arg else [])])
+                           [self.field(m, deps) for m in (arg.members if arg else [])], deps)
 
     def tables(self) -> None:
         cmds = self.schema.commands.values()
+        events = self.schema.events.values()
         rows = "".join(f"    {c.name!r}: {args_class_name(c.name)},\n" for c in cmds)
-        self.out.append(f"\n#: Argument model of every command.\n"
-                        f"COMMAND_ARGS: dict[str, type[BaseModel]] = {{\n{rows}}}\n")
+        self.tail.append(f"\n#: Argument model of every command.\n"
+                         f"COMMAND_ARGS: dict[str, type[BaseModel]] = {{\n{rows}}}\n")
         rows = "".join(f"    {c.name!r}: {self.annot(c.ret_type) if c.ret_type else 'None'},\n"
                        for c in cmds)
-        self.out.append(f"\n#: Return type of every command (``None``: returns ``{{}}``).\n"
-                        f"COMMAND_RETURNS: dict[str, Any] = {{\n{rows}}}\n")
-        rows = "".join(f"    {e.name!r}: {event_class_name(e.name)},\n"
-                       for e in self.schema.events.values())
-        self.out.append(f"\n#: Data model of every event.\n"
-                        f"EVENT_DATA: dict[str, type[BaseModel]] = {{\n{rows}}}\n")
-        # No eager model_rebuild(): with defer_build each model resolves its
-        # forward references and builds its validator on first use.
+        self.tail.append(f"\n#: Return type of every command (``None``: returns ``{{}}``).\n"
+                         f"COMMAND_RETURNS: dict[str, Any] = {{\n{rows}}}\n")
+        rows = "".join(f"    {e.name!r}: {event_class_name(e.name)},\n" for e in events)
+        self.tail.append(f"\n#: Data model of every event.\n"
+                         f"EVENT_DATA: dict[str, type[BaseModel]] = {{\n{rows}}}\n")
+        rows = "".join(f"    {c.name!r}: lambda: _get({args_class_name(c.name)!r}),\n" for c in cmds)
+        self.runtime_tail.append(f"COMMAND_ARGS = _Table({{\n{rows}}})\n")
+        rows = "".join(f"    {c.name!r}: lambda: {self.runtime_annot(c.ret_type) if c.ret_type else 'None'},\n"
+                       for c in cmds)
+        self.runtime_tail.append(f"COMMAND_RETURNS = _Table({{\n{rows}}})\n")
+        rows = "".join(f"    {e.name!r}: lambda: _get({event_class_name(e.name)!r}),\n" for e in events)
+        self.runtime_tail.append(f"EVENT_DATA = _Table({{\n{rows}}})\n")
+
+    def factory(self, d: _Def) -> str:
+        lines = [f"def _make_{d.name}() -> Any:\n"]
+        deps = sorted(d.deps - set(d.runtime))
+        if deps:
+            lines.append(f"    _need({', '.join(repr(n) for n in deps)})\n")
+        lines += [f"    {n} = _get({n!r})\n" for n in d.runtime]
+        lines.append(_indent(d.text, 4))
+        lines.append(f"    return {d.name}\n")
+        return "".join(lines)
+
+    def render(self) -> str:
+        eager = "\n\n".join(d.text for d in self.defs) + "".join(self.tail)
+        factories = "\n\n".join(self.factory(d) for d in self.defs)
+        rows = "".join(f"    {d.name!r}: _make_{d.name},\n" for d in self.defs)
+        lazy = (factories + f"\n\n_FACTORIES: dict[str, Callable[[], Any]] = {{\n{rows}}}\n\n"
+                + "\n".join(self.runtime_tail))
+        return (_HEADER + "\n\nif TYPE_CHECKING:\n    # What mypy sees: every definition, eagerly.\n"
+                + _indent(_QAPIMODEL, 4) + "\n\n" + _indent(eager, 4) + "\nelse:" + _RUNTIME
+                + _indent(_pydantic_loader(), 4) + "\n" + _indent(lazy, 4))
 
 
 def generate_models(schema: Schema) -> str:

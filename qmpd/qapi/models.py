@@ -10,2091 +10,5153 @@ member names (aliases) and the Python field names.  Dump wire values with
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Literal, TypeAlias, Union
-
-from pydantic import BaseModel, ConfigDict, Field, RootModel
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, Union
 
 __all__ = ["QAPIModel", "COMMAND_ARGS", "COMMAND_RETURNS", "EVENT_DATA"]
 
 
-class QAPIModel(BaseModel):
-    """Base of every generated struct model."""
+if TYPE_CHECKING:
+    # What mypy sees: every definition, eagerly.
+    from pydantic import BaseModel, ConfigDict, Field, RootModel
 
-    # defer_build: each model's validator is built on first use, not at
-    # import, which keeps the daemon's start-up short.
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True,
-        defer_build=True,
-    )
 
+    class QAPIModel(BaseModel):
+        """Base of every generated struct model."""
 
-class QMPCapability(enum.StrEnum):
-    """QAPI enum ``QMPCapability``."""
-
-    OOB = 'oob'
+        # defer_build: each model's validator is built on first use.
+        model_config = ConfigDict(
+            extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True,
+            defer_build=True,
+        )
 
 
-class SchemaMetaType(enum.StrEnum):
-    """QAPI enum ``SchemaMetaType``."""
+    class QMPCapability(enum.StrEnum):
+        """QAPI enum ``QMPCapability``."""
 
-    BUILTIN = 'builtin'
-    ENUM = 'enum'
-    ARRAY = 'array'
-    OBJECT = 'object'
-    ALTERNATE = 'alternate'
-    COMMAND = 'command'
-    EVENT = 'event'
-
-
-class JSONType(enum.StrEnum):
-    """QAPI enum ``JSONType``."""
-
-    STRING = 'string'
-    NUMBER = 'number'
-    INT = 'int'
-    BOOLEAN = 'boolean'
-    NULL = 'null'
-    OBJECT = 'object'
-    ARRAY = 'array'
-    VALUE = 'value'
-
-
-class OnOffAuto(enum.StrEnum):
-    """QAPI enum ``OnOffAuto``."""
+        OOB = 'oob'
 
-    AUTO = 'auto'
-    ON = 'on'
-    OFF = 'off'
 
-
-class RunState(enum.StrEnum):
-    """QAPI enum ``RunState``."""
-
-    DEBUG = 'debug'
-    INMIGRATE = 'inmigrate'
-    INTERNAL_ERROR = 'internal-error'
-    IO_ERROR = 'io-error'
-    PAUSED = 'paused'
-    POSTMIGRATE = 'postmigrate'
-    PRELAUNCH = 'prelaunch'
-    FINISH_MIGRATE = 'finish-migrate'
-    RESTORE_VM = 'restore-vm'
-    RUNNING = 'running'
-    SAVE_VM = 'save-vm'
-    SHUTDOWN = 'shutdown'
-    SUSPENDED = 'suspended'
-    WATCHDOG = 'watchdog'
-    GUEST_PANICKED = 'guest-panicked'
-    COLO = 'colo'
+    class SchemaMetaType(enum.StrEnum):
+        """QAPI enum ``SchemaMetaType``."""
 
+        BUILTIN = 'builtin'
+        ENUM = 'enum'
+        ARRAY = 'array'
+        OBJECT = 'object'
+        ALTERNATE = 'alternate'
+        COMMAND = 'command'
+        EVENT = 'event'
 
-class ShutdownCause(enum.StrEnum):
-    """QAPI enum ``ShutdownCause``."""
 
-    NONE = 'none'
-    HOST_ERROR = 'host-error'
-    HOST_QMP_QUIT = 'host-qmp-quit'
-    HOST_QMP_SYSTEM_RESET = 'host-qmp-system-reset'
-    HOST_SIGNAL = 'host-signal'
-    HOST_UI = 'host-ui'
-    GUEST_SHUTDOWN = 'guest-shutdown'
-    GUEST_RESET = 'guest-reset'
-    GUEST_PANIC = 'guest-panic'
-    SUBSYSTEM_RESET = 'subsystem-reset'
-    SNAPSHOT_LOAD = 'snapshot-load'
+    class JSONType(enum.StrEnum):
+        """QAPI enum ``JSONType``."""
 
+        STRING = 'string'
+        NUMBER = 'number'
+        INT = 'int'
+        BOOLEAN = 'boolean'
+        NULL = 'null'
+        OBJECT = 'object'
+        ARRAY = 'array'
+        VALUE = 'value'
 
-class TpmModel(enum.StrEnum):
-    """QAPI enum ``TpmModel``."""
+
+    class OnOffAuto(enum.StrEnum):
+        """QAPI enum ``OnOffAuto``."""
 
-    TPM_TIS = 'tpm-tis'
-    TPM_CRB = 'tpm-crb'
-    TPM_SPAPR = 'tpm-spapr'
+        AUTO = 'auto'
+        ON = 'on'
+        OFF = 'off'
 
 
-class TpmType(enum.StrEnum):
-    """QAPI enum ``TpmType``."""
-
-    PASSTHROUGH = 'passthrough'
-    EMULATOR = 'emulator'
-
+    class RunState(enum.StrEnum):
+        """QAPI enum ``RunState``."""
 
-class JobType(enum.StrEnum):
-    """QAPI enum ``JobType``."""
-
-    COMMIT = 'commit'
-    STREAM = 'stream'
-    MIRROR = 'mirror'
-    BACKUP = 'backup'
-    CREATE = 'create'
-    AMEND = 'amend'
-    SNAPSHOT_LOAD = 'snapshot-load'
-    SNAPSHOT_SAVE = 'snapshot-save'
-    SNAPSHOT_DELETE = 'snapshot-delete'
-
-
-class JobStatus(enum.StrEnum):
-    """QAPI enum ``JobStatus``."""
-
-    UNDEFINED = 'undefined'
-    CREATED = 'created'
-    RUNNING = 'running'
-    PAUSED = 'paused'
-    READY = 'ready'
-    STANDBY = 'standby'
-    WAITING = 'waiting'
-    PENDING = 'pending'
-    ABORTING = 'aborting'
-    CONCLUDED = 'concluded'
-    NULL = 'null'
-
-
-class JobVerb(enum.StrEnum):
-    """QAPI enum ``JobVerb``."""
-
-    CANCEL = 'cancel'
-    PAUSE = 'pause'
-    RESUME = 'resume'
-    SET_SPEED = 'set-speed'
-    COMPLETE = 'complete'
-    DISMISS = 'dismiss'
-    FINALIZE = 'finalize'
-
-
-class BlockdevDriver(enum.StrEnum):
-    """QAPI enum ``BlockdevDriver``."""
-
-    BLKDEBUG = 'blkdebug'
-    COPY_BEFORE_WRITE = 'copy-before-write'
-    FILE = 'file'
-    NULL_AIO = 'null-aio'
-    NULL_CO = 'null-co'
-    QCOW2 = 'qcow2'
-    RAW = 'raw'
-    SNAPSHOT_ACCESS = 'snapshot-access'
-
-
-class BlockdevDiscardOptions(enum.StrEnum):
-    """QAPI enum ``BlockdevDiscardOptions``."""
-
-    IGNORE = 'ignore'
-    UNMAP = 'unmap'
-
-
-class BlockdevDetectZeroesOptions(enum.StrEnum):
-    """QAPI enum ``BlockdevDetectZeroesOptions``."""
-
-    OFF = 'off'
-    ON = 'on'
-    UNMAP = 'unmap'
-
-
-class BlockdevAioOptions(enum.StrEnum):
-    """QAPI enum ``BlockdevAioOptions``."""
-
-    THREADS = 'threads'
-    NATIVE = 'native'
-    IO_URING = 'io_uring'
-
-
-class BlkdebugEvent(enum.StrEnum):
-    """QAPI enum ``BlkdebugEvent``."""
-
-    L1_UPDATE = 'l1_update'
-    L1_GROW_ALLOC_TABLE = 'l1_grow_alloc_table'
-    L1_GROW_WRITE_TABLE = 'l1_grow_write_table'
-    L1_GROW_ACTIVATE_TABLE = 'l1_grow_activate_table'
-    L2_LOAD = 'l2_load'
-    L2_UPDATE = 'l2_update'
-    L2_UPDATE_COMPRESSED = 'l2_update_compressed'
-    L2_ALLOC_COW_READ = 'l2_alloc_cow_read'
-    L2_ALLOC_WRITE = 'l2_alloc_write'
-    READ_AIO = 'read_aio'
-    READ_BACKING_AIO = 'read_backing_aio'
-    READ_COMPRESSED = 'read_compressed'
-    WRITE_AIO = 'write_aio'
-    WRITE_COMPRESSED = 'write_compressed'
-    VMSTATE_LOAD = 'vmstate_load'
-    VMSTATE_SAVE = 'vmstate_save'
-    COW_READ = 'cow_read'
-    COW_WRITE = 'cow_write'
-    REFTABLE_LOAD = 'reftable_load'
-    REFTABLE_GROW = 'reftable_grow'
-    REFTABLE_UPDATE = 'reftable_update'
-    REFBLOCK_LOAD = 'refblock_load'
-    REFBLOCK_UPDATE = 'refblock_update'
-    REFBLOCK_UPDATE_PART = 'refblock_update_part'
-    REFBLOCK_ALLOC = 'refblock_alloc'
-    REFBLOCK_ALLOC_HOOKUP = 'refblock_alloc_hookup'
-    REFBLOCK_ALLOC_WRITE = 'refblock_alloc_write'
-    REFBLOCK_ALLOC_WRITE_BLOCKS = 'refblock_alloc_write_blocks'
-    REFBLOCK_ALLOC_WRITE_TABLE = 'refblock_alloc_write_table'
-    REFBLOCK_ALLOC_SWITCH_TABLE = 'refblock_alloc_switch_table'
-    CLUSTER_ALLOC = 'cluster_alloc'
-    CLUSTER_ALLOC_BYTES = 'cluster_alloc_bytes'
-    CLUSTER_FREE = 'cluster_free'
-    FLUSH_TO_OS = 'flush_to_os'
-    FLUSH_TO_DISK = 'flush_to_disk'
-    PWRITEV_RMW_HEAD = 'pwritev_rmw_head'
-    PWRITEV_RMW_AFTER_HEAD = 'pwritev_rmw_after_head'
-    PWRITEV_RMW_TAIL = 'pwritev_rmw_tail'
-    PWRITEV_RMW_AFTER_TAIL = 'pwritev_rmw_after_tail'
-    PWRITEV = 'pwritev'
-    PWRITEV_ZERO = 'pwritev_zero'
-    PWRITEV_DONE = 'pwritev_done'
-    EMPTY_IMAGE_PREPARE = 'empty_image_prepare'
-    L1_SHRINK_WRITE_TABLE = 'l1_shrink_write_table'
-    L1_SHRINK_FREE_L2_CLUSTERS = 'l1_shrink_free_l2_clusters'
-    COR_WRITE = 'cor_write'
-    CLUSTER_ALLOC_SPACE = 'cluster_alloc_space'
-    NONE = 'none'
+        DEBUG = 'debug'
+        INMIGRATE = 'inmigrate'
+        INTERNAL_ERROR = 'internal-error'
+        IO_ERROR = 'io-error'
+        PAUSED = 'paused'
+        POSTMIGRATE = 'postmigrate'
+        PRELAUNCH = 'prelaunch'
+        FINISH_MIGRATE = 'finish-migrate'
+        RESTORE_VM = 'restore-vm'
+        RUNNING = 'running'
+        SAVE_VM = 'save-vm'
+        SHUTDOWN = 'shutdown'
+        SUSPENDED = 'suspended'
+        WATCHDOG = 'watchdog'
+        GUEST_PANICKED = 'guest-panicked'
+        COLO = 'colo'
 
 
-class BlkdebugIOType(enum.StrEnum):
-    """QAPI enum ``BlkdebugIOType``."""
+    class ShutdownCause(enum.StrEnum):
+        """QAPI enum ``ShutdownCause``."""
 
-    READ = 'read'
-    WRITE = 'write'
-    WRITE_ZEROES = 'write-zeroes'
-    DISCARD = 'discard'
-    FLUSH = 'flush'
-    BLOCK_STATUS = 'block-status'
+        NONE = 'none'
+        HOST_ERROR = 'host-error'
+        HOST_QMP_QUIT = 'host-qmp-quit'
+        HOST_QMP_SYSTEM_RESET = 'host-qmp-system-reset'
+        HOST_SIGNAL = 'host-signal'
+        HOST_UI = 'host-ui'
+        GUEST_SHUTDOWN = 'guest-shutdown'
+        GUEST_RESET = 'guest-reset'
+        GUEST_PANIC = 'guest-panic'
+        SUBSYSTEM_RESET = 'subsystem-reset'
+        SNAPSHOT_LOAD = 'snapshot-load'
 
 
-class BlockPermission(enum.StrEnum):
-    """QAPI enum ``BlockPermission``."""
+    class TpmModel(enum.StrEnum):
+        """QAPI enum ``TpmModel``."""
 
-    CONSISTENT_READ = 'consistent-read'
-    WRITE = 'write'
-    WRITE_UNCHANGED = 'write-unchanged'
-    RESIZE = 'resize'
+        TPM_TIS = 'tpm-tis'
+        TPM_CRB = 'tpm-crb'
+        TPM_SPAPR = 'tpm-spapr'
 
 
-class OnCbwError(enum.StrEnum):
-    """QAPI enum ``OnCbwError``."""
+    class TpmType(enum.StrEnum):
+        """QAPI enum ``TpmType``."""
+
+        PASSTHROUGH = 'passthrough'
+        EMULATOR = 'emulator'
+
+
+    class JobType(enum.StrEnum):
+        """QAPI enum ``JobType``."""
+
+        COMMIT = 'commit'
+        STREAM = 'stream'
+        MIRROR = 'mirror'
+        BACKUP = 'backup'
+        CREATE = 'create'
+        AMEND = 'amend'
+        SNAPSHOT_LOAD = 'snapshot-load'
+        SNAPSHOT_SAVE = 'snapshot-save'
+        SNAPSHOT_DELETE = 'snapshot-delete'
+
+
+    class JobStatus(enum.StrEnum):
+        """QAPI enum ``JobStatus``."""
+
+        UNDEFINED = 'undefined'
+        CREATED = 'created'
+        RUNNING = 'running'
+        PAUSED = 'paused'
+        READY = 'ready'
+        STANDBY = 'standby'
+        WAITING = 'waiting'
+        PENDING = 'pending'
+        ABORTING = 'aborting'
+        CONCLUDED = 'concluded'
+        NULL = 'null'
+
+
+    class JobVerb(enum.StrEnum):
+        """QAPI enum ``JobVerb``."""
+
+        CANCEL = 'cancel'
+        PAUSE = 'pause'
+        RESUME = 'resume'
+        SET_SPEED = 'set-speed'
+        COMPLETE = 'complete'
+        DISMISS = 'dismiss'
+        FINALIZE = 'finalize'
+
+
+    class BlockdevDriver(enum.StrEnum):
+        """QAPI enum ``BlockdevDriver``."""
+
+        BLKDEBUG = 'blkdebug'
+        COPY_BEFORE_WRITE = 'copy-before-write'
+        FILE = 'file'
+        NULL_AIO = 'null-aio'
+        NULL_CO = 'null-co'
+        QCOW2 = 'qcow2'
+        RAW = 'raw'
+        SNAPSHOT_ACCESS = 'snapshot-access'
+
+
+    class BlockdevDiscardOptions(enum.StrEnum):
+        """QAPI enum ``BlockdevDiscardOptions``."""
+
+        IGNORE = 'ignore'
+        UNMAP = 'unmap'
+
+
+    class BlockdevDetectZeroesOptions(enum.StrEnum):
+        """QAPI enum ``BlockdevDetectZeroesOptions``."""
+
+        OFF = 'off'
+        ON = 'on'
+        UNMAP = 'unmap'
+
+
+    class BlockdevAioOptions(enum.StrEnum):
+        """QAPI enum ``BlockdevAioOptions``."""
+
+        THREADS = 'threads'
+        NATIVE = 'native'
+        IO_URING = 'io_uring'
+
+
+    class BlkdebugEvent(enum.StrEnum):
+        """QAPI enum ``BlkdebugEvent``."""
+
+        L1_UPDATE = 'l1_update'
+        L1_GROW_ALLOC_TABLE = 'l1_grow_alloc_table'
+        L1_GROW_WRITE_TABLE = 'l1_grow_write_table'
+        L1_GROW_ACTIVATE_TABLE = 'l1_grow_activate_table'
+        L2_LOAD = 'l2_load'
+        L2_UPDATE = 'l2_update'
+        L2_UPDATE_COMPRESSED = 'l2_update_compressed'
+        L2_ALLOC_COW_READ = 'l2_alloc_cow_read'
+        L2_ALLOC_WRITE = 'l2_alloc_write'
+        READ_AIO = 'read_aio'
+        READ_BACKING_AIO = 'read_backing_aio'
+        READ_COMPRESSED = 'read_compressed'
+        WRITE_AIO = 'write_aio'
+        WRITE_COMPRESSED = 'write_compressed'
+        VMSTATE_LOAD = 'vmstate_load'
+        VMSTATE_SAVE = 'vmstate_save'
+        COW_READ = 'cow_read'
+        COW_WRITE = 'cow_write'
+        REFTABLE_LOAD = 'reftable_load'
+        REFTABLE_GROW = 'reftable_grow'
+        REFTABLE_UPDATE = 'reftable_update'
+        REFBLOCK_LOAD = 'refblock_load'
+        REFBLOCK_UPDATE = 'refblock_update'
+        REFBLOCK_UPDATE_PART = 'refblock_update_part'
+        REFBLOCK_ALLOC = 'refblock_alloc'
+        REFBLOCK_ALLOC_HOOKUP = 'refblock_alloc_hookup'
+        REFBLOCK_ALLOC_WRITE = 'refblock_alloc_write'
+        REFBLOCK_ALLOC_WRITE_BLOCKS = 'refblock_alloc_write_blocks'
+        REFBLOCK_ALLOC_WRITE_TABLE = 'refblock_alloc_write_table'
+        REFBLOCK_ALLOC_SWITCH_TABLE = 'refblock_alloc_switch_table'
+        CLUSTER_ALLOC = 'cluster_alloc'
+        CLUSTER_ALLOC_BYTES = 'cluster_alloc_bytes'
+        CLUSTER_FREE = 'cluster_free'
+        FLUSH_TO_OS = 'flush_to_os'
+        FLUSH_TO_DISK = 'flush_to_disk'
+        PWRITEV_RMW_HEAD = 'pwritev_rmw_head'
+        PWRITEV_RMW_AFTER_HEAD = 'pwritev_rmw_after_head'
+        PWRITEV_RMW_TAIL = 'pwritev_rmw_tail'
+        PWRITEV_RMW_AFTER_TAIL = 'pwritev_rmw_after_tail'
+        PWRITEV = 'pwritev'
+        PWRITEV_ZERO = 'pwritev_zero'
+        PWRITEV_DONE = 'pwritev_done'
+        EMPTY_IMAGE_PREPARE = 'empty_image_prepare'
+        L1_SHRINK_WRITE_TABLE = 'l1_shrink_write_table'
+        L1_SHRINK_FREE_L2_CLUSTERS = 'l1_shrink_free_l2_clusters'
+        COR_WRITE = 'cor_write'
+        CLUSTER_ALLOC_SPACE = 'cluster_alloc_space'
+        NONE = 'none'
 
-    BREAK_GUEST_WRITE = 'break-guest-write'
-    BREAK_SNAPSHOT = 'break-snapshot'
 
+    class BlkdebugIOType(enum.StrEnum):
+        """QAPI enum ``BlkdebugIOType``."""
 
-class PreallocMode(enum.StrEnum):
-    """QAPI enum ``PreallocMode``."""
+        READ = 'read'
+        WRITE = 'write'
+        WRITE_ZEROES = 'write-zeroes'
+        DISCARD = 'discard'
+        FLUSH = 'flush'
+        BLOCK_STATUS = 'block-status'
 
-    OFF = 'off'
-    METADATA = 'metadata'
-    FALLOC = 'falloc'
-    FULL = 'full'
 
+    class BlockPermission(enum.StrEnum):
+        """QAPI enum ``BlockPermission``."""
 
-class BlockDeviceIoStatus(enum.StrEnum):
-    """QAPI enum ``BlockDeviceIoStatus``."""
+        CONSISTENT_READ = 'consistent-read'
+        WRITE = 'write'
+        WRITE_UNCHANGED = 'write-unchanged'
+        RESIZE = 'resize'
 
-    OK = 'ok'
-    FAILED = 'failed'
-    NOSPACE = 'nospace'
 
+    class OnCbwError(enum.StrEnum):
+        """QAPI enum ``OnCbwError``."""
 
-class MirrorSyncMode(enum.StrEnum):
-    """QAPI enum ``MirrorSyncMode``."""
+        BREAK_GUEST_WRITE = 'break-guest-write'
+        BREAK_SNAPSHOT = 'break-snapshot'
 
-    TOP = 'top'
-    FULL = 'full'
-    NONE = 'none'
-    INCREMENTAL = 'incremental'
-    BITMAP = 'bitmap'
 
+    class PreallocMode(enum.StrEnum):
+        """QAPI enum ``PreallocMode``."""
 
-class BitmapSyncMode(enum.StrEnum):
-    """QAPI enum ``BitmapSyncMode``."""
+        OFF = 'off'
+        METADATA = 'metadata'
+        FALLOC = 'falloc'
+        FULL = 'full'
 
-    ON_SUCCESS = 'on-success'
-    NEVER = 'never'
-    ALWAYS = 'always'
 
+    class BlockDeviceIoStatus(enum.StrEnum):
+        """QAPI enum ``BlockDeviceIoStatus``."""
 
-class BlockdevOnError(enum.StrEnum):
-    """QAPI enum ``BlockdevOnError``."""
+        OK = 'ok'
+        FAILED = 'failed'
+        NOSPACE = 'nospace'
 
-    REPORT = 'report'
-    IGNORE = 'ignore'
-    ENOSPC = 'enospc'
-    STOP = 'stop'
-    AUTO = 'auto'
 
+    class MirrorSyncMode(enum.StrEnum):
+        """QAPI enum ``MirrorSyncMode``."""
 
-class NewImageMode(enum.StrEnum):
-    """QAPI enum ``NewImageMode``."""
+        TOP = 'top'
+        FULL = 'full'
+        NONE = 'none'
+        INCREMENTAL = 'incremental'
+        BITMAP = 'bitmap'
 
-    EXISTING = 'existing'
-    ABSOLUTE_PATHS = 'absolute-paths'
 
+    class BitmapSyncMode(enum.StrEnum):
+        """QAPI enum ``BitmapSyncMode``."""
 
-class BlockErrorAction(enum.StrEnum):
-    """QAPI enum ``BlockErrorAction``."""
+        ON_SUCCESS = 'on-success'
+        NEVER = 'never'
+        ALWAYS = 'always'
 
-    IGNORE = 'ignore'
-    REPORT = 'report'
-    STOP = 'stop'
 
+    class BlockdevOnError(enum.StrEnum):
+        """QAPI enum ``BlockdevOnError``."""
 
-class IoOperationType(enum.StrEnum):
-    """QAPI enum ``IoOperationType``."""
+        REPORT = 'report'
+        IGNORE = 'ignore'
+        ENOSPC = 'enospc'
+        STOP = 'stop'
+        AUTO = 'auto'
 
-    READ = 'read'
-    WRITE = 'write'
 
+    class NewImageMode(enum.StrEnum):
+        """QAPI enum ``NewImageMode``."""
 
-class BlockdevQcow2Version(enum.StrEnum):
-    """QAPI enum ``BlockdevQcow2Version``."""
+        EXISTING = 'existing'
+        ABSOLUTE_PATHS = 'absolute-paths'
 
-    V2 = 'v2'
-    V3 = 'v3'
 
+    class BlockErrorAction(enum.StrEnum):
+        """QAPI enum ``BlockErrorAction``."""
 
-class Qcow2CompressionType(enum.StrEnum):
-    """QAPI enum ``Qcow2CompressionType``."""
+        IGNORE = 'ignore'
+        REPORT = 'report'
+        STOP = 'stop'
 
-    ZLIB = 'zlib'
-    ZSTD = 'zstd'
 
+    class IoOperationType(enum.StrEnum):
+        """QAPI enum ``IoOperationType``."""
 
-class ImageInfoSpecificKind(enum.StrEnum):
-    """QAPI enum ``ImageInfoSpecificKind``."""
+        READ = 'read'
+        WRITE = 'write'
 
-    QCOW2 = 'qcow2'
 
+    class BlockdevQcow2Version(enum.StrEnum):
+        """QAPI enum ``BlockdevQcow2Version``."""
 
-class ActionCompletionMode(enum.StrEnum):
-    """QAPI enum ``ActionCompletionMode``."""
+        V2 = 'v2'
+        V3 = 'v3'
 
-    INDIVIDUAL = 'individual'
-    GROUPED = 'grouped'
 
+    class Qcow2CompressionType(enum.StrEnum):
+        """QAPI enum ``Qcow2CompressionType``."""
 
-class TransactionActionKind(enum.StrEnum):
-    """QAPI enum ``TransactionActionKind``."""
+        ZLIB = 'zlib'
+        ZSTD = 'zstd'
 
-    ABORT = 'abort'
-    BLOCK_DIRTY_BITMAP_ADD = 'block-dirty-bitmap-add'
-    BLOCK_DIRTY_BITMAP_REMOVE = 'block-dirty-bitmap-remove'
-    BLOCK_DIRTY_BITMAP_CLEAR = 'block-dirty-bitmap-clear'
-    BLOCK_DIRTY_BITMAP_ENABLE = 'block-dirty-bitmap-enable'
-    BLOCK_DIRTY_BITMAP_DISABLE = 'block-dirty-bitmap-disable'
-    BLOCK_DIRTY_BITMAP_MERGE = 'block-dirty-bitmap-merge'
-    BLOCKDEV_BACKUP = 'blockdev-backup'
-    DRIVE_BACKUP = 'drive-backup'
 
+    class ImageInfoSpecificKind(enum.StrEnum):
+        """QAPI enum ``ImageInfoSpecificKind``."""
 
-class SocketAddressLegacyType(enum.StrEnum):
-    """QAPI enum ``SocketAddressLegacyType``."""
+        QCOW2 = 'qcow2'
 
-    INET = 'inet'
-    UNIX = 'unix'
 
+    class ActionCompletionMode(enum.StrEnum):
+        """QAPI enum ``ActionCompletionMode``."""
 
-class SocketAddressType(enum.StrEnum):
-    """QAPI enum ``SocketAddressType``."""
+        INDIVIDUAL = 'individual'
+        GROUPED = 'grouped'
 
-    INET = 'inet'
-    UNIX = 'unix'
 
+    class TransactionActionKind(enum.StrEnum):
+        """QAPI enum ``TransactionActionKind``."""
 
-class BlockExportRemoveMode(enum.StrEnum):
-    """QAPI enum ``BlockExportRemoveMode``."""
+        ABORT = 'abort'
+        BLOCK_DIRTY_BITMAP_ADD = 'block-dirty-bitmap-add'
+        BLOCK_DIRTY_BITMAP_REMOVE = 'block-dirty-bitmap-remove'
+        BLOCK_DIRTY_BITMAP_CLEAR = 'block-dirty-bitmap-clear'
+        BLOCK_DIRTY_BITMAP_ENABLE = 'block-dirty-bitmap-enable'
+        BLOCK_DIRTY_BITMAP_DISABLE = 'block-dirty-bitmap-disable'
+        BLOCK_DIRTY_BITMAP_MERGE = 'block-dirty-bitmap-merge'
+        BLOCKDEV_BACKUP = 'blockdev-backup'
+        DRIVE_BACKUP = 'drive-backup'
 
-    SAFE = 'safe'
-    HARD = 'hard'
 
+    class SocketAddressLegacyType(enum.StrEnum):
+        """QAPI enum ``SocketAddressLegacyType``."""
 
-class BlockExportType(enum.StrEnum):
-    """QAPI enum ``BlockExportType``."""
+        INET = 'inet'
+        UNIX = 'unix'
 
-    NBD = 'nbd'
 
+    class SocketAddressType(enum.StrEnum):
+        """QAPI enum ``SocketAddressType``."""
 
-class QCryptoTLSCredsEndpoint(enum.StrEnum):
-    """QAPI enum ``QCryptoTLSCredsEndpoint``."""
+        INET = 'inet'
+        UNIX = 'unix'
 
-    CLIENT = 'client'
-    SERVER = 'server'
 
+    class BlockExportRemoveMode(enum.StrEnum):
+        """QAPI enum ``BlockExportRemoveMode``."""
 
-class ObjectType(enum.StrEnum):
-    """QAPI enum ``ObjectType``."""
+        SAFE = 'safe'
+        HARD = 'hard'
 
-    TLS_CREDS_X509 = 'tls-creds-x509'
 
+    class BlockExportType(enum.StrEnum):
+        """QAPI enum ``BlockExportType``."""
 
-class VersionTriple(QAPIModel):
-    """QAPI struct ``VersionTriple``."""
+        NBD = 'nbd'
 
-    major: int = Field(alias='major')
-    minor: int = Field(alias='minor')
-    micro: int = Field(alias='micro')
 
+    class QCryptoTLSCredsEndpoint(enum.StrEnum):
+        """QAPI enum ``QCryptoTLSCredsEndpoint``."""
 
-class VersionInfo(QAPIModel):
-    """QAPI struct ``VersionInfo``."""
+        CLIENT = 'client'
+        SERVER = 'server'
 
-    qemu: VersionTriple = Field(alias='qemu')
-    package: str = Field(alias='package')
 
+    class ObjectType(enum.StrEnum):
+        """QAPI enum ``ObjectType``."""
 
-class CommandInfo(QAPIModel):
-    """QAPI struct ``CommandInfo``."""
+        TLS_CREDS_X509 = 'tls-creds-x509'
 
-    name: str = Field(alias='name')
 
+    class VersionTriple(QAPIModel):
+        """QAPI struct ``VersionTriple``."""
 
-class SchemaInfoBuiltinBranch(QAPIModel):
-    """QAPI union ``SchemaInfo``, case ``builtin``."""
+        major: int = Field(alias='major')
+        minor: int = Field(alias='minor')
+        micro: int = Field(alias='micro')
 
-    name: str = Field(alias='name')
-    meta_type: Literal[SchemaMetaType.BUILTIN] = Field(alias='meta-type')
-    features: list[str] | None = Field(default=None, alias='features')
-    json_type: JSONType = Field(alias='json-type')
 
+    class VersionInfo(QAPIModel):
+        """QAPI struct ``VersionInfo``."""
 
-class SchemaInfoEnumBranch(QAPIModel):
-    """QAPI union ``SchemaInfo``, case ``enum``."""
+        qemu: VersionTriple = Field(alias='qemu')
+        package: str = Field(alias='package')
 
-    name: str = Field(alias='name')
-    meta_type: Literal[SchemaMetaType.ENUM] = Field(alias='meta-type')
-    features: list[str] | None = Field(default=None, alias='features')
-    members: list[SchemaInfoEnumMember] = Field(alias='members')
-    values: list[str] = Field(alias='values')
 
+    class CommandInfo(QAPIModel):
+        """QAPI struct ``CommandInfo``."""
 
-class SchemaInfoArrayBranch(QAPIModel):
-    """QAPI union ``SchemaInfo``, case ``array``."""
+        name: str = Field(alias='name')
 
-    name: str = Field(alias='name')
-    meta_type: Literal[SchemaMetaType.ARRAY] = Field(alias='meta-type')
-    features: list[str] | None = Field(default=None, alias='features')
-    element_type: str = Field(alias='element-type')
 
+    class SchemaInfoBuiltinBranch(QAPIModel):
+        """QAPI union ``SchemaInfo``, case ``builtin``."""
 
-class SchemaInfoObjectBranch(QAPIModel):
-    """QAPI union ``SchemaInfo``, case ``object``."""
+        name: str = Field(alias='name')
+        meta_type: Literal[SchemaMetaType.BUILTIN] = Field(alias='meta-type')
+        features: list[str] | None = Field(default=None, alias='features')
+        json_type: JSONType = Field(alias='json-type')
 
-    name: str = Field(alias='name')
-    meta_type: Literal[SchemaMetaType.OBJECT] = Field(alias='meta-type')
-    features: list[str] | None = Field(default=None, alias='features')
-    members: list[SchemaInfoObjectMember] = Field(alias='members')
-    tag: str | None = Field(default=None, alias='tag')
-    variants: list[SchemaInfoObjectVariant] | None = Field(default=None, alias='variants')
 
+    class SchemaInfoEnumBranch(QAPIModel):
+        """QAPI union ``SchemaInfo``, case ``enum``."""
 
-class SchemaInfoAlternateBranch(QAPIModel):
-    """QAPI union ``SchemaInfo``, case ``alternate``."""
+        name: str = Field(alias='name')
+        meta_type: Literal[SchemaMetaType.ENUM] = Field(alias='meta-type')
+        features: list[str] | None = Field(default=None, alias='features')
+        members: list[SchemaInfoEnumMember] = Field(alias='members')
+        values: list[str] = Field(alias='values')
 
-    name: str = Field(alias='name')
-    meta_type: Literal[SchemaMetaType.ALTERNATE] = Field(alias='meta-type')
-    features: list[str] | None = Field(default=None, alias='features')
-    members: list[SchemaInfoAlternateMember] = Field(alias='members')
 
+    class SchemaInfoArrayBranch(QAPIModel):
+        """QAPI union ``SchemaInfo``, case ``array``."""
 
-class SchemaInfoCommandBranch(QAPIModel):
-    """QAPI union ``SchemaInfo``, case ``command``."""
+        name: str = Field(alias='name')
+        meta_type: Literal[SchemaMetaType.ARRAY] = Field(alias='meta-type')
+        features: list[str] | None = Field(default=None, alias='features')
+        element_type: str = Field(alias='element-type')
 
-    name: str = Field(alias='name')
-    meta_type: Literal[SchemaMetaType.COMMAND] = Field(alias='meta-type')
-    features: list[str] | None = Field(default=None, alias='features')
-    arg_type: str = Field(alias='arg-type')
-    ret_type: str = Field(alias='ret-type')
-    allow_oob: bool | None = Field(default=None, alias='allow-oob')
 
+    class SchemaInfoObjectBranch(QAPIModel):
+        """QAPI union ``SchemaInfo``, case ``object``."""
 
-class SchemaInfoEventBranch(QAPIModel):
-    """QAPI union ``SchemaInfo``, case ``event``."""
+        name: str = Field(alias='name')
+        meta_type: Literal[SchemaMetaType.OBJECT] = Field(alias='meta-type')
+        features: list[str] | None = Field(default=None, alias='features')
+        members: list[SchemaInfoObjectMember] = Field(alias='members')
+        tag: str | None = Field(default=None, alias='tag')
+        variants: list[SchemaInfoObjectVariant] | None = Field(default=None, alias='variants')
 
-    name: str = Field(alias='name')
-    meta_type: Literal[SchemaMetaType.EVENT] = Field(alias='meta-type')
-    features: list[str] | None = Field(default=None, alias='features')
-    arg_type: str = Field(alias='arg-type')
 
+    class SchemaInfoAlternateBranch(QAPIModel):
+        """QAPI union ``SchemaInfo``, case ``alternate``."""
 
-class SchemaInfoBuiltin(QAPIModel):
-    """QAPI struct ``SchemaInfoBuiltin``."""
+        name: str = Field(alias='name')
+        meta_type: Literal[SchemaMetaType.ALTERNATE] = Field(alias='meta-type')
+        features: list[str] | None = Field(default=None, alias='features')
+        members: list[SchemaInfoAlternateMember] = Field(alias='members')
 
-    json_type: JSONType = Field(alias='json-type')
 
+    class SchemaInfoCommandBranch(QAPIModel):
+        """QAPI union ``SchemaInfo``, case ``command``."""
 
-class SchemaInfoEnum(QAPIModel):
-    """QAPI struct ``SchemaInfoEnum``."""
+        name: str = Field(alias='name')
+        meta_type: Literal[SchemaMetaType.COMMAND] = Field(alias='meta-type')
+        features: list[str] | None = Field(default=None, alias='features')
+        arg_type: str = Field(alias='arg-type')
+        ret_type: str = Field(alias='ret-type')
+        allow_oob: bool | None = Field(default=None, alias='allow-oob')
 
-    members: list[SchemaInfoEnumMember] = Field(alias='members')
-    values: list[str] = Field(alias='values')
 
+    class SchemaInfoEventBranch(QAPIModel):
+        """QAPI union ``SchemaInfo``, case ``event``."""
 
-class SchemaInfoEnumMember(QAPIModel):
-    """QAPI struct ``SchemaInfoEnumMember``."""
+        name: str = Field(alias='name')
+        meta_type: Literal[SchemaMetaType.EVENT] = Field(alias='meta-type')
+        features: list[str] | None = Field(default=None, alias='features')
+        arg_type: str = Field(alias='arg-type')
 
-    name: str = Field(alias='name')
-    features: list[str] | None = Field(default=None, alias='features')
 
+    class SchemaInfoBuiltin(QAPIModel):
+        """QAPI struct ``SchemaInfoBuiltin``."""
 
-class SchemaInfoArray(QAPIModel):
-    """QAPI struct ``SchemaInfoArray``."""
+        json_type: JSONType = Field(alias='json-type')
 
-    element_type: str = Field(alias='element-type')
 
+    class SchemaInfoEnum(QAPIModel):
+        """QAPI struct ``SchemaInfoEnum``."""
 
-class SchemaInfoObject(QAPIModel):
-    """QAPI struct ``SchemaInfoObject``."""
+        members: list[SchemaInfoEnumMember] = Field(alias='members')
+        values: list[str] = Field(alias='values')
 
-    members: list[SchemaInfoObjectMember] = Field(alias='members')
-    tag: str | None = Field(default=None, alias='tag')
-    variants: list[SchemaInfoObjectVariant] | None = Field(default=None, alias='variants')
 
+    class SchemaInfoEnumMember(QAPIModel):
+        """QAPI struct ``SchemaInfoEnumMember``."""
 
-class SchemaInfoObjectMember(QAPIModel):
-    """QAPI struct ``SchemaInfoObjectMember``."""
+        name: str = Field(alias='name')
+        features: list[str] | None = Field(default=None, alias='features')
 
-    name: str = Field(alias='name')
-    type: str = Field(alias='type')
-    default: Any | None = Field(default=None, alias='default')
-    features: list[str] | None = Field(default=None, alias='features')
 
+    class SchemaInfoArray(QAPIModel):
+        """QAPI struct ``SchemaInfoArray``."""
 
-class SchemaInfoObjectVariant(QAPIModel):
-    """QAPI struct ``SchemaInfoObjectVariant``."""
+        element_type: str = Field(alias='element-type')
 
-    case: str = Field(alias='case')
-    type: str = Field(alias='type')
 
+    class SchemaInfoObject(QAPIModel):
+        """QAPI struct ``SchemaInfoObject``."""
 
-class SchemaInfoAlternate(QAPIModel):
-    """QAPI struct ``SchemaInfoAlternate``."""
+        members: list[SchemaInfoObjectMember] = Field(alias='members')
+        tag: str | None = Field(default=None, alias='tag')
+        variants: list[SchemaInfoObjectVariant] | None = Field(default=None, alias='variants')
 
-    members: list[SchemaInfoAlternateMember] = Field(alias='members')
 
+    class SchemaInfoObjectMember(QAPIModel):
+        """QAPI struct ``SchemaInfoObjectMember``."""
 
-class SchemaInfoAlternateMember(QAPIModel):
-    """QAPI struct ``SchemaInfoAlternateMember``."""
+        name: str = Field(alias='name')
+        type: str = Field(alias='type')
+        default: Any | None = Field(default=None, alias='default')
+        features: list[str] | None = Field(default=None, alias='features')
 
-    type: str = Field(alias='type')
 
+    class SchemaInfoObjectVariant(QAPIModel):
+        """QAPI struct ``SchemaInfoObjectVariant``."""
 
-class SchemaInfoCommand(QAPIModel):
-    """QAPI struct ``SchemaInfoCommand``."""
+        case: str = Field(alias='case')
+        type: str = Field(alias='type')
 
-    arg_type: str = Field(alias='arg-type')
-    ret_type: str = Field(alias='ret-type')
-    allow_oob: bool | None = Field(default=None, alias='allow-oob')
 
+    class SchemaInfoAlternate(QAPIModel):
+        """QAPI struct ``SchemaInfoAlternate``."""
 
-class SchemaInfoEvent(QAPIModel):
-    """QAPI struct ``SchemaInfoEvent``."""
+        members: list[SchemaInfoAlternateMember] = Field(alias='members')
 
-    arg_type: str = Field(alias='arg-type')
 
+    class SchemaInfoAlternateMember(QAPIModel):
+        """QAPI struct ``SchemaInfoAlternateMember``."""
 
-class StatusInfo(QAPIModel):
-    """QAPI struct ``StatusInfo``."""
+        type: str = Field(alias='type')
 
-    running: bool = Field(alias='running')
-    status: RunState = Field(alias='status')
 
+    class SchemaInfoCommand(QAPIModel):
+        """QAPI struct ``SchemaInfoCommand``."""
 
-class NameInfo(QAPIModel):
-    """QAPI struct ``NameInfo``."""
+        arg_type: str = Field(alias='arg-type')
+        ret_type: str = Field(alias='ret-type')
+        allow_oob: bool | None = Field(default=None, alias='allow-oob')
 
-    name: str | None = Field(default=None, alias='name')
 
+    class SchemaInfoEvent(QAPIModel):
+        """QAPI struct ``SchemaInfoEvent``."""
 
-class TPMPassthroughOptions(QAPIModel):
-    """QAPI struct ``TPMPassthroughOptions``."""
+        arg_type: str = Field(alias='arg-type')
 
-    path: str | None = Field(default=None, alias='path')
-    cancel_path: str | None = Field(default=None, alias='cancel-path')
 
+    class StatusInfo(QAPIModel):
+        """QAPI struct ``StatusInfo``."""
 
-class TPMEmulatorOptions(QAPIModel):
-    """QAPI struct ``TPMEmulatorOptions``."""
+        running: bool = Field(alias='running')
+        status: RunState = Field(alias='status')
 
-    chardev: str = Field(alias='chardev')
 
+    class NameInfo(QAPIModel):
+        """QAPI struct ``NameInfo``."""
 
-class TPMPassthroughOptionsWrapper(QAPIModel):
-    """QAPI struct ``TPMPassthroughOptionsWrapper``."""
+        name: str | None = Field(default=None, alias='name')
 
-    data: TPMPassthroughOptions = Field(alias='data')
 
+    class TPMPassthroughOptions(QAPIModel):
+        """QAPI struct ``TPMPassthroughOptions``."""
 
-class TPMEmulatorOptionsWrapper(QAPIModel):
-    """QAPI struct ``TPMEmulatorOptionsWrapper``."""
+        path: str | None = Field(default=None, alias='path')
+        cancel_path: str | None = Field(default=None, alias='cancel-path')
 
-    data: TPMEmulatorOptions = Field(alias='data')
 
+    class TPMEmulatorOptions(QAPIModel):
+        """QAPI struct ``TPMEmulatorOptions``."""
 
-class TpmTypeOptionsPassthroughBranch(QAPIModel):
-    """QAPI union ``TpmTypeOptions``, case ``passthrough``."""
+        chardev: str = Field(alias='chardev')
 
-    type: Literal[TpmType.PASSTHROUGH] = Field(alias='type')
-    data: TPMPassthroughOptions = Field(alias='data')
 
+    class TPMPassthroughOptionsWrapper(QAPIModel):
+        """QAPI struct ``TPMPassthroughOptionsWrapper``."""
 
-class TpmTypeOptionsEmulatorBranch(QAPIModel):
-    """QAPI union ``TpmTypeOptions``, case ``emulator``."""
+        data: TPMPassthroughOptions = Field(alias='data')
 
-    type: Literal[TpmType.EMULATOR] = Field(alias='type')
-    data: TPMEmulatorOptions = Field(alias='data')
 
+    class TPMEmulatorOptionsWrapper(QAPIModel):
+        """QAPI struct ``TPMEmulatorOptionsWrapper``."""
 
-class TPMInfo(QAPIModel):
-    """QAPI struct ``TPMInfo``."""
+        data: TPMEmulatorOptions = Field(alias='data')
 
-    id: str = Field(alias='id')
-    model: TpmModel = Field(alias='model')
-    options: TpmTypeOptions = Field(alias='options')
 
+    class TpmTypeOptionsPassthroughBranch(QAPIModel):
+        """QAPI union ``TpmTypeOptions``, case ``passthrough``."""
 
-class JobInfo(QAPIModel):
-    """QAPI struct ``JobInfo``."""
+        type: Literal[TpmType.PASSTHROUGH] = Field(alias='type')
+        data: TPMPassthroughOptions = Field(alias='data')
 
-    id: str = Field(alias='id')
-    type: JobType = Field(alias='type')
-    status: JobStatus = Field(alias='status')
-    current_progress: int = Field(alias='current-progress')
-    total_progress: int = Field(alias='total-progress')
-    error: str | None = Field(default=None, alias='error')
 
+    class TpmTypeOptionsEmulatorBranch(QAPIModel):
+        """QAPI union ``TpmTypeOptions``, case ``emulator``."""
 
-class BlockdevCacheOptions(QAPIModel):
-    """QAPI struct ``BlockdevCacheOptions``."""
+        type: Literal[TpmType.EMULATOR] = Field(alias='type')
+        data: TPMEmulatorOptions = Field(alias='data')
 
-    direct: bool | None = Field(default=None, alias='direct')
-    no_flush: bool | None = Field(default=None, alias='no-flush')
 
+    class TPMInfo(QAPIModel):
+        """QAPI struct ``TPMInfo``."""
 
-class BlockdevOptionsFile(QAPIModel):
-    """QAPI struct ``BlockdevOptionsFile``."""
+        id: str = Field(alias='id')
+        model: TpmModel = Field(alias='model')
+        options: TpmTypeOptions = Field(alias='options')
 
-    filename: str = Field(alias='filename')
-    pr_manager: str | None = Field(default=None, alias='pr-manager')
-    locking: OnOffAuto | None = Field(default=None, alias='locking')
-    aio: BlockdevAioOptions | None = Field(default=None, alias='aio')
-    aio_max_batch: int | None = Field(default=None, alias='aio-max-batch')
-    drop_cache: bool | None = Field(default=None, alias='drop-cache')
-    x_check_cache_dropped: bool | None = Field(default=None, alias='x-check-cache-dropped')
 
+    class JobInfo(QAPIModel):
+        """QAPI struct ``JobInfo``."""
 
-class BlockdevOptionsNull(QAPIModel):
-    """QAPI struct ``BlockdevOptionsNull``."""
+        id: str = Field(alias='id')
+        type: JobType = Field(alias='type')
+        status: JobStatus = Field(alias='status')
+        current_progress: int = Field(alias='current-progress')
+        total_progress: int = Field(alias='total-progress')
+        error: str | None = Field(default=None, alias='error')
 
-    size: int | None = Field(default=None, alias='size')
-    latency_ns: int | None = Field(default=None, alias='latency-ns')
-    read_zeroes: bool | None = Field(default=None, alias='read-zeroes')
 
+    class BlockdevCacheOptions(QAPIModel):
+        """QAPI struct ``BlockdevCacheOptions``."""
 
-class BlockdevOptionsGenericFormat(QAPIModel):
-    """QAPI struct ``BlockdevOptionsGenericFormat``."""
+        direct: bool | None = Field(default=None, alias='direct')
+        no_flush: bool | None = Field(default=None, alias='no-flush')
 
-    file: BlockdevRef = Field(alias='file')
 
+    class BlockdevOptionsFile(QAPIModel):
+        """QAPI struct ``BlockdevOptionsFile``."""
 
-class BlockdevOptionsRaw(BlockdevOptionsGenericFormat):
-    """QAPI struct ``BlockdevOptionsRaw``."""
+        filename: str = Field(alias='filename')
+        pr_manager: str | None = Field(default=None, alias='pr-manager')
+        locking: OnOffAuto | None = Field(default=None, alias='locking')
+        aio: BlockdevAioOptions | None = Field(default=None, alias='aio')
+        aio_max_batch: int | None = Field(default=None, alias='aio-max-batch')
+        drop_cache: bool | None = Field(default=None, alias='drop-cache')
+        x_check_cache_dropped: bool | None = Field(default=None, alias='x-check-cache-dropped')
 
-    offset: int | None = Field(default=None, alias='offset')
-    size: int | None = Field(default=None, alias='size')
 
+    class BlockdevOptionsNull(QAPIModel):
+        """QAPI struct ``BlockdevOptionsNull``."""
 
-class BlkdebugInjectErrorOptions(QAPIModel):
-    """QAPI struct ``BlkdebugInjectErrorOptions``."""
+        size: int | None = Field(default=None, alias='size')
+        latency_ns: int | None = Field(default=None, alias='latency-ns')
+        read_zeroes: bool | None = Field(default=None, alias='read-zeroes')
 
-    event: BlkdebugEvent = Field(alias='event')
-    state: int | None = Field(default=None, alias='state')
-    iotype: BlkdebugIOType | None = Field(default=None, alias='iotype')
-    errno: int | None = Field(default=None, alias='errno')
-    sector: int | None = Field(default=None, alias='sector')
-    once: bool | None = Field(default=None, alias='once')
-    immediately: bool | None = Field(default=None, alias='immediately')
 
+    class BlockdevOptionsGenericFormat(QAPIModel):
+        """QAPI struct ``BlockdevOptionsGenericFormat``."""
 
-class BlkdebugSetStateOptions(QAPIModel):
-    """QAPI struct ``BlkdebugSetStateOptions``."""
+        file: BlockdevRef = Field(alias='file')
 
-    event: BlkdebugEvent = Field(alias='event')
-    state: int | None = Field(default=None, alias='state')
-    new_state: int = Field(alias='new_state')
 
+    class BlockdevOptionsRaw(BlockdevOptionsGenericFormat):
+        """QAPI struct ``BlockdevOptionsRaw``."""
 
-class BlockdevOptionsBlkdebug(QAPIModel):
-    """QAPI struct ``BlockdevOptionsBlkdebug``."""
+        offset: int | None = Field(default=None, alias='offset')
+        size: int | None = Field(default=None, alias='size')
 
-    image: BlockdevRef = Field(alias='image')
-    config: str | None = Field(default=None, alias='config')
-    align: int | None = Field(default=None, alias='align')
-    max_transfer: int | None = Field(default=None, alias='max-transfer')
-    opt_write_zero: int | None = Field(default=None, alias='opt-write-zero')
-    max_write_zero: int | None = Field(default=None, alias='max-write-zero')
-    opt_discard: int | None = Field(default=None, alias='opt-discard')
-    max_discard: int | None = Field(default=None, alias='max-discard')
-    inject_error: list[BlkdebugInjectErrorOptions] | None = Field(default=None, alias='inject-error')
-    set_state: list[BlkdebugSetStateOptions] | None = Field(default=None, alias='set-state')
-    take_child_perms: list[BlockPermission] | None = Field(default=None, alias='take-child-perms')
-    unshare_child_perms: list[BlockPermission] | None = Field(default=None, alias='unshare-child-perms')
 
+    class BlkdebugInjectErrorOptions(QAPIModel):
+        """QAPI struct ``BlkdebugInjectErrorOptions``."""
 
-class BlockdevOptionsCbw(BlockdevOptionsGenericFormat):
-    """QAPI struct ``BlockdevOptionsCbw``."""
+        event: BlkdebugEvent = Field(alias='event')
+        state: int | None = Field(default=None, alias='state')
+        iotype: BlkdebugIOType | None = Field(default=None, alias='iotype')
+        errno: int | None = Field(default=None, alias='errno')
+        sector: int | None = Field(default=None, alias='sector')
+        once: bool | None = Field(default=None, alias='once')
+        immediately: bool | None = Field(default=None, alias='immediately')
 
-    target: BlockdevRef = Field(alias='target')
-    bitmap: BlockDirtyBitmap | None = Field(default=None, alias='bitmap')
-    on_cbw_error: OnCbwError | None = Field(default=None, alias='on-cbw-error')
-    cbw_timeout: int | None = Field(default=None, alias='cbw-timeout')
 
+    class BlkdebugSetStateOptions(QAPIModel):
+        """QAPI struct ``BlkdebugSetStateOptions``."""
 
-class BlockdevOptionsBlkdebugBranch(QAPIModel):
-    """QAPI union ``BlockdevOptions``, case ``blkdebug``."""
+        event: BlkdebugEvent = Field(alias='event')
+        state: int | None = Field(default=None, alias='state')
+        new_state: int = Field(alias='new_state')
 
-    driver: Literal[BlockdevDriver.BLKDEBUG] = Field(alias='driver')
-    node_name: str | None = Field(default=None, alias='node-name')
-    discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
-    cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
-    read_only: bool | None = Field(default=None, alias='read-only')
-    auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
-    force_share: bool | None = Field(default=None, alias='force-share')
-    detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
-    image: BlockdevRef = Field(alias='image')
-    config: str | None = Field(default=None, alias='config')
-    align: int | None = Field(default=None, alias='align')
-    max_transfer: int | None = Field(default=None, alias='max-transfer')
-    opt_write_zero: int | None = Field(default=None, alias='opt-write-zero')
-    max_write_zero: int | None = Field(default=None, alias='max-write-zero')
-    opt_discard: int | None = Field(default=None, alias='opt-discard')
-    max_discard: int | None = Field(default=None, alias='max-discard')
-    inject_error: list[BlkdebugInjectErrorOptions] | None = Field(default=None, alias='inject-error')
-    set_state: list[BlkdebugSetStateOptions] | None = Field(default=None, alias='set-state')
-    take_child_perms: list[BlockPermission] | None = Field(default=None, alias='take-child-perms')
-    unshare_child_perms: list[BlockPermission] | None = Field(default=None, alias='unshare-child-perms')
 
+    class BlockdevOptionsBlkdebug(QAPIModel):
+        """QAPI struct ``BlockdevOptionsBlkdebug``."""
 
-class BlockdevOptionsCopyBeforeWriteBranch(QAPIModel):
-    """QAPI union ``BlockdevOptions``, case ``copy-before-write``."""
+        image: BlockdevRef = Field(alias='image')
+        config: str | None = Field(default=None, alias='config')
+        align: int | None = Field(default=None, alias='align')
+        max_transfer: int | None = Field(default=None, alias='max-transfer')
+        opt_write_zero: int | None = Field(default=None, alias='opt-write-zero')
+        max_write_zero: int | None = Field(default=None, alias='max-write-zero')
+        opt_discard: int | None = Field(default=None, alias='opt-discard')
+        max_discard: int | None = Field(default=None, alias='max-discard')
+        inject_error: list[BlkdebugInjectErrorOptions] | None = Field(default=None, alias='inject-error')
+        set_state: list[BlkdebugSetStateOptions] | None = Field(default=None, alias='set-state')
+        take_child_perms: list[BlockPermission] | None = Field(default=None, alias='take-child-perms')
+        unshare_child_perms: list[BlockPermission] | None = Field(default=None, alias='unshare-child-perms')
 
-    driver: Literal[BlockdevDriver.COPY_BEFORE_WRITE] = Field(alias='driver')
-    node_name: str | None = Field(default=None, alias='node-name')
-    discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
-    cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
-    read_only: bool | None = Field(default=None, alias='read-only')
-    auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
-    force_share: bool | None = Field(default=None, alias='force-share')
-    detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
-    file: BlockdevRef = Field(alias='file')
-    target: BlockdevRef = Field(alias='target')
-    bitmap: BlockDirtyBitmap | None = Field(default=None, alias='bitmap')
-    on_cbw_error: OnCbwError | None = Field(default=None, alias='on-cbw-error')
-    cbw_timeout: int | None = Field(default=None, alias='cbw-timeout')
 
+    class BlockdevOptionsCbw(BlockdevOptionsGenericFormat):
+        """QAPI struct ``BlockdevOptionsCbw``."""
 
-class BlockdevOptionsFileBranch(QAPIModel):
-    """QAPI union ``BlockdevOptions``, case ``file``."""
+        target: BlockdevRef = Field(alias='target')
+        bitmap: BlockDirtyBitmap | None = Field(default=None, alias='bitmap')
+        on_cbw_error: OnCbwError | None = Field(default=None, alias='on-cbw-error')
+        cbw_timeout: int | None = Field(default=None, alias='cbw-timeout')
 
-    driver: Literal[BlockdevDriver.FILE] = Field(alias='driver')
-    node_name: str | None = Field(default=None, alias='node-name')
-    discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
-    cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
-    read_only: bool | None = Field(default=None, alias='read-only')
-    auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
-    force_share: bool | None = Field(default=None, alias='force-share')
-    detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
-    filename: str = Field(alias='filename')
-    pr_manager: str | None = Field(default=None, alias='pr-manager')
-    locking: OnOffAuto | None = Field(default=None, alias='locking')
-    aio: BlockdevAioOptions | None = Field(default=None, alias='aio')
-    aio_max_batch: int | None = Field(default=None, alias='aio-max-batch')
-    drop_cache: bool | None = Field(default=None, alias='drop-cache')
-    x_check_cache_dropped: bool | None = Field(default=None, alias='x-check-cache-dropped')
 
+    class BlockdevOptionsBlkdebugBranch(QAPIModel):
+        """QAPI union ``BlockdevOptions``, case ``blkdebug``."""
 
-class BlockdevOptionsNullAioBranch(QAPIModel):
-    """QAPI union ``BlockdevOptions``, case ``null-aio``."""
+        driver: Literal[BlockdevDriver.BLKDEBUG] = Field(alias='driver')
+        node_name: str | None = Field(default=None, alias='node-name')
+        discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+        cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+        read_only: bool | None = Field(default=None, alias='read-only')
+        auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+        force_share: bool | None = Field(default=None, alias='force-share')
+        detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+        image: BlockdevRef = Field(alias='image')
+        config: str | None = Field(default=None, alias='config')
+        align: int | None = Field(default=None, alias='align')
+        max_transfer: int | None = Field(default=None, alias='max-transfer')
+        opt_write_zero: int | None = Field(default=None, alias='opt-write-zero')
+        max_write_zero: int | None = Field(default=None, alias='max-write-zero')
+        opt_discard: int | None = Field(default=None, alias='opt-discard')
+        max_discard: int | None = Field(default=None, alias='max-discard')
+        inject_error: list[BlkdebugInjectErrorOptions] | None = Field(default=None, alias='inject-error')
+        set_state: list[BlkdebugSetStateOptions] | None = Field(default=None, alias='set-state')
+        take_child_perms: list[BlockPermission] | None = Field(default=None, alias='take-child-perms')
+        unshare_child_perms: list[BlockPermission] | None = Field(default=None, alias='unshare-child-perms')
 
-    driver: Literal[BlockdevDriver.NULL_AIO] = Field(alias='driver')
-    node_name: str | None = Field(default=None, alias='node-name')
-    discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
-    cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
-    read_only: bool | None = Field(default=None, alias='read-only')
-    auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
-    force_share: bool | None = Field(default=None, alias='force-share')
-    detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
-    size: int | None = Field(default=None, alias='size')
-    latency_ns: int | None = Field(default=None, alias='latency-ns')
-    read_zeroes: bool | None = Field(default=None, alias='read-zeroes')
 
+    class BlockdevOptionsCopyBeforeWriteBranch(QAPIModel):
+        """QAPI union ``BlockdevOptions``, case ``copy-before-write``."""
 
-class BlockdevOptionsNullCoBranch(QAPIModel):
-    """QAPI union ``BlockdevOptions``, case ``null-co``."""
+        driver: Literal[BlockdevDriver.COPY_BEFORE_WRITE] = Field(alias='driver')
+        node_name: str | None = Field(default=None, alias='node-name')
+        discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+        cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+        read_only: bool | None = Field(default=None, alias='read-only')
+        auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+        force_share: bool | None = Field(default=None, alias='force-share')
+        detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+        file: BlockdevRef = Field(alias='file')
+        target: BlockdevRef = Field(alias='target')
+        bitmap: BlockDirtyBitmap | None = Field(default=None, alias='bitmap')
+        on_cbw_error: OnCbwError | None = Field(default=None, alias='on-cbw-error')
+        cbw_timeout: int | None = Field(default=None, alias='cbw-timeout')
 
-    driver: Literal[BlockdevDriver.NULL_CO] = Field(alias='driver')
-    node_name: str | None = Field(default=None, alias='node-name')
-    discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
-    cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
-    read_only: bool | None = Field(default=None, alias='read-only')
-    auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
-    force_share: bool | None = Field(default=None, alias='force-share')
-    detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
-    size: int | None = Field(default=None, alias='size')
-    latency_ns: int | None = Field(default=None, alias='latency-ns')
-    read_zeroes: bool | None = Field(default=None, alias='read-zeroes')
 
+    class BlockdevOptionsFileBranch(QAPIModel):
+        """QAPI union ``BlockdevOptions``, case ``file``."""
 
-class BlockdevOptionsQcow2Branch(QAPIModel):
-    """QAPI union ``BlockdevOptions``, case ``qcow2``."""
+        driver: Literal[BlockdevDriver.FILE] = Field(alias='driver')
+        node_name: str | None = Field(default=None, alias='node-name')
+        discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+        cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+        read_only: bool | None = Field(default=None, alias='read-only')
+        auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+        force_share: bool | None = Field(default=None, alias='force-share')
+        detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+        filename: str = Field(alias='filename')
+        pr_manager: str | None = Field(default=None, alias='pr-manager')
+        locking: OnOffAuto | None = Field(default=None, alias='locking')
+        aio: BlockdevAioOptions | None = Field(default=None, alias='aio')
+        aio_max_batch: int | None = Field(default=None, alias='aio-max-batch')
+        drop_cache: bool | None = Field(default=None, alias='drop-cache')
+        x_check_cache_dropped: bool | None = Field(default=None, alias='x-check-cache-dropped')
 
-    driver: Literal[BlockdevDriver.QCOW2] = Field(alias='driver')
-    node_name: str | None = Field(default=None, alias='node-name')
-    discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
-    cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
-    read_only: bool | None = Field(default=None, alias='read-only')
-    auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
-    force_share: bool | None = Field(default=None, alias='force-share')
-    detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
-    file: BlockdevRef = Field(alias='file')
-    backing: BlockdevRefOrNull | None = Field(default=None, alias='backing')
-    lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
-    pass_discard_request: bool | None = Field(default=None, alias='pass-discard-request')
-    pass_discard_snapshot: bool | None = Field(default=None, alias='pass-discard-snapshot')
-    pass_discard_other: bool | None = Field(default=None, alias='pass-discard-other')
-    cache_size: int | None = Field(default=None, alias='cache-size')
-    l2_cache_size: int | None = Field(default=None, alias='l2-cache-size')
-    l2_cache_entry_size: int | None = Field(default=None, alias='l2-cache-entry-size')
-    refcount_cache_size: int | None = Field(default=None, alias='refcount-cache-size')
-    cache_clean_interval: int | None = Field(default=None, alias='cache-clean-interval')
 
+    class BlockdevOptionsNullAioBranch(QAPIModel):
+        """QAPI union ``BlockdevOptions``, case ``null-aio``."""
 
-class BlockdevOptionsRawBranch(QAPIModel):
-    """QAPI union ``BlockdevOptions``, case ``raw``."""
+        driver: Literal[BlockdevDriver.NULL_AIO] = Field(alias='driver')
+        node_name: str | None = Field(default=None, alias='node-name')
+        discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+        cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+        read_only: bool | None = Field(default=None, alias='read-only')
+        auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+        force_share: bool | None = Field(default=None, alias='force-share')
+        detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+        size: int | None = Field(default=None, alias='size')
+        latency_ns: int | None = Field(default=None, alias='latency-ns')
+        read_zeroes: bool | None = Field(default=None, alias='read-zeroes')
 
-    driver: Literal[BlockdevDriver.RAW] = Field(alias='driver')
-    node_name: str | None = Field(default=None, alias='node-name')
-    discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
-    cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
-    read_only: bool | None = Field(default=None, alias='read-only')
-    auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
-    force_share: bool | None = Field(default=None, alias='force-share')
-    detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
-    file: BlockdevRef = Field(alias='file')
-    offset: int | None = Field(default=None, alias='offset')
-    size: int | None = Field(default=None, alias='size')
 
+    class BlockdevOptionsNullCoBranch(QAPIModel):
+        """QAPI union ``BlockdevOptions``, case ``null-co``."""
 
-class BlockdevOptionsSnapshotAccessBranch(QAPIModel):
-    """QAPI union ``BlockdevOptions``, case ``snapshot-access``."""
+        driver: Literal[BlockdevDriver.NULL_CO] = Field(alias='driver')
+        node_name: str | None = Field(default=None, alias='node-name')
+        discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+        cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+        read_only: bool | None = Field(default=None, alias='read-only')
+        auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+        force_share: bool | None = Field(default=None, alias='force-share')
+        detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+        size: int | None = Field(default=None, alias='size')
+        latency_ns: int | None = Field(default=None, alias='latency-ns')
+        read_zeroes: bool | None = Field(default=None, alias='read-zeroes')
 
-    driver: Literal[BlockdevDriver.SNAPSHOT_ACCESS] = Field(alias='driver')
-    node_name: str | None = Field(default=None, alias='node-name')
-    discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
-    cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
-    read_only: bool | None = Field(default=None, alias='read-only')
-    auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
-    force_share: bool | None = Field(default=None, alias='force-share')
-    detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
-    file: BlockdevRef = Field(alias='file')
 
+    class BlockdevOptionsQcow2Branch(QAPIModel):
+        """QAPI union ``BlockdevOptions``, case ``qcow2``."""
 
-class BlockdevCreateOptionsFile(QAPIModel):
-    """QAPI struct ``BlockdevCreateOptionsFile``."""
+        driver: Literal[BlockdevDriver.QCOW2] = Field(alias='driver')
+        node_name: str | None = Field(default=None, alias='node-name')
+        discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+        cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+        read_only: bool | None = Field(default=None, alias='read-only')
+        auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+        force_share: bool | None = Field(default=None, alias='force-share')
+        detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+        file: BlockdevRef = Field(alias='file')
+        backing: BlockdevRefOrNull | None = Field(default=None, alias='backing')
+        lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+        pass_discard_request: bool | None = Field(default=None, alias='pass-discard-request')
+        pass_discard_snapshot: bool | None = Field(default=None, alias='pass-discard-snapshot')
+        pass_discard_other: bool | None = Field(default=None, alias='pass-discard-other')
+        cache_size: int | None = Field(default=None, alias='cache-size')
+        l2_cache_size: int | None = Field(default=None, alias='l2-cache-size')
+        l2_cache_entry_size: int | None = Field(default=None, alias='l2-cache-entry-size')
+        refcount_cache_size: int | None = Field(default=None, alias='refcount-cache-size')
+        cache_clean_interval: int | None = Field(default=None, alias='cache-clean-interval')
 
-    filename: str = Field(alias='filename')
-    size: int = Field(alias='size')
-    preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
-    nocow: bool | None = Field(default=None, alias='nocow')
-    extent_size_hint: int | None = Field(default=None, alias='extent-size-hint')
 
+    class BlockdevOptionsRawBranch(QAPIModel):
+        """QAPI union ``BlockdevOptions``, case ``raw``."""
 
-class BlockdevCreateOptionsFileBranch(QAPIModel):
-    """QAPI union ``BlockdevCreateOptions``, case ``file``."""
+        driver: Literal[BlockdevDriver.RAW] = Field(alias='driver')
+        node_name: str | None = Field(default=None, alias='node-name')
+        discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+        cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+        read_only: bool | None = Field(default=None, alias='read-only')
+        auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+        force_share: bool | None = Field(default=None, alias='force-share')
+        detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+        file: BlockdevRef = Field(alias='file')
+        offset: int | None = Field(default=None, alias='offset')
+        size: int | None = Field(default=None, alias='size')
 
-    driver: Literal[BlockdevDriver.FILE] = Field(alias='driver')
-    filename: str = Field(alias='filename')
-    size: int = Field(alias='size')
-    preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
-    nocow: bool | None = Field(default=None, alias='nocow')
-    extent_size_hint: int | None = Field(default=None, alias='extent-size-hint')
 
+    class BlockdevOptionsSnapshotAccessBranch(QAPIModel):
+        """QAPI union ``BlockdevOptions``, case ``snapshot-access``."""
 
-class BlockdevCreateOptionsQcow2Branch(QAPIModel):
-    """QAPI union ``BlockdevCreateOptions``, case ``qcow2``."""
+        driver: Literal[BlockdevDriver.SNAPSHOT_ACCESS] = Field(alias='driver')
+        node_name: str | None = Field(default=None, alias='node-name')
+        discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+        cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+        read_only: bool | None = Field(default=None, alias='read-only')
+        auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+        force_share: bool | None = Field(default=None, alias='force-share')
+        detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+        file: BlockdevRef = Field(alias='file')
 
-    driver: Literal[BlockdevDriver.QCOW2] = Field(alias='driver')
-    file: BlockdevRef = Field(alias='file')
-    size: int = Field(alias='size')
-    version: BlockdevQcow2Version | None = Field(default=None, alias='version')
-    backing_file: str | None = Field(default=None, alias='backing-file')
-    backing_fmt: BlockdevDriver | None = Field(default=None, alias='backing-fmt')
-    cluster_size: int | None = Field(default=None, alias='cluster-size')
-    preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
-    lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
-    refcount_bits: int | None = Field(default=None, alias='refcount-bits')
 
+    class BlockdevCreateOptionsFile(QAPIModel):
+        """QAPI struct ``BlockdevCreateOptionsFile``."""
 
-class BlockdevCreateOptionsBlkdebugBranch(QAPIModel):
-    """QAPI union ``BlockdevCreateOptions``, case ``blkdebug``."""
+        filename: str = Field(alias='filename')
+        size: int = Field(alias='size')
+        preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
+        nocow: bool | None = Field(default=None, alias='nocow')
+        extent_size_hint: int | None = Field(default=None, alias='extent-size-hint')
 
-    driver: Literal[BlockdevDriver.BLKDEBUG] = Field(alias='driver')
 
+    class BlockdevCreateOptionsFileBranch(QAPIModel):
+        """QAPI union ``BlockdevCreateOptions``, case ``file``."""
 
-class BlockdevCreateOptionsCopyBeforeWriteBranch(QAPIModel):
-    """QAPI union ``BlockdevCreateOptions``, case ``copy-before-write``."""
+        driver: Literal[BlockdevDriver.FILE] = Field(alias='driver')
+        filename: str = Field(alias='filename')
+        size: int = Field(alias='size')
+        preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
+        nocow: bool | None = Field(default=None, alias='nocow')
+        extent_size_hint: int | None = Field(default=None, alias='extent-size-hint')
 
-    driver: Literal[BlockdevDriver.COPY_BEFORE_WRITE] = Field(alias='driver')
 
+    class BlockdevCreateOptionsQcow2Branch(QAPIModel):
+        """QAPI union ``BlockdevCreateOptions``, case ``qcow2``."""
 
-class BlockdevCreateOptionsNullAioBranch(QAPIModel):
-    """QAPI union ``BlockdevCreateOptions``, case ``null-aio``."""
+        driver: Literal[BlockdevDriver.QCOW2] = Field(alias='driver')
+        file: BlockdevRef = Field(alias='file')
+        size: int = Field(alias='size')
+        version: BlockdevQcow2Version | None = Field(default=None, alias='version')
+        backing_file: str | None = Field(default=None, alias='backing-file')
+        backing_fmt: BlockdevDriver | None = Field(default=None, alias='backing-fmt')
+        cluster_size: int | None = Field(default=None, alias='cluster-size')
+        preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
+        lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+        refcount_bits: int | None = Field(default=None, alias='refcount-bits')
 
-    driver: Literal[BlockdevDriver.NULL_AIO] = Field(alias='driver')
 
+    class BlockdevCreateOptionsBlkdebugBranch(QAPIModel):
+        """QAPI union ``BlockdevCreateOptions``, case ``blkdebug``."""
 
-class BlockdevCreateOptionsNullCoBranch(QAPIModel):
-    """QAPI union ``BlockdevCreateOptions``, case ``null-co``."""
+        driver: Literal[BlockdevDriver.BLKDEBUG] = Field(alias='driver')
 
-    driver: Literal[BlockdevDriver.NULL_CO] = Field(alias='driver')
 
+    class BlockdevCreateOptionsCopyBeforeWriteBranch(QAPIModel):
+        """QAPI union ``BlockdevCreateOptions``, case ``copy-before-write``."""
 
-class BlockdevCreateOptionsRawBranch(QAPIModel):
-    """QAPI union ``BlockdevCreateOptions``, case ``raw``."""
+        driver: Literal[BlockdevDriver.COPY_BEFORE_WRITE] = Field(alias='driver')
 
-    driver: Literal[BlockdevDriver.RAW] = Field(alias='driver')
 
+    class BlockdevCreateOptionsNullAioBranch(QAPIModel):
+        """QAPI union ``BlockdevCreateOptions``, case ``null-aio``."""
 
-class BlockdevCreateOptionsSnapshotAccessBranch(QAPIModel):
-    """QAPI union ``BlockdevCreateOptions``, case ``snapshot-access``."""
+        driver: Literal[BlockdevDriver.NULL_AIO] = Field(alias='driver')
 
-    driver: Literal[BlockdevDriver.SNAPSHOT_ACCESS] = Field(alias='driver')
 
+    class BlockdevCreateOptionsNullCoBranch(QAPIModel):
+        """QAPI union ``BlockdevCreateOptions``, case ``null-co``."""
 
-class BlockDirtyBitmap(QAPIModel):
-    """QAPI struct ``BlockDirtyBitmap``."""
+        driver: Literal[BlockdevDriver.NULL_CO] = Field(alias='driver')
 
-    node: str = Field(alias='node')
-    name: str = Field(alias='name')
 
+    class BlockdevCreateOptionsRawBranch(QAPIModel):
+        """QAPI union ``BlockdevCreateOptions``, case ``raw``."""
 
-class BlockDirtyBitmapAdd(QAPIModel):
-    """QAPI struct ``BlockDirtyBitmapAdd``."""
+        driver: Literal[BlockdevDriver.RAW] = Field(alias='driver')
 
-    node: str = Field(alias='node')
-    name: str = Field(alias='name')
-    granularity: int | None = Field(default=None, alias='granularity')
-    persistent: bool | None = Field(default=None, alias='persistent')
-    disabled: bool | None = Field(default=None, alias='disabled')
 
+    class BlockdevCreateOptionsSnapshotAccessBranch(QAPIModel):
+        """QAPI union ``BlockdevCreateOptions``, case ``snapshot-access``."""
 
-class BlockDirtyBitmapMerge(QAPIModel):
-    """QAPI struct ``BlockDirtyBitmapMerge``."""
+        driver: Literal[BlockdevDriver.SNAPSHOT_ACCESS] = Field(alias='driver')
 
-    node: str = Field(alias='node')
-    target: str = Field(alias='target')
-    bitmaps: list[BlockDirtyBitmapOrStr] = Field(alias='bitmaps')
 
+    class BlockDirtyBitmap(QAPIModel):
+        """QAPI struct ``BlockDirtyBitmap``."""
 
-class BlockDirtyBitmapSha256(QAPIModel):
-    """QAPI struct ``BlockDirtyBitmapSha256``."""
+        node: str = Field(alias='node')
+        name: str = Field(alias='name')
 
-    sha256: str = Field(alias='sha256')
 
+    class BlockDirtyBitmapAdd(QAPIModel):
+        """QAPI struct ``BlockDirtyBitmapAdd``."""
 
-class BlockDirtyInfo(QAPIModel):
-    """QAPI struct ``BlockDirtyInfo``."""
+        node: str = Field(alias='node')
+        name: str = Field(alias='name')
+        granularity: int | None = Field(default=None, alias='granularity')
+        persistent: bool | None = Field(default=None, alias='persistent')
+        disabled: bool | None = Field(default=None, alias='disabled')
 
-    name: str | None = Field(default=None, alias='name')
-    count: int = Field(alias='count')
-    granularity: int = Field(alias='granularity')
-    recording: bool = Field(alias='recording')
-    busy: bool = Field(alias='busy')
-    persistent: bool = Field(alias='persistent')
-    inconsistent: bool | None = Field(default=None, alias='inconsistent')
 
+    class BlockDirtyBitmapMerge(QAPIModel):
+        """QAPI struct ``BlockDirtyBitmapMerge``."""
 
-class ImageInfo(QAPIModel):
-    """QAPI struct ``ImageInfo``."""
+        node: str = Field(alias='node')
+        target: str = Field(alias='target')
+        bitmaps: list[BlockDirtyBitmapOrStr] = Field(alias='bitmaps')
 
-    filename: str = Field(alias='filename')
-    format: str = Field(alias='format')
-    dirty_flag: bool | None = Field(default=None, alias='dirty-flag')
-    actual_size: int | None = Field(default=None, alias='actual-size')
-    virtual_size: int = Field(alias='virtual-size')
-    cluster_size: int | None = Field(default=None, alias='cluster-size')
-    encrypted: bool | None = Field(default=None, alias='encrypted')
-    compressed: bool | None = Field(default=None, alias='compressed')
-    backing_filename: str | None = Field(default=None, alias='backing-filename')
-    full_backing_filename: str | None = Field(default=None, alias='full-backing-filename')
-    backing_filename_format: str | None = Field(default=None, alias='backing-filename-format')
-    backing_image: ImageInfo | None = Field(default=None, alias='backing-image')
-    format_specific: ImageInfoSpecific | None = Field(default=None, alias='format-specific')
 
+    class BlockDirtyBitmapSha256(QAPIModel):
+        """QAPI struct ``BlockDirtyBitmapSha256``."""
 
-class BlockdevCacheInfo(QAPIModel):
-    """QAPI struct ``BlockdevCacheInfo``."""
+        sha256: str = Field(alias='sha256')
 
-    writeback: bool = Field(alias='writeback')
-    direct: bool = Field(alias='direct')
-    no_flush: bool = Field(alias='no-flush')
 
+    class BlockDirtyInfo(QAPIModel):
+        """QAPI struct ``BlockDirtyInfo``."""
 
-class BlockDeviceInfo(QAPIModel):
-    """QAPI struct ``BlockDeviceInfo``."""
+        name: str | None = Field(default=None, alias='name')
+        count: int = Field(alias='count')
+        granularity: int = Field(alias='granularity')
+        recording: bool = Field(alias='recording')
+        busy: bool = Field(alias='busy')
+        persistent: bool = Field(alias='persistent')
+        inconsistent: bool | None = Field(default=None, alias='inconsistent')
 
-    file: str = Field(alias='file')
-    node_name: str | None = Field(default=None, alias='node-name')
-    ro: bool = Field(alias='ro')
-    drv: str = Field(alias='drv')
-    backing_file: str | None = Field(default=None, alias='backing_file')
-    backing_file_depth: int = Field(alias='backing_file_depth')
-    encrypted: bool = Field(alias='encrypted')
-    detect_zeroes: BlockdevDetectZeroesOptions = Field(alias='detect_zeroes')
-    bps: int = Field(alias='bps')
-    bps_rd: int = Field(alias='bps_rd')
-    bps_wr: int = Field(alias='bps_wr')
-    iops: int = Field(alias='iops')
-    iops_rd: int = Field(alias='iops_rd')
-    iops_wr: int = Field(alias='iops_wr')
-    image: ImageInfo = Field(alias='image')
-    bps_max: int | None = Field(default=None, alias='bps_max')
-    bps_rd_max: int | None = Field(default=None, alias='bps_rd_max')
-    bps_wr_max: int | None = Field(default=None, alias='bps_wr_max')
-    iops_max: int | None = Field(default=None, alias='iops_max')
-    iops_rd_max: int | None = Field(default=None, alias='iops_rd_max')
-    iops_wr_max: int | None = Field(default=None, alias='iops_wr_max')
-    bps_max_length: int | None = Field(default=None, alias='bps_max_length')
-    bps_rd_max_length: int | None = Field(default=None, alias='bps_rd_max_length')
-    bps_wr_max_length: int | None = Field(default=None, alias='bps_wr_max_length')
-    iops_max_length: int | None = Field(default=None, alias='iops_max_length')
-    iops_rd_max_length: int | None = Field(default=None, alias='iops_rd_max_length')
-    iops_wr_max_length: int | None = Field(default=None, alias='iops_wr_max_length')
-    iops_size: int | None = Field(default=None, alias='iops_size')
-    group: str | None = Field(default=None, alias='group')
-    cache: BlockdevCacheInfo = Field(alias='cache')
-    write_threshold: int = Field(alias='write_threshold')
-    dirty_bitmaps: list[BlockDirtyInfo] | None = Field(default=None, alias='dirty-bitmaps')
 
+    class ImageInfo(QAPIModel):
+        """QAPI struct ``ImageInfo``."""
 
-class BlockInfo(QAPIModel):
-    """QAPI struct ``BlockInfo``."""
+        filename: str = Field(alias='filename')
+        format: str = Field(alias='format')
+        dirty_flag: bool | None = Field(default=None, alias='dirty-flag')
+        actual_size: int | None = Field(default=None, alias='actual-size')
+        virtual_size: int = Field(alias='virtual-size')
+        cluster_size: int | None = Field(default=None, alias='cluster-size')
+        encrypted: bool | None = Field(default=None, alias='encrypted')
+        compressed: bool | None = Field(default=None, alias='compressed')
+        backing_filename: str | None = Field(default=None, alias='backing-filename')
+        full_backing_filename: str | None = Field(default=None, alias='full-backing-filename')
+        backing_filename_format: str | None = Field(default=None, alias='backing-filename-format')
+        backing_image: ImageInfo | None = Field(default=None, alias='backing-image')
+        format_specific: ImageInfoSpecific | None = Field(default=None, alias='format-specific')
 
-    device: str = Field(alias='device')
-    qdev: str | None = Field(default=None, alias='qdev')
-    type: str = Field(alias='type')
-    removable: bool = Field(alias='removable')
-    locked: bool = Field(alias='locked')
-    inserted: BlockDeviceInfo | None = Field(default=None, alias='inserted')
-    tray_open: bool | None = Field(default=None, alias='tray_open')
-    io_status: BlockDeviceIoStatus | None = Field(default=None, alias='io-status')
 
+    class BlockdevCacheInfo(QAPIModel):
+        """QAPI struct ``BlockdevCacheInfo``."""
 
-class BackupPerf(QAPIModel):
-    """QAPI struct ``BackupPerf``."""
+        writeback: bool = Field(alias='writeback')
+        direct: bool = Field(alias='direct')
+        no_flush: bool = Field(alias='no-flush')
 
-    use_copy_range: bool | None = Field(default=None, alias='use-copy-range')
-    max_workers: int | None = Field(default=None, alias='max-workers')
-    max_chunk: int | None = Field(default=None, alias='max-chunk')
-    min_cluster_size: int | None = Field(default=None, alias='min-cluster-size')
 
+    class BlockDeviceInfo(QAPIModel):
+        """QAPI struct ``BlockDeviceInfo``."""
 
-class BackupCommon(QAPIModel):
-    """QAPI struct ``BackupCommon``."""
+        file: str = Field(alias='file')
+        node_name: str | None = Field(default=None, alias='node-name')
+        ro: bool = Field(alias='ro')
+        drv: str = Field(alias='drv')
+        backing_file: str | None = Field(default=None, alias='backing_file')
+        backing_file_depth: int = Field(alias='backing_file_depth')
+        encrypted: bool = Field(alias='encrypted')
+        detect_zeroes: BlockdevDetectZeroesOptions = Field(alias='detect_zeroes')
+        bps: int = Field(alias='bps')
+        bps_rd: int = Field(alias='bps_rd')
+        bps_wr: int = Field(alias='bps_wr')
+        iops: int = Field(alias='iops')
+        iops_rd: int = Field(alias='iops_rd')
+        iops_wr: int = Field(alias='iops_wr')
+        image: ImageInfo = Field(alias='image')
+        bps_max: int | None = Field(default=None, alias='bps_max')
+        bps_rd_max: int | None = Field(default=None, alias='bps_rd_max')
+        bps_wr_max: int | None = Field(default=None, alias='bps_wr_max')
+        iops_max: int | None = Field(default=None, alias='iops_max')
+        iops_rd_max: int | None = Field(default=None, alias='iops_rd_max')
+        iops_wr_max: int | None = Field(default=None, alias='iops_wr_max')
+        bps_max_length: int | None = Field(default=None, alias='bps_max_length')
+        bps_rd_max_length: int | None = Field(default=None, alias='bps_rd_max_length')
+        bps_wr_max_length: int | None = Field(default=None, alias='bps_wr_max_length')
+        iops_max_length: int | None = Field(default=None, alias='iops_max_length')
+        iops_rd_max_length: int | None = Field(default=None, alias='iops_rd_max_length')
+        iops_wr_max_length: int | None = Field(default=None, alias='iops_wr_max_length')
+        iops_size: int | None = Field(default=None, alias='iops_size')
+        group: str | None = Field(default=None, alias='group')
+        cache: BlockdevCacheInfo = Field(alias='cache')
+        write_threshold: int = Field(alias='write_threshold')
+        dirty_bitmaps: list[BlockDirtyInfo] | None = Field(default=None, alias='dirty-bitmaps')
 
-    job_id: str | None = Field(default=None, alias='job-id')
-    device: str = Field(alias='device')
-    sync: MirrorSyncMode = Field(alias='sync')
-    speed: int | None = Field(default=None, alias='speed')
-    bitmap: str | None = Field(default=None, alias='bitmap')
-    bitmap_mode: BitmapSyncMode | None = Field(default=None, alias='bitmap-mode')
-    compress: bool | None = Field(default=None, alias='compress')
-    on_source_error: BlockdevOnError | None = Field(default=None, alias='on-source-error')
-    on_target_error: BlockdevOnError | None = Field(default=None, alias='on-target-error')
-    auto_finalize: bool | None = Field(default=None, alias='auto-finalize')
-    auto_dismiss: bool | None = Field(default=None, alias='auto-dismiss')
-    filter_node_name: str | None = Field(default=None, alias='filter-node-name')
-    x_perf: BackupPerf | None = Field(default=None, alias='x-perf')
 
+    class BlockInfo(QAPIModel):
+        """QAPI struct ``BlockInfo``."""
 
-class DriveBackup(BackupCommon):
-    """QAPI struct ``DriveBackup``."""
+        device: str = Field(alias='device')
+        qdev: str | None = Field(default=None, alias='qdev')
+        type: str = Field(alias='type')
+        removable: bool = Field(alias='removable')
+        locked: bool = Field(alias='locked')
+        inserted: BlockDeviceInfo | None = Field(default=None, alias='inserted')
+        tray_open: bool | None = Field(default=None, alias='tray_open')
+        io_status: BlockDeviceIoStatus | None = Field(default=None, alias='io-status')
 
-    target: str = Field(alias='target')
-    format: str | None = Field(default=None, alias='format')
-    mode: NewImageMode | None = Field(default=None, alias='mode')
 
+    class BackupPerf(QAPIModel):
+        """QAPI struct ``BackupPerf``."""
 
-class BlockdevBackup(BackupCommon):
-    """QAPI struct ``BlockdevBackup``."""
+        use_copy_range: bool | None = Field(default=None, alias='use-copy-range')
+        max_workers: int | None = Field(default=None, alias='max-workers')
+        max_chunk: int | None = Field(default=None, alias='max-chunk')
+        min_cluster_size: int | None = Field(default=None, alias='min-cluster-size')
 
-    target: str = Field(alias='target')
 
+    class BackupCommon(QAPIModel):
+        """QAPI struct ``BackupCommon``."""
 
-class BlockJobInfo(QAPIModel):
-    """QAPI struct ``BlockJobInfo``."""
+        job_id: str | None = Field(default=None, alias='job-id')
+        device: str = Field(alias='device')
+        sync: MirrorSyncMode = Field(alias='sync')
+        speed: int | None = Field(default=None, alias='speed')
+        bitmap: str | None = Field(default=None, alias='bitmap')
+        bitmap_mode: BitmapSyncMode | None = Field(default=None, alias='bitmap-mode')
+        compress: bool | None = Field(default=None, alias='compress')
+        on_source_error: BlockdevOnError | None = Field(default=None, alias='on-source-error')
+        on_target_error: BlockdevOnError | None = Field(default=None, alias='on-target-error')
+        auto_finalize: bool | None = Field(default=None, alias='auto-finalize')
+        auto_dismiss: bool | None = Field(default=None, alias='auto-dismiss')
+        filter_node_name: str | None = Field(default=None, alias='filter-node-name')
+        x_perf: BackupPerf | None = Field(default=None, alias='x-perf')
 
-    type: str = Field(alias='type')
-    device: str = Field(alias='device')
-    len: int = Field(alias='len')
-    offset: int = Field(alias='offset')
-    busy: bool = Field(alias='busy')
-    paused: bool = Field(alias='paused')
-    speed: int = Field(alias='speed')
-    io_status: BlockDeviceIoStatus = Field(alias='io-status')
-    ready: bool = Field(alias='ready')
-    status: JobStatus = Field(alias='status')
-    auto_finalize: bool = Field(alias='auto-finalize')
-    auto_dismiss: bool = Field(alias='auto-dismiss')
-    error: str | None = Field(default=None, alias='error')
 
+    class DriveBackup(BackupCommon):
+        """QAPI struct ``DriveBackup``."""
 
-class BlockdevOptionsGenericCOWFormat(BlockdevOptionsGenericFormat):
-    """QAPI struct ``BlockdevOptionsGenericCOWFormat``."""
+        target: str = Field(alias='target')
+        format: str | None = Field(default=None, alias='format')
+        mode: NewImageMode | None = Field(default=None, alias='mode')
 
-    backing: BlockdevRefOrNull | None = Field(default=None, alias='backing')
 
+    class BlockdevBackup(BackupCommon):
+        """QAPI struct ``BlockdevBackup``."""
 
-class BlockdevOptionsQcow2(BlockdevOptionsGenericCOWFormat):
-    """QAPI struct ``BlockdevOptionsQcow2``."""
+        target: str = Field(alias='target')
 
-    lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
-    pass_discard_request: bool | None = Field(default=None, alias='pass-discard-request')
-    pass_discard_snapshot: bool | None = Field(default=None, alias='pass-discard-snapshot')
-    pass_discard_other: bool | None = Field(default=None, alias='pass-discard-other')
-    cache_size: int | None = Field(default=None, alias='cache-size')
-    l2_cache_size: int | None = Field(default=None, alias='l2-cache-size')
-    l2_cache_entry_size: int | None = Field(default=None, alias='l2-cache-entry-size')
-    refcount_cache_size: int | None = Field(default=None, alias='refcount-cache-size')
-    cache_clean_interval: int | None = Field(default=None, alias='cache-clean-interval')
 
+    class BlockJobInfo(QAPIModel):
+        """QAPI struct ``BlockJobInfo``."""
 
-class BlockdevCreateOptionsQcow2(QAPIModel):
-    """QAPI struct ``BlockdevCreateOptionsQcow2``."""
+        type: str = Field(alias='type')
+        device: str = Field(alias='device')
+        len: int = Field(alias='len')
+        offset: int = Field(alias='offset')
+        busy: bool = Field(alias='busy')
+        paused: bool = Field(alias='paused')
+        speed: int = Field(alias='speed')
+        io_status: BlockDeviceIoStatus = Field(alias='io-status')
+        ready: bool = Field(alias='ready')
+        status: JobStatus = Field(alias='status')
+        auto_finalize: bool = Field(alias='auto-finalize')
+        auto_dismiss: bool = Field(alias='auto-dismiss')
+        error: str | None = Field(default=None, alias='error')
 
-    file: BlockdevRef = Field(alias='file')
-    size: int = Field(alias='size')
-    version: BlockdevQcow2Version | None = Field(default=None, alias='version')
-    backing_file: str | None = Field(default=None, alias='backing-file')
-    backing_fmt: BlockdevDriver | None = Field(default=None, alias='backing-fmt')
-    cluster_size: int | None = Field(default=None, alias='cluster-size')
-    preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
-    lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
-    refcount_bits: int | None = Field(default=None, alias='refcount-bits')
 
+    class BlockdevOptionsGenericCOWFormat(BlockdevOptionsGenericFormat):
+        """QAPI struct ``BlockdevOptionsGenericCOWFormat``."""
 
-class ImageInfoSpecificQCow2(QAPIModel):
-    """QAPI struct ``ImageInfoSpecificQCow2``."""
+        backing: BlockdevRefOrNull | None = Field(default=None, alias='backing')
 
-    compat: str = Field(alias='compat')
-    extended_l2: bool | None = Field(default=None, alias='extended-l2')
-    lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
-    corrupt: bool | None = Field(default=None, alias='corrupt')
-    refcount_bits: int = Field(alias='refcount-bits')
-    compression_type: Qcow2CompressionType = Field(alias='compression-type')
 
+    class BlockdevOptionsQcow2(BlockdevOptionsGenericCOWFormat):
+        """QAPI struct ``BlockdevOptionsQcow2``."""
 
-class ImageInfoSpecificQCow2Wrapper(QAPIModel):
-    """QAPI struct ``ImageInfoSpecificQCow2Wrapper``."""
+        lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+        pass_discard_request: bool | None = Field(default=None, alias='pass-discard-request')
+        pass_discard_snapshot: bool | None = Field(default=None, alias='pass-discard-snapshot')
+        pass_discard_other: bool | None = Field(default=None, alias='pass-discard-other')
+        cache_size: int | None = Field(default=None, alias='cache-size')
+        l2_cache_size: int | None = Field(default=None, alias='l2-cache-size')
+        l2_cache_entry_size: int | None = Field(default=None, alias='l2-cache-entry-size')
+        refcount_cache_size: int | None = Field(default=None, alias='refcount-cache-size')
+        cache_clean_interval: int | None = Field(default=None, alias='cache-clean-interval')
 
-    data: ImageInfoSpecificQCow2 = Field(alias='data')
 
+    class BlockdevCreateOptionsQcow2(QAPIModel):
+        """QAPI struct ``BlockdevCreateOptionsQcow2``."""
 
-class ImageInfoSpecificQcow2Branch(QAPIModel):
-    """QAPI union ``ImageInfoSpecific``, case ``qcow2``."""
+        file: BlockdevRef = Field(alias='file')
+        size: int = Field(alias='size')
+        version: BlockdevQcow2Version | None = Field(default=None, alias='version')
+        backing_file: str | None = Field(default=None, alias='backing-file')
+        backing_fmt: BlockdevDriver | None = Field(default=None, alias='backing-fmt')
+        cluster_size: int | None = Field(default=None, alias='cluster-size')
+        preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
+        lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+        refcount_bits: int | None = Field(default=None, alias='refcount-bits')
 
-    type: Literal[ImageInfoSpecificKind.QCOW2] = Field(alias='type')
-    data: ImageInfoSpecificQCow2 = Field(alias='data')
 
+    class ImageInfoSpecificQCow2(QAPIModel):
+        """QAPI struct ``ImageInfoSpecificQCow2``."""
 
-class Abort(QAPIModel):
-    """QAPI struct ``Abort``."""
+        compat: str = Field(alias='compat')
+        extended_l2: bool | None = Field(default=None, alias='extended-l2')
+        lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+        corrupt: bool | None = Field(default=None, alias='corrupt')
+        refcount_bits: int = Field(alias='refcount-bits')
+        compression_type: Qcow2CompressionType = Field(alias='compression-type')
 
 
-class AbortWrapper(QAPIModel):
-    """QAPI struct ``AbortWrapper``."""
+    class ImageInfoSpecificQCow2Wrapper(QAPIModel):
+        """QAPI struct ``ImageInfoSpecificQCow2Wrapper``."""
 
-    data: Abort = Field(alias='data')
+        data: ImageInfoSpecificQCow2 = Field(alias='data')
 
 
-class BlockDirtyBitmapAddWrapper(QAPIModel):
-    """QAPI struct ``BlockDirtyBitmapAddWrapper``."""
+    class ImageInfoSpecificQcow2Branch(QAPIModel):
+        """QAPI union ``ImageInfoSpecific``, case ``qcow2``."""
 
-    data: BlockDirtyBitmapAdd = Field(alias='data')
+        type: Literal[ImageInfoSpecificKind.QCOW2] = Field(alias='type')
+        data: ImageInfoSpecificQCow2 = Field(alias='data')
 
 
-class BlockDirtyBitmapWrapper(QAPIModel):
-    """QAPI struct ``BlockDirtyBitmapWrapper``."""
+    class Abort(QAPIModel):
+        """QAPI struct ``Abort``."""
 
-    data: BlockDirtyBitmap = Field(alias='data')
 
+    class AbortWrapper(QAPIModel):
+        """QAPI struct ``AbortWrapper``."""
 
-class BlockDirtyBitmapMergeWrapper(QAPIModel):
-    """QAPI struct ``BlockDirtyBitmapMergeWrapper``."""
+        data: Abort = Field(alias='data')
 
-    data: BlockDirtyBitmapMerge = Field(alias='data')
 
+    class BlockDirtyBitmapAddWrapper(QAPIModel):
+        """QAPI struct ``BlockDirtyBitmapAddWrapper``."""
 
-class BlockdevBackupWrapper(QAPIModel):
-    """QAPI struct ``BlockdevBackupWrapper``."""
+        data: BlockDirtyBitmapAdd = Field(alias='data')
 
-    data: BlockdevBackup = Field(alias='data')
 
+    class BlockDirtyBitmapWrapper(QAPIModel):
+        """QAPI struct ``BlockDirtyBitmapWrapper``."""
 
-class DriveBackupWrapper(QAPIModel):
-    """QAPI struct ``DriveBackupWrapper``."""
+        data: BlockDirtyBitmap = Field(alias='data')
 
-    data: DriveBackup = Field(alias='data')
 
+    class BlockDirtyBitmapMergeWrapper(QAPIModel):
+        """QAPI struct ``BlockDirtyBitmapMergeWrapper``."""
 
-class TransactionActionAbortBranch(QAPIModel):
-    """QAPI union ``TransactionAction``, case ``abort``."""
+        data: BlockDirtyBitmapMerge = Field(alias='data')
 
-    type: Literal[TransactionActionKind.ABORT] = Field(alias='type')
-    data: Abort = Field(alias='data')
 
+    class BlockdevBackupWrapper(QAPIModel):
+        """QAPI struct ``BlockdevBackupWrapper``."""
 
-class TransactionActionBlockDirtyBitmapAddBranch(QAPIModel):
-    """QAPI union ``TransactionAction``, case ``block-dirty-bitmap-add``."""
+        data: BlockdevBackup = Field(alias='data')
 
-    type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_ADD] = Field(alias='type')
-    data: BlockDirtyBitmapAdd = Field(alias='data')
 
+    class DriveBackupWrapper(QAPIModel):
+        """QAPI struct ``DriveBackupWrapper``."""
 
-class TransactionActionBlockDirtyBitmapRemoveBranch(QAPIModel):
-    """QAPI union ``TransactionAction``, case ``block-dirty-bitmap-remove``."""
+        data: DriveBackup = Field(alias='data')
 
-    type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_REMOVE] = Field(alias='type')
-    data: BlockDirtyBitmap = Field(alias='data')
 
+    class TransactionActionAbortBranch(QAPIModel):
+        """QAPI union ``TransactionAction``, case ``abort``."""
 
-class TransactionActionBlockDirtyBitmapClearBranch(QAPIModel):
-    """QAPI union ``TransactionAction``, case ``block-dirty-bitmap-clear``."""
+        type: Literal[TransactionActionKind.ABORT] = Field(alias='type')
+        data: Abort = Field(alias='data')
 
-    type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_CLEAR] = Field(alias='type')
-    data: BlockDirtyBitmap = Field(alias='data')
 
+    class TransactionActionBlockDirtyBitmapAddBranch(QAPIModel):
+        """QAPI union ``TransactionAction``, case ``block-dirty-bitmap-add``."""
 
-class TransactionActionBlockDirtyBitmapEnableBranch(QAPIModel):
-    """QAPI union ``TransactionAction``, case ``block-dirty-bitmap-enable``."""
+        type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_ADD] = Field(alias='type')
+        data: BlockDirtyBitmapAdd = Field(alias='data')
 
-    type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_ENABLE] = Field(alias='type')
-    data: BlockDirtyBitmap = Field(alias='data')
 
+    class TransactionActionBlockDirtyBitmapRemoveBranch(QAPIModel):
+        """QAPI union ``TransactionAction``, case ``block-dirty-bitmap-remove``."""
 
-class TransactionActionBlockDirtyBitmapDisableBranch(QAPIModel):
-    """QAPI union ``TransactionAction``, case ``block-dirty-bitmap-disable``."""
+        type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_REMOVE] = Field(alias='type')
+        data: BlockDirtyBitmap = Field(alias='data')
 
-    type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_DISABLE] = Field(alias='type')
-    data: BlockDirtyBitmap = Field(alias='data')
 
+    class TransactionActionBlockDirtyBitmapClearBranch(QAPIModel):
+        """QAPI union ``TransactionAction``, case ``block-dirty-bitmap-clear``."""
 
-class TransactionActionBlockDirtyBitmapMergeBranch(QAPIModel):
-    """QAPI union ``TransactionAction``, case ``block-dirty-bitmap-merge``."""
+        type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_CLEAR] = Field(alias='type')
+        data: BlockDirtyBitmap = Field(alias='data')
 
-    type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_MERGE] = Field(alias='type')
-    data: BlockDirtyBitmapMerge = Field(alias='data')
 
+    class TransactionActionBlockDirtyBitmapEnableBranch(QAPIModel):
+        """QAPI union ``TransactionAction``, case ``block-dirty-bitmap-enable``."""
 
-class TransactionActionBlockdevBackupBranch(QAPIModel):
-    """QAPI union ``TransactionAction``, case ``blockdev-backup``."""
+        type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_ENABLE] = Field(alias='type')
+        data: BlockDirtyBitmap = Field(alias='data')
 
-    type: Literal[TransactionActionKind.BLOCKDEV_BACKUP] = Field(alias='type')
-    data: BlockdevBackup = Field(alias='data')
 
+    class TransactionActionBlockDirtyBitmapDisableBranch(QAPIModel):
+        """QAPI union ``TransactionAction``, case ``block-dirty-bitmap-disable``."""
 
-class TransactionActionDriveBackupBranch(QAPIModel):
-    """QAPI union ``TransactionAction``, case ``drive-backup``."""
+        type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_DISABLE] = Field(alias='type')
+        data: BlockDirtyBitmap = Field(alias='data')
 
-    type: Literal[TransactionActionKind.DRIVE_BACKUP] = Field(alias='type')
-    data: DriveBackup = Field(alias='data')
 
+    class TransactionActionBlockDirtyBitmapMergeBranch(QAPIModel):
+        """QAPI union ``TransactionAction``, case ``block-dirty-bitmap-merge``."""
 
-class TransactionProperties(QAPIModel):
-    """QAPI struct ``TransactionProperties``."""
+        type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_MERGE] = Field(alias='type')
+        data: BlockDirtyBitmapMerge = Field(alias='data')
 
-    completion_mode: ActionCompletionMode | None = Field(default=None, alias='completion-mode')
 
+    class TransactionActionBlockdevBackupBranch(QAPIModel):
+        """QAPI union ``TransactionAction``, case ``blockdev-backup``."""
 
-class ObjectPropertyInfo(QAPIModel):
-    """QAPI struct ``ObjectPropertyInfo``."""
+        type: Literal[TransactionActionKind.BLOCKDEV_BACKUP] = Field(alias='type')
+        data: BlockdevBackup = Field(alias='data')
 
-    name: str = Field(alias='name')
-    type: str = Field(alias='type')
-    description: str | None = Field(default=None, alias='description')
-    default_value: Any | None = Field(default=None, alias='default-value')
 
+    class TransactionActionDriveBackupBranch(QAPIModel):
+        """QAPI union ``TransactionAction``, case ``drive-backup``."""
 
-class InetSocketAddress(QAPIModel):
-    """QAPI struct ``InetSocketAddress``."""
+        type: Literal[TransactionActionKind.DRIVE_BACKUP] = Field(alias='type')
+        data: DriveBackup = Field(alias='data')
 
-    host: str = Field(alias='host')
-    port: str = Field(alias='port')
-    numeric: bool | None = Field(default=None, alias='numeric')
-    to: int | None = Field(default=None, alias='to')
-    ipv4: bool | None = Field(default=None, alias='ipv4')
-    ipv6: bool | None = Field(default=None, alias='ipv6')
-    keep_alive: bool | None = Field(default=None, alias='keep-alive')
 
+    class TransactionProperties(QAPIModel):
+        """QAPI struct ``TransactionProperties``."""
 
-class UnixSocketAddress(QAPIModel):
-    """QAPI struct ``UnixSocketAddress``."""
+        completion_mode: ActionCompletionMode | None = Field(default=None, alias='completion-mode')
 
-    path: str = Field(alias='path')
-    abstract: bool | None = Field(default=None, alias='abstract')
-    tight: bool | None = Field(default=None, alias='tight')
 
+    class ObjectPropertyInfo(QAPIModel):
+        """QAPI struct ``ObjectPropertyInfo``."""
 
-class InetSocketAddressWrapper(QAPIModel):
-    """QAPI struct ``InetSocketAddressWrapper``."""
+        name: str = Field(alias='name')
+        type: str = Field(alias='type')
+        description: str | None = Field(default=None, alias='description')
+        default_value: Any | None = Field(default=None, alias='default-value')
 
-    data: InetSocketAddress = Field(alias='data')
 
+    class InetSocketAddress(QAPIModel):
+        """QAPI struct ``InetSocketAddress``."""
 
-class UnixSocketAddressWrapper(QAPIModel):
-    """QAPI struct ``UnixSocketAddressWrapper``."""
+        host: str = Field(alias='host')
+        port: str = Field(alias='port')
+        numeric: bool | None = Field(default=None, alias='numeric')
+        to: int | None = Field(default=None, alias='to')
+        ipv4: bool | None = Field(default=None, alias='ipv4')
+        ipv6: bool | None = Field(default=None, alias='ipv6')
+        keep_alive: bool | None = Field(default=None, alias='keep-alive')
 
-    data: UnixSocketAddress = Field(alias='data')
 
+    class UnixSocketAddress(QAPIModel):
+        """QAPI struct ``UnixSocketAddress``."""
 
-class SocketAddressLegacyInetBranch(QAPIModel):
-    """QAPI union ``SocketAddressLegacy``, case ``inet``."""
+        path: str = Field(alias='path')
+        abstract: bool | None = Field(default=None, alias='abstract')
+        tight: bool | None = Field(default=None, alias='tight')
 
-    type: Literal[SocketAddressLegacyType.INET] = Field(alias='type')
-    data: InetSocketAddress = Field(alias='data')
 
+    class InetSocketAddressWrapper(QAPIModel):
+        """QAPI struct ``InetSocketAddressWrapper``."""
 
-class SocketAddressLegacyUnixBranch(QAPIModel):
-    """QAPI union ``SocketAddressLegacy``, case ``unix``."""
+        data: InetSocketAddress = Field(alias='data')
 
-    type: Literal[SocketAddressLegacyType.UNIX] = Field(alias='type')
-    data: UnixSocketAddress = Field(alias='data')
 
+    class UnixSocketAddressWrapper(QAPIModel):
+        """QAPI struct ``UnixSocketAddressWrapper``."""
 
-class SocketAddressInetBranch(QAPIModel):
-    """QAPI union ``SocketAddress``, case ``inet``."""
+        data: UnixSocketAddress = Field(alias='data')
 
-    type: Literal[SocketAddressType.INET] = Field(alias='type')
-    host: str = Field(alias='host')
-    port: str = Field(alias='port')
-    numeric: bool | None = Field(default=None, alias='numeric')
-    to: int | None = Field(default=None, alias='to')
-    ipv4: bool | None = Field(default=None, alias='ipv4')
-    ipv6: bool | None = Field(default=None, alias='ipv6')
-    keep_alive: bool | None = Field(default=None, alias='keep-alive')
 
+    class SocketAddressLegacyInetBranch(QAPIModel):
+        """QAPI union ``SocketAddressLegacy``, case ``inet``."""
 
-class SocketAddressUnixBranch(QAPIModel):
-    """QAPI union ``SocketAddress``, case ``unix``."""
+        type: Literal[SocketAddressLegacyType.INET] = Field(alias='type')
+        data: InetSocketAddress = Field(alias='data')
 
-    type: Literal[SocketAddressType.UNIX] = Field(alias='type')
-    path: str = Field(alias='path')
-    abstract: bool | None = Field(default=None, alias='abstract')
-    tight: bool | None = Field(default=None, alias='tight')
 
+    class SocketAddressLegacyUnixBranch(QAPIModel):
+        """QAPI union ``SocketAddressLegacy``, case ``unix``."""
 
-class NbdServerOptions(QAPIModel):
-    """QAPI struct ``NbdServerOptions``."""
+        type: Literal[SocketAddressLegacyType.UNIX] = Field(alias='type')
+        data: UnixSocketAddress = Field(alias='data')
 
-    addr: SocketAddress = Field(alias='addr')
-    tls_creds: str | None = Field(default=None, alias='tls-creds')
-    tls_authz: str | None = Field(default=None, alias='tls-authz')
-    max_connections: int | None = Field(default=None, alias='max-connections')
 
+    class SocketAddressInetBranch(QAPIModel):
+        """QAPI union ``SocketAddress``, case ``inet``."""
 
-class BlockExportOptionsNbdBase(QAPIModel):
-    """QAPI struct ``BlockExportOptionsNbdBase``."""
+        type: Literal[SocketAddressType.INET] = Field(alias='type')
+        host: str = Field(alias='host')
+        port: str = Field(alias='port')
+        numeric: bool | None = Field(default=None, alias='numeric')
+        to: int | None = Field(default=None, alias='to')
+        ipv4: bool | None = Field(default=None, alias='ipv4')
+        ipv6: bool | None = Field(default=None, alias='ipv6')
+        keep_alive: bool | None = Field(default=None, alias='keep-alive')
 
-    name: str | None = Field(default=None, alias='name')
-    description: str | None = Field(default=None, alias='description')
 
+    class SocketAddressUnixBranch(QAPIModel):
+        """QAPI union ``SocketAddress``, case ``unix``."""
 
-class BlockExportOptionsNbd(BlockExportOptionsNbdBase):
-    """QAPI struct ``BlockExportOptionsNbd``."""
+        type: Literal[SocketAddressType.UNIX] = Field(alias='type')
+        path: str = Field(alias='path')
+        abstract: bool | None = Field(default=None, alias='abstract')
+        tight: bool | None = Field(default=None, alias='tight')
 
-    bitmaps: list[str] | None = Field(default=None, alias='bitmaps')
-    allocation_depth: bool | None = Field(default=None, alias='allocation-depth')
 
+    class NbdServerOptions(QAPIModel):
+        """QAPI struct ``NbdServerOptions``."""
 
-class NbdServerAddOptions(BlockExportOptionsNbdBase):
-    """QAPI struct ``NbdServerAddOptions``."""
+        addr: SocketAddress = Field(alias='addr')
+        tls_creds: str | None = Field(default=None, alias='tls-creds')
+        tls_authz: str | None = Field(default=None, alias='tls-authz')
+        max_connections: int | None = Field(default=None, alias='max-connections')
 
-    device: str = Field(alias='device')
-    writable: bool | None = Field(default=None, alias='writable')
-    bitmap: str | None = Field(default=None, alias='bitmap')
 
+    class BlockExportOptionsNbdBase(QAPIModel):
+        """QAPI struct ``BlockExportOptionsNbdBase``."""
 
-class BlockExportOptionsNbdBranch(QAPIModel):
-    """QAPI union ``BlockExportOptions``, case ``nbd``."""
+        name: str | None = Field(default=None, alias='name')
+        description: str | None = Field(default=None, alias='description')
 
-    type: Literal[BlockExportType.NBD] = Field(alias='type')
-    id: str = Field(alias='id')
-    fixed_iothread: bool | None = Field(default=None, alias='fixed-iothread')
-    iothread: str | None = Field(default=None, alias='iothread')
-    node_name: str = Field(alias='node-name')
-    writable: bool | None = Field(default=None, alias='writable')
-    writethrough: bool | None = Field(default=None, alias='writethrough')
-    name: str | None = Field(default=None, alias='name')
-    description: str | None = Field(default=None, alias='description')
-    bitmaps: list[str] | None = Field(default=None, alias='bitmaps')
-    allocation_depth: bool | None = Field(default=None, alias='allocation-depth')
 
+    class BlockExportOptionsNbd(BlockExportOptionsNbdBase):
+        """QAPI struct ``BlockExportOptionsNbd``."""
 
-class BlockExportInfo(QAPIModel):
-    """QAPI struct ``BlockExportInfo``."""
+        bitmaps: list[str] | None = Field(default=None, alias='bitmaps')
+        allocation_depth: bool | None = Field(default=None, alias='allocation-depth')
 
-    id: str = Field(alias='id')
-    type: BlockExportType = Field(alias='type')
-    node_name: str = Field(alias='node-name')
-    shutting_down: bool = Field(alias='shutting-down')
 
+    class NbdServerAddOptions(BlockExportOptionsNbdBase):
+        """QAPI struct ``NbdServerAddOptions``."""
 
-class TlsCredsProperties(QAPIModel):
-    """QAPI struct ``TlsCredsProperties``."""
+        device: str = Field(alias='device')
+        writable: bool | None = Field(default=None, alias='writable')
+        bitmap: str | None = Field(default=None, alias='bitmap')
 
-    verify_peer: bool | None = Field(default=None, alias='verify-peer')
-    dir: str | None = Field(default=None, alias='dir')
-    endpoint: QCryptoTLSCredsEndpoint | None = Field(default=None, alias='endpoint')
-    priority: str | None = Field(default=None, alias='priority')
 
+    class BlockExportOptionsNbdBranch(QAPIModel):
+        """QAPI union ``BlockExportOptions``, case ``nbd``."""
 
-class TlsCredsX509Properties(TlsCredsProperties):
-    """QAPI struct ``TlsCredsX509Properties``."""
+        type: Literal[BlockExportType.NBD] = Field(alias='type')
+        id: str = Field(alias='id')
+        fixed_iothread: bool | None = Field(default=None, alias='fixed-iothread')
+        iothread: str | None = Field(default=None, alias='iothread')
+        node_name: str = Field(alias='node-name')
+        writable: bool | None = Field(default=None, alias='writable')
+        writethrough: bool | None = Field(default=None, alias='writethrough')
+        name: str | None = Field(default=None, alias='name')
+        description: str | None = Field(default=None, alias='description')
+        bitmaps: list[str] | None = Field(default=None, alias='bitmaps')
+        allocation_depth: bool | None = Field(default=None, alias='allocation-depth')
 
-    sanity_check: bool | None = Field(default=None, alias='sanity-check')
-    passwordid: str | None = Field(default=None, alias='passwordid')
 
+    class BlockExportInfo(QAPIModel):
+        """QAPI struct ``BlockExportInfo``."""
 
-class ObjectOptionsTlsCredsX509Branch(QAPIModel):
-    """QAPI union ``ObjectOptions``, case ``tls-creds-x509``."""
+        id: str = Field(alias='id')
+        type: BlockExportType = Field(alias='type')
+        node_name: str = Field(alias='node-name')
+        shutting_down: bool = Field(alias='shutting-down')
 
-    qom_type: Literal[ObjectType.TLS_CREDS_X509] = Field(alias='qom-type')
-    id: str = Field(alias='id')
-    verify_peer: bool | None = Field(default=None, alias='verify-peer')
-    dir: str | None = Field(default=None, alias='dir')
-    endpoint: QCryptoTLSCredsEndpoint | None = Field(default=None, alias='endpoint')
-    priority: str | None = Field(default=None, alias='priority')
-    sanity_check: bool | None = Field(default=None, alias='sanity-check')
-    passwordid: str | None = Field(default=None, alias='passwordid')
 
+    class TlsCredsProperties(QAPIModel):
+        """QAPI struct ``TlsCredsProperties``."""
 
-class QmpdTimestamp(QAPIModel):
-    """QAPI struct ``QmpdTimestamp``."""
+        verify_peer: bool | None = Field(default=None, alias='verify-peer')
+        dir: str | None = Field(default=None, alias='dir')
+        endpoint: QCryptoTLSCredsEndpoint | None = Field(default=None, alias='endpoint')
+        priority: str | None = Field(default=None, alias='priority')
 
-    seconds: int = Field(alias='seconds')
-    microseconds: int = Field(alias='microseconds')
 
+    class TlsCredsX509Properties(TlsCredsProperties):
+        """QAPI struct ``TlsCredsX509Properties``."""
 
-class QmpdInstanceInfo(QAPIModel):
-    """QAPI struct ``QmpdInstanceInfo``."""
+        sanity_check: bool | None = Field(default=None, alias='sanity-check')
+        passwordid: str | None = Field(default=None, alias='passwordid')
 
-    boot_id: str = Field(alias='boot-id')
-    start_time: QmpdTimestamp = Field(alias='start-time')
-    pid: int = Field(alias='pid')
-    state_dir: str | None = Field(default=None, alias='state-dir')
 
+    class ObjectOptionsTlsCredsX509Branch(QAPIModel):
+        """QAPI union ``ObjectOptions``, case ``tls-creds-x509``."""
 
-SchemaInfo: TypeAlias = Annotated[
-    Union[
-        SchemaInfoBuiltinBranch,
-        SchemaInfoEnumBranch,
-        SchemaInfoArrayBranch,
-        SchemaInfoObjectBranch,
-        SchemaInfoAlternateBranch,
-        SchemaInfoCommandBranch,
-        SchemaInfoEventBranch,
-    ],
-    Field(discriminator='meta_type'),
-]
-TpmTypeOptions: TypeAlias = Annotated[
-    Union[
-        TpmTypeOptionsPassthroughBranch,
-        TpmTypeOptionsEmulatorBranch,
-    ],
-    Field(discriminator='type'),
-]
-BlockdevOptions: TypeAlias = Annotated[
-    Union[
-        BlockdevOptionsBlkdebugBranch,
-        BlockdevOptionsCopyBeforeWriteBranch,
-        BlockdevOptionsFileBranch,
-        BlockdevOptionsNullAioBranch,
-        BlockdevOptionsNullCoBranch,
-        BlockdevOptionsQcow2Branch,
-        BlockdevOptionsRawBranch,
-        BlockdevOptionsSnapshotAccessBranch,
-    ],
-    Field(discriminator='driver'),
-]
-BlockdevCreateOptions: TypeAlias = Annotated[
-    Union[
-        BlockdevCreateOptionsFileBranch,
-        BlockdevCreateOptionsQcow2Branch,
-        BlockdevCreateOptionsBlkdebugBranch,
-        BlockdevCreateOptionsCopyBeforeWriteBranch,
-        BlockdevCreateOptionsNullAioBranch,
-        BlockdevCreateOptionsNullCoBranch,
-        BlockdevCreateOptionsRawBranch,
-        BlockdevCreateOptionsSnapshotAccessBranch,
-    ],
-    Field(discriminator='driver'),
-]
-ImageInfoSpecific: TypeAlias = Annotated[
-    Union[
-        ImageInfoSpecificQcow2Branch,
-    ],
-    Field(discriminator='type'),
-]
-TransactionAction: TypeAlias = Annotated[
-    Union[
-        TransactionActionAbortBranch,
-        TransactionActionBlockDirtyBitmapAddBranch,
-        TransactionActionBlockDirtyBitmapRemoveBranch,
-        TransactionActionBlockDirtyBitmapClearBranch,
-        TransactionActionBlockDirtyBitmapEnableBranch,
-        TransactionActionBlockDirtyBitmapDisableBranch,
-        TransactionActionBlockDirtyBitmapMergeBranch,
-        TransactionActionBlockdevBackupBranch,
-        TransactionActionDriveBackupBranch,
-    ],
-    Field(discriminator='type'),
-]
-SocketAddressLegacy: TypeAlias = Annotated[
-    Union[
-        SocketAddressLegacyInetBranch,
-        SocketAddressLegacyUnixBranch,
-    ],
-    Field(discriminator='type'),
-]
-SocketAddress: TypeAlias = Annotated[
-    Union[
-        SocketAddressInetBranch,
-        SocketAddressUnixBranch,
-    ],
-    Field(discriminator='type'),
-]
-BlockExportOptions: TypeAlias = Annotated[
-    Union[
-        BlockExportOptionsNbdBranch,
-    ],
-    Field(discriminator='type'),
-]
-ObjectOptions: TypeAlias = Annotated[
-    Union[
-        ObjectOptionsTlsCredsX509Branch,
-    ],
-    Field(discriminator='qom_type'),
-]
-BlockdevRef: TypeAlias = Union[BlockdevOptions, str]
-BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]
-BlockdevRefOrNull: TypeAlias = Union[BlockdevOptions, str, None]
+        qom_type: Literal[ObjectType.TLS_CREDS_X509] = Field(alias='qom-type')
+        id: str = Field(alias='id')
+        verify_peer: bool | None = Field(default=None, alias='verify-peer')
+        dir: str | None = Field(default=None, alias='dir')
+        endpoint: QCryptoTLSCredsEndpoint | None = Field(default=None, alias='endpoint')
+        priority: str | None = Field(default=None, alias='priority')
+        sanity_check: bool | None = Field(default=None, alias='sanity-check')
+        passwordid: str | None = Field(default=None, alias='passwordid')
 
 
-class QmpCapabilitiesArgs(QAPIModel):
-    """Arguments of ``qmp_capabilities``."""
+    class QmpdTimestamp(QAPIModel):
+        """QAPI struct ``QmpdTimestamp``."""
 
-    enable: list[QMPCapability] | None = Field(default=None, alias='enable')
+        seconds: int = Field(alias='seconds')
+        microseconds: int = Field(alias='microseconds')
 
 
-class QueryVersionArgs(QAPIModel):
-    """Arguments of ``query-version``."""
+    class QmpdInstanceInfo(QAPIModel):
+        """QAPI struct ``QmpdInstanceInfo``."""
 
+        boot_id: str = Field(alias='boot-id')
+        start_time: QmpdTimestamp = Field(alias='start-time')
+        pid: int = Field(alias='pid')
+        state_dir: str | None = Field(default=None, alias='state-dir')
 
-class QueryCommandsArgs(QAPIModel):
-    """Arguments of ``query-commands``."""
 
+    SchemaInfo: TypeAlias = Annotated[
+        Union[
+            SchemaInfoBuiltinBranch,
+            SchemaInfoEnumBranch,
+            SchemaInfoArrayBranch,
+            SchemaInfoObjectBranch,
+            SchemaInfoAlternateBranch,
+            SchemaInfoCommandBranch,
+            SchemaInfoEventBranch,
+        ],
+        Field(discriminator='meta_type'),
+    ]
 
-class QuitArgs(QAPIModel):
-    """Arguments of ``quit``."""
 
+    TpmTypeOptions: TypeAlias = Annotated[
+        Union[
+            TpmTypeOptionsPassthroughBranch,
+            TpmTypeOptionsEmulatorBranch,
+        ],
+        Field(discriminator='type'),
+    ]
 
-class QueryQmpSchemaArgs(QAPIModel):
-    """Arguments of ``query-qmp-schema``."""
 
+    BlockdevOptions: TypeAlias = Annotated[
+        Union[
+            BlockdevOptionsBlkdebugBranch,
+            BlockdevOptionsCopyBeforeWriteBranch,
+            BlockdevOptionsFileBranch,
+            BlockdevOptionsNullAioBranch,
+            BlockdevOptionsNullCoBranch,
+            BlockdevOptionsQcow2Branch,
+            BlockdevOptionsRawBranch,
+            BlockdevOptionsSnapshotAccessBranch,
+        ],
+        Field(discriminator='driver'),
+    ]
 
-class QueryStatusArgs(QAPIModel):
-    """Arguments of ``query-status``."""
 
+    BlockdevCreateOptions: TypeAlias = Annotated[
+        Union[
+            BlockdevCreateOptionsFileBranch,
+            BlockdevCreateOptionsQcow2Branch,
+            BlockdevCreateOptionsBlkdebugBranch,
+            BlockdevCreateOptionsCopyBeforeWriteBranch,
+            BlockdevCreateOptionsNullAioBranch,
+            BlockdevCreateOptionsNullCoBranch,
+            BlockdevCreateOptionsRawBranch,
+            BlockdevCreateOptionsSnapshotAccessBranch,
+        ],
+        Field(discriminator='driver'),
+    ]
 
-class QueryNameArgs(QAPIModel):
-    """Arguments of ``query-name``."""
 
+    ImageInfoSpecific: TypeAlias = Annotated[
+        Union[
+            ImageInfoSpecificQcow2Branch,
+        ],
+        Field(discriminator='type'),
+    ]
 
-class HumanMonitorCommandArgs(QAPIModel):
-    """Arguments of ``human-monitor-command``."""
 
-    command_line: str = Field(alias='command-line')
-    cpu_index: int | None = Field(default=None, alias='cpu-index')
+    TransactionAction: TypeAlias = Annotated[
+        Union[
+            TransactionActionAbortBranch,
+            TransactionActionBlockDirtyBitmapAddBranch,
+            TransactionActionBlockDirtyBitmapRemoveBranch,
+            TransactionActionBlockDirtyBitmapClearBranch,
+            TransactionActionBlockDirtyBitmapEnableBranch,
+            TransactionActionBlockDirtyBitmapDisableBranch,
+            TransactionActionBlockDirtyBitmapMergeBranch,
+            TransactionActionBlockdevBackupBranch,
+            TransactionActionDriveBackupBranch,
+        ],
+        Field(discriminator='type'),
+    ]
 
 
-class QueryTpmArgs(QAPIModel):
-    """Arguments of ``query-tpm``."""
+    SocketAddressLegacy: TypeAlias = Annotated[
+        Union[
+            SocketAddressLegacyInetBranch,
+            SocketAddressLegacyUnixBranch,
+        ],
+        Field(discriminator='type'),
+    ]
 
 
-class JobPauseArgs(QAPIModel):
-    """Arguments of ``job-pause``."""
+    SocketAddress: TypeAlias = Annotated[
+        Union[
+            SocketAddressInetBranch,
+            SocketAddressUnixBranch,
+        ],
+        Field(discriminator='type'),
+    ]
 
-    id: str = Field(alias='id')
 
+    BlockExportOptions: TypeAlias = Annotated[
+        Union[
+            BlockExportOptionsNbdBranch,
+        ],
+        Field(discriminator='type'),
+    ]
 
-class JobResumeArgs(QAPIModel):
-    """Arguments of ``job-resume``."""
 
-    id: str = Field(alias='id')
+    ObjectOptions: TypeAlias = Annotated[
+        Union[
+            ObjectOptionsTlsCredsX509Branch,
+        ],
+        Field(discriminator='qom_type'),
+    ]
 
 
-class JobCancelArgs(QAPIModel):
-    """Arguments of ``job-cancel``."""
+    BlockdevRef: TypeAlias = Union[BlockdevOptions, str]
 
-    id: str = Field(alias='id')
 
+    BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]
 
-class JobCompleteArgs(QAPIModel):
-    """Arguments of ``job-complete``."""
 
-    id: str = Field(alias='id')
+    BlockdevRefOrNull: TypeAlias = Union[BlockdevOptions, str, None]
 
 
-class JobDismissArgs(QAPIModel):
-    """Arguments of ``job-dismiss``."""
+    class QmpCapabilitiesArgs(QAPIModel):
+        """Arguments of ``qmp_capabilities``."""
 
-    id: str = Field(alias='id')
+        enable: list[QMPCapability] | None = Field(default=None, alias='enable')
 
 
-class JobFinalizeArgs(QAPIModel):
-    """Arguments of ``job-finalize``."""
+    class QueryVersionArgs(QAPIModel):
+        """Arguments of ``query-version``."""
 
-    id: str = Field(alias='id')
 
+    class QueryCommandsArgs(QAPIModel):
+        """Arguments of ``query-commands``."""
 
-class QueryJobsArgs(QAPIModel):
-    """Arguments of ``query-jobs``."""
 
+    class QuitArgs(QAPIModel):
+        """Arguments of ``quit``."""
 
-class BlockdevAddArgs(RootModel[BlockdevOptions]):
-    """Arguments of ``blockdev-add``."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)
+    class QueryQmpSchemaArgs(QAPIModel):
+        """Arguments of ``query-qmp-schema``."""
 
 
-class BlockdevDelArgs(QAPIModel):
-    """Arguments of ``blockdev-del``."""
+    class QueryStatusArgs(QAPIModel):
+        """Arguments of ``query-status``."""
 
-    node_name: str = Field(alias='node-name')
 
+    class QueryNameArgs(QAPIModel):
+        """Arguments of ``query-name``."""
 
-class BlockdevCreateArgs(QAPIModel):
-    """Arguments of ``blockdev-create``."""
 
-    job_id: str = Field(alias='job-id')
-    options: BlockdevCreateOptions = Field(alias='options')
+    class HumanMonitorCommandArgs(QAPIModel):
+        """Arguments of ``human-monitor-command``."""
 
+        command_line: str = Field(alias='command-line')
+        cpu_index: int | None = Field(default=None, alias='cpu-index')
 
-class BlockDirtyBitmapAddArgs(BlockDirtyBitmapAdd):
-    """Arguments of ``block-dirty-bitmap-add``."""
 
+    class QueryTpmArgs(QAPIModel):
+        """Arguments of ``query-tpm``."""
 
-class BlockDirtyBitmapRemoveArgs(BlockDirtyBitmap):
-    """Arguments of ``block-dirty-bitmap-remove``."""
 
+    class JobPauseArgs(QAPIModel):
+        """Arguments of ``job-pause``."""
 
-class BlockDirtyBitmapClearArgs(BlockDirtyBitmap):
-    """Arguments of ``block-dirty-bitmap-clear``."""
+        id: str = Field(alias='id')
 
 
-class BlockDirtyBitmapEnableArgs(BlockDirtyBitmap):
-    """Arguments of ``block-dirty-bitmap-enable``."""
+    class JobResumeArgs(QAPIModel):
+        """Arguments of ``job-resume``."""
 
+        id: str = Field(alias='id')
 
-class BlockDirtyBitmapDisableArgs(BlockDirtyBitmap):
-    """Arguments of ``block-dirty-bitmap-disable``."""
 
+    class JobCancelArgs(QAPIModel):
+        """Arguments of ``job-cancel``."""
 
-class BlockDirtyBitmapMergeArgs(BlockDirtyBitmapMerge):
-    """Arguments of ``block-dirty-bitmap-merge``."""
+        id: str = Field(alias='id')
 
 
-class XDebugBlockDirtyBitmapSha256Args(BlockDirtyBitmap):
-    """Arguments of ``x-debug-block-dirty-bitmap-sha256``."""
+    class JobCompleteArgs(QAPIModel):
+        """Arguments of ``job-complete``."""
 
+        id: str = Field(alias='id')
 
-class QueryBlockArgs(QAPIModel):
-    """Arguments of ``query-block``."""
 
+    class JobDismissArgs(QAPIModel):
+        """Arguments of ``job-dismiss``."""
 
-class QueryNamedBlockNodesArgs(QAPIModel):
-    """Arguments of ``query-named-block-nodes``."""
+        id: str = Field(alias='id')
 
-    flat: bool | None = Field(default=None, alias='flat')
 
+    class JobFinalizeArgs(QAPIModel):
+        """Arguments of ``job-finalize``."""
 
-class DriveBackupArgs(DriveBackup):
-    """Arguments of ``drive-backup``."""
+        id: str = Field(alias='id')
 
 
-class BlockdevBackupArgs(BlockdevBackup):
-    """Arguments of ``blockdev-backup``."""
+    class QueryJobsArgs(QAPIModel):
+        """Arguments of ``query-jobs``."""
 
 
-class QueryBlockJobsArgs(QAPIModel):
-    """Arguments of ``query-block-jobs``."""
+    class BlockdevAddArgs(RootModel[BlockdevOptions]):
+        """Arguments of ``blockdev-add``."""
 
+        model_config = ConfigDict(frozen=True, defer_build=True)
 
-class BlockJobSetSpeedArgs(QAPIModel):
-    """Arguments of ``block-job-set-speed``."""
 
-    device: str = Field(alias='device')
-    speed: int = Field(alias='speed')
+    class BlockdevDelArgs(QAPIModel):
+        """Arguments of ``blockdev-del``."""
 
+        node_name: str = Field(alias='node-name')
 
-class BlockJobCancelArgs(QAPIModel):
-    """Arguments of ``block-job-cancel``."""
 
-    device: str = Field(alias='device')
-    force: bool | None = Field(default=None, alias='force')
+    class BlockdevCreateArgs(QAPIModel):
+        """Arguments of ``blockdev-create``."""
 
+        job_id: str = Field(alias='job-id')
+        options: BlockdevCreateOptions = Field(alias='options')
 
-class BlockJobPauseArgs(QAPIModel):
-    """Arguments of ``block-job-pause``."""
 
-    device: str = Field(alias='device')
+    class BlockDirtyBitmapAddArgs(BlockDirtyBitmapAdd):
+        """Arguments of ``block-dirty-bitmap-add``."""
 
 
-class BlockJobResumeArgs(QAPIModel):
-    """Arguments of ``block-job-resume``."""
+    class BlockDirtyBitmapRemoveArgs(BlockDirtyBitmap):
+        """Arguments of ``block-dirty-bitmap-remove``."""
 
-    device: str = Field(alias='device')
 
+    class BlockDirtyBitmapClearArgs(BlockDirtyBitmap):
+        """Arguments of ``block-dirty-bitmap-clear``."""
 
-class BlockJobCompleteArgs(QAPIModel):
-    """Arguments of ``block-job-complete``."""
 
-    device: str = Field(alias='device')
+    class BlockDirtyBitmapEnableArgs(BlockDirtyBitmap):
+        """Arguments of ``block-dirty-bitmap-enable``."""
 
 
-class BlockJobDismissArgs(QAPIModel):
-    """Arguments of ``block-job-dismiss``."""
+    class BlockDirtyBitmapDisableArgs(BlockDirtyBitmap):
+        """Arguments of ``block-dirty-bitmap-disable``."""
 
-    id: str = Field(alias='id')
 
+    class BlockDirtyBitmapMergeArgs(BlockDirtyBitmapMerge):
+        """Arguments of ``block-dirty-bitmap-merge``."""
 
-class BlockJobFinalizeArgs(QAPIModel):
-    """Arguments of ``block-job-finalize``."""
 
-    id: str = Field(alias='id')
+    class XDebugBlockDirtyBitmapSha256Args(BlockDirtyBitmap):
+        """Arguments of ``x-debug-block-dirty-bitmap-sha256``."""
 
 
-class TransactionArgs(QAPIModel):
-    """Arguments of ``transaction``."""
+    class QueryBlockArgs(QAPIModel):
+        """Arguments of ``query-block``."""
 
-    actions: list[TransactionAction] = Field(alias='actions')
-    properties: TransactionProperties | None = Field(default=None, alias='properties')
 
+    class QueryNamedBlockNodesArgs(QAPIModel):
+        """Arguments of ``query-named-block-nodes``."""
 
-class StopArgs(QAPIModel):
-    """Arguments of ``stop``."""
+        flat: bool | None = Field(default=None, alias='flat')
 
 
-class ContArgs(QAPIModel):
-    """Arguments of ``cont``."""
+    class DriveBackupArgs(DriveBackup):
+        """Arguments of ``drive-backup``."""
 
 
-class QomListArgs(QAPIModel):
-    """Arguments of ``qom-list``."""
+    class BlockdevBackupArgs(BlockdevBackup):
+        """Arguments of ``blockdev-backup``."""
 
-    path: str = Field(alias='path')
 
+    class QueryBlockJobsArgs(QAPIModel):
+        """Arguments of ``query-block-jobs``."""
 
-class QomGetArgs(QAPIModel):
-    """Arguments of ``qom-get``."""
 
-    path: str = Field(alias='path')
-    property: str = Field(alias='property')
+    class BlockJobSetSpeedArgs(QAPIModel):
+        """Arguments of ``block-job-set-speed``."""
 
+        device: str = Field(alias='device')
+        speed: int = Field(alias='speed')
 
-class QomSetArgs(QAPIModel):
-    """Arguments of ``qom-set``."""
 
-    path: str = Field(alias='path')
-    property: str = Field(alias='property')
-    value: Any = Field(alias='value')
+    class BlockJobCancelArgs(QAPIModel):
+        """Arguments of ``block-job-cancel``."""
 
+        device: str = Field(alias='device')
+        force: bool | None = Field(default=None, alias='force')
 
-class BlockResizeArgs(QAPIModel):
-    """Arguments of ``block_resize``."""
 
-    device: str | None = Field(default=None, alias='device')
-    node_name: str | None = Field(default=None, alias='node-name')
-    size: int = Field(alias='size')
+    class BlockJobPauseArgs(QAPIModel):
+        """Arguments of ``block-job-pause``."""
 
+        device: str = Field(alias='device')
 
-class NbdServerStartArgs(QAPIModel):
-    """Arguments of ``nbd-server-start``."""
 
-    addr: SocketAddressLegacy = Field(alias='addr')
-    tls_creds: str | None = Field(default=None, alias='tls-creds')
-    tls_authz: str | None = Field(default=None, alias='tls-authz')
-    max_connections: int | None = Field(default=None, alias='max-connections')
+    class BlockJobResumeArgs(QAPIModel):
+        """Arguments of ``block-job-resume``."""
 
+        device: str = Field(alias='device')
 
-class NbdServerAddArgs(NbdServerAddOptions):
-    """Arguments of ``nbd-server-add``."""
 
+    class BlockJobCompleteArgs(QAPIModel):
+        """Arguments of ``block-job-complete``."""
 
-class NbdServerRemoveArgs(QAPIModel):
-    """Arguments of ``nbd-server-remove``."""
+        device: str = Field(alias='device')
 
-    name: str = Field(alias='name')
-    mode: BlockExportRemoveMode | None = Field(default=None, alias='mode')
 
+    class BlockJobDismissArgs(QAPIModel):
+        """Arguments of ``block-job-dismiss``."""
 
-class NbdServerStopArgs(QAPIModel):
-    """Arguments of ``nbd-server-stop``."""
+        id: str = Field(alias='id')
 
 
-class BlockExportAddArgs(RootModel[BlockExportOptions]):
-    """Arguments of ``block-export-add``."""
+    class BlockJobFinalizeArgs(QAPIModel):
+        """Arguments of ``block-job-finalize``."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)
+        id: str = Field(alias='id')
 
 
-class BlockExportDelArgs(QAPIModel):
-    """Arguments of ``block-export-del``."""
+    class TransactionArgs(QAPIModel):
+        """Arguments of ``transaction``."""
 
-    id: str = Field(alias='id')
-    mode: BlockExportRemoveMode | None = Field(default=None, alias='mode')
+        actions: list[TransactionAction] = Field(alias='actions')
+        properties: TransactionProperties | None = Field(default=None, alias='properties')
 
 
-class QueryBlockExportsArgs(QAPIModel):
-    """Arguments of ``query-block-exports``."""
+    class StopArgs(QAPIModel):
+        """Arguments of ``stop``."""
 
 
-class ObjectAddArgs(RootModel[ObjectOptions]):
-    """Arguments of ``object-add``."""
+    class ContArgs(QAPIModel):
+        """Arguments of ``cont``."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)
 
+    class QomListArgs(QAPIModel):
+        """Arguments of ``qom-list``."""
 
-class ObjectDelArgs(QAPIModel):
-    """Arguments of ``object-del``."""
+        path: str = Field(alias='path')
 
-    id: str = Field(alias='id')
 
+    class QomGetArgs(QAPIModel):
+        """Arguments of ``qom-get``."""
 
-class OrgQmpdQueryInstanceArgs(QAPIModel):
-    """Arguments of ``__org.qmpd_query-instance``."""
+        path: str = Field(alias='path')
+        property: str = Field(alias='property')
 
 
-class ShutdownData(QAPIModel):
-    """Data of ``SHUTDOWN``."""
+    class QomSetArgs(QAPIModel):
+        """Arguments of ``qom-set``."""
 
-    guest: bool = Field(alias='guest')
-    reason: ShutdownCause = Field(alias='reason')
+        path: str = Field(alias='path')
+        property: str = Field(alias='property')
+        value: Any = Field(alias='value')
 
 
-class JobStatusChangeData(QAPIModel):
-    """Data of ``JOB_STATUS_CHANGE``."""
+    class BlockResizeArgs(QAPIModel):
+        """Arguments of ``block_resize``."""
 
-    id: str = Field(alias='id')
-    status: JobStatus = Field(alias='status')
+        device: str | None = Field(default=None, alias='device')
+        node_name: str | None = Field(default=None, alias='node-name')
+        size: int = Field(alias='size')
 
 
-class BlockJobCompletedData(QAPIModel):
-    """Data of ``BLOCK_JOB_COMPLETED``."""
+    class NbdServerStartArgs(QAPIModel):
+        """Arguments of ``nbd-server-start``."""
 
-    type: JobType = Field(alias='type')
-    device: str = Field(alias='device')
-    len: int = Field(alias='len')
-    offset: int = Field(alias='offset')
-    speed: int = Field(alias='speed')
-    error: str | None = Field(default=None, alias='error')
+        addr: SocketAddressLegacy = Field(alias='addr')
+        tls_creds: str | None = Field(default=None, alias='tls-creds')
+        tls_authz: str | None = Field(default=None, alias='tls-authz')
+        max_connections: int | None = Field(default=None, alias='max-connections')
 
 
-class BlockJobCancelledData(QAPIModel):
-    """Data of ``BLOCK_JOB_CANCELLED``."""
+    class NbdServerAddArgs(NbdServerAddOptions):
+        """Arguments of ``nbd-server-add``."""
 
-    type: JobType = Field(alias='type')
-    device: str = Field(alias='device')
-    len: int = Field(alias='len')
-    offset: int = Field(alias='offset')
-    speed: int = Field(alias='speed')
 
+    class NbdServerRemoveArgs(QAPIModel):
+        """Arguments of ``nbd-server-remove``."""
 
-class BlockJobErrorData(QAPIModel):
-    """Data of ``BLOCK_JOB_ERROR``."""
+        name: str = Field(alias='name')
+        mode: BlockExportRemoveMode | None = Field(default=None, alias='mode')
 
-    device: str = Field(alias='device')
-    operation: IoOperationType = Field(alias='operation')
-    action: BlockErrorAction = Field(alias='action')
 
+    class NbdServerStopArgs(QAPIModel):
+        """Arguments of ``nbd-server-stop``."""
 
-class BlockJobReadyData(QAPIModel):
-    """Data of ``BLOCK_JOB_READY``."""
 
-    type: JobType = Field(alias='type')
-    device: str = Field(alias='device')
-    len: int = Field(alias='len')
-    offset: int = Field(alias='offset')
-    speed: int = Field(alias='speed')
+    class BlockExportAddArgs(RootModel[BlockExportOptions]):
+        """Arguments of ``block-export-add``."""
 
+        model_config = ConfigDict(frozen=True, defer_build=True)
 
-class BlockJobPendingData(QAPIModel):
-    """Data of ``BLOCK_JOB_PENDING``."""
 
-    type: JobType = Field(alias='type')
-    id: str = Field(alias='id')
+    class BlockExportDelArgs(QAPIModel):
+        """Arguments of ``block-export-del``."""
 
+        id: str = Field(alias='id')
+        mode: BlockExportRemoveMode | None = Field(default=None, alias='mode')
 
-class BlockImageCorruptedData(QAPIModel):
-    """Data of ``BLOCK_IMAGE_CORRUPTED``."""
 
-    device: str = Field(alias='device')
-    node_name: str | None = Field(default=None, alias='node-name')
-    msg: str = Field(alias='msg')
-    offset: int | None = Field(default=None, alias='offset')
-    size: int | None = Field(default=None, alias='size')
-    fatal: bool = Field(alias='fatal')
+    class QueryBlockExportsArgs(QAPIModel):
+        """Arguments of ``query-block-exports``."""
 
 
-class StopData(QAPIModel):
-    """Data of ``STOP``."""
+    class ObjectAddArgs(RootModel[ObjectOptions]):
+        """Arguments of ``object-add``."""
 
+        model_config = ConfigDict(frozen=True, defer_build=True)
 
-class ResumeData(QAPIModel):
-    """Data of ``RESUME``."""
 
+    class ObjectDelArgs(QAPIModel):
+        """Arguments of ``object-del``."""
 
-class BlockExportDeletedData(QAPIModel):
-    """Data of ``BLOCK_EXPORT_DELETED``."""
+        id: str = Field(alias='id')
 
-    id: str = Field(alias='id')
 
-#: Argument model of every command.
-COMMAND_ARGS: dict[str, type[BaseModel]] = {
-    'qmp_capabilities': QmpCapabilitiesArgs,
-    'query-version': QueryVersionArgs,
-    'query-commands': QueryCommandsArgs,
-    'quit': QuitArgs,
-    'query-qmp-schema': QueryQmpSchemaArgs,
-    'query-status': QueryStatusArgs,
-    'query-name': QueryNameArgs,
-    'human-monitor-command': HumanMonitorCommandArgs,
-    'query-tpm': QueryTpmArgs,
-    'job-pause': JobPauseArgs,
-    'job-resume': JobResumeArgs,
-    'job-cancel': JobCancelArgs,
-    'job-complete': JobCompleteArgs,
-    'job-dismiss': JobDismissArgs,
-    'job-finalize': JobFinalizeArgs,
-    'query-jobs': QueryJobsArgs,
-    'blockdev-add': BlockdevAddArgs,
-    'blockdev-del': BlockdevDelArgs,
-    'blockdev-create': BlockdevCreateArgs,
-    'block-dirty-bitmap-add': BlockDirtyBitmapAddArgs,
-    'block-dirty-bitmap-remove': BlockDirtyBitmapRemoveArgs,
-    'block-dirty-bitmap-clear': BlockDirtyBitmapClearArgs,
-    'block-dirty-bitmap-enable': BlockDirtyBitmapEnableArgs,
-    'block-dirty-bitmap-disable': BlockDirtyBitmapDisableArgs,
-    'block-dirty-bitmap-merge': BlockDirtyBitmapMergeArgs,
-    'x-debug-block-dirty-bitmap-sha256': XDebugBlockDirtyBitmapSha256Args,
-    'query-block': QueryBlockArgs,
-    'query-named-block-nodes': QueryNamedBlockNodesArgs,
-    'drive-backup': DriveBackupArgs,
-    'blockdev-backup': BlockdevBackupArgs,
-    'query-block-jobs': QueryBlockJobsArgs,
-    'block-job-set-speed': BlockJobSetSpeedArgs,
-    'block-job-cancel': BlockJobCancelArgs,
-    'block-job-pause': BlockJobPauseArgs,
-    'block-job-resume': BlockJobResumeArgs,
-    'block-job-complete': BlockJobCompleteArgs,
-    'block-job-dismiss': BlockJobDismissArgs,
-    'block-job-finalize': BlockJobFinalizeArgs,
-    'transaction': TransactionArgs,
-    'stop': StopArgs,
-    'cont': ContArgs,
-    'qom-list': QomListArgs,
-    'qom-get': QomGetArgs,
-    'qom-set': QomSetArgs,
-    'block_resize': BlockResizeArgs,
-    'nbd-server-start': NbdServerStartArgs,
-    'nbd-server-add': NbdServerAddArgs,
-    'nbd-server-remove': NbdServerRemoveArgs,
-    'nbd-server-stop': NbdServerStopArgs,
-    'block-export-add': BlockExportAddArgs,
-    'block-export-del': BlockExportDelArgs,
-    'query-block-exports': QueryBlockExportsArgs,
-    'object-add': ObjectAddArgs,
-    'object-del': ObjectDelArgs,
-    '__org.qmpd_query-instance': OrgQmpdQueryInstanceArgs,
-}
+    class OrgQmpdQueryInstanceArgs(QAPIModel):
+        """Arguments of ``__org.qmpd_query-instance``."""
 
-#: Return type of every command (``None``: returns ``{}``).
-COMMAND_RETURNS: dict[str, Any] = {
-    'qmp_capabilities': None,
-    'query-version': VersionInfo,
-    'query-commands': list[CommandInfo],
-    'quit': None,
-    'query-qmp-schema': list[SchemaInfo],
-    'query-status': StatusInfo,
-    'query-name': NameInfo,
-    'human-monitor-command': str,
-    'query-tpm': list[TPMInfo],
-    'job-pause': None,
-    'job-resume': None,
-    'job-cancel': None,
-    'job-complete': None,
-    'job-dismiss': None,
-    'job-finalize': None,
-    'query-jobs': list[JobInfo],
-    'blockdev-add': None,
-    'blockdev-del': None,
-    'blockdev-create': None,
-    'block-dirty-bitmap-add': None,
-    'block-dirty-bitmap-remove': None,
-    'block-dirty-bitmap-clear': None,
-    'block-dirty-bitmap-enable': None,
-    'block-dirty-bitmap-disable': None,
-    'block-dirty-bitmap-merge': None,
-    'x-debug-block-dirty-bitmap-sha256': BlockDirtyBitmapSha256,
-    'query-block': list[BlockInfo],
-    'query-named-block-nodes': list[BlockDeviceInfo],
-    'drive-backup': None,
-    'blockdev-backup': None,
-    'query-block-jobs': list[BlockJobInfo],
-    'block-job-set-speed': None,
-    'block-job-cancel': None,
-    'block-job-pause': None,
-    'block-job-resume': None,
-    'block-job-complete': None,
-    'block-job-dismiss': None,
-    'block-job-finalize': None,
-    'transaction': None,
-    'stop': None,
-    'cont': None,
-    'qom-list': list[ObjectPropertyInfo],
-    'qom-get': Any,
-    'qom-set': None,
-    'block_resize': None,
-    'nbd-server-start': None,
-    'nbd-server-add': None,
-    'nbd-server-remove': None,
-    'nbd-server-stop': None,
-    'block-export-add': None,
-    'block-export-del': None,
-    'query-block-exports': list[BlockExportInfo],
-    'object-add': None,
-    'object-del': None,
-    '__org.qmpd_query-instance': QmpdInstanceInfo,
-}
 
-#: Data model of every event.
-EVENT_DATA: dict[str, type[BaseModel]] = {
-    'SHUTDOWN': ShutdownData,
-    'JOB_STATUS_CHANGE': JobStatusChangeData,
-    'BLOCK_JOB_COMPLETED': BlockJobCompletedData,
-    'BLOCK_JOB_CANCELLED': BlockJobCancelledData,
-    'BLOCK_JOB_ERROR': BlockJobErrorData,
-    'BLOCK_JOB_READY': BlockJobReadyData,
-    'BLOCK_JOB_PENDING': BlockJobPendingData,
-    'BLOCK_IMAGE_CORRUPTED': BlockImageCorruptedData,
-    'STOP': StopData,
-    'RESUME': ResumeData,
-    'BLOCK_EXPORT_DELETED': BlockExportDeletedData,
-}
+    class ShutdownData(QAPIModel):
+        """Data of ``SHUTDOWN``."""
+
+        guest: bool = Field(alias='guest')
+        reason: ShutdownCause = Field(alias='reason')
+
+
+    class JobStatusChangeData(QAPIModel):
+        """Data of ``JOB_STATUS_CHANGE``."""
+
+        id: str = Field(alias='id')
+        status: JobStatus = Field(alias='status')
+
+
+    class BlockJobCompletedData(QAPIModel):
+        """Data of ``BLOCK_JOB_COMPLETED``."""
+
+        type: JobType = Field(alias='type')
+        device: str = Field(alias='device')
+        len: int = Field(alias='len')
+        offset: int = Field(alias='offset')
+        speed: int = Field(alias='speed')
+        error: str | None = Field(default=None, alias='error')
+
+
+    class BlockJobCancelledData(QAPIModel):
+        """Data of ``BLOCK_JOB_CANCELLED``."""
+
+        type: JobType = Field(alias='type')
+        device: str = Field(alias='device')
+        len: int = Field(alias='len')
+        offset: int = Field(alias='offset')
+        speed: int = Field(alias='speed')
+
+
+    class BlockJobErrorData(QAPIModel):
+        """Data of ``BLOCK_JOB_ERROR``."""
+
+        device: str = Field(alias='device')
+        operation: IoOperationType = Field(alias='operation')
+        action: BlockErrorAction = Field(alias='action')
+
+
+    class BlockJobReadyData(QAPIModel):
+        """Data of ``BLOCK_JOB_READY``."""
+
+        type: JobType = Field(alias='type')
+        device: str = Field(alias='device')
+        len: int = Field(alias='len')
+        offset: int = Field(alias='offset')
+        speed: int = Field(alias='speed')
+
+
+    class BlockJobPendingData(QAPIModel):
+        """Data of ``BLOCK_JOB_PENDING``."""
+
+        type: JobType = Field(alias='type')
+        id: str = Field(alias='id')
+
+
+    class BlockImageCorruptedData(QAPIModel):
+        """Data of ``BLOCK_IMAGE_CORRUPTED``."""
+
+        device: str = Field(alias='device')
+        node_name: str | None = Field(default=None, alias='node-name')
+        msg: str = Field(alias='msg')
+        offset: int | None = Field(default=None, alias='offset')
+        size: int | None = Field(default=None, alias='size')
+        fatal: bool = Field(alias='fatal')
+
+
+    class StopData(QAPIModel):
+        """Data of ``STOP``."""
+
+
+    class ResumeData(QAPIModel):
+        """Data of ``RESUME``."""
+
+
+    class BlockExportDeletedData(QAPIModel):
+        """Data of ``BLOCK_EXPORT_DELETED``."""
+
+        id: str = Field(alias='id')
+
+    #: Argument model of every command.
+    COMMAND_ARGS: dict[str, type[BaseModel]] = {
+        'qmp_capabilities': QmpCapabilitiesArgs,
+        'query-version': QueryVersionArgs,
+        'query-commands': QueryCommandsArgs,
+        'quit': QuitArgs,
+        'query-qmp-schema': QueryQmpSchemaArgs,
+        'query-status': QueryStatusArgs,
+        'query-name': QueryNameArgs,
+        'human-monitor-command': HumanMonitorCommandArgs,
+        'query-tpm': QueryTpmArgs,
+        'job-pause': JobPauseArgs,
+        'job-resume': JobResumeArgs,
+        'job-cancel': JobCancelArgs,
+        'job-complete': JobCompleteArgs,
+        'job-dismiss': JobDismissArgs,
+        'job-finalize': JobFinalizeArgs,
+        'query-jobs': QueryJobsArgs,
+        'blockdev-add': BlockdevAddArgs,
+        'blockdev-del': BlockdevDelArgs,
+        'blockdev-create': BlockdevCreateArgs,
+        'block-dirty-bitmap-add': BlockDirtyBitmapAddArgs,
+        'block-dirty-bitmap-remove': BlockDirtyBitmapRemoveArgs,
+        'block-dirty-bitmap-clear': BlockDirtyBitmapClearArgs,
+        'block-dirty-bitmap-enable': BlockDirtyBitmapEnableArgs,
+        'block-dirty-bitmap-disable': BlockDirtyBitmapDisableArgs,
+        'block-dirty-bitmap-merge': BlockDirtyBitmapMergeArgs,
+        'x-debug-block-dirty-bitmap-sha256': XDebugBlockDirtyBitmapSha256Args,
+        'query-block': QueryBlockArgs,
+        'query-named-block-nodes': QueryNamedBlockNodesArgs,
+        'drive-backup': DriveBackupArgs,
+        'blockdev-backup': BlockdevBackupArgs,
+        'query-block-jobs': QueryBlockJobsArgs,
+        'block-job-set-speed': BlockJobSetSpeedArgs,
+        'block-job-cancel': BlockJobCancelArgs,
+        'block-job-pause': BlockJobPauseArgs,
+        'block-job-resume': BlockJobResumeArgs,
+        'block-job-complete': BlockJobCompleteArgs,
+        'block-job-dismiss': BlockJobDismissArgs,
+        'block-job-finalize': BlockJobFinalizeArgs,
+        'transaction': TransactionArgs,
+        'stop': StopArgs,
+        'cont': ContArgs,
+        'qom-list': QomListArgs,
+        'qom-get': QomGetArgs,
+        'qom-set': QomSetArgs,
+        'block_resize': BlockResizeArgs,
+        'nbd-server-start': NbdServerStartArgs,
+        'nbd-server-add': NbdServerAddArgs,
+        'nbd-server-remove': NbdServerRemoveArgs,
+        'nbd-server-stop': NbdServerStopArgs,
+        'block-export-add': BlockExportAddArgs,
+        'block-export-del': BlockExportDelArgs,
+        'query-block-exports': QueryBlockExportsArgs,
+        'object-add': ObjectAddArgs,
+        'object-del': ObjectDelArgs,
+        '__org.qmpd_query-instance': OrgQmpdQueryInstanceArgs,
+    }
+
+    #: Return type of every command (``None``: returns ``{}``).
+    COMMAND_RETURNS: dict[str, Any] = {
+        'qmp_capabilities': None,
+        'query-version': VersionInfo,
+        'query-commands': list[CommandInfo],
+        'quit': None,
+        'query-qmp-schema': list[SchemaInfo],
+        'query-status': StatusInfo,
+        'query-name': NameInfo,
+        'human-monitor-command': str,
+        'query-tpm': list[TPMInfo],
+        'job-pause': None,
+        'job-resume': None,
+        'job-cancel': None,
+        'job-complete': None,
+        'job-dismiss': None,
+        'job-finalize': None,
+        'query-jobs': list[JobInfo],
+        'blockdev-add': None,
+        'blockdev-del': None,
+        'blockdev-create': None,
+        'block-dirty-bitmap-add': None,
+        'block-dirty-bitmap-remove': None,
+        'block-dirty-bitmap-clear': None,
+        'block-dirty-bitmap-enable': None,
+        'block-dirty-bitmap-disable': None,
+        'block-dirty-bitmap-merge': None,
+        'x-debug-block-dirty-bitmap-sha256': BlockDirtyBitmapSha256,
+        'query-block': list[BlockInfo],
+        'query-named-block-nodes': list[BlockDeviceInfo],
+        'drive-backup': None,
+        'blockdev-backup': None,
+        'query-block-jobs': list[BlockJobInfo],
+        'block-job-set-speed': None,
+        'block-job-cancel': None,
+        'block-job-pause': None,
+        'block-job-resume': None,
+        'block-job-complete': None,
+        'block-job-dismiss': None,
+        'block-job-finalize': None,
+        'transaction': None,
+        'stop': None,
+        'cont': None,
+        'qom-list': list[ObjectPropertyInfo],
+        'qom-get': Any,
+        'qom-set': None,
+        'block_resize': None,
+        'nbd-server-start': None,
+        'nbd-server-add': None,
+        'nbd-server-remove': None,
+        'nbd-server-stop': None,
+        'block-export-add': None,
+        'block-export-del': None,
+        'query-block-exports': list[BlockExportInfo],
+        'object-add': None,
+        'object-del': None,
+        '__org.qmpd_query-instance': QmpdInstanceInfo,
+    }
+
+    #: Data model of every event.
+    EVENT_DATA: dict[str, type[BaseModel]] = {
+        'SHUTDOWN': ShutdownData,
+        'JOB_STATUS_CHANGE': JobStatusChangeData,
+        'BLOCK_JOB_COMPLETED': BlockJobCompletedData,
+        'BLOCK_JOB_CANCELLED': BlockJobCancelledData,
+        'BLOCK_JOB_ERROR': BlockJobErrorData,
+        'BLOCK_JOB_READY': BlockJobReadyData,
+        'BLOCK_JOB_PENDING': BlockJobPendingData,
+        'BLOCK_IMAGE_CORRUPTED': BlockImageCorruptedData,
+        'STOP': StopData,
+        'RESUME': ResumeData,
+        'BLOCK_EXPORT_DELETED': BlockExportDeletedData,
+    }
+
+else:
+    # Runtime: every class and alias below is made by its factory on first
+    # access (``models.X``, ``from qmpd.qapi.models import X`` or a table
+    # lookup), together with the models its annotations name, so start-up
+    # pays only for the models it uses.  Factories are generated from the
+    # same text as the definitions above.
+    import threading
+
+    _BUILDING: set[str] = set()
+    _PENDING: set[str] = set()
+    _LOCK = threading.RLock()
+
+    def _get(name: str) -> Any:
+        # Names a definition needs while it runs (bases, alias members) are
+        # made at once; names only its annotations use are made after the
+        # outermost definition is done (pydantic resolves annotations when
+        # it builds a validator, on first use), which allows cycles.
+        g = globals()
+        if name in g:
+            return g[name]
+        with _LOCK:
+            if "QAPIModel" not in g:
+                _pydantic()
+            if name not in g:
+                outermost = not _BUILDING
+                _BUILDING.add(name)
+                try:
+                    obj = _FACTORIES[name]()
+                finally:
+                    _BUILDING.discard(name)
+                if isinstance(obj, type):
+                    obj.__qualname__ = name
+                g[name] = obj
+                while outermost and _PENDING:
+                    _get(_PENDING.pop())
+            return g[name]
+
+    def _need(*names: str) -> None:
+        _PENDING.update(names)
+
+    def __getattr__(name: str) -> Any:
+        if name in _FACTORIES or name in _PYDANTIC_NAMES:
+            return _get(name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+    class _Table(Mapping[str, Any]):
+        """A read-only table whose values are made on first lookup."""
+
+        def __init__(self, rows: dict[str, Callable[[], Any]]) -> None:
+            self._rows = rows
+            self._made: dict[str, Any] = {}
+
+        def __getitem__(self, key: str) -> Any:
+            if key not in self._made:
+                self._made[key] = self._rows[key]()
+            return self._made[key]
+
+        def __iter__(self) -> Iterator[str]:
+            return iter(self._rows)
+
+        def __len__(self) -> int:
+            return len(self._rows)
+
+        def __repr__(self) -> str:
+            return f"<lazy table of {len(self._rows)}>"
+
+    def _pydantic() -> None:
+        from pydantic import BaseModel, ConfigDict, Field, RootModel
+
+        class QAPIModel(BaseModel):
+            """Base of every generated struct model."""
+
+            # defer_build: each model's validator is built on first use.
+            model_config = ConfigDict(
+                extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True,
+                defer_build=True,
+            )
+
+        QAPIModel.__qualname__ = "QAPIModel"
+        globals().update(BaseModel=BaseModel, ConfigDict=ConfigDict, Field=Field,
+                         RootModel=RootModel, QAPIModel=QAPIModel)
+
+
+    _PYDANTIC_NAMES = frozenset({"BaseModel", "ConfigDict", "Field", "RootModel", "QAPIModel"})
+
+    def _make_QMPCapability() -> Any:
+        class QMPCapability(enum.StrEnum):
+            """QAPI enum ``QMPCapability``."""
+
+            OOB = 'oob'
+        return QMPCapability
+
+
+    def _make_SchemaMetaType() -> Any:
+        class SchemaMetaType(enum.StrEnum):
+            """QAPI enum ``SchemaMetaType``."""
+
+            BUILTIN = 'builtin'
+            ENUM = 'enum'
+            ARRAY = 'array'
+            OBJECT = 'object'
+            ALTERNATE = 'alternate'
+            COMMAND = 'command'
+            EVENT = 'event'
+        return SchemaMetaType
+
+
+    def _make_JSONType() -> Any:
+        class JSONType(enum.StrEnum):
+            """QAPI enum ``JSONType``."""
+
+            STRING = 'string'
+            NUMBER = 'number'
+            INT = 'int'
+            BOOLEAN = 'boolean'
+            NULL = 'null'
+            OBJECT = 'object'
+            ARRAY = 'array'
+            VALUE = 'value'
+        return JSONType
+
+
+    def _make_OnOffAuto() -> Any:
+        class OnOffAuto(enum.StrEnum):
+            """QAPI enum ``OnOffAuto``."""
+
+            AUTO = 'auto'
+            ON = 'on'
+            OFF = 'off'
+        return OnOffAuto
+
+
+    def _make_RunState() -> Any:
+        class RunState(enum.StrEnum):
+            """QAPI enum ``RunState``."""
+
+            DEBUG = 'debug'
+            INMIGRATE = 'inmigrate'
+            INTERNAL_ERROR = 'internal-error'
+            IO_ERROR = 'io-error'
+            PAUSED = 'paused'
+            POSTMIGRATE = 'postmigrate'
+            PRELAUNCH = 'prelaunch'
+            FINISH_MIGRATE = 'finish-migrate'
+            RESTORE_VM = 'restore-vm'
+            RUNNING = 'running'
+            SAVE_VM = 'save-vm'
+            SHUTDOWN = 'shutdown'
+            SUSPENDED = 'suspended'
+            WATCHDOG = 'watchdog'
+            GUEST_PANICKED = 'guest-panicked'
+            COLO = 'colo'
+        return RunState
+
+
+    def _make_ShutdownCause() -> Any:
+        class ShutdownCause(enum.StrEnum):
+            """QAPI enum ``ShutdownCause``."""
+
+            NONE = 'none'
+            HOST_ERROR = 'host-error'
+            HOST_QMP_QUIT = 'host-qmp-quit'
+            HOST_QMP_SYSTEM_RESET = 'host-qmp-system-reset'
+            HOST_SIGNAL = 'host-signal'
+            HOST_UI = 'host-ui'
+            GUEST_SHUTDOWN = 'guest-shutdown'
+            GUEST_RESET = 'guest-reset'
+            GUEST_PANIC = 'guest-panic'
+            SUBSYSTEM_RESET = 'subsystem-reset'
+            SNAPSHOT_LOAD = 'snapshot-load'
+        return ShutdownCause
+
+
+    def _make_TpmModel() -> Any:
+        class TpmModel(enum.StrEnum):
+            """QAPI enum ``TpmModel``."""
+
+            TPM_TIS = 'tpm-tis'
+            TPM_CRB = 'tpm-crb'
+            TPM_SPAPR = 'tpm-spapr'
+        return TpmModel
+
+
+    def _make_TpmType() -> Any:
+        class TpmType(enum.StrEnum):
+            """QAPI enum ``TpmType``."""
+
+            PASSTHROUGH = 'passthrough'
+            EMULATOR = 'emulator'
+        return TpmType
+
+
+    def _make_JobType() -> Any:
+        class JobType(enum.StrEnum):
+            """QAPI enum ``JobType``."""
+
+            COMMIT = 'commit'
+            STREAM = 'stream'
+            MIRROR = 'mirror'
+            BACKUP = 'backup'
+            CREATE = 'create'
+            AMEND = 'amend'
+            SNAPSHOT_LOAD = 'snapshot-load'
+            SNAPSHOT_SAVE = 'snapshot-save'
+            SNAPSHOT_DELETE = 'snapshot-delete'
+        return JobType
+
+
+    def _make_JobStatus() -> Any:
+        class JobStatus(enum.StrEnum):
+            """QAPI enum ``JobStatus``."""
+
+            UNDEFINED = 'undefined'
+            CREATED = 'created'
+            RUNNING = 'running'
+            PAUSED = 'paused'
+            READY = 'ready'
+            STANDBY = 'standby'
+            WAITING = 'waiting'
+            PENDING = 'pending'
+            ABORTING = 'aborting'
+            CONCLUDED = 'concluded'
+            NULL = 'null'
+        return JobStatus
+
+
+    def _make_JobVerb() -> Any:
+        class JobVerb(enum.StrEnum):
+            """QAPI enum ``JobVerb``."""
+
+            CANCEL = 'cancel'
+            PAUSE = 'pause'
+            RESUME = 'resume'
+            SET_SPEED = 'set-speed'
+            COMPLETE = 'complete'
+            DISMISS = 'dismiss'
+            FINALIZE = 'finalize'
+        return JobVerb
+
+
+    def _make_BlockdevDriver() -> Any:
+        class BlockdevDriver(enum.StrEnum):
+            """QAPI enum ``BlockdevDriver``."""
+
+            BLKDEBUG = 'blkdebug'
+            COPY_BEFORE_WRITE = 'copy-before-write'
+            FILE = 'file'
+            NULL_AIO = 'null-aio'
+            NULL_CO = 'null-co'
+            QCOW2 = 'qcow2'
+            RAW = 'raw'
+            SNAPSHOT_ACCESS = 'snapshot-access'
+        return BlockdevDriver
+
+
+    def _make_BlockdevDiscardOptions() -> Any:
+        class BlockdevDiscardOptions(enum.StrEnum):
+            """QAPI enum ``BlockdevDiscardOptions``."""
+
+            IGNORE = 'ignore'
+            UNMAP = 'unmap'
+        return BlockdevDiscardOptions
+
+
+    def _make_BlockdevDetectZeroesOptions() -> Any:
+        class BlockdevDetectZeroesOptions(enum.StrEnum):
+            """QAPI enum ``BlockdevDetectZeroesOptions``."""
+
+            OFF = 'off'
+            ON = 'on'
+            UNMAP = 'unmap'
+        return BlockdevDetectZeroesOptions
+
+
+    def _make_BlockdevAioOptions() -> Any:
+        class BlockdevAioOptions(enum.StrEnum):
+            """QAPI enum ``BlockdevAioOptions``."""
+
+            THREADS = 'threads'
+            NATIVE = 'native'
+            IO_URING = 'io_uring'
+        return BlockdevAioOptions
+
+
+    def _make_BlkdebugEvent() -> Any:
+        class BlkdebugEvent(enum.StrEnum):
+            """QAPI enum ``BlkdebugEvent``."""
+
+            L1_UPDATE = 'l1_update'
+            L1_GROW_ALLOC_TABLE = 'l1_grow_alloc_table'
+            L1_GROW_WRITE_TABLE = 'l1_grow_write_table'
+            L1_GROW_ACTIVATE_TABLE = 'l1_grow_activate_table'
+            L2_LOAD = 'l2_load'
+            L2_UPDATE = 'l2_update'
+            L2_UPDATE_COMPRESSED = 'l2_update_compressed'
+            L2_ALLOC_COW_READ = 'l2_alloc_cow_read'
+            L2_ALLOC_WRITE = 'l2_alloc_write'
+            READ_AIO = 'read_aio'
+            READ_BACKING_AIO = 'read_backing_aio'
+            READ_COMPRESSED = 'read_compressed'
+            WRITE_AIO = 'write_aio'
+            WRITE_COMPRESSED = 'write_compressed'
+            VMSTATE_LOAD = 'vmstate_load'
+            VMSTATE_SAVE = 'vmstate_save'
+            COW_READ = 'cow_read'
+            COW_WRITE = 'cow_write'
+            REFTABLE_LOAD = 'reftable_load'
+            REFTABLE_GROW = 'reftable_grow'
+            REFTABLE_UPDATE = 'reftable_update'
+            REFBLOCK_LOAD = 'refblock_load'
+            REFBLOCK_UPDATE = 'refblock_update'
+            REFBLOCK_UPDATE_PART = 'refblock_update_part'
+            REFBLOCK_ALLOC = 'refblock_alloc'
+            REFBLOCK_ALLOC_HOOKUP = 'refblock_alloc_hookup'
+            REFBLOCK_ALLOC_WRITE = 'refblock_alloc_write'
+            REFBLOCK_ALLOC_WRITE_BLOCKS = 'refblock_alloc_write_blocks'
+            REFBLOCK_ALLOC_WRITE_TABLE = 'refblock_alloc_write_table'
+            REFBLOCK_ALLOC_SWITCH_TABLE = 'refblock_alloc_switch_table'
+            CLUSTER_ALLOC = 'cluster_alloc'
+            CLUSTER_ALLOC_BYTES = 'cluster_alloc_bytes'
+            CLUSTER_FREE = 'cluster_free'
+            FLUSH_TO_OS = 'flush_to_os'
+            FLUSH_TO_DISK = 'flush_to_disk'
+            PWRITEV_RMW_HEAD = 'pwritev_rmw_head'
+            PWRITEV_RMW_AFTER_HEAD = 'pwritev_rmw_after_head'
+            PWRITEV_RMW_TAIL = 'pwritev_rmw_tail'
+            PWRITEV_RMW_AFTER_TAIL = 'pwritev_rmw_after_tail'
+            PWRITEV = 'pwritev'
+            PWRITEV_ZERO = 'pwritev_zero'
+            PWRITEV_DONE = 'pwritev_done'
+            EMPTY_IMAGE_PREPARE = 'empty_image_prepare'
+            L1_SHRINK_WRITE_TABLE = 'l1_shrink_write_table'
+            L1_SHRINK_FREE_L2_CLUSTERS = 'l1_shrink_free_l2_clusters'
+            COR_WRITE = 'cor_write'
+            CLUSTER_ALLOC_SPACE = 'cluster_alloc_space'
+            NONE = 'none'
+        return BlkdebugEvent
+
+
+    def _make_BlkdebugIOType() -> Any:
+        class BlkdebugIOType(enum.StrEnum):
+            """QAPI enum ``BlkdebugIOType``."""
+
+            READ = 'read'
+            WRITE = 'write'
+            WRITE_ZEROES = 'write-zeroes'
+            DISCARD = 'discard'
+            FLUSH = 'flush'
+            BLOCK_STATUS = 'block-status'
+        return BlkdebugIOType
+
+
+    def _make_BlockPermission() -> Any:
+        class BlockPermission(enum.StrEnum):
+            """QAPI enum ``BlockPermission``."""
+
+            CONSISTENT_READ = 'consistent-read'
+            WRITE = 'write'
+            WRITE_UNCHANGED = 'write-unchanged'
+            RESIZE = 'resize'
+        return BlockPermission
+
+
+    def _make_OnCbwError() -> Any:
+        class OnCbwError(enum.StrEnum):
+            """QAPI enum ``OnCbwError``."""
+
+            BREAK_GUEST_WRITE = 'break-guest-write'
+            BREAK_SNAPSHOT = 'break-snapshot'
+        return OnCbwError
+
+
+    def _make_PreallocMode() -> Any:
+        class PreallocMode(enum.StrEnum):
+            """QAPI enum ``PreallocMode``."""
+
+            OFF = 'off'
+            METADATA = 'metadata'
+            FALLOC = 'falloc'
+            FULL = 'full'
+        return PreallocMode
+
+
+    def _make_BlockDeviceIoStatus() -> Any:
+        class BlockDeviceIoStatus(enum.StrEnum):
+            """QAPI enum ``BlockDeviceIoStatus``."""
+
+            OK = 'ok'
+            FAILED = 'failed'
+            NOSPACE = 'nospace'
+        return BlockDeviceIoStatus
+
+
+    def _make_MirrorSyncMode() -> Any:
+        class MirrorSyncMode(enum.StrEnum):
+            """QAPI enum ``MirrorSyncMode``."""
+
+            TOP = 'top'
+            FULL = 'full'
+            NONE = 'none'
+            INCREMENTAL = 'incremental'
+            BITMAP = 'bitmap'
+        return MirrorSyncMode
+
+
+    def _make_BitmapSyncMode() -> Any:
+        class BitmapSyncMode(enum.StrEnum):
+            """QAPI enum ``BitmapSyncMode``."""
+
+            ON_SUCCESS = 'on-success'
+            NEVER = 'never'
+            ALWAYS = 'always'
+        return BitmapSyncMode
+
+
+    def _make_BlockdevOnError() -> Any:
+        class BlockdevOnError(enum.StrEnum):
+            """QAPI enum ``BlockdevOnError``."""
+
+            REPORT = 'report'
+            IGNORE = 'ignore'
+            ENOSPC = 'enospc'
+            STOP = 'stop'
+            AUTO = 'auto'
+        return BlockdevOnError
+
+
+    def _make_NewImageMode() -> Any:
+        class NewImageMode(enum.StrEnum):
+            """QAPI enum ``NewImageMode``."""
+
+            EXISTING = 'existing'
+            ABSOLUTE_PATHS = 'absolute-paths'
+        return NewImageMode
+
+
+    def _make_BlockErrorAction() -> Any:
+        class BlockErrorAction(enum.StrEnum):
+            """QAPI enum ``BlockErrorAction``."""
+
+            IGNORE = 'ignore'
+            REPORT = 'report'
+            STOP = 'stop'
+        return BlockErrorAction
+
+
+    def _make_IoOperationType() -> Any:
+        class IoOperationType(enum.StrEnum):
+            """QAPI enum ``IoOperationType``."""
+
+            READ = 'read'
+            WRITE = 'write'
+        return IoOperationType
+
+
+    def _make_BlockdevQcow2Version() -> Any:
+        class BlockdevQcow2Version(enum.StrEnum):
+            """QAPI enum ``BlockdevQcow2Version``."""
+
+            V2 = 'v2'
+            V3 = 'v3'
+        return BlockdevQcow2Version
+
+
+    def _make_Qcow2CompressionType() -> Any:
+        class Qcow2CompressionType(enum.StrEnum):
+            """QAPI enum ``Qcow2CompressionType``."""
+
+            ZLIB = 'zlib'
+            ZSTD = 'zstd'
+        return Qcow2CompressionType
+
+
+    def _make_ImageInfoSpecificKind() -> Any:
+        class ImageInfoSpecificKind(enum.StrEnum):
+            """QAPI enum ``ImageInfoSpecificKind``."""
+
+            QCOW2 = 'qcow2'
+        return ImageInfoSpecificKind
+
+
+    def _make_ActionCompletionMode() -> Any:
+        class ActionCompletionMode(enum.StrEnum):
+            """QAPI enum ``ActionCompletionMode``."""
+
+            INDIVIDUAL = 'individual'
+            GROUPED = 'grouped'
+        return ActionCompletionMode
+
+
+    def _make_TransactionActionKind() -> Any:
+        class TransactionActionKind(enum.StrEnum):
+            """QAPI enum ``TransactionActionKind``."""
+
+            ABORT = 'abort'
+            BLOCK_DIRTY_BITMAP_ADD = 'block-dirty-bitmap-add'
+            BLOCK_DIRTY_BITMAP_REMOVE = 'block-dirty-bitmap-remove'
+            BLOCK_DIRTY_BITMAP_CLEAR = 'block-dirty-bitmap-clear'
+            BLOCK_DIRTY_BITMAP_ENABLE = 'block-dirty-bitmap-enable'
+            BLOCK_DIRTY_BITMAP_DISABLE = 'block-dirty-bitmap-disable'
+            BLOCK_DIRTY_BITMAP_MERGE = 'block-dirty-bitmap-merge'
+            BLOCKDEV_BACKUP = 'blockdev-backup'
+            DRIVE_BACKUP = 'drive-backup'
+        return TransactionActionKind
+
+
+    def _make_SocketAddressLegacyType() -> Any:
+        class SocketAddressLegacyType(enum.StrEnum):
+            """QAPI enum ``SocketAddressLegacyType``."""
+
+            INET = 'inet'
+            UNIX = 'unix'
+        return SocketAddressLegacyType
+
+
+    def _make_SocketAddressType() -> Any:
+        class SocketAddressType(enum.StrEnum):
+            """QAPI enum ``SocketAddressType``."""
+
+            INET = 'inet'
+            UNIX = 'unix'
+        return SocketAddressType
+
+
+    def _make_BlockExportRemoveMode() -> Any:
+        class BlockExportRemoveMode(enum.StrEnum):
+            """QAPI enum ``BlockExportRemoveMode``."""
+
+            SAFE = 'safe'
+            HARD = 'hard'
+        return BlockExportRemoveMode
+
+
+    def _make_BlockExportType() -> Any:
+        class BlockExportType(enum.StrEnum):
+            """QAPI enum ``BlockExportType``."""
+
+            NBD = 'nbd'
+        return BlockExportType
+
+
+    def _make_QCryptoTLSCredsEndpoint() -> Any:
+        class QCryptoTLSCredsEndpoint(enum.StrEnum):
+            """QAPI enum ``QCryptoTLSCredsEndpoint``."""
+
+            CLIENT = 'client'
+            SERVER = 'server'
+        return QCryptoTLSCredsEndpoint
+
+
+    def _make_ObjectType() -> Any:
+        class ObjectType(enum.StrEnum):
+            """QAPI enum ``ObjectType``."""
+
+            TLS_CREDS_X509 = 'tls-creds-x509'
+        return ObjectType
+
+
+    def _make_VersionTriple() -> Any:
+        class VersionTriple(QAPIModel):
+            """QAPI struct ``VersionTriple``."""
+
+            major: int = Field(alias='major')
+            minor: int = Field(alias='minor')
+            micro: int = Field(alias='micro')
+        return VersionTriple
+
+
+    def _make_VersionInfo() -> Any:
+        _need('VersionTriple')
+        class VersionInfo(QAPIModel):
+            """QAPI struct ``VersionInfo``."""
+
+            qemu: VersionTriple = Field(alias='qemu')
+            package: str = Field(alias='package')
+        return VersionInfo
+
+
+    def _make_CommandInfo() -> Any:
+        class CommandInfo(QAPIModel):
+            """QAPI struct ``CommandInfo``."""
+
+            name: str = Field(alias='name')
+        return CommandInfo
+
+
+    def _make_SchemaInfoBuiltinBranch() -> Any:
+        _need('JSONType', 'SchemaMetaType')
+        class SchemaInfoBuiltinBranch(QAPIModel):
+            """QAPI union ``SchemaInfo``, case ``builtin``."""
+
+            name: str = Field(alias='name')
+            meta_type: Literal[SchemaMetaType.BUILTIN] = Field(alias='meta-type')
+            features: list[str] | None = Field(default=None, alias='features')
+            json_type: JSONType = Field(alias='json-type')
+        return SchemaInfoBuiltinBranch
+
+
+    def _make_SchemaInfoEnumBranch() -> Any:
+        _need('SchemaInfoEnumMember', 'SchemaMetaType')
+        class SchemaInfoEnumBranch(QAPIModel):
+            """QAPI union ``SchemaInfo``, case ``enum``."""
+
+            name: str = Field(alias='name')
+            meta_type: Literal[SchemaMetaType.ENUM] = Field(alias='meta-type')
+            features: list[str] | None = Field(default=None, alias='features')
+            members: list[SchemaInfoEnumMember] = Field(alias='members')
+            values: list[str] = Field(alias='values')
+        return SchemaInfoEnumBranch
+
+
+    def _make_SchemaInfoArrayBranch() -> Any:
+        _need('SchemaMetaType')
+        class SchemaInfoArrayBranch(QAPIModel):
+            """QAPI union ``SchemaInfo``, case ``array``."""
+
+            name: str = Field(alias='name')
+            meta_type: Literal[SchemaMetaType.ARRAY] = Field(alias='meta-type')
+            features: list[str] | None = Field(default=None, alias='features')
+            element_type: str = Field(alias='element-type')
+        return SchemaInfoArrayBranch
+
+
+    def _make_SchemaInfoObjectBranch() -> Any:
+        _need('SchemaInfoObjectMember', 'SchemaInfoObjectVariant', 'SchemaMetaType')
+        class SchemaInfoObjectBranch(QAPIModel):
+            """QAPI union ``SchemaInfo``, case ``object``."""
+
+            name: str = Field(alias='name')
+            meta_type: Literal[SchemaMetaType.OBJECT] = Field(alias='meta-type')
+            features: list[str] | None = Field(default=None, alias='features')
+            members: list[SchemaInfoObjectMember] = Field(alias='members')
+            tag: str | None = Field(default=None, alias='tag')
+            variants: list[SchemaInfoObjectVariant] | None = Field(default=None, alias='variants')
+        return SchemaInfoObjectBranch
+
+
+    def _make_SchemaInfoAlternateBranch() -> Any:
+        _need('SchemaInfoAlternateMember', 'SchemaMetaType')
+        class SchemaInfoAlternateBranch(QAPIModel):
+            """QAPI union ``SchemaInfo``, case ``alternate``."""
+
+            name: str = Field(alias='name')
+            meta_type: Literal[SchemaMetaType.ALTERNATE] = Field(alias='meta-type')
+            features: list[str] | None = Field(default=None, alias='features')
+            members: list[SchemaInfoAlternateMember] = Field(alias='members')
+        return SchemaInfoAlternateBranch
+
+
+    def _make_SchemaInfoCommandBranch() -> Any:
+        _need('SchemaMetaType')
+        class SchemaInfoCommandBranch(QAPIModel):
+            """QAPI union ``SchemaInfo``, case ``command``."""
+
+            name: str = Field(alias='name')
+            meta_type: Literal[SchemaMetaType.COMMAND] = Field(alias='meta-type')
+            features: list[str] | None = Field(default=None, alias='features')
+            arg_type: str = Field(alias='arg-type')
+            ret_type: str = Field(alias='ret-type')
+            allow_oob: bool | None = Field(default=None, alias='allow-oob')
+        return SchemaInfoCommandBranch
+
+
+    def _make_SchemaInfoEventBranch() -> Any:
+        _need('SchemaMetaType')
+        class SchemaInfoEventBranch(QAPIModel):
+            """QAPI union ``SchemaInfo``, case ``event``."""
+
+            name: str = Field(alias='name')
+            meta_type: Literal[SchemaMetaType.EVENT] = Field(alias='meta-type')
+            features: list[str] | None = Field(default=None, alias='features')
+            arg_type: str = Field(alias='arg-type')
+        return SchemaInfoEventBranch
+
+
+    def _make_SchemaInfoBuiltin() -> Any:
+        _need('JSONType')
+        class SchemaInfoBuiltin(QAPIModel):
+            """QAPI struct ``SchemaInfoBuiltin``."""
+
+            json_type: JSONType = Field(alias='json-type')
+        return SchemaInfoBuiltin
+
+
+    def _make_SchemaInfoEnum() -> Any:
+        _need('SchemaInfoEnumMember')
+        class SchemaInfoEnum(QAPIModel):
+            """QAPI struct ``SchemaInfoEnum``."""
+
+            members: list[SchemaInfoEnumMember] = Field(alias='members')
+            values: list[str] = Field(alias='values')
+        return SchemaInfoEnum
+
+
+    def _make_SchemaInfoEnumMember() -> Any:
+        class SchemaInfoEnumMember(QAPIModel):
+            """QAPI struct ``SchemaInfoEnumMember``."""
+
+            name: str = Field(alias='name')
+            features: list[str] | None = Field(default=None, alias='features')
+        return SchemaInfoEnumMember
+
+
+    def _make_SchemaInfoArray() -> Any:
+        class SchemaInfoArray(QAPIModel):
+            """QAPI struct ``SchemaInfoArray``."""
+
+            element_type: str = Field(alias='element-type')
+        return SchemaInfoArray
+
+
+    def _make_SchemaInfoObject() -> Any:
+        _need('SchemaInfoObjectMember', 'SchemaInfoObjectVariant')
+        class SchemaInfoObject(QAPIModel):
+            """QAPI struct ``SchemaInfoObject``."""
+
+            members: list[SchemaInfoObjectMember] = Field(alias='members')
+            tag: str | None = Field(default=None, alias='tag')
+            variants: list[SchemaInfoObjectVariant] | None = Field(default=None, alias='variants')
+        return SchemaInfoObject
+
+
+    def _make_SchemaInfoObjectMember() -> Any:
+        class SchemaInfoObjectMember(QAPIModel):
+            """QAPI struct ``SchemaInfoObjectMember``."""
+
+            name: str = Field(alias='name')
+            type: str = Field(alias='type')
+            default: Any | None = Field(default=None, alias='default')
+            features: list[str] | None = Field(default=None, alias='features')
+        return SchemaInfoObjectMember
+
+
+    def _make_SchemaInfoObjectVariant() -> Any:
+        class SchemaInfoObjectVariant(QAPIModel):
+            """QAPI struct ``SchemaInfoObjectVariant``."""
+
+            case: str = Field(alias='case')
+            type: str = Field(alias='type')
+        return SchemaInfoObjectVariant
+
+
+    def _make_SchemaInfoAlternate() -> Any:
+        _need('SchemaInfoAlternateMember')
+        class SchemaInfoAlternate(QAPIModel):
+            """QAPI struct ``SchemaInfoAlternate``."""
+
+            members: list[SchemaInfoAlternateMember] = Field(alias='members')
+        return SchemaInfoAlternate
+
+
+    def _make_SchemaInfoAlternateMember() -> Any:
+        class SchemaInfoAlternateMember(QAPIModel):
+            """QAPI struct ``SchemaInfoAlternateMember``."""
+
+            type: str = Field(alias='type')
+        return SchemaInfoAlternateMember
+
+
+    def _make_SchemaInfoCommand() -> Any:
+        class SchemaInfoCommand(QAPIModel):
+            """QAPI struct ``SchemaInfoCommand``."""
+
+            arg_type: str = Field(alias='arg-type')
+            ret_type: str = Field(alias='ret-type')
+            allow_oob: bool | None = Field(default=None, alias='allow-oob')
+        return SchemaInfoCommand
+
+
+    def _make_SchemaInfoEvent() -> Any:
+        class SchemaInfoEvent(QAPIModel):
+            """QAPI struct ``SchemaInfoEvent``."""
+
+            arg_type: str = Field(alias='arg-type')
+        return SchemaInfoEvent
+
+
+    def _make_StatusInfo() -> Any:
+        _need('RunState')
+        class StatusInfo(QAPIModel):
+            """QAPI struct ``StatusInfo``."""
+
+            running: bool = Field(alias='running')
+            status: RunState = Field(alias='status')
+        return StatusInfo
+
+
+    def _make_NameInfo() -> Any:
+        class NameInfo(QAPIModel):
+            """QAPI struct ``NameInfo``."""
+
+            name: str | None = Field(default=None, alias='name')
+        return NameInfo
+
+
+    def _make_TPMPassthroughOptions() -> Any:
+        class TPMPassthroughOptions(QAPIModel):
+            """QAPI struct ``TPMPassthroughOptions``."""
+
+            path: str | None = Field(default=None, alias='path')
+            cancel_path: str | None = Field(default=None, alias='cancel-path')
+        return TPMPassthroughOptions
+
+
+    def _make_TPMEmulatorOptions() -> Any:
+        class TPMEmulatorOptions(QAPIModel):
+            """QAPI struct ``TPMEmulatorOptions``."""
+
+            chardev: str = Field(alias='chardev')
+        return TPMEmulatorOptions
+
+
+    def _make_TPMPassthroughOptionsWrapper() -> Any:
+        _need('TPMPassthroughOptions')
+        class TPMPassthroughOptionsWrapper(QAPIModel):
+            """QAPI struct ``TPMPassthroughOptionsWrapper``."""
+
+            data: TPMPassthroughOptions = Field(alias='data')
+        return TPMPassthroughOptionsWrapper
+
+
+    def _make_TPMEmulatorOptionsWrapper() -> Any:
+        _need('TPMEmulatorOptions')
+        class TPMEmulatorOptionsWrapper(QAPIModel):
+            """QAPI struct ``TPMEmulatorOptionsWrapper``."""
+
+            data: TPMEmulatorOptions = Field(alias='data')
+        return TPMEmulatorOptionsWrapper
+
+
+    def _make_TpmTypeOptionsPassthroughBranch() -> Any:
+        _need('TPMPassthroughOptions', 'TpmType')
+        class TpmTypeOptionsPassthroughBranch(QAPIModel):
+            """QAPI union ``TpmTypeOptions``, case ``passthrough``."""
+
+            type: Literal[TpmType.PASSTHROUGH] = Field(alias='type')
+            data: TPMPassthroughOptions = Field(alias='data')
+        return TpmTypeOptionsPassthroughBranch
+
+
+    def _make_TpmTypeOptionsEmulatorBranch() -> Any:
+        _need('TPMEmulatorOptions', 'TpmType')
+        class TpmTypeOptionsEmulatorBranch(QAPIModel):
+            """QAPI union ``TpmTypeOptions``, case ``emulator``."""
+
+            type: Literal[TpmType.EMULATOR] = Field(alias='type')
+            data: TPMEmulatorOptions = Field(alias='data')
+        return TpmTypeOptionsEmulatorBranch
+
+
+    def _make_TPMInfo() -> Any:
+        _need('TpmModel', 'TpmTypeOptions')
+        class TPMInfo(QAPIModel):
+            """QAPI struct ``TPMInfo``."""
+
+            id: str = Field(alias='id')
+            model: TpmModel = Field(alias='model')
+            options: TpmTypeOptions = Field(alias='options')
+        return TPMInfo
+
+
+    def _make_JobInfo() -> Any:
+        _need('JobStatus', 'JobType')
+        class JobInfo(QAPIModel):
+            """QAPI struct ``JobInfo``."""
+
+            id: str = Field(alias='id')
+            type: JobType = Field(alias='type')
+            status: JobStatus = Field(alias='status')
+            current_progress: int = Field(alias='current-progress')
+            total_progress: int = Field(alias='total-progress')
+            error: str | None = Field(default=None, alias='error')
+        return JobInfo
+
+
+    def _make_BlockdevCacheOptions() -> Any:
+        class BlockdevCacheOptions(QAPIModel):
+            """QAPI struct ``BlockdevCacheOptions``."""
+
+            direct: bool | None = Field(default=None, alias='direct')
+            no_flush: bool | None = Field(default=None, alias='no-flush')
+        return BlockdevCacheOptions
+
+
+    def _make_BlockdevOptionsFile() -> Any:
+        _need('BlockdevAioOptions', 'OnOffAuto')
+        class BlockdevOptionsFile(QAPIModel):
+            """QAPI struct ``BlockdevOptionsFile``."""
+
+            filename: str = Field(alias='filename')
+            pr_manager: str | None = Field(default=None, alias='pr-manager')
+            locking: OnOffAuto | None = Field(default=None, alias='locking')
+            aio: BlockdevAioOptions | None = Field(default=None, alias='aio')
+            aio_max_batch: int | None = Field(default=None, alias='aio-max-batch')
+            drop_cache: bool | None = Field(default=None, alias='drop-cache')
+            x_check_cache_dropped: bool | None = Field(default=None, alias='x-check-cache-dropped')
+        return BlockdevOptionsFile
+
+
+    def _make_BlockdevOptionsNull() -> Any:
+        class BlockdevOptionsNull(QAPIModel):
+            """QAPI struct ``BlockdevOptionsNull``."""
+
+            size: int | None = Field(default=None, alias='size')
+            latency_ns: int | None = Field(default=None, alias='latency-ns')
+            read_zeroes: bool | None = Field(default=None, alias='read-zeroes')
+        return BlockdevOptionsNull
+
+
+    def _make_BlockdevOptionsGenericFormat() -> Any:
+        _need('BlockdevRef')
+        class BlockdevOptionsGenericFormat(QAPIModel):
+            """QAPI struct ``BlockdevOptionsGenericFormat``."""
+
+            file: BlockdevRef = Field(alias='file')
+        return BlockdevOptionsGenericFormat
+
+
+    def _make_BlockdevOptionsRaw() -> Any:
+        BlockdevOptionsGenericFormat = _get('BlockdevOptionsGenericFormat')
+        class BlockdevOptionsRaw(BlockdevOptionsGenericFormat):
+            """QAPI struct ``BlockdevOptionsRaw``."""
+
+            offset: int | None = Field(default=None, alias='offset')
+            size: int | None = Field(default=None, alias='size')
+        return BlockdevOptionsRaw
+
+
+    def _make_BlkdebugInjectErrorOptions() -> Any:
+        _need('BlkdebugEvent', 'BlkdebugIOType')
+        class BlkdebugInjectErrorOptions(QAPIModel):
+            """QAPI struct ``BlkdebugInjectErrorOptions``."""
+
+            event: BlkdebugEvent = Field(alias='event')
+            state: int | None = Field(default=None, alias='state')
+            iotype: BlkdebugIOType | None = Field(default=None, alias='iotype')
+            errno: int | None = Field(default=None, alias='errno')
+            sector: int | None = Field(default=None, alias='sector')
+            once: bool | None = Field(default=None, alias='once')
+            immediately: bool | None = Field(default=None, alias='immediately')
+        return BlkdebugInjectErrorOptions
+
+
+    def _make_BlkdebugSetStateOptions() -> Any:
+        _need('BlkdebugEvent')
+        class BlkdebugSetStateOptions(QAPIModel):
+            """QAPI struct ``BlkdebugSetStateOptions``."""
+
+            event: BlkdebugEvent = Field(alias='event')
+            state: int | None = Field(default=None, alias='state')
+            new_state: int = Field(alias='new_state')
+        return BlkdebugSetStateOptions
+
+
+    def _make_BlockdevOptionsBlkdebug() -> Any:
+        _need('BlkdebugInjectErrorOptions', 'BlkdebugSetStateOptions', 'BlockPermission', 'BlockdevRef')
+        class BlockdevOptionsBlkdebug(QAPIModel):
+            """QAPI struct ``BlockdevOptionsBlkdebug``."""
+
+            image: BlockdevRef = Field(alias='image')
+            config: str | None = Field(default=None, alias='config')
+            align: int | None = Field(default=None, alias='align')
+            max_transfer: int | None = Field(default=None, alias='max-transfer')
+            opt_write_zero: int | None = Field(default=None, alias='opt-write-zero')
+            max_write_zero: int | None = Field(default=None, alias='max-write-zero')
+            opt_discard: int | None = Field(default=None, alias='opt-discard')
+            max_discard: int | None = Field(default=None, alias='max-discard')
+            inject_error: list[BlkdebugInjectErrorOptions] | None = Field(default=None, alias='inject-error')
+            set_state: list[BlkdebugSetStateOptions] | None = Field(default=None, alias='set-state')
+            take_child_perms: list[BlockPermission] | None = Field(default=None, alias='take-child-perms')
+            unshare_child_perms: list[BlockPermission] | None = Field(default=None, alias='unshare-child-perms')
+        return BlockdevOptionsBlkdebug
+
+
+    def _make_BlockdevOptionsCbw() -> Any:
+        _need('BlockDirtyBitmap', 'BlockdevRef', 'OnCbwError')
+        BlockdevOptionsGenericFormat = _get('BlockdevOptionsGenericFormat')
+        class BlockdevOptionsCbw(BlockdevOptionsGenericFormat):
+            """QAPI struct ``BlockdevOptionsCbw``."""
+
+            target: BlockdevRef = Field(alias='target')
+            bitmap: BlockDirtyBitmap | None = Field(default=None, alias='bitmap')
+            on_cbw_error: OnCbwError | None = Field(default=None, alias='on-cbw-error')
+            cbw_timeout: int | None = Field(default=None, alias='cbw-timeout')
+        return BlockdevOptionsCbw
+
+
+    def _make_BlockdevOptionsBlkdebugBranch() -> Any:
+        _need('BlkdebugInjectErrorOptions', 'BlkdebugSetStateOptions', 'BlockPermission', 'BlockdevCacheOptions', 'BlockdevDetectZeroesOptions', 'BlockdevDiscardOptions', 'BlockdevDriver', 'BlockdevRef')
+        class BlockdevOptionsBlkdebugBranch(QAPIModel):
+            """QAPI union ``BlockdevOptions``, case ``blkdebug``."""
+
+            driver: Literal[BlockdevDriver.BLKDEBUG] = Field(alias='driver')
+            node_name: str | None = Field(default=None, alias='node-name')
+            discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+            cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+            read_only: bool | None = Field(default=None, alias='read-only')
+            auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+            force_share: bool | None = Field(default=None, alias='force-share')
+            detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+            image: BlockdevRef = Field(alias='image')
+            config: str | None = Field(default=None, alias='config')
+            align: int | None = Field(default=None, alias='align')
+            max_transfer: int | None = Field(default=None, alias='max-transfer')
+            opt_write_zero: int | None = Field(default=None, alias='opt-write-zero')
+            max_write_zero: int | None = Field(default=None, alias='max-write-zero')
+            opt_discard: int | None = Field(default=None, alias='opt-discard')
+            max_discard: int | None = Field(default=None, alias='max-discard')
+            inject_error: list[BlkdebugInjectErrorOptions] | None = Field(default=None, alias='inject-error')
+            set_state: list[BlkdebugSetStateOptions] | None = Field(default=None, alias='set-state')
+            take_child_perms: list[BlockPermission] | None = Field(default=None, alias='take-child-perms')
+            unshare_child_perms: list[BlockPermission] | None = Field(default=None, alias='unshare-child-perms')
+        return BlockdevOptionsBlkdebugBranch
+
+
+    def _make_BlockdevOptionsCopyBeforeWriteBranch() -> Any:
+        _need('BlockDirtyBitmap', 'BlockdevCacheOptions', 'BlockdevDetectZeroesOptions', 'BlockdevDiscardOptions', 'BlockdevDriver', 'BlockdevRef', 'OnCbwError')
+        class BlockdevOptionsCopyBeforeWriteBranch(QAPIModel):
+            """QAPI union ``BlockdevOptions``, case ``copy-before-write``."""
+
+            driver: Literal[BlockdevDriver.COPY_BEFORE_WRITE] = Field(alias='driver')
+            node_name: str | None = Field(default=None, alias='node-name')
+            discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+            cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+            read_only: bool | None = Field(default=None, alias='read-only')
+            auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+            force_share: bool | None = Field(default=None, alias='force-share')
+            detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+            file: BlockdevRef = Field(alias='file')
+            target: BlockdevRef = Field(alias='target')
+            bitmap: BlockDirtyBitmap | None = Field(default=None, alias='bitmap')
+            on_cbw_error: OnCbwError | None = Field(default=None, alias='on-cbw-error')
+            cbw_timeout: int | None = Field(default=None, alias='cbw-timeout')
+        return BlockdevOptionsCopyBeforeWriteBranch
+
+
+    def _make_BlockdevOptionsFileBranch() -> Any:
+        _need('BlockdevAioOptions', 'BlockdevCacheOptions', 'BlockdevDetectZeroesOptions', 'BlockdevDiscardOptions', 'BlockdevDriver', 'OnOffAuto')
+        class BlockdevOptionsFileBranch(QAPIModel):
+            """QAPI union ``BlockdevOptions``, case ``file``."""
+
+            driver: Literal[BlockdevDriver.FILE] = Field(alias='driver')
+            node_name: str | None = Field(default=None, alias='node-name')
+            discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+            cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+            read_only: bool | None = Field(default=None, alias='read-only')
+            auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+            force_share: bool | None = Field(default=None, alias='force-share')
+            detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+            filename: str = Field(alias='filename')
+            pr_manager: str | None = Field(default=None, alias='pr-manager')
+            locking: OnOffAuto | None = Field(default=None, alias='locking')
+            aio: BlockdevAioOptions | None = Field(default=None, alias='aio')
+            aio_max_batch: int | None = Field(default=None, alias='aio-max-batch')
+            drop_cache: bool | None = Field(default=None, alias='drop-cache')
+            x_check_cache_dropped: bool | None = Field(default=None, alias='x-check-cache-dropped')
+        return BlockdevOptionsFileBranch
+
+
+    def _make_BlockdevOptionsNullAioBranch() -> Any:
+        _need('BlockdevCacheOptions', 'BlockdevDetectZeroesOptions', 'BlockdevDiscardOptions', 'BlockdevDriver')
+        class BlockdevOptionsNullAioBranch(QAPIModel):
+            """QAPI union ``BlockdevOptions``, case ``null-aio``."""
+
+            driver: Literal[BlockdevDriver.NULL_AIO] = Field(alias='driver')
+            node_name: str | None = Field(default=None, alias='node-name')
+            discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+            cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+            read_only: bool | None = Field(default=None, alias='read-only')
+            auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+            force_share: bool | None = Field(default=None, alias='force-share')
+            detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+            size: int | None = Field(default=None, alias='size')
+            latency_ns: int | None = Field(default=None, alias='latency-ns')
+            read_zeroes: bool | None = Field(default=None, alias='read-zeroes')
+        return BlockdevOptionsNullAioBranch
+
+
+    def _make_BlockdevOptionsNullCoBranch() -> Any:
+        _need('BlockdevCacheOptions', 'BlockdevDetectZeroesOptions', 'BlockdevDiscardOptions', 'BlockdevDriver')
+        class BlockdevOptionsNullCoBranch(QAPIModel):
+            """QAPI union ``BlockdevOptions``, case ``null-co``."""
+
+            driver: Literal[BlockdevDriver.NULL_CO] = Field(alias='driver')
+            node_name: str | None = Field(default=None, alias='node-name')
+            discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+            cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+            read_only: bool | None = Field(default=None, alias='read-only')
+            auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+            force_share: bool | None = Field(default=None, alias='force-share')
+            detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+            size: int | None = Field(default=None, alias='size')
+            latency_ns: int | None = Field(default=None, alias='latency-ns')
+            read_zeroes: bool | None = Field(default=None, alias='read-zeroes')
+        return BlockdevOptionsNullCoBranch
+
+
+    def _make_BlockdevOptionsQcow2Branch() -> Any:
+        _need('BlockdevCacheOptions', 'BlockdevDetectZeroesOptions', 'BlockdevDiscardOptions', 'BlockdevDriver', 'BlockdevRef', 'BlockdevRefOrNull')
+        class BlockdevOptionsQcow2Branch(QAPIModel):
+            """QAPI union ``BlockdevOptions``, case ``qcow2``."""
+
+            driver: Literal[BlockdevDriver.QCOW2] = Field(alias='driver')
+            node_name: str | None = Field(default=None, alias='node-name')
+            discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+            cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+            read_only: bool | None = Field(default=None, alias='read-only')
+            auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+            force_share: bool | None = Field(default=None, alias='force-share')
+            detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+            file: BlockdevRef = Field(alias='file')
+            backing: BlockdevRefOrNull | None = Field(default=None, alias='backing')
+            lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+            pass_discard_request: bool | None = Field(default=None, alias='pass-discard-request')
+            pass_discard_snapshot: bool | None = Field(default=None, alias='pass-discard-snapshot')
+            pass_discard_other: bool | None = Field(default=None, alias='pass-discard-other')
+            cache_size: int | None = Field(default=None, alias='cache-size')
+            l2_cache_size: int | None = Field(default=None, alias='l2-cache-size')
+            l2_cache_entry_size: int | None = Field(default=None, alias='l2-cache-entry-size')
+            refcount_cache_size: int | None = Field(default=None, alias='refcount-cache-size')
+            cache_clean_interval: int | None = Field(default=None, alias='cache-clean-interval')
+        return BlockdevOptionsQcow2Branch
+
+
+    def _make_BlockdevOptionsRawBranch() -> Any:
+        _need('BlockdevCacheOptions', 'BlockdevDetectZeroesOptions', 'BlockdevDiscardOptions', 'BlockdevDriver', 'BlockdevRef')
+        class BlockdevOptionsRawBranch(QAPIModel):
+            """QAPI union ``BlockdevOptions``, case ``raw``."""
+
+            driver: Literal[BlockdevDriver.RAW] = Field(alias='driver')
+            node_name: str | None = Field(default=None, alias='node-name')
+            discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+            cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+            read_only: bool | None = Field(default=None, alias='read-only')
+            auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+            force_share: bool | None = Field(default=None, alias='force-share')
+            detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+            file: BlockdevRef = Field(alias='file')
+            offset: int | None = Field(default=None, alias='offset')
+            size: int | None = Field(default=None, alias='size')
+        return BlockdevOptionsRawBranch
+
+
+    def _make_BlockdevOptionsSnapshotAccessBranch() -> Any:
+        _need('BlockdevCacheOptions', 'BlockdevDetectZeroesOptions', 'BlockdevDiscardOptions', 'BlockdevDriver', 'BlockdevRef')
+        class BlockdevOptionsSnapshotAccessBranch(QAPIModel):
+            """QAPI union ``BlockdevOptions``, case ``snapshot-access``."""
+
+            driver: Literal[BlockdevDriver.SNAPSHOT_ACCESS] = Field(alias='driver')
+            node_name: str | None = Field(default=None, alias='node-name')
+            discard: BlockdevDiscardOptions | None = Field(default=None, alias='discard')
+            cache: BlockdevCacheOptions | None = Field(default=None, alias='cache')
+            read_only: bool | None = Field(default=None, alias='read-only')
+            auto_read_only: bool | None = Field(default=None, alias='auto-read-only')
+            force_share: bool | None = Field(default=None, alias='force-share')
+            detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias='detect-zeroes')
+            file: BlockdevRef = Field(alias='file')
+        return BlockdevOptionsSnapshotAccessBranch
+
+
+    def _make_BlockdevCreateOptionsFile() -> Any:
+        _need('PreallocMode')
+        class BlockdevCreateOptionsFile(QAPIModel):
+            """QAPI struct ``BlockdevCreateOptionsFile``."""
+
+            filename: str = Field(alias='filename')
+            size: int = Field(alias='size')
+            preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
+            nocow: bool | None = Field(default=None, alias='nocow')
+            extent_size_hint: int | None = Field(default=None, alias='extent-size-hint')
+        return BlockdevCreateOptionsFile
+
+
+    def _make_BlockdevCreateOptionsFileBranch() -> Any:
+        _need('BlockdevDriver', 'PreallocMode')
+        class BlockdevCreateOptionsFileBranch(QAPIModel):
+            """QAPI union ``BlockdevCreateOptions``, case ``file``."""
+
+            driver: Literal[BlockdevDriver.FILE] = Field(alias='driver')
+            filename: str = Field(alias='filename')
+            size: int = Field(alias='size')
+            preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
+            nocow: bool | None = Field(default=None, alias='nocow')
+            extent_size_hint: int | None = Field(default=None, alias='extent-size-hint')
+        return BlockdevCreateOptionsFileBranch
+
+
+    def _make_BlockdevCreateOptionsQcow2Branch() -> Any:
+        _need('BlockdevDriver', 'BlockdevQcow2Version', 'BlockdevRef', 'PreallocMode')
+        class BlockdevCreateOptionsQcow2Branch(QAPIModel):
+            """QAPI union ``BlockdevCreateOptions``, case ``qcow2``."""
+
+            driver: Literal[BlockdevDriver.QCOW2] = Field(alias='driver')
+            file: BlockdevRef = Field(alias='file')
+            size: int = Field(alias='size')
+            version: BlockdevQcow2Version | None = Field(default=None, alias='version')
+            backing_file: str | None = Field(default=None, alias='backing-file')
+            backing_fmt: BlockdevDriver | None = Field(default=None, alias='backing-fmt')
+            cluster_size: int | None = Field(default=None, alias='cluster-size')
+            preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
+            lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+            refcount_bits: int | None = Field(default=None, alias='refcount-bits')
+        return BlockdevCreateOptionsQcow2Branch
+
+
+    def _make_BlockdevCreateOptionsBlkdebugBranch() -> Any:
+        _need('BlockdevDriver')
+        class BlockdevCreateOptionsBlkdebugBranch(QAPIModel):
+            """QAPI union ``BlockdevCreateOptions``, case ``blkdebug``."""
+
+            driver: Literal[BlockdevDriver.BLKDEBUG] = Field(alias='driver')
+        return BlockdevCreateOptionsBlkdebugBranch
+
+
+    def _make_BlockdevCreateOptionsCopyBeforeWriteBranch() -> Any:
+        _need('BlockdevDriver')
+        class BlockdevCreateOptionsCopyBeforeWriteBranch(QAPIModel):
+            """QAPI union ``BlockdevCreateOptions``, case ``copy-before-write``."""
+
+            driver: Literal[BlockdevDriver.COPY_BEFORE_WRITE] = Field(alias='driver')
+        return BlockdevCreateOptionsCopyBeforeWriteBranch
+
+
+    def _make_BlockdevCreateOptionsNullAioBranch() -> Any:
+        _need('BlockdevDriver')
+        class BlockdevCreateOptionsNullAioBranch(QAPIModel):
+            """QAPI union ``BlockdevCreateOptions``, case ``null-aio``."""
+
+            driver: Literal[BlockdevDriver.NULL_AIO] = Field(alias='driver')
+        return BlockdevCreateOptionsNullAioBranch
+
+
+    def _make_BlockdevCreateOptionsNullCoBranch() -> Any:
+        _need('BlockdevDriver')
+        class BlockdevCreateOptionsNullCoBranch(QAPIModel):
+            """QAPI union ``BlockdevCreateOptions``, case ``null-co``."""
+
+            driver: Literal[BlockdevDriver.NULL_CO] = Field(alias='driver')
+        return BlockdevCreateOptionsNullCoBranch
+
+
+    def _make_BlockdevCreateOptionsRawBranch() -> Any:
+        _need('BlockdevDriver')
+        class BlockdevCreateOptionsRawBranch(QAPIModel):
+            """QAPI union ``BlockdevCreateOptions``, case ``raw``."""
+
+            driver: Literal[BlockdevDriver.RAW] = Field(alias='driver')
+        return BlockdevCreateOptionsRawBranch
+
+
+    def _make_BlockdevCreateOptionsSnapshotAccessBranch() -> Any:
+        _need('BlockdevDriver')
+        class BlockdevCreateOptionsSnapshotAccessBranch(QAPIModel):
+            """QAPI union ``BlockdevCreateOptions``, case ``snapshot-access``."""
+
+            driver: Literal[BlockdevDriver.SNAPSHOT_ACCESS] = Field(alias='driver')
+        return BlockdevCreateOptionsSnapshotAccessBranch
+
+
+    def _make_BlockDirtyBitmap() -> Any:
+        class BlockDirtyBitmap(QAPIModel):
+            """QAPI struct ``BlockDirtyBitmap``."""
+
+            node: str = Field(alias='node')
+            name: str = Field(alias='name')
+        return BlockDirtyBitmap
+
+
+    def _make_BlockDirtyBitmapAdd() -> Any:
+        class BlockDirtyBitmapAdd(QAPIModel):
+            """QAPI struct ``BlockDirtyBitmapAdd``."""
+
+            node: str = Field(alias='node')
+            name: str = Field(alias='name')
+            granularity: int | None = Field(default=None, alias='granularity')
+            persistent: bool | None = Field(default=None, alias='persistent')
+            disabled: bool | None = Field(default=None, alias='disabled')
+        return BlockDirtyBitmapAdd
+
+
+    def _make_BlockDirtyBitmapMerge() -> Any:
+        _need('BlockDirtyBitmapOrStr')
+        class BlockDirtyBitmapMerge(QAPIModel):
+            """QAPI struct ``BlockDirtyBitmapMerge``."""
+
+            node: str = Field(alias='node')
+            target: str = Field(alias='target')
+            bitmaps: list[BlockDirtyBitmapOrStr] = Field(alias='bitmaps')
+        return BlockDirtyBitmapMerge
+
+
+    def _make_BlockDirtyBitmapSha256() -> Any:
+        class BlockDirtyBitmapSha256(QAPIModel):
+            """QAPI struct ``BlockDirtyBitmapSha256``."""
+
+            sha256: str = Field(alias='sha256')
+        return BlockDirtyBitmapSha256
+
+
+    def _make_BlockDirtyInfo() -> Any:
+        class BlockDirtyInfo(QAPIModel):
+            """QAPI struct ``BlockDirtyInfo``."""
+
+            name: str | None = Field(default=None, alias='name')
+            count: int = Field(alias='count')
+            granularity: int = Field(alias='granularity')
+            recording: bool = Field(alias='recording')
+            busy: bool = Field(alias='busy')
+            persistent: bool = Field(alias='persistent')
+            inconsistent: bool | None = Field(default=None, alias='inconsistent')
+        return BlockDirtyInfo
+
+
+    def _make_ImageInfo() -> Any:
+        _need('ImageInfo', 'ImageInfoSpecific')
+        class ImageInfo(QAPIModel):
+            """QAPI struct ``ImageInfo``."""
+
+            filename: str = Field(alias='filename')
+            format: str = Field(alias='format')
+            dirty_flag: bool | None = Field(default=None, alias='dirty-flag')
+            actual_size: int | None = Field(default=None, alias='actual-size')
+            virtual_size: int = Field(alias='virtual-size')
+            cluster_size: int | None = Field(default=None, alias='cluster-size')
+            encrypted: bool | None = Field(default=None, alias='encrypted')
+            compressed: bool | None = Field(default=None, alias='compressed')
+            backing_filename: str | None = Field(default=None, alias='backing-filename')
+            full_backing_filename: str | None = Field(default=None, alias='full-backing-filename')
+            backing_filename_format: str | None = Field(default=None, alias='backing-filename-format')
+            backing_image: ImageInfo | None = Field(default=None, alias='backing-image')
+            format_specific: ImageInfoSpecific | None = Field(default=None, alias='format-specific')
+        return ImageInfo
+
+
+    def _make_BlockdevCacheInfo() -> Any:
+        class BlockdevCacheInfo(QAPIModel):
+            """QAPI struct ``BlockdevCacheInfo``."""
+
+            writeback: bool = Field(alias='writeback')
+            direct: bool = Field(alias='direct')
+            no_flush: bool = Field(alias='no-flush')
+        return BlockdevCacheInfo
+
+
+    def _make_BlockDeviceInfo() -> Any:
+        _need('BlockDirtyInfo', 'BlockdevCacheInfo', 'BlockdevDetectZeroesOptions', 'ImageInfo')
+        class BlockDeviceInfo(QAPIModel):
+            """QAPI struct ``BlockDeviceInfo``."""
+
+            file: str = Field(alias='file')
+            node_name: str | None = Field(default=None, alias='node-name')
+            ro: bool = Field(alias='ro')
+            drv: str = Field(alias='drv')
+            backing_file: str | None = Field(default=None, alias='backing_file')
+            backing_file_depth: int = Field(alias='backing_file_depth')
+            encrypted: bool = Field(alias='encrypted')
+            detect_zeroes: BlockdevDetectZeroesOptions = Field(alias='detect_zeroes')
+            bps: int = Field(alias='bps')
+            bps_rd: int = Field(alias='bps_rd')
+            bps_wr: int = Field(alias='bps_wr')
+            iops: int = Field(alias='iops')
+            iops_rd: int = Field(alias='iops_rd')
+            iops_wr: int = Field(alias='iops_wr')
+            image: ImageInfo = Field(alias='image')
+            bps_max: int | None = Field(default=None, alias='bps_max')
+            bps_rd_max: int | None = Field(default=None, alias='bps_rd_max')
+            bps_wr_max: int | None = Field(default=None, alias='bps_wr_max')
+            iops_max: int | None = Field(default=None, alias='iops_max')
+            iops_rd_max: int | None = Field(default=None, alias='iops_rd_max')
+            iops_wr_max: int | None = Field(default=None, alias='iops_wr_max')
+            bps_max_length: int | None = Field(default=None, alias='bps_max_length')
+            bps_rd_max_length: int | None = Field(default=None, alias='bps_rd_max_length')
+            bps_wr_max_length: int | None = Field(default=None, alias='bps_wr_max_length')
+            iops_max_length: int | None = Field(default=None, alias='iops_max_length')
+            iops_rd_max_length: int | None = Field(default=None, alias='iops_rd_max_length')
+            iops_wr_max_length: int | None = Field(default=None, alias='iops_wr_max_length')
+            iops_size: int | None = Field(default=None, alias='iops_size')
+            group: str | None = Field(default=None, alias='group')
+            cache: BlockdevCacheInfo = Field(alias='cache')
+            write_threshold: int = Field(alias='write_threshold')
+            dirty_bitmaps: list[BlockDirtyInfo] | None = Field(default=None, alias='dirty-bitmaps')
+        return BlockDeviceInfo
+
+
+    def _make_BlockInfo() -> Any:
+        _need('BlockDeviceInfo', 'BlockDeviceIoStatus')
+        class BlockInfo(QAPIModel):
+            """QAPI struct ``BlockInfo``."""
+
+            device: str = Field(alias='device')
+            qdev: str | None = Field(default=None, alias='qdev')
+            type: str = Field(alias='type')
+            removable: bool = Field(alias='removable')
+            locked: bool = Field(alias='locked')
+            inserted: BlockDeviceInfo | None = Field(default=None, alias='inserted')
+            tray_open: bool | None = Field(default=None, alias='tray_open')
+            io_status: BlockDeviceIoStatus | None = Field(default=None, alias='io-status')
+        return BlockInfo
+
+
+    def _make_BackupPerf() -> Any:
+        class BackupPerf(QAPIModel):
+            """QAPI struct ``BackupPerf``."""
+
+            use_copy_range: bool | None = Field(default=None, alias='use-copy-range')
+            max_workers: int | None = Field(default=None, alias='max-workers')
+            max_chunk: int | None = Field(default=None, alias='max-chunk')
+            min_cluster_size: int | None = Field(default=None, alias='min-cluster-size')
+        return BackupPerf
+
+
+    def _make_BackupCommon() -> Any:
+        _need('BackupPerf', 'BitmapSyncMode', 'BlockdevOnError', 'MirrorSyncMode')
+        class BackupCommon(QAPIModel):
+            """QAPI struct ``BackupCommon``."""
+
+            job_id: str | None = Field(default=None, alias='job-id')
+            device: str = Field(alias='device')
+            sync: MirrorSyncMode = Field(alias='sync')
+            speed: int | None = Field(default=None, alias='speed')
+            bitmap: str | None = Field(default=None, alias='bitmap')
+            bitmap_mode: BitmapSyncMode | None = Field(default=None, alias='bitmap-mode')
+            compress: bool | None = Field(default=None, alias='compress')
+            on_source_error: BlockdevOnError | None = Field(default=None, alias='on-source-error')
+            on_target_error: BlockdevOnError | None = Field(default=None, alias='on-target-error')
+            auto_finalize: bool | None = Field(default=None, alias='auto-finalize')
+            auto_dismiss: bool | None = Field(default=None, alias='auto-dismiss')
+            filter_node_name: str | None = Field(default=None, alias='filter-node-name')
+            x_perf: BackupPerf | None = Field(default=None, alias='x-perf')
+        return BackupCommon
+
+
+    def _make_DriveBackup() -> Any:
+        _need('NewImageMode')
+        BackupCommon = _get('BackupCommon')
+        class DriveBackup(BackupCommon):
+            """QAPI struct ``DriveBackup``."""
+
+            target: str = Field(alias='target')
+            format: str | None = Field(default=None, alias='format')
+            mode: NewImageMode | None = Field(default=None, alias='mode')
+        return DriveBackup
+
+
+    def _make_BlockdevBackup() -> Any:
+        BackupCommon = _get('BackupCommon')
+        class BlockdevBackup(BackupCommon):
+            """QAPI struct ``BlockdevBackup``."""
+
+            target: str = Field(alias='target')
+        return BlockdevBackup
+
+
+    def _make_BlockJobInfo() -> Any:
+        _need('BlockDeviceIoStatus', 'JobStatus')
+        class BlockJobInfo(QAPIModel):
+            """QAPI struct ``BlockJobInfo``."""
+
+            type: str = Field(alias='type')
+            device: str = Field(alias='device')
+            len: int = Field(alias='len')
+            offset: int = Field(alias='offset')
+            busy: bool = Field(alias='busy')
+            paused: bool = Field(alias='paused')
+            speed: int = Field(alias='speed')
+            io_status: BlockDeviceIoStatus = Field(alias='io-status')
+            ready: bool = Field(alias='ready')
+            status: JobStatus = Field(alias='status')
+            auto_finalize: bool = Field(alias='auto-finalize')
+            auto_dismiss: bool = Field(alias='auto-dismiss')
+            error: str | None = Field(default=None, alias='error')
+        return BlockJobInfo
+
+
+    def _make_BlockdevOptionsGenericCOWFormat() -> Any:
+        _need('BlockdevRefOrNull')
+        BlockdevOptionsGenericFormat = _get('BlockdevOptionsGenericFormat')
+        class BlockdevOptionsGenericCOWFormat(BlockdevOptionsGenericFormat):
+            """QAPI struct ``BlockdevOptionsGenericCOWFormat``."""
+
+            backing: BlockdevRefOrNull | None = Field(default=None, alias='backing')
+        return BlockdevOptionsGenericCOWFormat
+
+
+    def _make_BlockdevOptionsQcow2() -> Any:
+        BlockdevOptionsGenericCOWFormat = _get('BlockdevOptionsGenericCOWFormat')
+        class BlockdevOptionsQcow2(BlockdevOptionsGenericCOWFormat):
+            """QAPI struct ``BlockdevOptionsQcow2``."""
+
+            lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+            pass_discard_request: bool | None = Field(default=None, alias='pass-discard-request')
+            pass_discard_snapshot: bool | None = Field(default=None, alias='pass-discard-snapshot')
+            pass_discard_other: bool | None = Field(default=None, alias='pass-discard-other')
+            cache_size: int | None = Field(default=None, alias='cache-size')
+            l2_cache_size: int | None = Field(default=None, alias='l2-cache-size')
+            l2_cache_entry_size: int | None = Field(default=None, alias='l2-cache-entry-size')
+            refcount_cache_size: int | None = Field(default=None, alias='refcount-cache-size')
+            cache_clean_interval: int | None = Field(default=None, alias='cache-clean-interval')
+        return BlockdevOptionsQcow2
+
+
+    def _make_BlockdevCreateOptionsQcow2() -> Any:
+        _need('BlockdevDriver', 'BlockdevQcow2Version', 'BlockdevRef', 'PreallocMode')
+        class BlockdevCreateOptionsQcow2(QAPIModel):
+            """QAPI struct ``BlockdevCreateOptionsQcow2``."""
+
+            file: BlockdevRef = Field(alias='file')
+            size: int = Field(alias='size')
+            version: BlockdevQcow2Version | None = Field(default=None, alias='version')
+            backing_file: str | None = Field(default=None, alias='backing-file')
+            backing_fmt: BlockdevDriver | None = Field(default=None, alias='backing-fmt')
+            cluster_size: int | None = Field(default=None, alias='cluster-size')
+            preallocation: PreallocMode | None = Field(default=None, alias='preallocation')
+            lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+            refcount_bits: int | None = Field(default=None, alias='refcount-bits')
+        return BlockdevCreateOptionsQcow2
+
+
+    def _make_ImageInfoSpecificQCow2() -> Any:
+        _need('Qcow2CompressionType')
+        class ImageInfoSpecificQCow2(QAPIModel):
+            """QAPI struct ``ImageInfoSpecificQCow2``."""
+
+            compat: str = Field(alias='compat')
+            extended_l2: bool | None = Field(default=None, alias='extended-l2')
+            lazy_refcounts: bool | None = Field(default=None, alias='lazy-refcounts')
+            corrupt: bool | None = Field(default=None, alias='corrupt')
+            refcount_bits: int = Field(alias='refcount-bits')
+            compression_type: Qcow2CompressionType = Field(alias='compression-type')
+        return ImageInfoSpecificQCow2
+
+
+    def _make_ImageInfoSpecificQCow2Wrapper() -> Any:
+        _need('ImageInfoSpecificQCow2')
+        class ImageInfoSpecificQCow2Wrapper(QAPIModel):
+            """QAPI struct ``ImageInfoSpecificQCow2Wrapper``."""
+
+            data: ImageInfoSpecificQCow2 = Field(alias='data')
+        return ImageInfoSpecificQCow2Wrapper
+
+
+    def _make_ImageInfoSpecificQcow2Branch() -> Any:
+        _need('ImageInfoSpecificKind', 'ImageInfoSpecificQCow2')
+        class ImageInfoSpecificQcow2Branch(QAPIModel):
+            """QAPI union ``ImageInfoSpecific``, case ``qcow2``."""
+
+            type: Literal[ImageInfoSpecificKind.QCOW2] = Field(alias='type')
+            data: ImageInfoSpecificQCow2 = Field(alias='data')
+        return ImageInfoSpecificQcow2Branch
+
+
+    def _make_Abort() -> Any:
+        class Abort(QAPIModel):
+            """QAPI struct ``Abort``."""
+        return Abort
+
+
+    def _make_AbortWrapper() -> Any:
+        _need('Abort')
+        class AbortWrapper(QAPIModel):
+            """QAPI struct ``AbortWrapper``."""
+
+            data: Abort = Field(alias='data')
+        return AbortWrapper
+
+
+    def _make_BlockDirtyBitmapAddWrapper() -> Any:
+        _need('BlockDirtyBitmapAdd')
+        class BlockDirtyBitmapAddWrapper(QAPIModel):
+            """QAPI struct ``BlockDirtyBitmapAddWrapper``."""
+
+            data: BlockDirtyBitmapAdd = Field(alias='data')
+        return BlockDirtyBitmapAddWrapper
+
+
+    def _make_BlockDirtyBitmapWrapper() -> Any:
+        _need('BlockDirtyBitmap')
+        class BlockDirtyBitmapWrapper(QAPIModel):
+            """QAPI struct ``BlockDirtyBitmapWrapper``."""
+
+            data: BlockDirtyBitmap = Field(alias='data')
+        return BlockDirtyBitmapWrapper
+
+
+    def _make_BlockDirtyBitmapMergeWrapper() -> Any:
+        _need('BlockDirtyBitmapMerge')
+        class BlockDirtyBitmapMergeWrapper(QAPIModel):
+            """QAPI struct ``BlockDirtyBitmapMergeWrapper``."""
+
+            data: BlockDirtyBitmapMerge = Field(alias='data')
+        return BlockDirtyBitmapMergeWrapper
+
+
+    def _make_BlockdevBackupWrapper() -> Any:
+        _need('BlockdevBackup')
+        class BlockdevBackupWrapper(QAPIModel):
+            """QAPI struct ``BlockdevBackupWrapper``."""
+
+            data: BlockdevBackup = Field(alias='data')
+        return BlockdevBackupWrapper
+
+
+    def _make_DriveBackupWrapper() -> Any:
+        _need('DriveBackup')
+        class DriveBackupWrapper(QAPIModel):
+            """QAPI struct ``DriveBackupWrapper``."""
+
+            data: DriveBackup = Field(alias='data')
+        return DriveBackupWrapper
+
+
+    def _make_TransactionActionAbortBranch() -> Any:
+        _need('Abort', 'TransactionActionKind')
+        class TransactionActionAbortBranch(QAPIModel):
+            """QAPI union ``TransactionAction``, case ``abort``."""
+
+            type: Literal[TransactionActionKind.ABORT] = Field(alias='type')
+            data: Abort = Field(alias='data')
+        return TransactionActionAbortBranch
+
+
+    def _make_TransactionActionBlockDirtyBitmapAddBranch() -> Any:
+        _need('BlockDirtyBitmapAdd', 'TransactionActionKind')
+        class TransactionActionBlockDirtyBitmapAddBranch(QAPIModel):
+            """QAPI union ``TransactionAction``, case ``block-dirty-bitmap-add``."""
+
+            type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_ADD] = Field(alias='type')
+            data: BlockDirtyBitmapAdd = Field(alias='data')
+        return TransactionActionBlockDirtyBitmapAddBranch
+
+
+    def _make_TransactionActionBlockDirtyBitmapRemoveBranch() -> Any:
+        _need('BlockDirtyBitmap', 'TransactionActionKind')
+        class TransactionActionBlockDirtyBitmapRemoveBranch(QAPIModel):
+            """QAPI union ``TransactionAction``, case ``block-dirty-bitmap-remove``."""
+
+            type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_REMOVE] = Field(alias='type')
+            data: BlockDirtyBitmap = Field(alias='data')
+        return TransactionActionBlockDirtyBitmapRemoveBranch
+
+
+    def _make_TransactionActionBlockDirtyBitmapClearBranch() -> Any:
+        _need('BlockDirtyBitmap', 'TransactionActionKind')
+        class TransactionActionBlockDirtyBitmapClearBranch(QAPIModel):
+            """QAPI union ``TransactionAction``, case ``block-dirty-bitmap-clear``."""
+
+            type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_CLEAR] = Field(alias='type')
+            data: BlockDirtyBitmap = Field(alias='data')
+        return TransactionActionBlockDirtyBitmapClearBranch
+
+
+    def _make_TransactionActionBlockDirtyBitmapEnableBranch() -> Any:
+        _need('BlockDirtyBitmap', 'TransactionActionKind')
+        class TransactionActionBlockDirtyBitmapEnableBranch(QAPIModel):
+            """QAPI union ``TransactionAction``, case ``block-dirty-bitmap-enable``."""
+
+            type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_ENABLE] = Field(alias='type')
+            data: BlockDirtyBitmap = Field(alias='data')
+        return TransactionActionBlockDirtyBitmapEnableBranch
+
+
+    def _make_TransactionActionBlockDirtyBitmapDisableBranch() -> Any:
+        _need('BlockDirtyBitmap', 'TransactionActionKind')
+        class TransactionActionBlockDirtyBitmapDisableBranch(QAPIModel):
+            """QAPI union ``TransactionAction``, case ``block-dirty-bitmap-disable``."""
+
+            type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_DISABLE] = Field(alias='type')
+            data: BlockDirtyBitmap = Field(alias='data')
+        return TransactionActionBlockDirtyBitmapDisableBranch
+
+
+    def _make_TransactionActionBlockDirtyBitmapMergeBranch() -> Any:
+        _need('BlockDirtyBitmapMerge', 'TransactionActionKind')
+        class TransactionActionBlockDirtyBitmapMergeBranch(QAPIModel):
+            """QAPI union ``TransactionAction``, case ``block-dirty-bitmap-merge``."""
+
+            type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_MERGE] = Field(alias='type')
+            data: BlockDirtyBitmapMerge = Field(alias='data')
+        return TransactionActionBlockDirtyBitmapMergeBranch
+
+
+    def _make_TransactionActionBlockdevBackupBranch() -> Any:
+        _need('BlockdevBackup', 'TransactionActionKind')
+        class TransactionActionBlockdevBackupBranch(QAPIModel):
+            """QAPI union ``TransactionAction``, case ``blockdev-backup``."""
+
+            type: Literal[TransactionActionKind.BLOCKDEV_BACKUP] = Field(alias='type')
+            data: BlockdevBackup = Field(alias='data')
+        return TransactionActionBlockdevBackupBranch
+
+
+    def _make_TransactionActionDriveBackupBranch() -> Any:
+        _need('DriveBackup', 'TransactionActionKind')
+        class TransactionActionDriveBackupBranch(QAPIModel):
+            """QAPI union ``TransactionAction``, case ``drive-backup``."""
+
+            type: Literal[TransactionActionKind.DRIVE_BACKUP] = Field(alias='type')
+            data: DriveBackup = Field(alias='data')
+        return TransactionActionDriveBackupBranch
+
+
+    def _make_TransactionProperties() -> Any:
+        _need('ActionCompletionMode')
+        class TransactionProperties(QAPIModel):
+            """QAPI struct ``TransactionProperties``."""
+
+            completion_mode: ActionCompletionMode | None = Field(default=None, alias='completion-mode')
+        return TransactionProperties
+
+
+    def _make_ObjectPropertyInfo() -> Any:
+        class ObjectPropertyInfo(QAPIModel):
+            """QAPI struct ``ObjectPropertyInfo``."""
+
+            name: str = Field(alias='name')
+            type: str = Field(alias='type')
+            description: str | None = Field(default=None, alias='description')
+            default_value: Any | None = Field(default=None, alias='default-value')
+        return ObjectPropertyInfo
+
+
+    def _make_InetSocketAddress() -> Any:
+        class InetSocketAddress(QAPIModel):
+            """QAPI struct ``InetSocketAddress``."""
+
+            host: str = Field(alias='host')
+            port: str = Field(alias='port')
+            numeric: bool | None = Field(default=None, alias='numeric')
+            to: int | None = Field(default=None, alias='to')
+            ipv4: bool | None = Field(default=None, alias='ipv4')
+            ipv6: bool | None = Field(default=None, alias='ipv6')
+            keep_alive: bool | None = Field(default=None, alias='keep-alive')
+        return InetSocketAddress
+
+
+    def _make_UnixSocketAddress() -> Any:
+        class UnixSocketAddress(QAPIModel):
+            """QAPI struct ``UnixSocketAddress``."""
+
+            path: str = Field(alias='path')
+            abstract: bool | None = Field(default=None, alias='abstract')
+            tight: bool | None = Field(default=None, alias='tight')
+        return UnixSocketAddress
+
+
+    def _make_InetSocketAddressWrapper() -> Any:
+        _need('InetSocketAddress')
+        class InetSocketAddressWrapper(QAPIModel):
+            """QAPI struct ``InetSocketAddressWrapper``."""
+
+            data: InetSocketAddress = Field(alias='data')
+        return InetSocketAddressWrapper
+
+
+    def _make_UnixSocketAddressWrapper() -> Any:
+        _need('UnixSocketAddress')
+        class UnixSocketAddressWrapper(QAPIModel):
+            """QAPI struct ``UnixSocketAddressWrapper``."""
+
+            data: UnixSocketAddress = Field(alias='data')
+        return UnixSocketAddressWrapper
+
+
+    def _make_SocketAddressLegacyInetBranch() -> Any:
+        _need('InetSocketAddress', 'SocketAddressLegacyType')
+        class SocketAddressLegacyInetBranch(QAPIModel):
+            """QAPI union ``SocketAddressLegacy``, case ``inet``."""
+
+            type: Literal[SocketAddressLegacyType.INET] = Field(alias='type')
+            data: InetSocketAddress = Field(alias='data')
+        return SocketAddressLegacyInetBranch
+
+
+    def _make_SocketAddressLegacyUnixBranch() -> Any:
+        _need('SocketAddressLegacyType', 'UnixSocketAddress')
+        class SocketAddressLegacyUnixBranch(QAPIModel):
+            """QAPI union ``SocketAddressLegacy``, case ``unix``."""
+
+            type: Literal[SocketAddressLegacyType.UNIX] = Field(alias='type')
+            data: UnixSocketAddress = Field(alias='data')
+        return SocketAddressLegacyUnixBranch
+
+
+    def _make_SocketAddressInetBranch() -> Any:
+        _need('SocketAddressType')
+        class SocketAddressInetBranch(QAPIModel):
+            """QAPI union ``SocketAddress``, case ``inet``."""
+
+            type: Literal[SocketAddressType.INET] = Field(alias='type')
+            host: str = Field(alias='host')
+            port: str = Field(alias='port')
+            numeric: bool | None = Field(default=None, alias='numeric')
+            to: int | None = Field(default=None, alias='to')
+            ipv4: bool | None = Field(default=None, alias='ipv4')
+            ipv6: bool | None = Field(default=None, alias='ipv6')
+            keep_alive: bool | None = Field(default=None, alias='keep-alive')
+        return SocketAddressInetBranch
+
+
+    def _make_SocketAddressUnixBranch() -> Any:
+        _need('SocketAddressType')
+        class SocketAddressUnixBranch(QAPIModel):
+            """QAPI union ``SocketAddress``, case ``unix``."""
+
+            type: Literal[SocketAddressType.UNIX] = Field(alias='type')
+            path: str = Field(alias='path')
+            abstract: bool | None = Field(default=None, alias='abstract')
+            tight: bool | None = Field(default=None, alias='tight')
+        return SocketAddressUnixBranch
+
+
+    def _make_NbdServerOptions() -> Any:
+        _need('SocketAddress')
+        class NbdServerOptions(QAPIModel):
+            """QAPI struct ``NbdServerOptions``."""
+
+            addr: SocketAddress = Field(alias='addr')
+            tls_creds: str | None = Field(default=None, alias='tls-creds')
+            tls_authz: str | None = Field(default=None, alias='tls-authz')
+            max_connections: int | None = Field(default=None, alias='max-connections')
+        return NbdServerOptions
+
+
+    def _make_BlockExportOptionsNbdBase() -> Any:
+        class BlockExportOptionsNbdBase(QAPIModel):
+            """QAPI struct ``BlockExportOptionsNbdBase``."""
+
+            name: str | None = Field(default=None, alias='name')
+            description: str | None = Field(default=None, alias='description')
+        return BlockExportOptionsNbdBase
+
+
+    def _make_BlockExportOptionsNbd() -> Any:
+        BlockExportOptionsNbdBase = _get('BlockExportOptionsNbdBase')
+        class BlockExportOptionsNbd(BlockExportOptionsNbdBase):
+            """QAPI struct ``BlockExportOptionsNbd``."""
+
+            bitmaps: list[str] | None = Field(default=None, alias='bitmaps')
+            allocation_depth: bool | None = Field(default=None, alias='allocation-depth')
+        return BlockExportOptionsNbd
+
+
+    def _make_NbdServerAddOptions() -> Any:
+        BlockExportOptionsNbdBase = _get('BlockExportOptionsNbdBase')
+        class NbdServerAddOptions(BlockExportOptionsNbdBase):
+            """QAPI struct ``NbdServerAddOptions``."""
+
+            device: str = Field(alias='device')
+            writable: bool | None = Field(default=None, alias='writable')
+            bitmap: str | None = Field(default=None, alias='bitmap')
+        return NbdServerAddOptions
+
+
+    def _make_BlockExportOptionsNbdBranch() -> Any:
+        _need('BlockExportType')
+        class BlockExportOptionsNbdBranch(QAPIModel):
+            """QAPI union ``BlockExportOptions``, case ``nbd``."""
+
+            type: Literal[BlockExportType.NBD] = Field(alias='type')
+            id: str = Field(alias='id')
+            fixed_iothread: bool | None = Field(default=None, alias='fixed-iothread')
+            iothread: str | None = Field(default=None, alias='iothread')
+            node_name: str = Field(alias='node-name')
+            writable: bool | None = Field(default=None, alias='writable')
+            writethrough: bool | None = Field(default=None, alias='writethrough')
+            name: str | None = Field(default=None, alias='name')
+            description: str | None = Field(default=None, alias='description')
+            bitmaps: list[str] | None = Field(default=None, alias='bitmaps')
+            allocation_depth: bool | None = Field(default=None, alias='allocation-depth')
+        return BlockExportOptionsNbdBranch
+
+
+    def _make_BlockExportInfo() -> Any:
+        _need('BlockExportType')
+        class BlockExportInfo(QAPIModel):
+            """QAPI struct ``BlockExportInfo``."""
+
+            id: str = Field(alias='id')
+            type: BlockExportType = Field(alias='type')
+            node_name: str = Field(alias='node-name')
+            shutting_down: bool = Field(alias='shutting-down')
+        return BlockExportInfo
+
+
+    def _make_TlsCredsProperties() -> Any:
+        _need('QCryptoTLSCredsEndpoint')
+        class TlsCredsProperties(QAPIModel):
+            """QAPI struct ``TlsCredsProperties``."""
+
+            verify_peer: bool | None = Field(default=None, alias='verify-peer')
+            dir: str | None = Field(default=None, alias='dir')
+            endpoint: QCryptoTLSCredsEndpoint | None = Field(default=None, alias='endpoint')
+            priority: str | None = Field(default=None, alias='priority')
+        return TlsCredsProperties
+
+
+    def _make_TlsCredsX509Properties() -> Any:
+        TlsCredsProperties = _get('TlsCredsProperties')
+        class TlsCredsX509Properties(TlsCredsProperties):
+            """QAPI struct ``TlsCredsX509Properties``."""
+
+            sanity_check: bool | None = Field(default=None, alias='sanity-check')
+            passwordid: str | None = Field(default=None, alias='passwordid')
+        return TlsCredsX509Properties
+
+
+    def _make_ObjectOptionsTlsCredsX509Branch() -> Any:
+        _need('ObjectType', 'QCryptoTLSCredsEndpoint')
+        class ObjectOptionsTlsCredsX509Branch(QAPIModel):
+            """QAPI union ``ObjectOptions``, case ``tls-creds-x509``."""
+
+            qom_type: Literal[ObjectType.TLS_CREDS_X509] = Field(alias='qom-type')
+            id: str = Field(alias='id')
+            verify_peer: bool | None = Field(default=None, alias='verify-peer')
+            dir: str | None = Field(default=None, alias='dir')
+            endpoint: QCryptoTLSCredsEndpoint | None = Field(default=None, alias='endpoint')
+            priority: str | None = Field(default=None, alias='priority')
+            sanity_check: bool | None = Field(default=None, alias='sanity-check')
+            passwordid: str | None = Field(default=None, alias='passwordid')
+        return ObjectOptionsTlsCredsX509Branch
+
+
+    def _make_QmpdTimestamp() -> Any:
+        class QmpdTimestamp(QAPIModel):
+            """QAPI struct ``QmpdTimestamp``."""
+
+            seconds: int = Field(alias='seconds')
+            microseconds: int = Field(alias='microseconds')
+        return QmpdTimestamp
+
+
+    def _make_QmpdInstanceInfo() -> Any:
+        _need('QmpdTimestamp')
+        class QmpdInstanceInfo(QAPIModel):
+            """QAPI struct ``QmpdInstanceInfo``."""
+
+            boot_id: str = Field(alias='boot-id')
+            start_time: QmpdTimestamp = Field(alias='start-time')
+            pid: int = Field(alias='pid')
+            state_dir: str | None = Field(default=None, alias='state-dir')
+        return QmpdInstanceInfo
+
+
+    def _make_SchemaInfo() -> Any:
+        SchemaInfoBuiltinBranch = _get('SchemaInfoBuiltinBranch')
+        SchemaInfoEnumBranch = _get('SchemaInfoEnumBranch')
+        SchemaInfoArrayBranch = _get('SchemaInfoArrayBranch')
+        SchemaInfoObjectBranch = _get('SchemaInfoObjectBranch')
+        SchemaInfoAlternateBranch = _get('SchemaInfoAlternateBranch')
+        SchemaInfoCommandBranch = _get('SchemaInfoCommandBranch')
+        SchemaInfoEventBranch = _get('SchemaInfoEventBranch')
+        SchemaInfo: TypeAlias = Annotated[
+            Union[
+                SchemaInfoBuiltinBranch,
+                SchemaInfoEnumBranch,
+                SchemaInfoArrayBranch,
+                SchemaInfoObjectBranch,
+                SchemaInfoAlternateBranch,
+                SchemaInfoCommandBranch,
+                SchemaInfoEventBranch,
+            ],
+            Field(discriminator='meta_type'),
+        ]
+        return SchemaInfo
+
+
+    def _make_TpmTypeOptions() -> Any:
+        TpmTypeOptionsPassthroughBranch = _get('TpmTypeOptionsPassthroughBranch')
+        TpmTypeOptionsEmulatorBranch = _get('TpmTypeOptionsEmulatorBranch')
+        TpmTypeOptions: TypeAlias = Annotated[
+            Union[
+                TpmTypeOptionsPassthroughBranch,
+                TpmTypeOptionsEmulatorBranch,
+            ],
+            Field(discriminator='type'),
+        ]
+        return TpmTypeOptions
+
+
+    def _make_BlockdevOptions() -> Any:
+        BlockdevOptionsBlkdebugBranch = _get('BlockdevOptionsBlkdebugBranch')
+        BlockdevOptionsCopyBeforeWriteBranch = _get('BlockdevOptionsCopyBeforeWriteBranch')
+        BlockdevOptionsFileBranch = _get('BlockdevOptionsFileBranch')
+        BlockdevOptionsNullAioBranch = _get('BlockdevOptionsNullAioBranch')
+        BlockdevOptionsNullCoBranch = _get('BlockdevOptionsNullCoBranch')
+        BlockdevOptionsQcow2Branch = _get('BlockdevOptionsQcow2Branch')
+        BlockdevOptionsRawBranch = _get('BlockdevOptionsRawBranch')
+        BlockdevOptionsSnapshotAccessBranch = _get('BlockdevOptionsSnapshotAccessBranch')
+        BlockdevOptions: TypeAlias = Annotated[
+            Union[
+                BlockdevOptionsBlkdebugBranch,
+                BlockdevOptionsCopyBeforeWriteBranch,
+                BlockdevOptionsFileBranch,
+                BlockdevOptionsNullAioBranch,
+                BlockdevOptionsNullCoBranch,
+                BlockdevOptionsQcow2Branch,
+                BlockdevOptionsRawBranch,
+                BlockdevOptionsSnapshotAccessBranch,
+            ],
+            Field(discriminator='driver'),
+        ]
+        return BlockdevOptions
+
+
+    def _make_BlockdevCreateOptions() -> Any:
+        BlockdevCreateOptionsFileBranch = _get('BlockdevCreateOptionsFileBranch')
+        BlockdevCreateOptionsQcow2Branch = _get('BlockdevCreateOptionsQcow2Branch')
+        BlockdevCreateOptionsBlkdebugBranch = _get('BlockdevCreateOptionsBlkdebugBranch')
+        BlockdevCreateOptionsCopyBeforeWriteBranch = _get('BlockdevCreateOptionsCopyBeforeWriteBranch')
+        BlockdevCreateOptionsNullAioBranch = _get('BlockdevCreateOptionsNullAioBranch')
+        BlockdevCreateOptionsNullCoBranch = _get('BlockdevCreateOptionsNullCoBranch')
+        BlockdevCreateOptionsRawBranch = _get('BlockdevCreateOptionsRawBranch')
+        BlockdevCreateOptionsSnapshotAccessBranch = _get('BlockdevCreateOptionsSnapshotAccessBranch')
+        BlockdevCreateOptions: TypeAlias = Annotated[
+            Union[
+                BlockdevCreateOptionsFileBranch,
+                BlockdevCreateOptionsQcow2Branch,
+                BlockdevCreateOptionsBlkdebugBranch,
+                BlockdevCreateOptionsCopyBeforeWriteBranch,
+                BlockdevCreateOptionsNullAioBranch,
+                BlockdevCreateOptionsNullCoBranch,
+                BlockdevCreateOptionsRawBranch,
+                BlockdevCreateOptionsSnapshotAccessBranch,
+            ],
+            Field(discriminator='driver'),
+        ]
+        return BlockdevCreateOptions
+
+
+    def _make_ImageInfoSpecific() -> Any:
+        ImageInfoSpecificQcow2Branch = _get('ImageInfoSpecificQcow2Branch')
+        ImageInfoSpecific: TypeAlias = Annotated[
+            Union[
+                ImageInfoSpecificQcow2Branch,
+            ],
+            Field(discriminator='type'),
+        ]
+        return ImageInfoSpecific
+
+
+    def _make_TransactionAction() -> Any:
+        TransactionActionAbortBranch = _get('TransactionActionAbortBranch')
+        TransactionActionBlockDirtyBitmapAddBranch = _get('TransactionActionBlockDirtyBitmapAddBranch')
+        TransactionActionBlockDirtyBitmapRemoveBranch = _get('TransactionActionBlockDirtyBitmapRemoveBranch')
+        TransactionActionBlockDirtyBitmapClearBranch = _get('TransactionActionBlockDirtyBitmapClearBranch')
+        TransactionActionBlockDirtyBitmapEnableBranch = _get('TransactionActionBlockDirtyBitmapEnableBranch')
+        TransactionActionBlockDirtyBitmapDisableBranch = _get('TransactionActionBlockDirtyBitmapDisableBranch')
+        TransactionActionBlockDirtyBitmapMergeBranch = _get('TransactionActionBlockDirtyBitmapMergeBranch')
+        TransactionActionBlockdevBackupBranch = _get('TransactionActionBlockdevBackupBranch')
+        TransactionActionDriveBackupBranch = _get('TransactionActionDriveBackupBranch')
+        TransactionAction: TypeAlias = Annotated[
+            Union[
+                TransactionActionAbortBranch,
+                TransactionActionBlockDirtyBitmapAddBranch,
+                TransactionActionBlockDirtyBitmapRemoveBranch,
+                TransactionActionBlockDirtyBitmapClearBranch,
+                TransactionActionBlockDirtyBitmapEnableBranch,
+                TransactionActionBlockDirtyBitmapDisableBranch,
+                TransactionActionBlockDirtyBitmapMergeBranch,
+                TransactionActionBlockdevBackupBranch,
+                TransactionActionDriveBackupBranch,
+            ],
+            Field(discriminator='type'),
+        ]
+        return TransactionAction
+
+
+    def _make_SocketAddressLegacy() -> Any:
+        SocketAddressLegacyInetBranch = _get('SocketAddressLegacyInetBranch')
+        SocketAddressLegacyUnixBranch = _get('SocketAddressLegacyUnixBranch')
+        SocketAddressLegacy: TypeAlias = Annotated[
+            Union[
+                SocketAddressLegacyInetBranch,
+                SocketAddressLegacyUnixBranch,
+            ],
+            Field(discriminator='type'),
+        ]
+        return SocketAddressLegacy
+
+
+    def _make_SocketAddress() -> Any:
+        SocketAddressInetBranch = _get('SocketAddressInetBranch')
+        SocketAddressUnixBranch = _get('SocketAddressUnixBranch')
+        SocketAddress: TypeAlias = Annotated[
+            Union[
+                SocketAddressInetBranch,
+                SocketAddressUnixBranch,
+            ],
+            Field(discriminator='type'),
+        ]
+        return SocketAddress
+
+
+    def _make_BlockExportOptions() -> Any:
+        BlockExportOptionsNbdBranch = _get('BlockExportOptionsNbdBranch')
+        BlockExportOptions: TypeAlias = Annotated[
+            Union[
+                BlockExportOptionsNbdBranch,
+            ],
+            Field(discriminator='type'),
+        ]
+        return BlockExportOptions
+
+
+    def _make_ObjectOptions() -> Any:
+        ObjectOptionsTlsCredsX509Branch = _get('ObjectOptionsTlsCredsX509Branch')
+        ObjectOptions: TypeAlias = Annotated[
+            Union[
+                ObjectOptionsTlsCredsX509Branch,
+            ],
+            Field(discriminator='qom_type'),
+        ]
+        return ObjectOptions
+
+
+    def _make_BlockdevRef() -> Any:
+        BlockdevOptions = _get('BlockdevOptions')
+        BlockdevRef: TypeAlias = Union[BlockdevOptions, str]
+        return BlockdevRef
+
+
+    def _make_BlockDirtyBitmapOrStr() -> Any:
+        BlockDirtyBitmap = _get('BlockDirtyBitmap')
+        BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]
+        return BlockDirtyBitmapOrStr
+
+
+    def _make_BlockdevRefOrNull() -> Any:
+        BlockdevOptions = _get('BlockdevOptions')
+        BlockdevRefOrNull: TypeAlias = Union[BlockdevOptions, str, None]
+        return BlockdevRefOrNull
+
+
+    def _make_QmpCapabilitiesArgs() -> Any:
+        _need('QMPCapability')
+        class QmpCapabilitiesArgs(QAPIModel):
+            """Arguments of ``qmp_capabilities``."""
+
+            enable: list[QMPCapability] | None = Field(default=None, alias='enable')
+        return QmpCapabilitiesArgs
+
+
+    def _make_QueryVersionArgs() -> Any:
+        class QueryVersionArgs(QAPIModel):
+            """Arguments of ``query-version``."""
+        return QueryVersionArgs
+
+
+    def _make_QueryCommandsArgs() -> Any:
+        class QueryCommandsArgs(QAPIModel):
+            """Arguments of ``query-commands``."""
+        return QueryCommandsArgs
+
+
+    def _make_QuitArgs() -> Any:
+        class QuitArgs(QAPIModel):
+            """Arguments of ``quit``."""
+        return QuitArgs
+
+
+    def _make_QueryQmpSchemaArgs() -> Any:
+        class QueryQmpSchemaArgs(QAPIModel):
+            """Arguments of ``query-qmp-schema``."""
+        return QueryQmpSchemaArgs
+
+
+    def _make_QueryStatusArgs() -> Any:
+        class QueryStatusArgs(QAPIModel):
+            """Arguments of ``query-status``."""
+        return QueryStatusArgs
+
+
+    def _make_QueryNameArgs() -> Any:
+        class QueryNameArgs(QAPIModel):
+            """Arguments of ``query-name``."""
+        return QueryNameArgs
+
+
+    def _make_HumanMonitorCommandArgs() -> Any:
+        class HumanMonitorCommandArgs(QAPIModel):
+            """Arguments of ``human-monitor-command``."""
+
+            command_line: str = Field(alias='command-line')
+            cpu_index: int | None = Field(default=None, alias='cpu-index')
+        return HumanMonitorCommandArgs
+
+
+    def _make_QueryTpmArgs() -> Any:
+        class QueryTpmArgs(QAPIModel):
+            """Arguments of ``query-tpm``."""
+        return QueryTpmArgs
+
+
+    def _make_JobPauseArgs() -> Any:
+        class JobPauseArgs(QAPIModel):
+            """Arguments of ``job-pause``."""
+
+            id: str = Field(alias='id')
+        return JobPauseArgs
+
+
+    def _make_JobResumeArgs() -> Any:
+        class JobResumeArgs(QAPIModel):
+            """Arguments of ``job-resume``."""
+
+            id: str = Field(alias='id')
+        return JobResumeArgs
+
+
+    def _make_JobCancelArgs() -> Any:
+        class JobCancelArgs(QAPIModel):
+            """Arguments of ``job-cancel``."""
+
+            id: str = Field(alias='id')
+        return JobCancelArgs
+
+
+    def _make_JobCompleteArgs() -> Any:
+        class JobCompleteArgs(QAPIModel):
+            """Arguments of ``job-complete``."""
+
+            id: str = Field(alias='id')
+        return JobCompleteArgs
+
+
+    def _make_JobDismissArgs() -> Any:
+        class JobDismissArgs(QAPIModel):
+            """Arguments of ``job-dismiss``."""
+
+            id: str = Field(alias='id')
+        return JobDismissArgs
+
+
+    def _make_JobFinalizeArgs() -> Any:
+        class JobFinalizeArgs(QAPIModel):
+            """Arguments of ``job-finalize``."""
+
+            id: str = Field(alias='id')
+        return JobFinalizeArgs
+
+
+    def _make_QueryJobsArgs() -> Any:
+        class QueryJobsArgs(QAPIModel):
+            """Arguments of ``query-jobs``."""
+        return QueryJobsArgs
+
+
+    def _make_BlockdevAddArgs() -> Any:
+        BlockdevOptions = _get('BlockdevOptions')
+        class BlockdevAddArgs(RootModel[BlockdevOptions]):
+            """Arguments of ``blockdev-add``."""
+
+            model_config = ConfigDict(frozen=True, defer_build=True)
+        return BlockdevAddArgs
+
+
+    def _make_BlockdevDelArgs() -> Any:
+        class BlockdevDelArgs(QAPIModel):
+            """Arguments of ``blockdev-del``."""
+
+            node_name: str = Field(alias='node-name')
+        return BlockdevDelArgs
+
+
+    def _make_BlockdevCreateArgs() -> Any:
+        _need('BlockdevCreateOptions')
+        class BlockdevCreateArgs(QAPIModel):
+            """Arguments of ``blockdev-create``."""
+
+            job_id: str = Field(alias='job-id')
+            options: BlockdevCreateOptions = Field(alias='options')
+        return BlockdevCreateArgs
+
+
+    def _make_BlockDirtyBitmapAddArgs() -> Any:
+        BlockDirtyBitmapAdd = _get('BlockDirtyBitmapAdd')
+        class BlockDirtyBitmapAddArgs(BlockDirtyBitmapAdd):
+            """Arguments of ``block-dirty-bitmap-add``."""
+        return BlockDirtyBitmapAddArgs
+
+
+    def _make_BlockDirtyBitmapRemoveArgs() -> Any:
+        BlockDirtyBitmap = _get('BlockDirtyBitmap')
+        class BlockDirtyBitmapRemoveArgs(BlockDirtyBitmap):
+            """Arguments of ``block-dirty-bitmap-remove``."""
+        return BlockDirtyBitmapRemoveArgs
+
+
+    def _make_BlockDirtyBitmapClearArgs() -> Any:
+        BlockDirtyBitmap = _get('BlockDirtyBitmap')
+        class BlockDirtyBitmapClearArgs(BlockDirtyBitmap):
+            """Arguments of ``block-dirty-bitmap-clear``."""
+        return BlockDirtyBitmapClearArgs
+
+
+    def _make_BlockDirtyBitmapEnableArgs() -> Any:
+        BlockDirtyBitmap = _get('BlockDirtyBitmap')
+        class BlockDirtyBitmapEnableArgs(BlockDirtyBitmap):
+            """Arguments of ``block-dirty-bitmap-enable``."""
+        return BlockDirtyBitmapEnableArgs
+
+
+    def _make_BlockDirtyBitmapDisableArgs() -> Any:
+        BlockDirtyBitmap = _get('BlockDirtyBitmap')
+        class BlockDirtyBitmapDisableArgs(BlockDirtyBitmap):
+            """Arguments of ``block-dirty-bitmap-disable``."""
+        return BlockDirtyBitmapDisableArgs
+
+
+    def _make_BlockDirtyBitmapMergeArgs() -> Any:
+        BlockDirtyBitmapMerge = _get('BlockDirtyBitmapMerge')
+        class BlockDirtyBitmapMergeArgs(BlockDirtyBitmapMerge):
+            """Arguments of ``block-dirty-bitmap-merge``."""
+        return BlockDirtyBitmapMergeArgs
+
+
+    def _make_XDebugBlockDirtyBitmapSha256Args() -> Any:
+        BlockDirtyBitmap = _get('BlockDirtyBitmap')
+        class XDebugBlockDirtyBitmapSha256Args(BlockDirtyBitmap):
+            """Arguments of ``x-debug-block-dirty-bitmap-sha256``."""
+        return XDebugBlockDirtyBitmapSha256Args
+
+
+    def _make_QueryBlockArgs() -> Any:
+        class QueryBlockArgs(QAPIModel):
+            """Arguments of ``query-block``."""
+        return QueryBlockArgs
+
+
+    def _make_QueryNamedBlockNodesArgs() -> Any:
+        class QueryNamedBlockNodesArgs(QAPIModel):
+            """Arguments of ``query-named-block-nodes``."""
+
+            flat: bool | None = Field(default=None, alias='flat')
+        return QueryNamedBlockNodesArgs
+
+
+    def _make_DriveBackupArgs() -> Any:
+        DriveBackup = _get('DriveBackup')
+        class DriveBackupArgs(DriveBackup):
+            """Arguments of ``drive-backup``."""
+        return DriveBackupArgs
+
+
+    def _make_BlockdevBackupArgs() -> Any:
+        BlockdevBackup = _get('BlockdevBackup')
+        class BlockdevBackupArgs(BlockdevBackup):
+            """Arguments of ``blockdev-backup``."""
+        return BlockdevBackupArgs
+
+
+    def _make_QueryBlockJobsArgs() -> Any:
+        class QueryBlockJobsArgs(QAPIModel):
+            """Arguments of ``query-block-jobs``."""
+        return QueryBlockJobsArgs
+
+
+    def _make_BlockJobSetSpeedArgs() -> Any:
+        class BlockJobSetSpeedArgs(QAPIModel):
+            """Arguments of ``block-job-set-speed``."""
+
+            device: str = Field(alias='device')
+            speed: int = Field(alias='speed')
+        return BlockJobSetSpeedArgs
+
+
+    def _make_BlockJobCancelArgs() -> Any:
+        class BlockJobCancelArgs(QAPIModel):
+            """Arguments of ``block-job-cancel``."""
+
+            device: str = Field(alias='device')
+            force: bool | None = Field(default=None, alias='force')
+        return BlockJobCancelArgs
+
+
+    def _make_BlockJobPauseArgs() -> Any:
+        class BlockJobPauseArgs(QAPIModel):
+            """Arguments of ``block-job-pause``."""
+
+            device: str = Field(alias='device')
+        return BlockJobPauseArgs
+
+
+    def _make_BlockJobResumeArgs() -> Any:
+        class BlockJobResumeArgs(QAPIModel):
+            """Arguments of ``block-job-resume``."""
+
+            device: str = Field(alias='device')
+        return BlockJobResumeArgs
+
+
+    def _make_BlockJobCompleteArgs() -> Any:
+        class BlockJobCompleteArgs(QAPIModel):
+            """Arguments of ``block-job-complete``."""
+
+            device: str = Field(alias='device')
+        return BlockJobCompleteArgs
+
+
+    def _make_BlockJobDismissArgs() -> Any:
+        class BlockJobDismissArgs(QAPIModel):
+            """Arguments of ``block-job-dismiss``."""
+
+            id: str = Field(alias='id')
+        return BlockJobDismissArgs
+
+
+    def _make_BlockJobFinalizeArgs() -> Any:
+        class BlockJobFinalizeArgs(QAPIModel):
+            """Arguments of ``block-job-finalize``."""
+
+            id: str = Field(alias='id')
+        return BlockJobFinalizeArgs
+
+
+    def _make_TransactionArgs() -> Any:
+        _need('TransactionAction', 'TransactionProperties')
+        class TransactionArgs(QAPIModel):
+            """Arguments of ``transaction``."""
+
+            actions: list[TransactionAction] = Field(alias='actions')
+            properties: TransactionProperties | None = Field(default=None, alias='properties')
+        return TransactionArgs
+
+
+    def _make_StopArgs() -> Any:
+        class StopArgs(QAPIModel):
+            """Arguments of ``stop``."""
+        return StopArgs
+
+
+    def _make_ContArgs() -> Any:
+        class ContArgs(QAPIModel):
+            """Arguments of ``cont``."""
+        return ContArgs
+
+
+    def _make_QomListArgs() -> Any:
+        class QomListArgs(QAPIModel):
+            """Arguments of ``qom-list``."""
+
+            path: str = Field(alias='path')
+        return QomListArgs
+
+
+    def _make_QomGetArgs() -> Any:
+        class QomGetArgs(QAPIModel):
+            """Arguments of ``qom-get``."""
+
+            path: str = Field(alias='path')
+            property: str = Field(alias='property')
+        return QomGetArgs
+
+
+    def _make_QomSetArgs() -> Any:
+        class QomSetArgs(QAPIModel):
+            """Arguments of ``qom-set``."""
+
+            path: str = Field(alias='path')
+            property: str = Field(alias='property')
+            value: Any = Field(alias='value')
+        return QomSetArgs
+
+
+    def _make_BlockResizeArgs() -> Any:
+        class BlockResizeArgs(QAPIModel):
+            """Arguments of ``block_resize``."""
+
+            device: str | None = Field(default=None, alias='device')
+            node_name: str | None = Field(default=None, alias='node-name')
+            size: int = Field(alias='size')
+        return BlockResizeArgs
+
+
+    def _make_NbdServerStartArgs() -> Any:
+        _need('SocketAddressLegacy')
+        class NbdServerStartArgs(QAPIModel):
+            """Arguments of ``nbd-server-start``."""
+
+            addr: SocketAddressLegacy = Field(alias='addr')
+            tls_creds: str | None = Field(default=None, alias='tls-creds')
+            tls_authz: str | None = Field(default=None, alias='tls-authz')
+            max_connections: int | None = Field(default=None, alias='max-connections')
+        return NbdServerStartArgs
+
+
+    def _make_NbdServerAddArgs() -> Any:
+        NbdServerAddOptions = _get('NbdServerAddOptions')
+        class NbdServerAddArgs(NbdServerAddOptions):
+            """Arguments of ``nbd-server-add``."""
+        return NbdServerAddArgs
+
+
+    def _make_NbdServerRemoveArgs() -> Any:
+        _need('BlockExportRemoveMode')
+        class NbdServerRemoveArgs(QAPIModel):
+            """Arguments of ``nbd-server-remove``."""
+
+            name: str = Field(alias='name')
+            mode: BlockExportRemoveMode | None = Field(default=None, alias='mode')
+        return NbdServerRemoveArgs
+
+
+    def _make_NbdServerStopArgs() -> Any:
+        class NbdServerStopArgs(QAPIModel):
+            """Arguments of ``nbd-server-stop``."""
+        return NbdServerStopArgs
+
+
+    def _make_BlockExportAddArgs() -> Any:
+        BlockExportOptions = _get('BlockExportOptions')
+        class BlockExportAddArgs(RootModel[BlockExportOptions]):
+            """Arguments of ``block-export-add``."""
+
+            model_config = ConfigDict(frozen=True, defer_build=True)
+        return BlockExportAddArgs
+
+
+    def _make_BlockExportDelArgs() -> Any:
+        _need('BlockExportRemoveMode')
+        class BlockExportDelArgs(QAPIModel):
+            """Arguments of ``block-export-del``."""
+
+            id: str = Field(alias='id')
+            mode: BlockExportRemoveMode | None = Field(default=None, alias='mode')
+        return BlockExportDelArgs
+
+
+    def _make_QueryBlockExportsArgs() -> Any:
+        class QueryBlockExportsArgs(QAPIModel):
+            """Arguments of ``query-block-exports``."""
+        return QueryBlockExportsArgs
+
+
+    def _make_ObjectAddArgs() -> Any:
+        ObjectOptions = _get('ObjectOptions')
+        class ObjectAddArgs(RootModel[ObjectOptions]):
+            """Arguments of ``object-add``."""
+
+            model_config = ConfigDict(frozen=True, defer_build=True)
+        return ObjectAddArgs
+
+
+    def _make_ObjectDelArgs() -> Any:
+        class ObjectDelArgs(QAPIModel):
+            """Arguments of ``object-del``."""
+
+            id: str = Field(alias='id')
+        return ObjectDelArgs
+
+
+    def _make_OrgQmpdQueryInstanceArgs() -> Any:
+        class OrgQmpdQueryInstanceArgs(QAPIModel):
+            """Arguments of ``__org.qmpd_query-instance``."""
+        return OrgQmpdQueryInstanceArgs
+
+
+    def _make_ShutdownData() -> Any:
+        _need('ShutdownCause')
+        class ShutdownData(QAPIModel):
+            """Data of ``SHUTDOWN``."""
+
+            guest: bool = Field(alias='guest')
+            reason: ShutdownCause = Field(alias='reason')
+        return ShutdownData
+
+
+    def _make_JobStatusChangeData() -> Any:
+        _need('JobStatus')
+        class JobStatusChangeData(QAPIModel):
+            """Data of ``JOB_STATUS_CHANGE``."""
+
+            id: str = Field(alias='id')
+            status: JobStatus = Field(alias='status')
+        return JobStatusChangeData
+
+
+    def _make_BlockJobCompletedData() -> Any:
+        _need('JobType')
+        class BlockJobCompletedData(QAPIModel):
+            """Data of ``BLOCK_JOB_COMPLETED``."""
+
+            type: JobType = Field(alias='type')
+            device: str = Field(alias='device')
+            len: int = Field(alias='len')
+            offset: int = Field(alias='offset')
+            speed: int = Field(alias='speed')
+            error: str | None = Field(default=None, alias='error')
+        return BlockJobCompletedData
+
+
+    def _make_BlockJobCancelledData() -> Any:
+        _need('JobType')
+        class BlockJobCancelledData(QAPIModel):
+            """Data of ``BLOCK_JOB_CANCELLED``."""
+
+            type: JobType = Field(alias='type')
+            device: str = Field(alias='device')
+            len: int = Field(alias='len')
+            offset: int = Field(alias='offset')
+            speed: int = Field(alias='speed')
+        return BlockJobCancelledData
+
+
+    def _make_BlockJobErrorData() -> Any:
+        _need('BlockErrorAction', 'IoOperationType')
+        class BlockJobErrorData(QAPIModel):
+            """Data of ``BLOCK_JOB_ERROR``."""
+
+            device: str = Field(alias='device')
+            operation: IoOperationType = Field(alias='operation')
+            action: BlockErrorAction = Field(alias='action')
+        return BlockJobErrorData
+
+
+    def _make_BlockJobReadyData() -> Any:
+        _need('JobType')
+        class BlockJobReadyData(QAPIModel):
+            """Data of ``BLOCK_JOB_READY``."""
+
+            type: JobType = Field(alias='type')
+            device: str = Field(alias='device')
+            len: int = Field(alias='len')
+            offset: int = Field(alias='offset')
+            speed: int = Field(alias='speed')
+        return BlockJobReadyData
+
+
+    def _make_BlockJobPendingData() -> Any:
+        _need('JobType')
+        class BlockJobPendingData(QAPIModel):
+            """Data of ``BLOCK_JOB_PENDING``."""
+
+            type: JobType = Field(alias='type')
+            id: str = Field(alias='id')
+        return BlockJobPendingData
+
+
+    def _make_BlockImageCorruptedData() -> Any:
+        class BlockImageCorruptedData(QAPIModel):
+            """Data of ``BLOCK_IMAGE_CORRUPTED``."""
+
+            device: str = Field(alias='device')
+            node_name: str | None = Field(default=None, alias='node-name')
+            msg: str = Field(alias='msg')
+            offset: int | None = Field(default=None, alias='offset')
+            size: int | None = Field(default=None, alias='size')
+            fatal: bool = Field(alias='fatal')
+        return BlockImageCorruptedData
+
+
+    def _make_StopData() -> Any:
+        class StopData(QAPIModel):
+            """Data of ``STOP``."""
+        return StopData
+
+
+    def _make_ResumeData() -> Any:
+        class ResumeData(QAPIModel):
+            """Data of ``RESUME``."""
+        return ResumeData
+
+
+    def _make_BlockExportDeletedData() -> Any:
+        class BlockExportDeletedData(QAPIModel):
+            """Data of ``BLOCK_EXPORT_DELETED``."""
+
+            id: str = Field(alias='id')
+        return BlockExportDeletedData
+
+
+    _FACTORIES: dict[str, Callable[[], Any]] = {
+        'QMPCapability': _make_QMPCapability,
+        'SchemaMetaType': _make_SchemaMetaType,
+        'JSONType': _make_JSONType,
+        'OnOffAuto': _make_OnOffAuto,
+        'RunState': _make_RunState,
+        'ShutdownCause': _make_ShutdownCause,
+        'TpmModel': _make_TpmModel,
+        'TpmType': _make_TpmType,
+        'JobType': _make_JobType,
+        'JobStatus': _make_JobStatus,
+        'JobVerb': _make_JobVerb,
+        'BlockdevDriver': _make_BlockdevDriver,
+        'BlockdevDiscardOptions': _make_BlockdevDiscardOptions,
+        'BlockdevDetectZeroesOptions': _make_BlockdevDetectZeroesOptions,
+        'BlockdevAioOptions': _make_BlockdevAioOptions,
+        'BlkdebugEvent': _make_BlkdebugEvent,
+        'BlkdebugIOType': _make_BlkdebugIOType,
+        'BlockPermission': _make_BlockPermission,
+        'OnCbwError': _make_OnCbwError,
+        'PreallocMode': _make_PreallocMode,
+        'BlockDeviceIoStatus': _make_BlockDeviceIoStatus,
+        'MirrorSyncMode': _make_MirrorSyncMode,
+        'BitmapSyncMode': _make_BitmapSyncMode,
+        'BlockdevOnError': _make_BlockdevOnError,
+        'NewImageMode': _make_NewImageMode,
+        'BlockErrorAction': _make_BlockErrorAction,
+        'IoOperationType': _make_IoOperationType,
+        'BlockdevQcow2Version': _make_BlockdevQcow2Version,
+        'Qcow2CompressionType': _make_Qcow2CompressionType,
+        'ImageInfoSpecificKind': _make_ImageInfoSpecificKind,
+        'ActionCompletionMode': _make_ActionCompletionMode,
+        'TransactionActionKind': _make_TransactionActionKind,
+        'SocketAddressLegacyType': _make_SocketAddressLegacyType,
+        'SocketAddressType': _make_SocketAddressType,
+        'BlockExportRemoveMode': _make_BlockExportRemoveMode,
+        'BlockExportType': _make_BlockExportType,
+        'QCryptoTLSCredsEndpoint': _make_QCryptoTLSCredsEndpoint,
+        'ObjectType': _make_ObjectType,
+        'VersionTriple': _make_VersionTriple,
+        'VersionInfo': _make_VersionInfo,
+        'CommandInfo': _make_CommandInfo,
+        'SchemaInfoBuiltinBranch': _make_SchemaInfoBuiltinBranch,
+        'SchemaInfoEnumBranch': _make_SchemaInfoEnumBranch,
+        'SchemaInfoArrayBranch': _make_SchemaInfoArrayBranch,
+        'SchemaInfoObjectBranch': _make_SchemaInfoObjectBranch,
+        'SchemaInfoAlternateBranch': _make_SchemaInfoAlternateBranch,
+        'SchemaInfoCommandBranch': _make_SchemaInfoCommandBranch,
+        'SchemaInfoEventBranch': _make_SchemaInfoEventBranch,
+        'SchemaInfoBuiltin': _make_SchemaInfoBuiltin,
+        'SchemaInfoEnum': _make_SchemaInfoEnum,
+        'SchemaInfoEnumMember': _make_SchemaInfoEnumMember,
+        'SchemaInfoArray': _make_SchemaInfoArray,
+        'SchemaInfoObject': _make_SchemaInfoObject,
+        'SchemaInfoObjectMember': _make_SchemaInfoObjectMember,
+        'SchemaInfoObjectVariant': _make_SchemaInfoObjectVariant,
+        'SchemaInfoAlternate': _make_SchemaInfoAlternate,
+        'SchemaInfoAlternateMember': _make_SchemaInfoAlternateMember,
+        'SchemaInfoCommand': _make_SchemaInfoCommand,
+        'SchemaInfoEvent': _make_SchemaInfoEvent,
+        'StatusInfo': _make_StatusInfo,
+        'NameInfo': _make_NameInfo,
+        'TPMPassthroughOptions': _make_TPMPassthroughOptions,
+        'TPMEmulatorOptions': _make_TPMEmulatorOptions,
+        'TPMPassthroughOptionsWrapper': _make_TPMPassthroughOptionsWrapper,
+        'TPMEmulatorOptionsWrapper': _make_TPMEmulatorOptionsWrapper,
+        'TpmTypeOptionsPassthroughBranch': _make_TpmTypeOptionsPassthroughBranch,
+        'TpmTypeOptionsEmulatorBranch': _make_TpmTypeOptionsEmulatorBranch,
+        'TPMInfo': _make_TPMInfo,
+        'JobInfo': _make_JobInfo,
+        'BlockdevCacheOptions': _make_BlockdevCacheOptions,
+        'BlockdevOptionsFile': _make_BlockdevOptionsFile,
+        'BlockdevOptionsNull': _make_BlockdevOptionsNull,
+        'BlockdevOptionsGenericFormat': _make_BlockdevOptionsGenericFormat,
+        'BlockdevOptionsRaw': _make_BlockdevOptionsRaw,
+        'BlkdebugInjectErrorOptions': _make_BlkdebugInjectErrorOptions,
+        'BlkdebugSetStateOptions': _make_BlkdebugSetStateOptions,
+        'BlockdevOptionsBlkdebug': _make_BlockdevOptionsBlkdebug,
+        'BlockdevOptionsCbw': _make_BlockdevOptionsCbw,
+        'BlockdevOptionsBlkdebugBranch': _make_BlockdevOptionsBlkdebugBranch,
+        'BlockdevOptionsCopyBeforeWriteBranch': _make_BlockdevOptionsCopyBeforeWriteBranch,
+        'BlockdevOptionsFileBranch': _make_BlockdevOptionsFileBranch,
+        'BlockdevOptionsNullAioBranch': _make_BlockdevOptionsNullAioBranch,
+        'BlockdevOptionsNullCoBranch': _make_BlockdevOptionsNullCoBranch,
+        'BlockdevOptionsQcow2Branch': _make_BlockdevOptionsQcow2Branch,
+        'BlockdevOptionsRawBranch': _make_BlockdevOptionsRawBranch,
+        'BlockdevOptionsSnapshotAccessBranch': _make_BlockdevOptionsSnapshotAccessBranch,
+        'BlockdevCreateOptionsFile': _make_BlockdevCreateOptionsFile,
+        'BlockdevCreateOptionsFileBranch': _make_BlockdevCreateOptionsFileBranch,
+        'BlockdevCreateOptionsQcow2Branch': _make_BlockdevCreateOptionsQcow2Branch,
+        'BlockdevCreateOptionsBlkdebugBranch': _make_BlockdevCreateOptionsBlkdebugBranch,
+        'BlockdevCreateOptionsCopyBeforeWriteBranch': _make_BlockdevCreateOptionsCopyBeforeWriteBranch,
+        'BlockdevCreateOptionsNullAioBranch': _make_BlockdevCreateOptionsNullAioBranch,
+        'BlockdevCreateOptionsNullCoBranch': _make_BlockdevCreateOptionsNullCoBranch,
+        'BlockdevCreateOptionsRawBranch': _make_BlockdevCreateOptionsRawBranch,
+        'BlockdevCreateOptionsSnapshotAccessBranch': _make_BlockdevCreateOptionsSnapshotAccessBranch,
+        'BlockDirtyBitmap': _make_BlockDirtyBitmap,
+        'BlockDirtyBitmapAdd': _make_BlockDirtyBitmapAdd,
+        'BlockDirtyBitmapMerge': _make_BlockDirtyBitmapMerge,
+        'BlockDirtyBitmapSha256': _make_BlockDirtyBitmapSha256,
+        'BlockDirtyInfo': _make_BlockDirtyInfo,
+        'ImageInfo': _make_ImageInfo,
+        'BlockdevCacheInfo': _make_BlockdevCacheInfo,
+        'BlockDeviceInfo': _make_BlockDeviceInfo,
+        'BlockInfo': _make_BlockInfo,
+        'BackupPerf': _make_BackupPerf,
+        'BackupCommon': _make_BackupCommon,
+        'DriveBackup': _make_DriveBackup,
+        'BlockdevBackup': _make_BlockdevBackup,
+        'BlockJobInfo': _make_BlockJobInfo,
+        'BlockdevOptionsGenericCOWFormat': _make_BlockdevOptionsGenericCOWFormat,
+        'BlockdevOptionsQcow2': _make_BlockdevOptionsQcow2,
+        'BlockdevCreateOptionsQcow2': _make_BlockdevCreateOptionsQcow2,
+        'ImageInfoSpecificQCow2': _make_ImageInfoSpecificQCow2,
+        'ImageInfoSpecificQCow2Wrapper': _make_ImageInfoSpecificQCow2Wrapper,
+        'ImageInfoSpecificQcow2Branch': _make_ImageInfoSpecificQcow2Branch,
+        'Abort': _make_Abort,
+        'AbortWrapper': _make_AbortWrapper,
+        'BlockDirtyBitmapAddWrapper': _make_BlockDirtyBitmapAddWrapper,
+        'BlockDirtyBitmapWrapper': _make_BlockDirtyBitmapWrapper,
+        'BlockDirtyBitmapMergeWrapper': _make_BlockDirtyBitmapMergeWrapper,
+        'BlockdevBackupWrapper': _make_BlockdevBackupWrapper,
+        'DriveBackupWrapper': _make_DriveBackupWrapper,
+        'TransactionActionAbortBranch': _make_TransactionActionAbortBranch,
+        'TransactionActionBlockDirtyBitmapAddBranch': _make_TransactionActionBlockDirtyBitmapAddBranch,
+        'TransactionActionBlockDirtyBitmapRemoveBranch': _make_TransactionActionBlockDirtyBitmapRemoveBranch,
+        'TransactionActionBlockDirtyBitmapClearBranch': _make_TransactionActionBlockDirtyBitmapClearBranch,
+        'TransactionActionBlockDirtyBitmapEnableBranch': _make_TransactionActionBlockDirtyBitmapEnableBranch,
+        'TransactionActionBlockDirtyBitmapDisableBranch': _make_TransactionActionBlockDirtyBitmapDisableBranch,
+        'TransactionActionBlockDirtyBitmapMergeBranch': _make_TransactionActionBlockDirtyBitmapMergeBranch,
+        'TransactionActionBlockdevBackupBranch': _make_TransactionActionBlockdevBackupBranch,
+        'TransactionActionDriveBackupBranch': _make_TransactionActionDriveBackupBranch,
+        'TransactionProperties': _make_TransactionProperties,
+        'ObjectPropertyInfo': _make_ObjectPropertyInfo,
+        'InetSocketAddress': _make_InetSocketAddress,
+        'UnixSocketAddress': _make_UnixSocketAddress,
+        'InetSocketAddressWrapper': _make_InetSocketAddressWrapper,
+        'UnixSocketAddressWrapper': _make_UnixSocketAddressWrapper,
+        'SocketAddressLegacyInetBranch': _make_SocketAddressLegacyInetBranch,
+        'SocketAddressLegacyUnixBranch': _make_SocketAddressLegacyUnixBranch,
+        'SocketAddressInetBranch': _make_SocketAddressInetBranch,
+        'SocketAddressUnixBranch': _make_SocketAddressUnixBranch,
+        'NbdServerOptions': _make_NbdServerOptions,
+        'BlockExportOptionsNbdBase': _make_BlockExportOptionsNbdBase,
+        'BlockExportOptionsNbd': _make_BlockExportOptionsNbd,
+        'NbdServerAddOptions': _make_NbdServerAddOptions,
+        'BlockExportOptionsNbdBranch': _make_BlockExportOptionsNbdBranch,
+        'BlockExportInfo': _make_BlockExportInfo,
+        'TlsCredsProperties': _make_TlsCredsProperties,
+        'TlsCredsX509Properties': _make_TlsCredsX509Properties,
+        'ObjectOptionsTlsCredsX509Branch': _make_ObjectOptionsTlsCredsX509Branch,
+        'QmpdTimestamp': _make_QmpdTimestamp,
+        'QmpdInstanceInfo': _make_QmpdInstanceInfo,
+        'SchemaInfo': _make_SchemaInfo,
+        'TpmTypeOptions': _make_TpmTypeOptions,
+        'BlockdevOptions': _make_BlockdevOptions,
+        'BlockdevCreateOptions': _make_BlockdevCreateOptions,
+        'ImageInfoSpecific': _make_ImageInfoSpecific,
+        'TransactionAction': _make_TransactionAction,
+        'SocketAddressLegacy': _make_SocketAddressLegacy,
+        'SocketAddress': _make_SocketAddress,
+        'BlockExportOptions': _make_BlockExportOptions,
+        'ObjectOptions': _make_ObjectOptions,
+        'BlockdevRef': _make_BlockdevRef,
+        'BlockDirtyBitmapOrStr': _make_BlockDirtyBitmapOrStr,
+        'BlockdevRefOrNull': _make_BlockdevRefOrNull,
+        'QmpCapabilitiesArgs': _make_QmpCapabilitiesArgs,
+        'QueryVersionArgs': _make_QueryVersionArgs,
+        'QueryCommandsArgs': _make_QueryCommandsArgs,
+        'QuitArgs': _make_QuitArgs,
+        'QueryQmpSchemaArgs': _make_QueryQmpSchemaArgs,
+        'QueryStatusArgs': _make_QueryStatusArgs,
+        'QueryNameArgs': _make_QueryNameArgs,
+        'HumanMonitorCommandArgs': _make_HumanMonitorCommandArgs,
+        'QueryTpmArgs': _make_QueryTpmArgs,
+        'JobPauseArgs': _make_JobPauseArgs,
+        'JobResumeArgs': _make_JobResumeArgs,
+        'JobCancelArgs': _make_JobCancelArgs,
+        'JobCompleteArgs': _make_JobCompleteArgs,
+        'JobDismissArgs': _make_JobDismissArgs,
+        'JobFinalizeArgs': _make_JobFinalizeArgs,
+        'QueryJobsArgs': _make_QueryJobsArgs,
+        'BlockdevAddArgs': _make_BlockdevAddArgs,
+        'BlockdevDelArgs': _make_BlockdevDelArgs,
+        'BlockdevCreateArgs': _make_BlockdevCreateArgs,
+        'BlockDirtyBitmapAddArgs': _make_BlockDirtyBitmapAddArgs,
+        'BlockDirtyBitmapRemoveArgs': _make_BlockDirtyBitmapRemoveArgs,
+        'BlockDirtyBitmapClearArgs': _make_BlockDirtyBitmapClearArgs,
+        'BlockDirtyBitmapEnableArgs': _make_BlockDirtyBitmapEnableArgs,
+        'BlockDirtyBitmapDisableArgs': _make_BlockDirtyBitmapDisableArgs,
+        'BlockDirtyBitmapMergeArgs': _make_BlockDirtyBitmapMergeArgs,
+        'XDebugBlockDirtyBitmapSha256Args': _make_XDebugBlockDirtyBitmapSha256Args,
+        'QueryBlockArgs': _make_QueryBlockArgs,
+        'QueryNamedBlockNodesArgs': _make_QueryNamedBlockNodesArgs,
+        'DriveBackupArgs': _make_DriveBackupArgs,
+        'BlockdevBackupArgs': _make_BlockdevBackupArgs,
+        'QueryBlockJobsArgs': _make_QueryBlockJobsArgs,
+        'BlockJobSetSpeedArgs': _make_BlockJobSetSpeedArgs,
+        'BlockJobCancelArgs': _make_BlockJobCancelArgs,
+        'BlockJobPauseArgs': _make_BlockJobPauseArgs,
+        'BlockJobResumeArgs': _make_BlockJobResumeArgs,
+        'BlockJobCompleteArgs': _make_BlockJobCompleteArgs,
+        'BlockJobDismissArgs': _make_BlockJobDismissArgs,
+        'BlockJobFinalizeArgs': _make_BlockJobFinalizeArgs,
+        'TransactionArgs': _make_TransactionArgs,
+        'StopArgs': _make_StopArgs,
+        'ContArgs': _make_ContArgs,
+        'QomListArgs': _make_QomListArgs,
+        'QomGetArgs': _make_QomGetArgs,
+        'QomSetArgs': _make_QomSetArgs,
+        'BlockResizeArgs': _make_BlockResizeArgs,
+        'NbdServerStartArgs': _make_NbdServerStartArgs,
+        'NbdServerAddArgs': _make_NbdServerAddArgs,
+        'NbdServerRemoveArgs': _make_NbdServerRemoveArgs,
+        'NbdServerStopArgs': _make_NbdServerStopArgs,
+        'BlockExportAddArgs': _make_BlockExportAddArgs,
+        'BlockExportDelArgs': _make_BlockExportDelArgs,
+        'QueryBlockExportsArgs': _make_QueryBlockExportsArgs,
+        'ObjectAddArgs': _make_ObjectAddArgs,
+        'ObjectDelArgs': _make_ObjectDelArgs,
+        'OrgQmpdQueryInstanceArgs': _make_OrgQmpdQueryInstanceArgs,
+        'ShutdownData': _make_ShutdownData,
+        'JobStatusChangeData': _make_JobStatusChangeData,
+        'BlockJobCompletedData': _make_BlockJobCompletedData,
+        'BlockJobCancelledData': _make_BlockJobCancelledData,
+        'BlockJobErrorData': _make_BlockJobErrorData,
+        'BlockJobReadyData': _make_BlockJobReadyData,
+        'BlockJobPendingData': _make_BlockJobPendingData,
+        'BlockImageCorruptedData': _make_BlockImageCorruptedData,
+        'StopData': _make_StopData,
+        'ResumeData': _make_ResumeData,
+        'BlockExportDeletedData': _make_BlockExportDeletedData,
+    }
+
+    COMMAND_ARGS = _Table({
+        'qmp_capabilities': lambda: _get('QmpCapabilitiesArgs'),
+        'query-version': lambda: _get('QueryVersionArgs'),
+        'query-commands': lambda: _get('QueryCommandsArgs'),
+        'quit': lambda: _get('QuitArgs'),
+        'query-qmp-schema': lambda: _get('QueryQmpSchemaArgs'),
+        'query-status': lambda: _get('QueryStatusArgs'),
+        'query-name': lambda: _get('QueryNameArgs'),
+        'human-monitor-command': lambda: _get('HumanMonitorCommandArgs'),
+        'query-tpm': lambda: _get('QueryTpmArgs'),
+        'job-pause': lambda: _get('JobPauseArgs'),
+        'job-resume': lambda: _get('JobResumeArgs'),
+        'job-cancel': lambda: _get('JobCancelArgs'),
+        'job-complete': lambda: _get('JobCompleteArgs'),
+        'job-dismiss': lambda: _get('JobDismissArgs'),
+        'job-finalize': lambda: _get('JobFinalizeArgs'),
+        'query-jobs': lambda: _get('QueryJobsArgs'),
+        'blockdev-add': lambda: _get('BlockdevAddArgs'),
+        'blockdev-del': lambda: _get('BlockdevDelArgs'),
+        'blockdev-create': lambda: _get('BlockdevCreateArgs'),
+        'block-dirty-bitmap-add': lambda: _get('BlockDirtyBitmapAddArgs'),
+        'block-dirty-bitmap-remove': lambda: _get('BlockDirtyBitmapRemoveArgs'),
+        'block-dirty-bitmap-clear': lambda: _get('BlockDirtyBitmapClearArgs'),
+        'block-dirty-bitmap-enable': lambda: _get('BlockDirtyBitmapEnableArgs'),
+        'block-dirty-bitmap-disable': lambda: _get('BlockDirtyBitmapDisableArgs'),
+        'block-dirty-bitmap-merge': lambda: _get('BlockDirtyBitmapMergeArgs'),
+        'x-debug-block-dirty-bitmap-sha256': lambda: _get('XDebugBlockDirtyBitmapSha256Args'),
+        'query-block': lambda: _get('QueryBlockArgs'),
+        'query-named-block-nodes': lambda: _get('QueryNamedBlockNodesArgs'),
+        'drive-backup': lambda: _get('DriveBackupArgs'),
+        'blockdev-backup': lambda: _get('BlockdevBackupArgs'),
+        'query-block-jobs': lambda: _get('QueryBlockJobsArgs'),
+        'block-job-set-speed': lambda: _get('BlockJobSetSpeedArgs'),
+        'block-job-cancel': lambda: _get('BlockJobCancelArgs'),
+        'block-job-pause': lambda: _get('BlockJobPauseArgs'),
+        'block-job-resume': lambda: _get('BlockJobResumeArgs'),
+        'block-job-complete': lambda: _get('BlockJobCompleteArgs'),
+        'block-job-dismiss': lambda: _get('BlockJobDismissArgs'),
+        'block-job-finalize': lambda: _get('BlockJobFinalizeArgs'),
+        'transaction': lambda: _get('TransactionArgs'),
+        'stop': lambda: _get('StopArgs'),
+        'cont': lambda: _get('ContArgs'),
+        'qom-list': lambda: _get('QomListArgs'),
+        'qom-get': lambda: _get('QomGetArgs'),
+        'qom-set': lambda: _get('QomSetArgs'),
+        'block_resize': lambda: _get('BlockResizeArgs'),
+        'nbd-server-start': lambda: _get('NbdServerStartArgs'),
+        'nbd-server-add': lambda: _get('NbdServerAddArgs'),
+        'nbd-server-remove': lambda: _get('NbdServerRemoveArgs'),
+        'nbd-server-stop': lambda: _get('NbdServerStopArgs'),
+        'block-export-add': lambda: _get('BlockExportAddArgs'),
+        'block-export-del': lambda: _get('BlockExportDelArgs'),
+        'query-block-exports': lambda: _get('QueryBlockExportsArgs'),
+        'object-add': lambda: _get('ObjectAddArgs'),
+        'object-del': lambda: _get('ObjectDelArgs'),
+        '__org.qmpd_query-instance': lambda: _get('OrgQmpdQueryInstanceArgs'),
+    })
+
+    COMMAND_RETURNS = _Table({
+        'qmp_capabilities': lambda: None,
+        'query-version': lambda: _get('VersionInfo'),
+        'query-commands': lambda: list[_get('CommandInfo')],
+        'quit': lambda: None,
+        'query-qmp-schema': lambda: list[_get('SchemaInfo')],
+        'query-status': lambda: _get('StatusInfo'),
+        'query-name': lambda: _get('NameInfo'),
+        'human-monitor-command': lambda: str,
+        'query-tpm': lambda: list[_get('TPMInfo')],
+        'job-pause': lambda: None,
+        'job-resume': lambda: None,
+        'job-cancel': lambda: None,
+        'job-complete': lambda: None,
+        'job-dismiss': lambda: None,
+        'job-finalize': lambda: None,
+        'query-jobs': lambda: list[_get('JobInfo')],
+        'blockdev-add': lambda: None,
+        'blockdev-del': lambda: None,
+        'blockdev-create': lambda: None,
+        'block-dirty-bitmap-add': lambda: None,
+        'block-dirty-bitmap-remove': lambda: None,
+        'block-dirty-bitmap-clear': lambda: None,
+        'block-dirty-bitmap-enable': lambda: None,
+        'block-dirty-bitmap-disable': lambda: None,
+        'block-dirty-bitmap-merge': lambda: None,
+        'x-debug-block-dirty-bitmap-sha256': lambda: _get('BlockDirtyBitmapSha256'),
+        'query-block': lambda: list[_get('BlockInfo')],
+        'query-named-block-nodes': lambda: list[_get('BlockDeviceInfo')],
+        'drive-backup': lambda: None,
+        'blockdev-backup': lambda: None,
+        'query-block-jobs': lambda: list[_get('BlockJobInfo')],
+        'block-job-set-speed': lambda: None,
+        'block-job-cancel': lambda: None,
+        'block-job-pause': lambda: None,
+        'block-job-resume': lambda: None,
+        'block-job-complete': lambda: None,
+        'block-job-dismiss': lambda: None,
+        'block-job-finalize': lambda: None,
+        'transaction': lambda: None,
+        'stop': lambda: None,
+        'cont': lambda: None,
+        'qom-list': lambda: list[_get('ObjectPropertyInfo')],
+        'qom-get': lambda: Any,
+        'qom-set': lambda: None,
+        'block_resize': lambda: None,
+        'nbd-server-start': lambda: None,
+        'nbd-server-add': lambda: None,
+        'nbd-server-remove': lambda: None,
+        'nbd-server-stop': lambda: None,
+        'block-export-add': lambda: None,
+        'block-export-del': lambda: None,
+        'query-block-exports': lambda: list[_get('BlockExportInfo')],
+        'object-add': lambda: None,
+        'object-del': lambda: None,
+        '__org.qmpd_query-instance': lambda: _get('QmpdInstanceInfo'),
+    })
+
+    EVENT_DATA = _Table({
+        'SHUTDOWN': lambda: _get('ShutdownData'),
+        'JOB_STATUS_CHANGE': lambda: _get('JobStatusChangeData'),
+        'BLOCK_JOB_COMPLETED': lambda: _get('BlockJobCompletedData'),
+        'BLOCK_JOB_CANCELLED': lambda: _get('BlockJobCancelledData'),
+        'BLOCK_JOB_ERROR': lambda: _get('BlockJobErrorData'),
+        'BLOCK_JOB_READY': lambda: _get('BlockJobReadyData'),
+        'BLOCK_JOB_PENDING': lambda: _get('BlockJobPendingData'),
+        'BLOCK_IMAGE_CORRUPTED': lambda: _get('BlockImageCorruptedData'),
+        'STOP': lambda: _get('StopData'),
+        'RESUME': lambda: _get('ResumeData'),
+        'BLOCK_EXPORT_DELETED': lambda: _get('BlockExportDeletedData'),
+    })

@@ -240,6 +240,6 @@ def load_schema(top: Path | None = None) -> Schema:
     :raise SchemaError: on any syntax or semantic error.
     """
     from qmpd.qapi.builder import build
-    from qmpd.qapi.loader import load
+    from qmpd.qapi.exprcache import load_cached
 
-    return build(load(top or default_schema_dir() / "qmpd.json"))
+    return build(load_cached(top or default_schema_dir() / "qmpd.json"))

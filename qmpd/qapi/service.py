@@ -13,14 +13,15 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any
 
 from qmpd.errors import SchemaError
 from qmpd.qapi.introspect import introspect
 from qmpd.qapi.schema import Schema, default_schema_dir, load_schema
 from qmpd.qapi.validate import ArgumentValidator
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel  # imported with the first model, not at start-up
 
 __all__ = ["SchemaService"]
 

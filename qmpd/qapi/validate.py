@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any
 
 from qmpd.errors import CommandNotFound, GenericError
 from qmpd.qapi import models
 from qmpd.qapi.jsonschema import command_ref, qapi_validator_class
 from qmpd.qapi.schema import ObjectType, Schema, default_schema_dir, load_schema
 from qmpd.qapi.walk import first_error, normalize, uses_wrapping
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel  # imported with the first model, not at start-up
 
 __all__ = ["ArgumentValidator"]
 

@@ -43,8 +43,10 @@ REFUSAL = b'{"error": {"class": "GenericError", "desc": "qmpd: too many connecti
 class Connection(asyncio.Protocol):
     """asyncio protocol for one client of a QMP listener."""
 
-    def __init__(self, daemon: Daemon, listener: str, limits: Limits, *, refused: bool = False) -> None:
+    def __init__(self, daemon: Daemon, listener: str, limits: Limits, *, refused: bool = False,
+                 pretty: bool = False) -> None:
         self._daemon = daemon
+        self._pretty = pretty
         self._limits = limits
         self._refused = refused
         self.name = f"{listener}#{next(_counter)}"
@@ -200,9 +202,9 @@ class Connection(asyncio.Protocol):
         transport = self._transport
         if self._closed or transport is None or transport.is_closing():
             return
-        data = encode(msg)
+        data = encode(msg, pretty=self._pretty)
         if self._daemon.trace:
-            self.log.info("<-- %s", data[:-2].decode("ascii"))
+            self.log.info("<-- %s", (encode(msg) if self._pretty else data)[:-2].decode("ascii"))
         transport.write(data)
         if transport.get_write_buffer_size() > self._limits.max_output:
             self.log.warning("client is not reading its replies; disconnecting")

@@ -39,7 +39,7 @@ from qmpd.machine import Machine
 from qmpd.nbd.server import NbdServer
 from qmpd.protocol.session import Call, Session
 from qmpd.qapi.keyval import parse_option_value
-from qmpd.qapi.models import BlockdevAddArgs
+from qmpd.qapi import models
 from qmpd.qapi.service import SchemaService
 from qmpd.server.connection import Connection
 from qmpd.server.limits import DEFAULT_LIMITS, Limits
@@ -48,6 +48,7 @@ from qmpd.server.listeners import (
 )
 from qmpd.server.plan import StartupError, StartupPlan
 from qmpd.server.qtest import QtestProtocol
+from qmpd.tasks import TaskGroup
 
 __all__ = ["Daemon", "UNIMPLEMENTED"]
 
@@ -113,7 +114,10 @@ class Daemon:
         #: Socket files this process bound (removed at clean-up if unchanged).
         self._owned: list[OwnedPath] = []
         self._connections: set[Connection] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        #: Every task the daemon and its parts start (qmpd/tasks.py): the
+        #: job manager, the NBD server, the bitmap state directory and the
+        #: web server get this group; clean-up awaits or cancels them all.
+        self.tasks = TaskGroup("qmpd")
         self._qtests: list[QtestProtocol] = []
         self.command_names: frozenset[str] = frozenset()
         self.oob_commands: frozenset[str] = frozenset()
@@ -151,13 +155,15 @@ class Daemon:
         bitmap_state = None
         if self.config.state_dir is not None:
             bitmap_state = BitmapStateDir(self.config.state_dir,
-                                          flush_interval=self.config.state_flush_interval)
+                                          flush_interval=self.config.state_flush_interval,
+                                          tasks=self.tasks.child("bitmap-state"), pool=self.pool)
         self.state.block = BlockGraph(bitmap_state=bitmap_state, pool=self.pool,
                                       emit_event=self.events.emit)
-        self.state.jobs = JobManager(self.events)
+        self.state.jobs = JobManager(self.events, tasks=self.tasks.child("jobs"))
         self.state.machine = Machine(self.state.block, self.events, prelaunch=self.config.prelaunch)
         self.state.objects = ObjectStore()
-        self.nbd = NbdServer(self._graph, self.events, tls_creds=self.state.objects.get)
+        self.nbd = NbdServer(self._graph, self.events, tls_creds=self.state.objects.get,
+                             tasks=self.tasks.child("nbd"))
         self.state.nbd = self.nbd
 
     def _graph(self) -> BlockGraph:
@@ -178,7 +184,7 @@ class Daemon:
             if not isinstance(options, dict):
                 raise GenericError("--blockdev expects an object")
             args = self.schema.build_arguments("blockdev-add", options)
-            assert isinstance(args, BlockdevAddArgs)
+            assert isinstance(args, models.BlockdevAddArgs)
             await add_blockdev(self.state.block, args)
 
     async def apply_plan(self, plan: StartupPlan) -> None:
@@ -213,7 +219,7 @@ class Daemon:
         for spec, option in zip(plan.connectors, plan.connector_options):
             label = connector_label(spec)
             try:
-                await open_connector(spec, functools.partial(self._new_connection, label))
+                await open_connector(spec, functools.partial(self._new_connection, label, spec.pretty))
             except OSError as err:
                 raise StartupError(option, f"Failed to connect to '{label}': {err.strerror}") from err
         if plan.qtest is not None:
@@ -296,7 +302,7 @@ class Daemon:
         await self.prepare_state_dir()
         for spec in self.listeners:
             label = spec.path if isinstance(spec, UnixListener) else f"{spec.host}:{spec.port}"
-            server, owned = await open_listener(spec, functools.partial(self._new_connection, label),
+            server, owned = await open_listener(spec, functools.partial(self._new_connection, label, spec.pretty),
                                                 backlog=self.limits.backlog)
             self._servers.append(server)
             if owned is not None:
@@ -306,10 +312,10 @@ class Daemon:
                 log.warning("QMP on %s is reachable from the network without authentication; "
                             "any peer can run every command (prefer a UNIX socket or 127.0.0.1)", label)
 
-    def _new_connection(self, label: str) -> Connection:
+    def _new_connection(self, label: str, pretty: bool = False) -> Connection:
         if len(self._connections) >= self.limits.max_connections or self.stopping:
             return Connection(self, label, self.limits, refused=True)
-        conn = Connection(self, label, self.limits)
+        conn = Connection(self, label, self.limits, pretty=pretty)
         self._connections.add(conn)
         return conn
 
@@ -333,15 +339,7 @@ class Daemon:
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run ``coro`` as a task the daemon awaits at clean-up."""
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+        return self.tasks.spawn(coro, name=name)
 
     async def wait_stopped(self) -> None:
         """Return once shutdown was requested."""
@@ -377,11 +375,7 @@ class Daemon:
                 await asyncio.wait_for(server.wait_closed(), SHUTDOWN_GRACE)
         if self.nbd is not None:
             await self.nbd.cleanup()
-        pending = [t for t in self._tasks if not t.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
-        for task in pending:
-            task.cancel()
+        await self.tasks.shutdown(SHUTDOWN_GRACE)
         if self.state.block is not None:
             if self.pool.busy:
                 # A worker is stuck in a file call: closing its descriptor
@@ -391,6 +385,8 @@ class Daemon:
             else:
                 await self.state.block.close()
         self.pool.shutdown()
+        if not self.pool.busy:   # idle workers end at once; a stuck one is left
+            self.pool.join(SHUTDOWN_GRACE)
 
     # -- commands ---------------------------------------------------------
     async def execute(self, call: Call, conn: SessionControl) -> dict[str, Any]:

@@ -22,6 +22,8 @@ class UnixListener:
 
     path: str
     label: str = "unix"
+    #: QEMU's ``pretty=on``: multi-line JSON for this monitor's clients.
+    pretty: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +33,7 @@ class TcpListener:
     host: str
     port: int
     label: str = "tcp"
+    pretty: bool = False
 
 
 Listener = UnixListener | TcpListener
@@ -41,6 +44,7 @@ class UnixConnector:
     """A UNIX socket the daemon connects to (client mode)."""
 
     path: str
+    pretty: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +53,7 @@ class TcpConnector:
 
     host: str
     port: int
+    pretty: bool = False
 
 
 Connector = UnixConnector | TcpConnector

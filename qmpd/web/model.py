@@ -15,7 +15,16 @@ A snapshot, abridged::
      "nodes": [{"name": "drive0", "driver": "raw", "children": {"file": "#block123"},
                 "bitmaps": [{"name": "b0", "count": 65536, "granularity": 65536,
                              "heat": [0.0, 1.0, ...]}]}],
+     "backends": [{"name": "drive0", "root": "disk0", "io_status": "ok",
+                   "device": {"id": "vda", "model": "virtio-blk-pci",
+                              "path": "/machine/peripheral/vda", "qdev": ".../virtio-backend"}}],
+     "devices": [{"id": "vda", "model": "virtio-blk-pci", "path": "/machine/peripheral/vda",
+                  "backend": "drive0"}],
      "events": [...], "clients": [...]}
+
+Guest devices and BlockBackends come from ``machine/`` (the ``-drive`` and
+``-device`` options); an anonymous backend (``-device ...,drive=NODE``) has
+the name ``""``.
 """
 
 from __future__ import annotations
@@ -175,6 +184,32 @@ class WebModel:
             })
         return out
 
+    # -- guest devices and BlockBackends -------------------------------------
+    def backends(self) -> list[dict[str, Any]]:
+        """:return: every BlockBackend (creation order) with its root node and device."""
+        machine = self._daemon.state.machine
+        if machine is None:
+            return []
+        out = []
+        for b in machine.backends:
+            dev = b.device
+            out.append({
+                "name": b.name, "root": b.root.node_name if b.root is not None else None,
+                "io_status": b.io_status, "removable": b.removable,
+                "device": None if dev is None else {
+                    "id": dev.id, "model": dev.model.name, "path": dev.path, "qdev": dev.qdev},
+            })
+        return out
+
+    def devices(self) -> list[dict[str, Any]]:
+        """:return: every guest device (``-device`` order, implicit ones included)."""
+        machine = self._daemon.state.machine
+        if machine is None:
+            return []
+        return [{"id": d.id, "model": d.model.name, "path": d.path,
+                 "backend": d.backend.name if d.backend is not None else None}
+                for d in machine.devices]
+
     # -- clients --------------------------------------------------------------
     def clients(self) -> list[dict[str, Any]]:
         """:return: QMP clients: socket connections, then WebSocket sessions."""
@@ -190,6 +225,8 @@ class WebModel:
         return {
             "jobs": self.jobs(),
             "nodes": self.nodes(),
+            "backends": self.backends(),
+            "devices": self.devices(),
             "events": list(self.events)[-20:][::-1],
             "clients": self.clients(),
             "name": self._daemon.config.name,

@@ -87,7 +87,7 @@ class WsQmpSession:
         """Serve the session until the client or the daemon closes it."""
         daemon = self._daemon
         self.log.info("client connected from %s", self.peer)
-        writer = asyncio.get_running_loop().create_task(self._writer(), name=f"{self.name}-writer")
+        writer = daemon.tasks.spawn(self._writer(), name=f"{self.name}-writer")
         unsubscribe = None
         try:
             self._send(daemon.greeting)

@@ -226,8 +226,8 @@ class WebServer:
         self._sessions.add(ws)
         self._viewers += 1
         if self._pusher is None or self._pusher.done():
-            self._pusher = asyncio.get_running_loop().create_task(self._push_loop(), name="web-push")
-        sender = asyncio.get_running_loop().create_task(self._feed(ws), name="web-feed")
+            self._pusher = self._daemon.tasks.spawn(self._push_loop(), name="web-push")
+        sender = self._daemon.tasks.spawn(self._feed(ws), name="web-feed")
         try:
             async for _ in ws:  # nothing to receive; reading handles close and pings
                 pass

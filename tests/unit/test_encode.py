@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,46 @@ def test_output_is_ascii_json_that_parses_back() -> None:
     assert wire.isascii()
     assert json.loads(wire) == value
     assert JsonStreamParser().feed(wire) == [value]
+
+
+PRETTY_GOLDEN = Path(__file__).resolve().parents[1] / "transcripts" / "pretty_monitor.json"
+
+
+def _split_messages(raw: str) -> list[tuple[object, str]]:
+    decoder = json.JSONDecoder()
+    out: list[tuple[object, str]] = []
+    pos = 0
+    while pos < len(raw):
+        value, end = decoder.raw_decode(raw, pos)
+        assert raw.startswith("\r\n", end)
+        out.append((value, raw[pos:end + 2]))
+        pos = end + 2
+    return out
+
+
+@pytest.mark.parametrize("raw", json.loads(PRETTY_GOLDEN.read_text())["answers"])
+def test_pretty_matches_qemu(raw: str) -> None:
+    """Every message QEMU 7.2 printed on a ``pretty=on`` monitor
+    (tests/transcripts/record_pretty.py), re-encoded byte for byte."""
+    for value, text in _split_messages(raw):
+        assert encode(value, pretty=True) == text.encode("ascii")
+
+
+def test_pretty_shapes() -> None:
+    assert encode({}, pretty=True) == b"{\r\n}\r\n"
+    assert encode([], pretty=True) == b"[\r\n]\r\n"
+    assert encode(7, pretty=True) == b"7\r\n"
+    assert encode({"a": [1, {"b": None}], "c": "\u00e9"}, pretty=True) == (
+        b'{\r\n    "a": [\r\n        1,\r\n        {\r\n            "b": null\r\n        }\r\n    ],'
+        b'\r\n    "c": "\\u00E9"\r\n}\r\n')
+    deep: object = []
+    for _ in range(5000):
+        deep = [deep]
+    assert encode(deep, pretty=True).count(b"\r\n") == 2 * 5001
+
+
+def test_pretty_is_one_parser_message() -> None:
+    """A pretty message reads back as one value (qmpd's own parser)."""
+    parser = JsonStreamParser()
+    value = {"return": {"x": [1, 2, {}], "s": "a\nb"}}
+    assert parser.feed(encode(value, pretty=True)) == [value]

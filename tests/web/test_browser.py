@@ -2,7 +2,8 @@
 
 Asserted from the rendered DOM: the job's progress bar advances (pushed
 updates, nobody reloads), the bitmap's heat strip shows the dirty clusters
-where the guest wrote, and the pause button pauses the job through the
+where the guest wrote, the block graph nests a ``-device virtio-blk-pci``
+over its ``-drive`` BlockBackend over the root node, and the pause button pauses the job through the
 dispatcher.  The screenshot is saved as an artifact (path printed at the end
 of the pytest run).
 """
@@ -17,6 +18,7 @@ import pytest
 
 from tests.support.cdp import Page, find_chromium, headless_chromium
 from tests.support.daemon import AsyncRawClient
+from qmpd.server.plan import StartupPlan
 from tests.support.web import TOKEN, web_daemon
 from tests.web import conftest
 
@@ -69,7 +71,13 @@ async def test_dashboard_in_chromium(sock_dir: Path, tmp_path: Path, artifact_di
     src = tmp_path / "src.img"
     with open(src, "wb") as f:  # all data, so every chunk is read and throttled
         f.write(bytes(range(256)) * (SIZE // 256))
-    async with web_daemon(sock_dir, name="browser-test") as wd:
+    disk = tmp_path / "vda.img"
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    # as `qmpd -drive if=none,id=drive0,... -device virtio-blk-pci,drive=drive0,id=vda`
+    plan = StartupPlan(drives=[f"if=none,id=drive0,file={disk},format=raw,node-name=disk0"],
+                       devices=["virtio-blk-pci,drive=drive0,id=vda"])
+    async with web_daemon(sock_dir, name="browser-test", plan=plan) as wd:
         client = await AsyncRawClient.connect(wd.running.path)
         try:
             await _qmp(client, "blockdev-add", **{"driver": "raw", "node-name": "src",
@@ -92,6 +100,21 @@ async def test_dashboard_in_chromium(sock_dir: Path, tmp_path: Path, artifact_di
                 graph = await page.evaluate("[...document.querySelectorAll('#graph [data-node]')]"
                                             ".map(li => li.dataset.node)")
                 assert "src" in graph and "dst" in graph
+                chain = await page.evaluate("""(() => {
+                    const dev = document.querySelector('#graph > li[data-device="/machine/peripheral/vda"]');
+                    const be = dev && dev.querySelector(':scope > ul > li[data-backend="drive0"]');
+                    const node = be && be.querySelector(':scope > ul > li[data-node="disk0"]');
+                    return node ? [dev.querySelector('.device-name').textContent,
+                                   be.querySelector('.backend-name').textContent,
+                                   node.querySelector('.role').textContent,
+                                   node.querySelector(':scope > ul > li').dataset.node] : null;
+                })()""")
+                assert chain is not None
+                assert chain[0] == "vda" and chain[1] == "drive0" and chain[2] == "root: "
+                assert chain[3].startswith("#block")      # disk0's auto-named file child
+                # the drive's node sits under its device only, not again at the top
+                assert await page.evaluate(
+                    "document.querySelectorAll('#graph > li[data-node=\"disk0\"]').length") == 0
                 png = await page.screenshot()
                 shot = artifact_dir / "dashboard.png"
                 shot.write_bytes(png)

@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from qmpd.bitmap.hbitmap import HBitmap
+from qmpd.server.plan import StartupPlan
 from tests.support.daemon import AsyncRawClient
 from tests.support.web import TOKEN, web_daemon
 
@@ -118,3 +119,39 @@ async def test_assets_are_served_from_the_package(sock_dir: Path) -> None:
                 async with http.get(wd.url + "static/" + asset) as resp:
                     assert resp.status == 200
                     assert "//cdn" not in await resp.text()
+
+
+@pytest.mark.asyncio
+async def test_snapshot_lists_backends_and_devices(sock_dir: Path, tmp_path: Path) -> None:
+    """``-drive`` BlockBackends and ``-device``s, as the CLI's start-up plan
+    builds them: named, implicit (``if=virtio``) and anonymous (``drive=NODE``)."""
+    for name in ("a.img", "b.img", "c.img"):
+        with open(tmp_path / name, "wb") as f:
+            f.truncate(1 << 20)
+    plan = StartupPlan(
+        blockdevs=[f'{{"driver": "raw", "node-name": "disk2", "file": {{"driver": "file", '
+                   f'"filename": "{tmp_path / "c.img"}"}}}}'],
+        drives=[f"if=none,id=drive0,file={tmp_path / 'a.img'},format=raw,node-name=disk0",
+                f"if=virtio,file={tmp_path / 'b.img'},format=raw,node-name=disk1"],
+        devices=["virtio-blk-pci,drive=drive0,id=vda", "virtio-scsi-pci,id=scsi0",
+                 "scsi-hd,drive=disk2,id=sd0"])
+    async with web_daemon(sock_dir, plan=plan) as wd:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(wd.url + "api/state") as resp:
+                state = await resp.json()
+    backends = [(b["name"], b["root"], b["device"] and (b["device"]["id"], b["device"]["model"],
+                                                         b["device"]["path"])) for b in state["backends"]]
+    assert backends == [
+        ("drive0", "disk0", ("vda", "virtio-blk-pci", "/machine/peripheral/vda")),
+        ("virtio0", "disk1", (None, "virtio-blk-pci", "/machine/peripheral-anon/device[0]")),
+        ("", "disk2", ("sd0", "scsi-hd", "/machine/peripheral/sd0")),   # anonymous: drive=NODE
+    ]
+    assert state["backends"][0]["device"]["qdev"] == "/machine/peripheral/vda/virtio-backend"
+    assert state["backends"][0]["io_status"] == "ok"
+    devices = [(d["id"], d["model"], d["path"], d["backend"]) for d in state["devices"]]
+    assert devices == [
+        (None, "virtio-blk-pci", "/machine/peripheral-anon/device[0]", "virtio0"),
+        ("vda", "virtio-blk-pci", "/machine/peripheral/vda", "drive0"),
+        ("scsi0", "virtio-scsi-pci", "/machine/peripheral/scsi0", None),
+        ("sd0", "scsi-hd", "/machine/peripheral/sd0", ""),
+    ]

@@ -62,3 +62,46 @@ def test_job_life_in_json_logs(sock_dir: Path, tmp_path: Path) -> None:
     assert match and int(match.group(1)) <= SIZE - 65536
     assert "node n removed" in messages
     assert messages[-1] == "client disconnected" or "client disconnected" in messages
+
+
+def _execute(client: RawClient, name: str, arguments: dict[str, object]) -> dict[str, object]:
+    client.send(json.dumps({"execute": name, "arguments": arguments, "id": "t"}))
+    while "event" in (msg := client.read_msg()):
+        pass
+    return msg
+
+
+def test_export_changes_logged(sock_dir: Path, tmp_path: Path) -> None:
+    img = tmp_path / "e.img"
+    with open(img, "wb") as f:
+        f.truncate(SIZE)
+    nbd_sock = str(sock_dir / "nbd.sock")
+    proc = DaemonProcess(sock_dir, "--log-level", "info", "--log-format", "json")
+    try:
+        client = RawClient(proc.path)
+        ok = {"return": {}, "id": "t"}
+        assert client.cmd("blockdev-add", **{"driver": "raw", "node-name": "e", "file": {
+            "driver": "file", "filename": str(img)}}) == ok
+        assert _execute(client, "block-dirty-bitmap-add", {"node": "e", "name": "bm", "disabled": True}) == ok
+        assert client.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": nbd_sock}}) == ok
+        assert client.cmd("block-export-add", type="nbd", id="x1", **{"node-name": "e"}) == ok
+        assert _execute(client, "block-export-add", {"type": "nbd", "id": "x2", "writable": True,
+                                               "bitmaps": ["bm"], "name": "two", "node-name": "e"}) == ok
+        assert client.cmd("block-export-del", id="x1") == ok
+        assert client.cmd("nbd-server-stop") == ok
+        client.sock.sendall(b'{"execute": "quit"}')
+        client.read_line()
+        assert proc.proc.wait(10) == 0
+    finally:
+        proc.stop()
+    assert proc.proc.stderr is not None
+    records = [json.loads(line) for line in proc.proc.stderr.read().decode().splitlines()]
+    nbd = [r["message"] for r in records if r["logger"] == "qmpd.nbd.server" and r["level"] == "info"]
+    assert nbd == [
+        f"NBD server listening on {nbd_sock}",
+        "export x1 added (node e, NBD name 'e', read-only)",
+        "export x2 added (node e, NBD name 'two', writable, bitmap bm)",
+        "export x1 removed",
+        "export x2 removed",
+        "NBD server stopped",
+    ]

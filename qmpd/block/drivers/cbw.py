@@ -47,6 +47,7 @@ from qmpd.block.copy import DEFAULT_CLUSTER, BlockCopy
 from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverSpec, OpenContext
 from qmpd.block.errors import BlockIOError, NodeOpenError
 from qmpd.block.node import BlockNode, HookHandle
+from qmpd.tasks import TaskGroup
 
 if TYPE_CHECKING:
     from qmpd.block.graph import BlockGraph
@@ -91,6 +92,9 @@ class CopyBeforeWrite(BaseDriver):
         self.timeout = timeout
         #: Copies still running after their write timed out.
         self.late_copies: set[asyncio.Future[None]] = set()
+        #: Every copy started under a timeout (also one whose request was
+        #: cancelled); settle() awaits them all.
+        self._copies = TaskGroup("cbw", log_failures=False)
         #: A copy failed under ``break-snapshot``: the snapshot is invalid.
         self.snapshot_error: BlockIOError | None = None
         self.done_bitmap: DirtyBitmap | None = None
@@ -152,7 +156,7 @@ class CopyBeforeWrite(BaseDriver):
         if not self.timeout:
             await self.copy.copy_range(offset, length)
             return
-        task = asyncio.ensure_future(self.copy.copy_range(offset, length))
+        task = self._copies.spawn(self.copy.copy_range(offset, length), name="cbw-copy")
         try:
             await asyncio.wait_for(asyncio.shield(task), self.timeout)
         except TimeoutError:
@@ -169,8 +173,7 @@ class CopyBeforeWrite(BaseDriver):
 
     async def settle(self) -> None:
         """Wait for the copies that outlived their request's timeout."""
-        while self.late_copies:
-            await asyncio.wait(list(self.late_copies))
+        await self._copies.wait()
 
     # ------------------------------------------------------------ requests
 

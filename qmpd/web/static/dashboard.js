@@ -101,14 +101,17 @@ function renderBitmaps(nodes) {
   document.getElementById("no-bitmaps").hidden = n > 0;
 }
 
-function renderGraph(nodes) {
+function renderGraph(nodes, backends, devices) {
+  // guest devices -> BlockBackends -> root nodes -> children; then the
+  // devices without a drive and the nodes no backend or parent holds
   const byName = new Map(nodes.map(n => [n.name, n]));
   const isChild = new Set(nodes.flatMap(n => Object.values(n.children)));
+  const isRoot = new Set(backends.map(b => b.root).filter(Boolean));
   const item = (node, role) => {
     const li = el("li", {"data-node": node.name},
       role ? el("span", {class: "role"}, role + ": ") : "",
       el("span", {class: "node-name"}, node.name), ` ${node.driver}`,
-      node.filter ? " (filter)" : "", node.backend ? ` [device ${node.backend}]` : "",
+      node.filter ? " (filter)" : "",
       node.file ? ` ${node.file}` : "", `, ${bytes(node.size)}`, node.read_only ? ", read-only" : "",
       `, read ${bytes(node.bytes_read)}, written ${bytes(node.bytes_written)}`);
     const kids = Object.entries(node.children);
@@ -119,9 +122,25 @@ function renderGraph(nodes) {
     }
     return li;
   };
-  const tree = document.getElementById("graph");
-  tree.replaceChildren(...nodes.filter(n => !isChild.has(n.name)).map(n => item(n, "")));
-  document.getElementById("no-nodes").hidden = nodes.length > 0;
+  const backendItem = (b) => {
+    const li = el("li", {"data-backend": b.name, class: "backend"},
+      el("span", {class: "kind"}, "backend "), el("span", {class: "backend-name"}, b.name || "(anonymous)"),
+      b.root ? "" : ", no medium", b.io_status !== "ok" ? `, I/O status ${b.io_status}` : "");
+    if (b.root && byName.has(b.root)) li.append(el("ul", {}, item(byName.get(b.root), "root")));
+    return li;
+  };
+  const deviceItem = (d, inner) => {
+    const li = el("li", {"data-device": d.path, class: "device"},
+      el("span", {class: "kind"}, "device "), el("span", {class: "device-name"}, d.id || d.path),
+      ` ${d.model}`, d.id ? ` ${d.path}` : "");
+    if (inner) li.append(el("ul", {}, inner));
+    return li;
+  };
+  const top = backends.map(b => b.device ? deviceItem(b.device, backendItem(b)) : backendItem(b));
+  for (const d of devices) if (d.backend === null) top.push(deviceItem(d, null));
+  for (const n of nodes) if (!isChild.has(n.name) && !isRoot.has(n.name)) top.push(item(n, ""));
+  document.getElementById("graph").replaceChildren(...top);
+  document.getElementById("no-nodes").hidden = top.length > 0;
 }
 
 function renderEvents(events) {
@@ -140,7 +159,7 @@ function render(s) {
   document.getElementById("name").textContent = s.name || "";
   renderJobs(s.jobs);
   renderBitmaps(s.nodes);
-  renderGraph(s.nodes);
+  renderGraph(s.nodes, s.backends || [], s.devices || []);
   renderEvents(s.events);
   renderClients(s.clients);
   document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
