@@ -95,14 +95,18 @@ def image_path_of(node: BlockNode) -> str | None:
 
 
 def qcow2_image_of(node: BlockNode) -> str | None:
-    """:return: the image file of a qcow2 node over a file node: its bitmaps
+    """:return: the image file of a format node that keeps its bytes and
+    bitmaps in its own layout (qcow2) over a file node: its bitmaps
     stay in the image (written by the driver, as QEMU does) and are also
     journaled here, so that after a crash the ones left ``in_use`` are
     recovered instead of being loaded inconsistent."""
-    if node.drv != "qcow2":
+    if not node.driver.is_format or node.driver.file_window() is not None:
         return None
     child = node.children.get("file")
-    if child is None or child.drv != "file":
+    if child is None:
+        return None
+    window = child.driver.file_window()
+    if window is None or window.image is None:
         return None
     return child.driver.filename
 
