@@ -66,9 +66,10 @@ from qmpd.block.io import (
 )
 
 if TYPE_CHECKING:
+    from qmpd.bitmap.hbitmap import HBitmap
     from qmpd.block.node import BlockNode
 
-__all__ = ["BitmapStateDir", "NodeJournal", "image_path_of"]
+__all__ = ["BitmapStateDir", "NodeJournal", "image_path_of", "qcow2_image_of"]
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +94,32 @@ def image_path_of(node: BlockNode) -> str | None:
     return child.driver.filename
 
 
+def qcow2_image_of(node: BlockNode) -> str | None:
+    """:return: the image file of a format node that keeps its bytes and
+    bitmaps in its own layout (qcow2) over a file node: its bitmaps
+    stay in the image (written by the driver, as QEMU does) and are also
+    journaled here, so that after a crash the ones left ``in_use`` are
+    recovered instead of being loaded inconsistent."""
+    if not node.driver.is_format or node.driver.file_window() is not None:
+        return None
+    child = node.children.get("file")
+    if child is None:
+        return None
+    window = child.driver.file_window()
+    if window is None or window.image is None:
+        return None
+    return child.driver.filename
+
+
 class NodeJournal:
     """The persistent bitmaps of one node: load, store, write-ahead dirtying."""
 
-    def __init__(self, owner: BitmapStateDir, node: BlockNode, image: str, stem: str) -> None:
+    def __init__(self, owner: BitmapStateDir, node: BlockNode, image: str, stem: str,
+                 *, in_image: bool = False) -> None:
         self.owner = owner
+        #: The bitmaps live in the image too (qcow2): the driver loads and
+        #: stores them; the journal only recovers the ones left in use.
+        self.in_image = in_image
         #: A read-only node: bitmaps are loaded ``readonly`` and never stored.
         self.read_only = node.read_only
         self.node = node
@@ -273,6 +295,8 @@ class NodeJournal:
         data = await read_state_file(self.snap_path, pool=self.owner.pool)
         current = _identity(await stat_path(self.image, pool=self.owner.pool))
         if data is None:
+            if self.in_image and not self.read_only and any(bm.persistent for bm in self.node.bitmaps):
+                await self.store()  # a qcow2's bitmaps, first seen with a state directory
             return  # no files until a persistent bitmap is added
         if not self.read_only:
             self._file = await open_state_file(self.intent_path, pool=self.owner.pool)
@@ -283,6 +307,9 @@ class NodeJournal:
                       self.image, self.snap_path, exc)
             return
         self.sequence = snap.sequence
+        if self.in_image:
+            await self._open_in_image(snap, current)
+            return
         reason = None
         if not snap.identity.same_file(current):
             reason = "the image file was replaced (device or inode differ)"
@@ -326,6 +353,63 @@ class NodeJournal:
             # verdict).  After a crash the stored state stays valid as it is
             # (old snapshot + coarse bits); the next lazy store folds it in.
             await self.store()
+
+    async def _open_in_image(self, snap: Snapshot, current: ImageIdentity) -> None:
+        """qcow2: the driver has loaded the image's bitmaps, those left
+        ``in_use`` by a crash as inconsistent.  After an unclean stop of this
+        daemon on this very file, each of them that the journal holds (same
+        name, granularity and size) gets the image's bits OR the journal's
+        and is consistent again; a journaled bitmap the image never got (added
+        after the last clean close) is added.  A clean snapshot means the
+        image itself is authoritative: in-use bitmaps then stay inconsistent,
+        as in QEMU."""
+        size = self.node.bitmaps.size
+        recovered: list[HBitmap] | None = None
+        intent_bits = None
+        reason = None
+        if snap.clean:
+            reason = "the journal was closed cleanly"
+        elif not snap.identity.same_file(current):
+            reason = "the image file was replaced (device or inode differ)"
+        else:
+            idata = await read_state_file(self.intent_path, pool=self.owner.pool)
+            try:
+                if not idata:
+                    raise JournalFormatError("write-intent layer missing")
+                _isize, ishift, intent_bits = decode_intent(idata)
+                if ishift != snap.coarse_shift or len(intent_bits) != self.intent.nbits:
+                    raise JournalFormatError("write-intent layer of another layout")
+                self.intent.load_durable(intent_bits)
+            except JournalFormatError as exc:
+                reason = f"it was not closed cleanly and {exc}"
+        if reason is None:
+            recovered = recover(snap, intent_bits, snap.coarse_shift)
+        present = {bm.name: bm for bm in self.node.bitmaps if bm.name is not None}
+        done = []
+        if recovered is not None:
+            for i, rec in enumerate(snap.records):
+                if rec.inconsistent or rec.size != size:
+                    continue
+                bm = present.get(rec.name)
+                if bm is None:
+                    bm = self.node.bitmaps.add(rec.name, rec.granularity, persistent=True,
+                                               disabled=not rec.recording)
+                elif not bm.inconsistent or bm.granularity != rec.granularity:
+                    continue
+                bm.inconsistent = False
+                bm.disabled = not rec.recording
+                bm.hbitmap.merge_from(recovered[i])
+                done.append(rec.name)
+        if done:
+            log.info("qcow2 bitmaps of %s (%s) recovered from the journal after an unclean stop",
+                     self.image, ", ".join(done))
+        elif reason is not None and any(bm.inconsistent for bm in self.node.bitmaps):
+            log.info("in-use qcow2 bitmaps of %s not recovered: %s", self.image, reason)
+        self._order = []
+        if self.read_only:
+            return
+        self.active = any(bm.persistent for bm in self.node.bitmaps)
+        await self.store()
 
     def drop(self) -> None:
         """Stop without storing (the node left the graph synchronously)."""
@@ -401,6 +485,10 @@ class BitmapStateDir:
         :return: the journal, or None.
         """
         image = image or image_path_of(node)
+        in_image = False
+        if image is None:
+            image = qcow2_image_of(node)
+            in_image = image is not None
         if image is None:
             return None
         try:
@@ -411,7 +499,7 @@ class BitmapStateDir:
                 log.warning("%s is open twice; only node '%s' keeps persistent bitmaps",
                             real, self._by_stem[stem].node.node_name)
                 return None
-            journal = NodeJournal(self, node, real, stem)
+            journal = NodeJournal(self, node, real, stem, in_image=in_image)
             self._by_stem[stem] = journal
             self._by_node[id(node)] = journal
             node.bitmaps.can_store_persistent = True
