@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,7 +83,7 @@ def test_image_fleecing(tmp: Path, use_cbw: bool, use_access: bool, bitmap: bool
                    file={"driver": "file", "filename": str(fleece)}, backing="source")
         guest = "source"
         if use_cbw:
-            cbw = {"driver": "copy-before-write", "node-name": "fl-cbw", "file": "source", "target": "temp"}
+            cbw: dict[str, Any] = {"driver": "copy-before-write", "node-name": "fl-cbw", "file": "source", "target": "temp"}
             if bitmap:
                 cbw["bitmap"] = {"node": "source", "name": "bitmap0"}
             env.ok("blockdev-add", **cbw)

@@ -26,7 +26,8 @@ import pytest
 
 from tests.scenario.test_pull_backup import CLUSTER, PROBE, SIZE, clusters, guest_writes
 from tests.support.daemon import short_socket_dir
-from tests.support.nbd import NbdDaemon, have, make_disk, run
+from tests.support.daemon import RawClient
+from tests.support.nbd import NbdDaemon, have, make_disk, run, wait_listening
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -143,3 +144,108 @@ def test_libvirt_pull_full_then_incremental_qcow2_scratch(env: NbdDaemon) -> Non
     assert inc.read_bytes() == t1
     scratch_end(env, 5, s2)
     assert disk.read_bytes() != t1
+
+
+class Recorder(NbdDaemon):
+    """qmpd, logging every command and reply of the sequence."""
+
+    def __init__(self, tmp: Path) -> None:
+        super().__init__(tmp)
+        self.log: list[tuple[str, dict[str, Any]]] = []
+
+    def q(self, command: str, **arguments: Any) -> dict[str, Any]:
+        reply = super().q(command, **arguments)
+        self.log.append((command, reply))
+        return reply
+
+
+class Qsd(Recorder):
+    """The same interface over qemu-storage-daemon 7.2 (the reference)."""
+
+    def __init__(self, tmp: Path) -> None:  # pylint: disable=super-init-not-called
+        self.tmp = tmp
+        self.sock = str(tmp / "nbd.sock")
+        self.events = []
+        self.log = []
+        qmp = tmp / "qsd.sock"
+        self.qsd = subprocess.Popen(["qemu-storage-daemon", "--chardev",
+                                     f"socket,path={qmp},server=on,wait=off,id=m", "--monitor", "chardev=m"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_listening(qmp, self.qsd)
+        self.qmp = RawClient(str(qmp), timeout=60)
+
+    def close(self) -> None:
+        self.qmp.close()
+        self.qsd.terminate()
+        assert self.qsd.wait(timeout=30) == 0
+
+
+def libvirt_transcript(peer: Recorder) -> tuple[list[Any], dict[str, list[str]]]:
+    """libvirt's full then incremental pull sequence on ``peer`` (no NBD
+    client); :return: the (command, reply) list with the directory and the
+    export's free-form fields normalised, and each job's status sequence."""
+    peer.add_raw("drive0", peer.tmp / "disk.img")
+    for n, bitmaps in ((4, [{"type": "block-dirty-bitmap-add",
+                             "data": {"node": "drive0", "name": "chk1", "persistent": False,
+                                      "disabled": False}}]),
+                       (5, [{"type": "block-dirty-bitmap-add",
+                             "data": {"node": "drive0", "name": "chk2", "persistent": False,
+                                      "disabled": False}},
+                            {"type": "block-dirty-bitmap-add",
+                             "data": {"node": "libvirt-5-format", "name": "backup-vda", "persistent": False,
+                                      "disabled": True, "granularity": CLUSTER}},
+                            {"type": "block-dirty-bitmap-merge",
+                             "data": {"node": "libvirt-5-format", "target": "backup-vda",
+                                      "bitmaps": [{"node": "drive0", "name": "chk1"}]}}])):
+        path = scratch_begin(peer, n, bitmaps)
+        peer.start_server()
+        peer.ok("block-export-add", type="nbd", id=f"libvirt-nbd-libvirt-{n}-format",
+                **{"node-name": f"libvirt-{n}-format"}, writable=False, name="vda",
+                **({"bitmaps": ["backup-vda"]} if n == 5 else {}))
+        peer.ok("query-block-exports")
+        scratch_end(peer, n, path)
+    peer.ok("block-dirty-bitmap-remove", node="drive0", name="chk1")
+    log = json.loads(json.dumps(peer.log).replace(str(peer.tmp), "TEST_DIR"))
+    jobs: dict[str, list[str]] = {}
+    for e in peer.events:
+        if e["event"] == "JOB_STATUS_CHANGE":
+            jobs.setdefault(e["data"]["id"], []).append(e["data"]["status"])
+    return log, jobs
+
+
+@pytest.mark.skipif(not have("qemu-storage-daemon"), reason="needs qemu-system-common")
+def test_libvirt_pull_sequence_replies_match_qsd(tmp_path: Path) -> None:
+    """Every reply of libvirt's pull-mode sequence, and every job's status
+    sequence, as qemu-storage-daemon 7.2 gives them for the same sequence."""
+    out = []
+    for cls in (Qsd, Recorder):
+        (tmp_path / cls.__name__).mkdir()
+        with short_socket_dir(tmp_path / cls.__name__) as tmp:
+            make_disk(tmp / "disk.img", size=SIZE)
+            peer = cls(tmp)
+            try:
+                out.append(libvirt_transcript(peer))
+            finally:
+                peer.close()
+    (ref_log, ref_jobs), (log, jobs) = out
+    assert [c for c, _ in log] == [c for c, _ in ref_log]
+    for (cmd, want), (_, got) in zip(ref_log, log):
+        assert got == want, cmd
+    # QEMU drains the graph on the transaction and twice more on block-export-del
+    # (the export's BlockBackend leaving the backup target), each showing a
+    # transient paused/running pair; qmpd shows the transaction's only.
+    # libvirt ignores the pairs; the sequences are otherwise the same.
+    assert {k: undrained(v) for k, v in jobs.items()} == {k: undrained(v) for k, v in ref_jobs.items()}
+    assert undrained(jobs["backup-vda-libvirt-4-format"]) == ["created", "running", "aborting", "concluded", "null"]
+    assert jobs["create-libvirt-5-format"] == ["created", "running", "waiting", "pending", "concluded", "null"]
+
+
+def undrained(statuses: list[str]) -> list[str]:
+    """``statuses`` without the transient paused/running pairs of drains."""
+    out: list[str] = []
+    for s in statuses:
+        if s == "running" and out[-1:] == ["paused"]:
+            out.pop()
+        else:
+            out.append(s)
+    return out
