@@ -88,7 +88,8 @@ class CreateQcow2Job(Job):
                         version=s.version, backing_file=s.backing_file,
                         backing_format=s.backing_fmt, lazy_refcounts=s.lazy_refcounts,
                         preallocate_metadata=s.preallocation != "off")
-        self.progress.set_remaining(len(img.writes) + 1)
+        # QEMU's blockdev_create_run counts the whole driver call as one unit.
+        self.progress.set_remaining(1)
         truncate = getattr(self.file.driver, "truncate", None)
         try:
             if truncate is None:
@@ -97,7 +98,6 @@ class CreateQcow2Job(Job):
             await truncate(img.length)
             for off, data in img.writes:
                 await self.file.write(off, data)
-                self.progress.work_done(1)
             if s.preallocation in ("falloc", "full") and img.length:
                 await self.file.write_zeroes(0, img.length, may_unmap=False)
             await self.file.flush()
