@@ -92,6 +92,10 @@ async def store_bitmaps(image: Qcow2Image, bitmaps: list[StoredBitmap]) -> None:
     async with image.lock:
         old = await _read_entries(image)
         old_ext = _directory(image)
+        # QEMU's directory order: bitmaps already in the image keep their
+        # place, new ones follow in the order given (query order).
+        rank = {e.name: i for i, e in enumerate(old)}
+        bitmaps = sorted(bitmaps, key=lambda b: rank.get(b.name, len(rank)))
         entries: list[DirEntry] = []
         for bm in bitmaps:
             gbits = bm.granularity.bit_length() - 1

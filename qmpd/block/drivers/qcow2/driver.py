@@ -105,7 +105,7 @@ class Qcow2Driver(BaseDriver):
     async def _store_bitmaps(self, node: BlockNode) -> None:
         keep = [StoredBitmap(bm.name, bm.granularity, not bm.disabled, bm.inconsistent,
                              b"" if bm.inconsistent else bm.hbitmap.to_bytes_le())
-                for bm in reversed(list(node.bitmaps)) if bm.persistent and bm.name is not None]
+                for bm in node.bitmaps if bm.persistent and bm.name is not None]
         if not keep and self.image.header.bitmaps_ext is None:
             return
         await store_bitmaps(self.image, keep)
