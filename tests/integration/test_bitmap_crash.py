@@ -69,7 +69,7 @@ class Client:
         msg: dict[str, Any] = json.loads(line)
         return msg
 
-    async def cmd(self, name: str, **args: Any) -> Any:
+    async def cmd(self, name: str, /, **args: Any) -> Any:
         req: dict[str, Any] = {"execute": name}
         if args:
             req["arguments"] = {k.replace("_", "-"): v for k, v in args.items()}
