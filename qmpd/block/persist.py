@@ -37,6 +37,8 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
+from bitarray import bitarray
+
 from qmpd.bitmap.journal import (
     DEFAULT_COARSE_SHIFT,
     BitmapRecord,
@@ -319,16 +321,7 @@ class NodeJournal:
             reason = "the image was modified while qmpd did not have it open (mtime/ctime differ)"
         intent_bits = None
         if reason is None and not snap.clean:
-            idata = await read_state_file(self.intent_path, pool=self.owner.pool)
-            try:
-                if not idata:
-                    raise JournalFormatError("write-intent layer missing")
-                isize, ishift, intent_bits = decode_intent(idata)
-                if ishift != snap.coarse_shift or len(intent_bits) != self.intent.nbits:
-                    raise JournalFormatError("write-intent layer of another layout")
-                self.intent.load_durable(intent_bits)
-            except JournalFormatError as exc:
-                reason = f"it was not closed cleanly and {exc}"
+            intent_bits, reason = await self._load_intent(snap)
         recovered = recover(snap, intent_bits, snap.coarse_shift) if reason is None else None
         size = self.node.bitmaps.size
         self._order = [rec.name for rec in snap.records]
@@ -354,6 +347,22 @@ class NodeJournal:
             # (old snapshot + coarse bits); the next lazy store folds it in.
             await self.store()
 
+    async def _load_intent(self, snap: Snapshot) -> tuple[bitarray | None, str | None]:
+        """Read the write-intent layer after an unclean stop and make it the
+        durable one. :return: ``(bits, None)``, or ``(None, why)`` when it is
+        missing or of another layout."""
+        idata = await read_state_file(self.intent_path, pool=self.owner.pool)
+        try:
+            if not idata:
+                raise JournalFormatError("write-intent layer missing")
+            _isize, ishift, intent_bits = decode_intent(idata)
+            if ishift != snap.coarse_shift or len(intent_bits) != self.intent.nbits:
+                raise JournalFormatError("write-intent layer of another layout")
+        except JournalFormatError as exc:
+            return None, f"it was not closed cleanly and {exc}"
+        self.intent.load_durable(intent_bits)
+        return intent_bits, None
+
     async def _open_in_image(self, snap: Snapshot, current: ImageIdentity) -> None:
         """qcow2: the driver has loaded the image's bitmaps, those left
         ``in_use`` by a crash as inconsistent.  After an unclean stop of this
@@ -372,16 +381,7 @@ class NodeJournal:
         elif not snap.identity.same_file(current):
             reason = "the image file was replaced (device or inode differ)"
         else:
-            idata = await read_state_file(self.intent_path, pool=self.owner.pool)
-            try:
-                if not idata:
-                    raise JournalFormatError("write-intent layer missing")
-                _isize, ishift, intent_bits = decode_intent(idata)
-                if ishift != snap.coarse_shift or len(intent_bits) != self.intent.nbits:
-                    raise JournalFormatError("write-intent layer of another layout")
-                self.intent.load_durable(intent_bits)
-            except JournalFormatError as exc:
-                reason = f"it was not closed cleanly and {exc}"
+            intent_bits, reason = await self._load_intent(snap)
         if reason is None:
             recovered = recover(snap, intent_bits, snap.coarse_shift)
         present = {bm.name: bm for bm in self.node.bitmaps if bm.name is not None}
