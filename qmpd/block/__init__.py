@@ -4,7 +4,17 @@ Public API: :class:`BlockGraph` (blockdev-add/-del, lookups, queries),
 :class:`BlockNode` (requests, hooks, bitmaps, blockers), :func:`run_qemu_io`,
 and the errors of :mod:`qmpd.block.errors`.  Only :mod:`qmpd.block.io`
 touches files.
+
+The graph, the nodes and the drivers are imported on first use of their
+names (PEP 562), so the daemon can import a light part of the package
+(:mod:`~qmpd.block.fdsets`, :mod:`~qmpd.block.io`) before it greets and
+load the rest afterwards.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from qmpd.block.errors import (
     BlockIOError,
@@ -14,9 +24,11 @@ from qmpd.block.errors import (
     NodeOpenError,
     ReadOnlyNode,
 )
-from qmpd.block.graph import BlockGraph
-from qmpd.block.node import BeforeWriteHook, BlockNode, HookHandle
-from qmpd.block.qemuio import run_qemu_io
+
+if TYPE_CHECKING:
+    from qmpd.block.graph import BlockGraph
+    from qmpd.block.node import BeforeWriteHook, BlockNode, HookHandle
+    from qmpd.block.qemuio import run_qemu_io
 
 __all__ = [
     "BeforeWriteHook",
@@ -31,3 +43,21 @@ __all__ = [
     "ReadOnlyNode",
     "run_qemu_io",
 ]
+
+#: Names imported on first use: name -> module.
+_LAZY = {
+    "BlockGraph": "qmpd.block.graph",
+    "BeforeWriteHook": "qmpd.block.node",
+    "BlockNode": "qmpd.block.node",
+    "HookHandle": "qmpd.block.node",
+    "run_qemu_io": "qmpd.block.qemuio",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -288,13 +288,27 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return factory
 
 
+def greets_before_loading(args: argparse.Namespace) -> bool:
+    """Whether nothing on the command line needs the loaded daemon before
+    it listens: then it greets first and loads while clients connect
+    (:meth:`~qmpd.server.daemon.Daemon.load`).  Nodes, drives, devices, NBD,
+    ``--state-dir`` and ``--http`` are built before listening, as QEMU opens
+    its drives before its monitors speak, so a bad option still fails the
+    start before anyone is greeted."""
+    plan: StartupPlan = args.plan
+    return not (args.blockdev or plan.blockdevs or plan.drives or plan.devices
+                or args.nbd_server or args.export or args.state_dir or args.http_address)
+
+
 async def _serve(args: argparse.Namespace, listeners: list[Listener], config: DaemonConfig,
                  ready: Callable[[], None]) -> int:
     from qmpd.server.daemon import Daemon
 
     daemon = Daemon(config, listeners, trace=args.trace_qmp, limits=limits_from_args(args),
                     allowed_dirs=args.allowed_dir)
-    daemon.setup()
+    early = greets_before_loading(args)
+    if not early:
+        daemon.setup()
     # Before anything listens: a signal right after a socket appears shuts down cleanly.
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -304,10 +318,13 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
     pidfile = None
     web_server = None
     try:
-        await daemon.add_blockdevs(args.blockdev)
-        await daemon.apply_plan(args.plan)                     # QEMU's -drive/-device
-        await daemon.add_nbd(args.nbd_server, args.export)   # NBD (issue 11)
+        if not early:
+            await daemon.add_blockdevs(args.blockdev)
+            await daemon.apply_plan(args.plan)                     # QEMU's -drive/-device
+            await daemon.add_nbd(args.nbd_server, args.export)   # NBD (issue 11)
         await daemon.start()
+        if early:
+            daemon.spawn(daemon.load(), "load")
         await daemon.connect(args.plan)                        # client-mode -chardev, -qtest
         web_server = await _start_web(args, listeners, daemon)
     except Exception as err:  # noqa: BLE001 - one line to stderr, exit 1
@@ -332,7 +349,7 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
         await daemon.cleanup()
         if pidfile is not None:
             pidfile.remove()
-    return 0
+    return 1 if daemon.load_error is not None else 0
 
 
 async def _start_web(args: argparse.Namespace, listeners: list[Listener], daemon: Any) -> Any:

@@ -16,7 +16,7 @@ def answer_probe(probe: str) -> str:
     """:return: the text QEMU 7.2 prints for ``probe`` (or the probe's own
     text for ``-accel help``, computed by the parser)."""
     if probe == "machine=help":
-        from qmpd.machine.machine import MACHINE_TYPES
+        from qmpd.machine.types import MACHINE_TYPES
 
         lines = ["Supported machines are:"]
         for name, desc in MACHINE_TYPES.items():

@@ -210,7 +210,7 @@ def _apply(out: QemuArgs, name: str, value: str) -> None:
 
 
 def _machine(out: QemuArgs, value: str) -> None:
-    from qmpd.machine.machine import MACHINE_TYPES
+    from qmpd.machine.types import MACHINE_TYPES
 
     opts = parse_option_string(value, "type")
     mtype = opts.pop("type", None)

@@ -1,5 +1,9 @@
-"""QMP command handlers, registered into :data:`registry.REGISTRY` on import."""
+"""QMP command handlers (L3).
 
-from qmpd.commands import backup, bitmap, block, core, fds, hmp, jobs, machine, nbd, objects, transaction  # noqa: F401,E501
+Importing this package registers nothing, so its light modules
+(:mod:`~qmpd.commands.context`, :mod:`~qmpd.commands.registry`) cost
+nothing at start-up; :mod:`qmpd.commands.handlers` imports every handler
+module, explicitly, which registers them into :data:`registry.REGISTRY`.
+"""
 
 __all__: list[str] = []

@@ -1,11 +1,44 @@
 """The guest side qmpd models (no emulation): BlockBackends, guest devices,
 QOM paths and the run state (L2, beside ``block/``: devices hold
-BlockBackends that point at nodes; block/ knows no devices)."""
+BlockBackends that point at nodes; block/ knows no devices).
 
-from qmpd.machine.backend import BackendTable, BlockBackend
-from qmpd.machine.devices import MODELS, Device, DeviceModel, device_help
-from qmpd.machine.machine import MACHINE_TYPES, Machine
-from qmpd.machine.runstate import RunState
+Names are imported on first use (PEP 562): the command line reads
+:data:`~qmpd.machine.types.MACHINE_TYPES` without loading the block layer.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from qmpd.machine.types import MACHINE_TYPES
+
+if TYPE_CHECKING:
+    from qmpd.machine.backend import BackendTable, BlockBackend
+    from qmpd.machine.devices import MODELS, Device, DeviceModel, device_help
+    from qmpd.machine.machine import Machine
+    from qmpd.machine.runstate import RunState
 
 __all__ = ["BackendTable", "BlockBackend", "Device", "DeviceModel", "MODELS", "MACHINE_TYPES",
            "Machine", "RunState", "device_help"]
+
+#: Names imported on first use: name -> module.
+_LAZY = {
+    "BackendTable": "qmpd.machine.backend",
+    "BlockBackend": "qmpd.machine.backend",
+    "MODELS": "qmpd.machine.devices",
+    "Device": "qmpd.machine.devices",
+    "DeviceModel": "qmpd.machine.devices",
+    "device_help": "qmpd.machine.devices",
+    "Machine": "qmpd.machine.machine",
+    "RunState": "qmpd.machine.runstate",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -27,19 +27,12 @@ from qmpd.machine.backend import BackendTable, BlockBackend
 from qmpd.machine.devices import ALIASES, MODELS, Device
 from qmpd.machine.drive import ID_RE, DriveSpec, parse_drive
 from qmpd.machine.runstate import RunState
+from qmpd.machine.types import MACHINE_TYPES
 from qmpd.qapi.keyval import coerce, split_items
 from qmpd.qapi.schema import ObjectType
 from qmpd.qapi.service import SchemaService
 
 __all__ = ["Machine", "MACHINE_TYPES"]
-
-#: ``-machine`` types qmpd accepts: name -> description (``-machine help``).
-#: qmpd emulates none of them; the type only decides nothing but the name.
-MACHINE_TYPES = {
-    "none": "empty machine",
-    "pc": "Standard PC (i440FX + PIIX, 1996)",
-    "q35": "Standard PC (Q35 + ICH9, 2009)",
-}
 
 
 class Machine:

@@ -83,10 +83,21 @@ class Session:
         self._commands = frozenset(commands)
         self._oob_commands = frozenset(oob_commands)
 
-    def negotiated(self, oob: bool) -> None:
-        """Switch to command mode (after a successful ``qmp_capabilities``)."""
+    def negotiated(self, oob: bool, commands: Collection[str] | None = None,
+                   oob_commands: Collection[str] | None = None) -> None:
+        """Switch to command mode (after a successful ``qmp_capabilities``).
+
+        :param commands: the command table from now on, when it was not
+            known at construction (a daemon that greets before it has loaded
+            its commands; the table is used only in command mode).
+        :param oob_commands: its ``allow-oob`` subset.
+        """
         self.state = SessionState.COMMAND
         self.oob_enabled = oob
+        if commands is not None:
+            self._commands = frozenset(commands)
+        if oob_commands is not None:
+            self._oob_commands = frozenset(oob_commands)
 
     def handle(self, item: object) -> Reply | Call:
         """Check one parsed input item; :return: the work it asks for."""

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qmpd.errors import GenericError
-from qmpd.qapi.schema import (
-    INT_RANGES, AlternateType, ArrayType, BuiltinType, EnumType, ObjectType, QAPIType,
-)
+
+if TYPE_CHECKING:   # imported where used: the command line splits options without the schema
+    from qmpd.qapi.schema import QAPIType
 
 __all__ = ["parse_keyval", "coerce", "parse_option_value", "split_items"]
 
@@ -98,6 +98,8 @@ def _int(path: str, type_name: str, text: str) -> int:
         value = int(text, 0)
     except ValueError:
         raise GenericError(f"Parameter '{path}' expects {wide}") from None
+    from qmpd.qapi.schema import INT_RANGES
+
     lo, hi = INT_RANGES[type_name]
     if not lo <= value <= hi:
         raise GenericError(f"Parameter '{path}' expects {type_name}_t" if type_name not in ("int", "uint64")
@@ -115,6 +117,8 @@ def _bool(path: str, text: str) -> bool:
 
 def coerce(value: Any, qtype: QAPIType, path: str = "") -> Any:
     """Type keyval strings by ``qtype``; unknown keys are left for validation."""
+    from qmpd.qapi.schema import INT_RANGES, AlternateType, ArrayType, BuiltinType, EnumType, ObjectType
+
     if isinstance(qtype, AlternateType):
         for v in qtype.variants:
             if isinstance(value, dict) == isinstance(v.type, ObjectType):

@@ -272,7 +272,8 @@ class Connection(asyncio.Protocol):
             self._send(reply)
             if self._pending_negotiation:
                 self._pending_negotiation = False
-                session.negotiated(self._negotiate_oob)
+                # The table is the daemon's now: it may have greeted before loading it.
+                session.negotiated(self._negotiate_oob, daemon.command_names, daemon.oob_commands)
                 self._unsubscribe = daemon.events.subscribe(self._on_event)
             if daemon.stopping:
                 return

@@ -1,11 +1,21 @@
 """The daemon: set-up, serving, command execution and clean shutdown.
 
-Lifecycle (aiohttp's runner shape): :meth:`Daemon.setup` loads the schema,
-freezes and checks the registry and builds the shared state;
-:meth:`Daemon.start` opens the listeners; :meth:`Daemon.wait_stopped` returns
-once ``quit`` or a signal asked for shutdown; :meth:`Daemon.cleanup` stops
-accepting, closes connections (their output is flushed), removes socket
-files and closes the block graph.  Each stage is a plain loop.
+Lifecycle (aiohttp's runner shape): :meth:`Daemon.setup` loads the command
+table and the schema, freezes and checks the registry and builds the shared
+state; :meth:`Daemon.start` opens the listeners; :meth:`Daemon.wait_stopped`
+returns once ``quit`` or a signal asked for shutdown; :meth:`Daemon.cleanup`
+stops accepting, closes connections (their output is flushed), removes
+socket files and closes the block graph.  Each stage is a plain loop.
+
+Greeting first: the greeting needs only the version and the capabilities,
+so the command line may :meth:`~Daemon.start` before loading and run
+:meth:`Daemon.load` as a task of the daemon right after.  Until loading has
+finished every command waits for it (:meth:`Daemon.execute`), so no
+command ever sees a half-loaded daemon; clients are greeted meanwhile, and
+what a session answers by itself (framing errors, commands before
+``qmp_capabilities``) does not depend on what is loaded.  This module
+imports only the light parts; the command handlers, the schema and the
+block, job, machine and NBD layers are imported by :func:`_import_layers`.
 """
 
 from __future__ import annotations
@@ -13,35 +23,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ipaddress
 import logging
 import time
-import uuid
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qmpd import commands as _commands  # noqa: F401  (registers the handlers)
-from qmpd.commands.block import add_blockdev
 from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState, SessionControl
-from qmpd.commands.objects import ObjectStore
-from qmpd.block.drivers import freeze_drivers
-from qmpd.commands.actions import freeze_actions
 from qmpd.commands.registry import REGISTRY, Registry
-from qmpd.block import BlockGraph, BlockIOError
-from qmpd.block.confine import Confinement
+from qmpd.block import BlockIOError
 from qmpd.block.fdsets import FdSets
-from qmpd.block.io import IOPool
-from qmpd.block.persist import BitmapStateDir
+from qmpd.block.pool import IOPool
 from qmpd.errors import GenericError, QMPError, SchemaError
 from qmpd.events import EventBus
 from qmpd.events.names import SHUTDOWN
-from qmpd.jobs import JobManager
-from qmpd.machine import Machine
-from qmpd.nbd.server import NbdServer
 from qmpd.protocol.session import Call, Session
-from qmpd.qapi.keyval import parse_option_value
-from qmpd.qapi import models
-from qmpd.qapi.service import SchemaService
 from qmpd.server.connection import Connection
 from qmpd.server.limits import DEFAULT_LIMITS, Limits
 from qmpd.server.listeners import (
@@ -51,6 +46,11 @@ from qmpd.server.listeners import (
 from qmpd.server.plan import StartupError, StartupPlan
 from qmpd.server.qtest import QtestProtocol
 from qmpd.tasks import TaskGroup
+
+if TYPE_CHECKING:
+    from qmpd.block.graph import BlockGraph
+    from qmpd.nbd.server import NbdServer
+    from qmpd.qapi.service import SchemaService
 
 __all__ = ["Daemon", "UNIMPLEMENTED"]
 
@@ -76,6 +76,8 @@ RequestObserver = Callable[[str, str, float], None]
 
 def _loopback(host: str) -> bool:
     """Whether ``host`` only accepts connections from this machine."""
+    import ipaddress
+
     if host == "localhost":
         return True
     try:
@@ -107,8 +109,12 @@ class Daemon:
         #: The I/O worker threads of every image file (see block/io.py).
         #: Descriptor sets of ``add-fd``; ``/dev/fdset/N`` opens through the pool.
         self.fdsets = FdSets()
-        self.pool = IOPool(confinement=Confinement.of(list(allowed_dirs)) if allowed_dirs else None,
-                           fdsets=self.fdsets)
+        confinement = None
+        if allowed_dirs:
+            from qmpd.block.confine import Confinement
+
+            confinement = Confinement.of(list(allowed_dirs))
+        self.pool = IOPool(confinement=confinement, fdsets=self.fdsets)
         self._lock = asyncio.Lock()
         #: Detached commands still doing I/O, and an event set when none is.
         self._detached = 0
@@ -126,37 +132,99 @@ class Daemon:
         self._qtests: list[QtestProtocol] = []
         self.command_names: frozenset[str] = frozenset()
         self.oob_commands: frozenset[str] = frozenset()
-        self.greeting: dict[str, Any] = {}
+        #: The greeting needs only the configuration: clients are greeted
+        #: before :meth:`load` has finished.
+        self.greeting: dict[str, Any] = config.greeting()
+        #: Set once the command table, the schema and the domain are loaded
+        #: (:meth:`setup` or :meth:`load`); commands wait for it.
+        self._loaded = asyncio.Event()
+        self._load_error: BaseException | None = None
         self.state = DaemonState(config=config, events=self.events, request_shutdown=self.request_shutdown,
-                                 boot_id=str(uuid.uuid4()), start_time=time.time(), fdsets=self.fdsets)
+                                 start_time=time.time(), fdsets=self.fdsets)
         self.schema: SchemaService | None = None
         self.nbd: NbdServer | None = None
         #: Called once per executed command (see :data:`RequestObserver`).
         self.request_observer: RequestObserver | None = None
 
     # -- lifecycle --------------------------------------------------------
+    @property
+    def load_error(self) -> BaseException | None:
+        """Why :meth:`load` failed (None: it did not, or has not finished);
+        the command line then exits with status 1."""
+        return self._load_error
+
+    @property
+    def loaded(self) -> bool:
+        """Whether commands can run (:meth:`setup` or :meth:`load` finished)."""
+        return self._loaded.is_set()
+
     def setup(self) -> None:
-        """Load the schema, freeze and check the registry, build the state.
+        """Load everything at once: import the command handlers and the
+        layers, load the schema, freeze and check the registry, build the
+        state.  (:meth:`load` does the same while the daemon greets.)
 
         :raise qmpd.errors.SchemaError: when registry and schema disagree.
         """
+        self._install(_import_layers(self._registry))
+        self._loaded.set()
+
+    async def load(self) -> None:
+        """What :meth:`setup` does, for a daemon that already listens: the
+        imports, the schema and the introspection run in a worker thread, so
+        the loop stays free to accept and greet clients; the tables and the
+        domain objects are installed on the loop in one step; then the
+        commands waiting in :meth:`execute` run.  If loading fails the
+        daemon shuts down (the waiting commands get an internal error).
+
+        :raise qmpd.errors.SchemaError: when registry and schema disagree.
+        """
+        try:
+            schema = await asyncio.to_thread(_import_layers, self._registry)
+            self._install(schema)
+        except Exception as err:
+            self._load_error = err
+            self._loaded.set()
+            log.error("loading failed: %s", err)
+            self.spawn(self.request_shutdown("host-error"), "shutdown")
+            raise
+        # (Cancelled: the daemon is shutting down; the waiting commands end
+        # with their connections.)
+        self._loaded.set()
+
+    def _install(self, schema: SchemaService) -> None:
+        """Freeze and check the tables against ``schema``, build the state.
+
+        :raise qmpd.errors.SchemaError: when registry and schema disagree.
+        """
+        import uuid
+
+        from qmpd.block.drivers import freeze_drivers
+        from qmpd.commands.actions import freeze_actions
+
         self._registry.freeze()
         freeze_actions()
         freeze_drivers()
-        self.schema = SchemaService.load()
-        names = self.schema.check_registry(set(self._registry))
-        missing = set(self.schema.schema.commands) - set(names) - UNIMPLEMENTED
+        names = schema.check_registry(set(self._registry))
+        missing = set(schema.schema.commands) - set(names) - UNIMPLEMENTED
         if missing:
             raise SchemaError("schema commands without a handler: " + ", ".join(sorted(missing)))
+        self.schema = schema
         self.command_names = frozenset(names)
         self.oob_commands = self._registry.oob_commands
         self.state.command_names = tuple(sorted(names))
-        self.state.introspection = self.schema.introspection(names)
-        self.greeting = self.config.greeting()
+        self.state.introspection = schema.introspection(names)
+        self.state.boot_id = str(uuid.uuid4())
         self._setup_domain()
 
     def _setup_domain(self) -> None:
         """Create the block graph and the job manager."""
+        from qmpd.block.graph import BlockGraph
+        from qmpd.block.persist import BitmapStateDir
+        from qmpd.commands.objects import ObjectStore
+        from qmpd.jobs import JobManager
+        from qmpd.machine.machine import Machine
+        from qmpd.nbd.server import NbdServer
+
         bitmap_state = None
         if self.config.state_dir is not None:
             bitmap_state = BitmapStateDir(self.config.state_dir,
@@ -181,6 +249,10 @@ class Daemon:
 
         :raise QMPError: with blockdev-add's own error texts.
         """
+        from qmpd.commands.block import add_blockdev
+        from qmpd.qapi import models
+        from qmpd.qapi.keyval import parse_option_value
+
         assert self.schema is not None and self.state.block is not None
         await self.prepare_state_dir()
         options_type = self.schema.schema.lookup_type("BlockdevOptions")
@@ -272,6 +344,8 @@ class Daemon:
                 raise GenericError(f"--export {text}: {err.desc}") from err
 
     async def _nbd_server_option(self, text: str) -> None:
+        from qmpd.qapi.keyval import parse_option_value
+
         assert self.schema is not None and self.nbd is not None
         opts = parse_option_value(text, self.schema.schema.lookup_type("NbdServerOptions"))
         if not isinstance(opts, dict) or not isinstance(opts.get("addr"), dict):
@@ -288,6 +362,8 @@ class Daemon:
                              tls_creds=opts.get("tls-creds"), tls_authz=opts.get("tls-authz"))
 
     def _export_option(self, text: str) -> None:
+        from qmpd.qapi.keyval import parse_option_value
+
         assert self.schema is not None and self.nbd is not None
         head = text.split(",", 1)[0]
         if not text.lstrip().startswith("{") and "=" not in head:
@@ -402,9 +478,17 @@ class Daemon:
     async def execute(self, call: Call, conn: SessionControl) -> dict[str, Any]:
         """Run one command (:meth:`_dispatch`) and tell the request observer.
 
+        A command that arrives while the daemon is still loading
+        (:meth:`load`) waits until everything is loaded; if loading failed
+        it gets an internal error.
+
         :return: the reply message (success or error).
         """
         started = time.perf_counter()
+        if not self._loaded.is_set():
+            await self._loaded.wait()
+        if self._load_error is not None:
+            return Session.failure(call, "GenericError", "Internal error in qmpd; see its log")
         reply = await self._dispatch(call, conn)
         observer = self.request_observer
         if observer is not None:
@@ -462,3 +546,24 @@ class Daemon:
                     self._attached.set()
             else:
                 self._lock.release()
+
+
+def _import_layers(registry: Registry) -> SchemaService:
+    """Import the command handlers (which registers them) and the layers
+    the daemon builds its state from, load the schema and build the
+    introspection for ``registry``'s commands (cached in the schema
+    service).  Imports and file reads only, no event loop: :meth:`Daemon.load`
+    runs this in a worker thread.
+
+    :return: the schema service.
+    """
+    from qmpd.commands import handlers  # noqa: F401  (registers the handlers)
+    from qmpd.block import graph, persist  # noqa: F401
+    from qmpd.jobs import manager  # noqa: F401
+    from qmpd.machine import machine  # noqa: F401
+    from qmpd.nbd import server  # noqa: F401
+    from qmpd.qapi.service import SchemaService
+
+    schema = SchemaService.load()
+    schema.introspection(sorted(set(registry) & set(schema.schema.commands)))
+    return schema

@@ -12,7 +12,7 @@ import sys
 import typing
 from typing import Any
 
-from qmpd import commands  # noqa: F401  (registers the handlers)
+from qmpd.commands import handlers  # noqa: F401  (registers the handlers)
 from qmpd.commands.registry import REGISTRY
 from qmpd.qapi import models
 from qmpd.qapi.models import COMMAND_ARGS

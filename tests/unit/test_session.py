@@ -70,7 +70,7 @@ def test_success_and_failure_shapes() -> None:
 
 def test_registry_and_schema_agree() -> None:
     """Every schema command has a handler and every handler a schema entry."""
-    from qmpd import commands  # noqa: F401
+    from qmpd.commands import handlers  # noqa: F401
     from qmpd.commands.registry import REGISTRY
     from qmpd.qapi.schema import load_schema
     from qmpd.server.daemon import UNIMPLEMENTED
