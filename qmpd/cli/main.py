@@ -40,6 +40,9 @@ __all__ = ["main", "build_parser", "parse_args"]
 
 DEFAULT_SOCKET = "./qmpd.sock"
 DEFAULT_QEMU_VERSION = (9, 0, 0)
+#: Seconds the daemon waits for a first client to greet before it loads its
+#: commands (see :meth:`qmpd.server.daemon.Daemon.load`).
+GREET_FIRST = 0.05
 log = logging.getLogger("qmpd.cli")
 
 
@@ -323,9 +326,9 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
             await daemon.apply_plan(args.plan)                     # QEMU's -drive/-device
             await daemon.add_nbd(args.nbd_server, args.export)   # NBD (issue 11)
         await daemon.start()
-        if early:
-            daemon.spawn(daemon.load(), "load")
         await daemon.connect(args.plan)                        # client-mode -chardev, -qtest
+        if early:
+            daemon.spawn(daemon.load(greet_first=GREET_FIRST), "load")
         web_server = await _start_web(args, listeners, daemon)
     except Exception as err:  # noqa: BLE001 - one line to stderr, exit 1
         sys.stderr.write(f"qmpd: {getattr(err, 'desc', None) or err}\n")

@@ -93,6 +93,7 @@ class Connection(asyncio.Protocol):
             return
         self.log.info("client connected")
         self._send(self._daemon.greeting)
+        self._daemon.client_greeted()
         self._task = self._daemon.spawn(self._worker(), self.name)
         timeout = self._limits.negotiation_timeout
         if timeout is not None:

@@ -138,6 +138,8 @@ class Daemon:
         #: Set once the command table, the schema and the domain are loaded
         #: (:meth:`setup` or :meth:`load`); commands wait for it.
         self._loaded = asyncio.Event()
+        #: Set once a first client was greeted (see :meth:`load`).
+        self._greeted = asyncio.Event()
         self._load_error: BaseException | None = None
         self.state = DaemonState(config=config, events=self.events, request_shutdown=self.request_shutdown,
                                  start_time=time.time(), fdsets=self.fdsets)
@@ -168,7 +170,7 @@ class Daemon:
         self._install(_import_layers(self._registry))
         self._loaded.set()
 
-    async def load(self) -> None:
+    async def load(self, greet_first: float = 0.0) -> None:
         """What :meth:`setup` does, for a daemon that already listens: the
         imports, the schema and the introspection run in a worker thread, so
         the loop stays free to accept and greet clients; the tables and the
@@ -176,8 +178,15 @@ class Daemon:
         commands waiting in :meth:`execute` run.  If loading fails the
         daemon shuts down (the waiting commands get an internal error).
 
+        :param greet_first: wait until a first client was greeted, but at
+            most this many seconds, before loading: a client that connects
+            right after start-up (a test harness) is greeted without
+            competing with the loader thread for the interpreter.
         :raise qmpd.errors.SchemaError: when registry and schema disagree.
         """
+        if greet_first > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._greeted.wait(), greet_first)
         try:
             schema = await asyncio.to_thread(_import_layers, self._registry)
             self._install(schema)
@@ -400,6 +409,10 @@ class Daemon:
         self._connections.add(conn)
         self.fdsets.client_arrived()
         return conn
+
+    def client_greeted(self) -> None:
+        """A connection has sent its greeting."""
+        self._greeted.set()
 
     def connection_closed(self, conn: Connection) -> None:
         """Forget a connection once its transport is gone."""

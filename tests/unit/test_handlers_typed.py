@@ -48,7 +48,7 @@ def test_importing_the_commands_creates_no_model() -> None:
     imported pydantic."""
     import subprocess
 
-    code = ("import sys, qmpd.server.daemon, qmpd.cli.main\n"
+    code = ("import sys, qmpd.server.daemon, qmpd.cli.main, qmpd.commands.handlers\n"
             "from qmpd.qapi import models\n"
             "made = [n for n in models._FACTORIES if n in vars(models)]\n"
             "print(len(made), 'pydantic.main' in sys.modules)\n")
