@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -328,7 +329,7 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
         await daemon.start()
         await daemon.connect(args.plan)                        # client-mode -chardev, -qtest
         if early:
-            daemon.spawn(daemon.load(greet_first=GREET_FIRST), "load")
+            daemon.spawn(_load(daemon), "load")
         web_server = await _start_web(args, listeners, daemon)
     except Exception as err:  # noqa: BLE001 - one line to stderr, exit 1
         sys.stderr.write(f"qmpd: {getattr(err, 'desc', None) or err}\n")
@@ -343,6 +344,8 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
                 await web_server.stop()
             await daemon.cleanup()
             return 1
+    if not early:
+        _start_collecting()
     ready()
     try:
         await daemon.wait_stopped()
@@ -353,6 +356,22 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
         if pidfile is not None:
             pidfile.remove()
     return 1 if daemon.load_error is not None else 0
+
+
+async def _load(daemon: Any) -> None:
+    """Load the daemon after its first greeting, then collect garbage again."""
+    try:
+        await daemon.load(greet_first=GREET_FIRST)
+    finally:
+        _start_collecting()
+
+
+def _start_collecting() -> None:
+    """Turn the garbage collector back on once the daemon is loaded; what
+    start-up made lives as long as the process, so it is frozen out of
+    every later collection (which keeps them short)."""
+    gc.freeze()
+    gc.enable()
 
 
 async def _start_web(args: argparse.Namespace, listeners: list[Listener], daemon: Any) -> Any:
@@ -404,7 +423,20 @@ def _daemonize() -> Callable[[], None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``qmpd`` console script."""
+    """Entry point of the ``qmpd`` console script.
+
+    The garbage collector is off until the daemon has loaded (start-up
+    makes only long-lived objects; ``python -m qmpd`` turns it off before
+    the first import) and on again when this returns.
+    """
+    gc.disable()
+    try:
+        return _main(argv)
+    finally:
+        gc.enable()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args, listeners, config = parse_args(argv)
     if args.qemu.probe is not None:
         from qmpd.cli.probes import answer_probe

@@ -29,7 +29,6 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState, SessionControl
-from qmpd.commands.registry import REGISTRY, Registry
 from qmpd.block import BlockIOError
 from qmpd.block.fdsets import FdSets
 from qmpd.block.pool import IOPool
@@ -49,6 +48,7 @@ from qmpd.tasks import TaskGroup
 
 if TYPE_CHECKING:
     from qmpd.block.graph import BlockGraph
+    from qmpd.commands.registry import Registry
     from qmpd.nbd.server import NbdServer
     from qmpd.qapi.service import SchemaService
 
@@ -94,7 +94,7 @@ class Daemon:
         config: DaemonConfig,
         listeners: list[Listener],
         *,
-        registry: Registry = REGISTRY,
+        registry: Registry | None = None,
         trace: bool = False,
         limits: Limits = DEFAULT_LIMITS,
         allowed_dirs: Sequence[str] = (),
@@ -105,6 +105,7 @@ class Daemon:
         self.trace = trace
         self.events = EventBus()
         self.stopping = False
+        #: The command registry (None: the handlers' global one, known once loaded).
         self._registry = registry
         #: The I/O worker threads of every image file (see block/io.py).
         #: Descriptor sets of ``add-fd``; ``/dev/fdset/N`` opens through the pool.
@@ -167,7 +168,7 @@ class Daemon:
 
         :raise qmpd.errors.SchemaError: when registry and schema disagree.
         """
-        self._install(_import_layers(self._registry))
+        self._install(*_import_layers(self._registry))
         self._loaded.set()
 
     async def load(self, greet_first: float = 0.0) -> None:
@@ -188,8 +189,8 @@ class Daemon:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._greeted.wait(), greet_first)
         try:
-            schema = await asyncio.to_thread(_import_layers, self._registry)
-            self._install(schema)
+            schema, registry = await asyncio.to_thread(_import_layers, self._registry)
+            self._install(schema, registry)
         except Exception as err:
             self._load_error = err
             self._loaded.set()
@@ -200,8 +201,9 @@ class Daemon:
         # with their connections.)
         self._loaded.set()
 
-    def _install(self, schema: SchemaService) -> None:
-        """Freeze and check the tables against ``schema``, build the state.
+    def _install(self, schema: SchemaService, registry: Registry) -> None:
+        """Freeze ``registry`` and the other tables, check them against
+        ``schema``, build the state.
 
         :raise qmpd.errors.SchemaError: when registry and schema disagree.
         """
@@ -210,16 +212,17 @@ class Daemon:
         from qmpd.block.drivers import freeze_drivers
         from qmpd.commands.actions import freeze_actions
 
-        self._registry.freeze()
+        self._registry = registry
+        registry.freeze()
         freeze_actions()
         freeze_drivers()
-        names = schema.check_registry(set(self._registry))
+        names = schema.check_registry(set(registry))
         missing = set(schema.schema.commands) - set(names) - UNIMPLEMENTED
         if missing:
             raise SchemaError("schema commands without a handler: " + ", ".join(sorted(missing)))
         self.schema = schema
         self.command_names = frozenset(names)
-        self.oob_commands = self._registry.oob_commands
+        self.oob_commands = registry.oob_commands
         self.state.command_names = tuple(sorted(names))
         self.state.introspection = schema.introspection(names)
         self.state.boot_id = str(uuid.uuid4())
@@ -541,6 +544,7 @@ class Daemon:
                 await self._attached.wait()
             try:
                 args = self.schema.build_arguments(call.name, call.arguments)
+                assert self._registry is not None
                 spec = self._registry[call.name]
                 fds = conn.fds if isinstance(conn, Connection) else None
                 result = await spec.handler(CommandContext(self.state, conn, detach, fds), args)
@@ -561,22 +565,26 @@ class Daemon:
                 self._lock.release()
 
 
-def _import_layers(registry: Registry) -> SchemaService:
+def _import_layers(registry: Registry | None) -> tuple[SchemaService, Registry]:
     """Import the command handlers (which registers them) and the layers
     the daemon builds its state from, load the schema and build the
     introspection for ``registry``'s commands (cached in the schema
     service).  Imports and file reads only, no event loop: :meth:`Daemon.load`
     runs this in a worker thread.
 
-    :return: the schema service.
+    :param registry: None for the handlers' global registry.
+    :return: the schema service and the registry.
     """
     from qmpd.commands import handlers  # noqa: F401  (registers the handlers)
+    from qmpd.commands.registry import REGISTRY
     from qmpd.block import graph, persist  # noqa: F401
     from qmpd.jobs import manager  # noqa: F401
     from qmpd.machine import machine  # noqa: F401
     from qmpd.nbd import server  # noqa: F401
     from qmpd.qapi.service import SchemaService
 
+    if registry is None:
+        registry = REGISTRY
     schema = SchemaService.load()
     schema.introspection(sorted(set(registry) & set(schema.schema.commands)))
-    return schema
+    return schema, registry
