@@ -567,10 +567,11 @@ class Daemon:
 
 def _import_layers(registry: Registry | None) -> tuple[SchemaService, Registry]:
     """Import the command handlers (which registers them) and the layers
-    the daemon builds its state from, load the schema and build the
+    the daemon builds its state from, load the schema, build the
     introspection for ``registry``'s commands (cached in the schema
-    service).  Imports and file reads only, no event loop: :meth:`Daemon.load`
-    runs this in a worker thread.
+    service) and the first command's validator and model.  Imports, file
+    reads and computation only, no event loop: :meth:`Daemon.load` runs
+    this in a worker thread.
 
     :param registry: None for the handlers' global registry.
     :return: the schema service and the registry.
@@ -587,4 +588,8 @@ def _import_layers(registry: Registry | None) -> tuple[SchemaService, Registry]:
         registry = REGISTRY
     schema = SchemaService.load()
     schema.introspection(sorted(set(registry) & set(schema.schema.commands)))
+    # What the first command would pay for: jsonschema and pydantic, and the
+    # model of qmp_capabilities (no command creates models meanwhile: they
+    # all wait for the load).
+    schema.build_arguments("qmp_capabilities", {})
     return schema, registry
