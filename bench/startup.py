@@ -4,6 +4,8 @@
 Each figure is the median of ``--runs`` starts (process start until the
 QMP greeting was read on the socket; for the Python baseline, until the
 process exited).  The target of issue 7 is qmpd <= 1.5x the baseline.
+The programs take turns (one start of each per round), so a change in the
+load of a shared machine affects every row alike.
 
 qmpd runs as installed: its modules byte-compiled beforehand (into the
 tree's ``__pycache__`` directories, as pip does at install time).  Where
@@ -33,23 +35,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, Server, qemu_servers, qmpd_server  # noqa: E402
 
 
-def _python_baseline(runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import asyncio"], check=True)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _python_baseline() -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import asyncio"], check=True)
+    return time.perf_counter() - t0
 
 
-def _server(make: "object", runs: int) -> float:
-    times = []
-    for i in range(runs):
-        with tempfile.TemporaryDirectory(prefix="qmpd-st-") as tmp:
-            server: Server = make(tmp)  # type: ignore[operator]
-            times.append(server.greeting_s)
-            server.stop()
-    return statistics.median(times)
+def _server(make: "object") -> float:
+    with tempfile.TemporaryDirectory(prefix="qmpd-st-") as tmp:
+        server: Server = make(tmp)  # type: ignore[operator]
+        server.stop()
+        return server.greeting_s
 
 
 def _first_reply(server: Server) -> float:
@@ -67,35 +63,42 @@ def _first_reply(server: Server) -> float:
     return elapsed
 
 
-def _qmpd(runs: int) -> tuple[float, float]:
-    greet, first = [], []
-    for _ in range(runs):
-        with tempfile.TemporaryDirectory(prefix="qmpd-st-") as tmp:
-            server = qmpd_server(tmp)
-            greet.append(server.greeting_s)
-            first.append(_first_reply(server))
-            server.stop()
-    return statistics.median(greet), statistics.median(first)
+def _qmpd() -> tuple[float, float]:
+    with tempfile.TemporaryDirectory(prefix="qmpd-st-") as tmp:
+        server = qmpd_server(tmp)
+        first = _first_reply(server)
+        server.stop()
+        return server.greeting_s, first
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=9)
     args = parser.parse_args()
-    base = _python_baseline(args.runs)
-    rows = [("python -c 'import asyncio'", base)]
     extra = []
     if os.environ.get("PYTHONDONTWRITEBYTECODE") and not (ROOT / "qmpd" / "__pycache__").exists():
-        greet, first = _qmpd(args.runs)
-        extra.append(("qmpd, no bytecode cache", greet, first))
+        cold = [_qmpd() for _ in range(args.runs)]
+        extra.append(("qmpd, no bytecode cache", statistics.median(g for g, _ in cold),
+                      statistics.median(f for _, f in cold)))
     compileall.compile_dir(str(ROOT / "qmpd"), quiet=1)
-    qmpd, qmpd_first = _qmpd(args.runs)
-    rows.append(("qmpd", qmpd))
+    makers = {}
     for name, _argv, _socks in qemu_servers("/nonexistent"):
         def make(tmp: str, name: str = name) -> Server:
             flavour = next(f for f in qemu_servers(tmp) if f[0] == name)
             return Server(name, flavour[1], flavour[2])
-        rows.append((name, _server(make, args.runs)))
+        makers[name] = make
+    times: dict[str, list[float]] = {"base": [], "qmpd": [], "first": [], **{n: [] for n in makers}}
+    for _ in range(args.runs):
+        times["base"].append(_python_baseline())
+        greet, first = _qmpd()
+        times["qmpd"].append(greet)
+        times["first"].append(first)
+        for name, make in makers.items():
+            times[name].append(_server(make))
+    base = statistics.median(times["base"])
+    qmpd, qmpd_first = statistics.median(times["qmpd"]), statistics.median(times["first"])
+    rows = [("python -c 'import asyncio'", base), ("qmpd", qmpd)]
+    rows += [(name, statistics.median(times[name])) for name in makers]
     print(f"start-to-greeting, median of {args.runs} (cpu count {os.cpu_count()}):")
     for name, t in rows:
         print(f"  {name:28s} {t * 1000:7.1f} ms   {t / base:5.2f}x import-asyncio")
