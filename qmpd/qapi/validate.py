@@ -50,9 +50,13 @@ class ArgumentValidator:
         self._defs = json_schema["$defs"]
         self._validators: dict[str, Any] = {}
         empty = self.schema.empty_object
-        #: commands whose arguments must be exactly ``{}``
-        self._no_args = {c.name for c in self.schema.commands.values()
-                         if not (c.arg_type or empty).members and not (c.arg_type or empty).variants}
+        #: commands for which ``{}`` is valid (no member is required and the
+        #: arguments are no union): checked without building a validator,
+        #: so the first commands (``qmp_capabilities``, queries) do not wait
+        #: for jsonschema
+        self._empty_ok = {c.name for c in self.schema.commands.values()
+                          if not (c.arg_type or empty).variants
+                          and all(m.optional for m in (c.arg_type or empty).members)}
         self._wraps = {c.name for c in self.schema.commands.values()
                        if c.arg_type is not None and uses_wrapping(c.arg_type)}
 
@@ -79,7 +83,7 @@ class ArgumentValidator:
         :raise CommandNotFound: if the schema has no such command.
         :raise GenericError: with QEMU's text for the first error QEMU would report.
         """
-        if command in self._no_args and not arguments:
+        if command in self._empty_ok and not arguments:
             return
         arg_type = self.arg_type(command)
         if self.json_validator(command).is_valid(arguments):

@@ -169,6 +169,7 @@ class Daemon:
         :raise qmpd.errors.SchemaError: when registry and schema disagree.
         """
         self._install(*_import_layers(self._registry))
+        _import_validation()
         self._loaded.set()
 
     async def load(self, greet_first: float = 0.0) -> None:
@@ -200,6 +201,9 @@ class Daemon:
         # (Cancelled: the daemon is shutting down; the waiting commands end
         # with their connections.)
         self._loaded.set()
+        # Commands run now; what only commands with arguments need is
+        # imported meanwhile (one that needs it first waits for the import).
+        await asyncio.to_thread(_import_validation)
 
     def _install(self, schema: SchemaService, registry: Registry) -> None:
         """Freeze ``registry`` and the other tables, check them against
@@ -569,7 +573,7 @@ def _import_layers(registry: Registry | None) -> tuple[SchemaService, Registry]:
     """Import the command handlers (which registers them) and the layers
     the daemon builds its state from, load the schema, build the
     introspection for ``registry``'s commands (cached in the schema
-    service) and the first command's validator and model.  Imports, file
+    service) and the first command's model.  Imports, file
     reads and computation only, no event loop: :meth:`Daemon.load` runs
     this in a worker thread.
 
@@ -588,8 +592,16 @@ def _import_layers(registry: Registry | None) -> tuple[SchemaService, Registry]:
         registry = REGISTRY
     schema = SchemaService.load()
     schema.introspection(sorted(set(registry) & set(schema.schema.commands)))
-    # What the first command would pay for: jsonschema and pydantic, and the
-    # model of qmp_capabilities (no command creates models meanwhile: they
-    # all wait for the load).
+    # What the first command would pay for: pydantic and the model of
+    # qmp_capabilities (no command creates models meanwhile: they all wait
+    # for the load).
     schema.build_arguments("qmp_capabilities", {})
     return schema, registry
+
+
+def _import_validation() -> None:
+    """Import jsonschema and build the argument validator class, which
+    commands with arguments need (``{}`` is checked without them)."""
+    from qmpd.qapi.jsonschema import qapi_validator_class
+
+    qapi_validator_class()
