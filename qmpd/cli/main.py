@@ -427,9 +427,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     The garbage collector is off until the daemon has loaded (start-up
     makes only long-lived objects; ``python -m qmpd`` turns it off before
-    the first import) and on again when this returns.
+    the first import) and on again when this returns.  pydantic plugins
+    are off unless ``PYDANTIC_DISABLE_PLUGINS`` is set otherwise.
     """
     gc.disable()
+    # qmpd's models use no pydantic plugin; without this, the first model
+    # scans the entry points of every installed distribution for plugins.
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     try:
         return _main(argv)
     finally:
