@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from qmpd import __version__
 from qmpd.cli.hardening import add_options as add_hardening_options
@@ -36,6 +36,9 @@ from qmpd.server.listeners import (
     Connector, Listener, TcpConnector, TcpListener, UnixConnector, UnixListener,
 )
 from qmpd.server.plan import StartupPlan
+
+if TYPE_CHECKING:
+    from qmpd.server.daemon import Daemon
 
 __all__ = ["main", "build_parser", "parse_args"]
 
@@ -358,7 +361,7 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
     return 1 if daemon.load_error is not None else 0
 
 
-async def _load(daemon: Any) -> None:
+async def _load(daemon: Daemon) -> None:
     """Load the daemon after its first greeting, then collect garbage again."""
     try:
         await daemon.load(greet_first=GREET_FIRST)

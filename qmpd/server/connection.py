@@ -101,6 +101,12 @@ class Connection(asyncio.Protocol):
 
     def _negotiation_expired(self) -> None:
         self._idle_timer = None
+        timeout = self._limits.negotiation_timeout
+        if not self._daemon.loaded and timeout is not None and not self._closed:
+            # The daemon is still loading (its answer to qmp_capabilities
+            # would wait): the time is not the client's; count again.
+            self._idle_timer = asyncio.get_running_loop().call_later(timeout, self._negotiation_expired)
+            return
         if self.negotiating and not self._closed:
             self.log.warning("no capabilities negotiation within %gs; disconnecting",
                              self._limits.negotiation_timeout)

@@ -30,6 +30,7 @@ import pytest
 from qmpd.commands.context import DaemonConfig
 from qmpd.protocol.framing import encode
 from qmpd.server.daemon import Daemon
+from qmpd.server.limits import Limits
 from qmpd.server.listeners import UnixListener
 from tests.support.daemon import short_socket_dir
 from tests.support.nbd import wait_listening
@@ -126,6 +127,29 @@ async def test_commands_wait_for_loading_and_get_the_loaded_answers(sock_dir: Pa
             await daemon.request_shutdown("host-qmp-quit")
         await daemon.cleanup()
         await reference.cleanup()
+
+
+@pytest.mark.asyncio
+async def test_loading_does_not_count_toward_the_negotiation_timeout(sock_dir: Path) -> None:
+    """``--negotiation-timeout`` is the client's time: a client whose
+    ``qmp_capabilities`` waits for the loading daemon is not dropped."""
+    path = str(sock_dir / "qmpd.sock")
+    daemon = Daemon(DaemonConfig(), [UnixListener(path)], limits=Limits(negotiation_timeout=0.02))
+    await daemon.start()
+    try:
+        reader, writer = await asyncio.open_unix_connection(path)
+        assert (await _readline(reader)).startswith(b'{"QMP"')
+        writer.write(b'{"execute": "qmp_capabilities"}')
+        later = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.1, later.set_result, None)
+        await later                        # five timeouts pass while nothing is loaded
+        assert daemon.connection_count == 1
+        await daemon.spawn(daemon.load(), "load")
+        assert await _readline(reader) == b'{"return": {}}\r\n'
+        writer.close()
+    finally:
+        await daemon.request_shutdown("host-qmp-quit")
+        await daemon.cleanup()
 
 
 def _connect(path: str, proc: subprocess.Popen[bytes]) -> socket.socket:
