@@ -9,6 +9,7 @@ refused open never modifies the file.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,8 @@ from qmpd.block.drivers.qcow2.bitmaps_ext import BitmapError as Qcow2BitmapError
 from qmpd.block.drivers.qcow2.bitmaps_ext import DirEntry, can_store_new
 from qmpd.block.drivers.qcow2.bitmaps_io import MemBitmap
 from qmpd.block.drivers.qcow2.storedbitmaps import open_bitmaps, store_bitmaps
-from qmpd.block.drivers.qcow2.header import MAGIC, Header, HeaderError, parse_header
+from qmpd.block.drivers.qcow2.dirty import RepairError, mark_clean, mark_dirty, needs_allocation, repair
+from qmpd.block.drivers.qcow2.header import AUTOCLEAR_MASK, MAGIC, Header, HeaderError, parse_header
 from qmpd.block.drivers.qcow2.image import CorruptImage, Qcow2Image
 from qmpd.block.drivers.qcow2.refcount import RefcountBlock
 from qmpd.block.drivers.qcow2.tables import Geometry, unpack_table
@@ -31,6 +33,18 @@ if TYPE_CHECKING:
     from qmpd.block.node import BlockNode
 
 __all__ = ["Qcow2Driver", "SPEC", "open_qcow2", "DEFAULT_L2_CACHE_MAX"]
+
+log = logging.getLogger(__name__)
+
+#: QEMU 7.2's warning for a bitmaps extension whose autoclear bit is clear
+#: (qcow2_read_extensions), v3 and v2 wording, and the line it prints after.
+BITMAPS_IGNORED_V3 = ("a program lacking bitmap support modified this file, so all bitmaps "
+                      "are now considered inconsistent")
+BITMAPS_IGNORED_V2 = ("This qcow2 v2 image contains bitmaps, but they may have been modified "
+                      "by a program without persistent bitmap support; so now they must all "
+                      "be considered inconsistent")
+BITMAPS_IGNORED_HINT = ("Some clusters may be leaked, run 'qemu-img check -r' on the image "
+                        "file to fix.")
 
 #: QEMU's DEFAULT_L2_CACHE_MAX_SIZE (Linux): the L2 cache covers the whole
 #: disk up to this many bytes of tables.
@@ -67,6 +81,9 @@ class Qcow2Driver(BaseDriver):
         #: The bitmap directory as on disk now.
         self.on_disk: list[DirEntry] = []
         image.on_corrupt = self._corrupted
+        #: Lazy refcounts (the option, else the image's bit): allocating
+        #: writes set the dirty bit, as QEMU's.
+        self.lazy_refcounts = bool(options.get("lazy-refcounts", image.header.lazy_refcounts))
 
     @property
     def length(self) -> int:
@@ -114,10 +131,12 @@ class Qcow2Driver(BaseDriver):
         """Store the node's persistent bitmaps into the image (blockdev-del,
         quit, SIGTERM), clearing their ``in_use`` flags."""
         node = self._node
-        if node is None or self.image.read_only or self.image.dead:
+        if self.image.read_only or self.image.dead:
             return
-        await self._store_bitmaps(node)
-        await self.image.trim()
+        if node is not None:
+            await self._store_bitmaps(node)
+            await self.image.trim()
+        await mark_clean(self.image)
 
     async def _store_bitmaps(self, node: BlockNode) -> None:
         mine = [bm for bm in node.bitmaps if bm.persistent and bm.name is not None]
@@ -145,6 +164,9 @@ class Qcow2Driver(BaseDriver):
         return bytes(await self.image.read(offset, length))
 
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if (self.lazy_refcounts and not self.image.header.dirty
+                and await needs_allocation(self.image, offset, len(data))):
+            await mark_dirty(self.image)
         await self.image.write(offset, data)
 
     async def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
@@ -244,6 +266,9 @@ async def open_qcow2(
     cs = h.cluster_size
     if h.corrupt and not ctx.read_only:
         raise NodeOpenError("qcow2: Image is corrupt; cannot be opened read/write")
+    if options.get("lazy-refcounts") and h.version < 3:
+        raise NodeOpenError("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
+                            "compatibility level")
     rt_entries = h.refcount_table_clusters * cs // 8
     if h.refcount_table_clusters * cs > MAX_REFTABLE_BYTES:
         raise NodeOpenError("Reference count table too large")
@@ -296,7 +321,35 @@ async def open_qcow2(
         raise NodeOpenError(exc.text) from exc
     except BlockIOError as exc:
         raise NodeOpenError(f"Could not read bitmaps: {exc}") from exc
+    await _after_load(file, image, ctx.read_only)
     return drv, children
+
+
+async def _after_load(file: BlockNode, image: Qcow2Image, read_only: bool) -> None:
+    """The end of QEMU's qcow2_do_open: the ignored-bitmaps warning, the
+    header update that drops unknown autoclear bits and an ignored bitmaps
+    extension, then the repair of a dirty image (read-write opens only)."""
+    h = image.header
+    if h.bitmaps_ignored:
+        log.warning("%s: %s\n%s", file.driver.filename,
+                    BITMAPS_IGNORED_V2 if h.version < 3 else BITMAPS_IGNORED_V3,
+                    BITMAPS_IGNORED_HINT)
+    if read_only:
+        return
+    try:
+        if h.bitmaps_ignored or h.autoclear_features & ~AUTOCLEAR_MASK:
+            h.autoclear_features &= AUTOCLEAR_MASK
+            h.bitmaps_ignored = False
+            await image.rewrite_header()
+            await file.flush()
+        if h.dirty:
+            image.refs, _res = await repair(file, h, image.l1, image.refs, _grower(file))
+            image.cache.clear()
+            image.file_length = max(image.file_length, file.length)
+    except RepairError as exc:
+        raise NodeOpenError(f"Could not repair dirty image: {exc}") from exc
+    except BlockIOError as exc:
+        raise NodeOpenError(f"Could not repair dirty image: {exc.strerror}") from exc
 
 
 def _l2_cache_bytes(options: Mapping[str, Any], h: Header, g: Geometry) -> int:

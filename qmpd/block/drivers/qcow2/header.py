@@ -29,6 +29,7 @@ __all__ = [
     "MAGIC", "HeaderError", "Header", "parse_header", "encode_header",
     "INCOMPAT_DIRTY", "INCOMPAT_CORRUPT", "INCOMPAT_DATA_FILE", "INCOMPAT_COMPRESSION",
     "INCOMPAT_EXTL2", "COMPAT_LAZY_REFCOUNTS", "AUTOCLEAR_BITMAPS", "AUTOCLEAR_DATA_FILE_RAW",
+    "AUTOCLEAR_MASK",
     "EXT_BACKING_FORMAT", "EXT_FEATURE_TABLE", "EXT_BITMAPS", "EXT_CRYPTO", "EXT_DATA_FILE",
     "FEATURE_NAMES", "V2_HEADER_LENGTH", "V3_HEADER_LENGTH", "MIN_CLUSTER_BITS", "MAX_CLUSTER_BITS",
 ]
@@ -48,6 +49,9 @@ INCOMPAT_EXTL2 = 1 << 4
 COMPAT_LAZY_REFCOUNTS = 1 << 0
 AUTOCLEAR_BITMAPS = 1 << 0
 AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+#: Autoclear bits QEMU 7.2 knows (QCOW2_AUTOCLEAR_MASK); others are cleared
+#: at a read-write open.
+AUTOCLEAR_MASK = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW
 
 EXT_END = 0
 EXT_BACKING_FORMAT = 0xE2792ACA
@@ -113,6 +117,10 @@ class Header:
     backing_format: str | None = None
     #: Bitmaps extension: (nb_bitmaps, directory_size, directory_offset).
     bitmaps_ext: tuple[int, int, int] | None = None
+    #: A bitmaps extension was found with its autoclear bit clear (a program
+    #: without bitmap support wrote the image): QEMU ignores it, warns, and
+    #: drops it from the header at the next read-write open.
+    bitmaps_ignored: bool = False
     #: Extensions kept verbatim when the header is rewritten: (type, data).
     unknown_extensions: list[tuple[int, bytes]] = field(default_factory=list)
     #: Feature names from the image's table: (type, bit) -> name.
@@ -236,6 +244,10 @@ def _parse_extensions(h: Header, buf: bytes, start: int, end: int) -> None:
         elif etype == EXT_BITMAPS:
             if elen != 24:
                 raise HeaderError("bitmaps_ext: Invalid extension length")
+            if not h.autoclear_features & AUTOCLEAR_BITMAPS:
+                h.bitmaps_ignored = True
+                offset += (elen + 7) & ~7
+                continue
             nb, _res, dsize, doff = struct.unpack(">IIQQ", data)
             h.bitmaps_ext = (nb, dsize, doff)
         else:
@@ -257,14 +269,15 @@ def encode_header(h: Header, *, feature_table: bool = True) -> bytes:
     exts = b""
     if h.backing_format is not None:
         exts += _ext(EXT_BACKING_FORMAT, h.backing_format.encode())
+    # QEMU's order (qcow2_update_header): feature table, then bitmaps.
+    if feature_table and h.version >= 3:
+        table = b"".join(struct.pack(">BB46s", t, b, n.encode()) for t, b, n in FEATURE_NAMES)
+        exts += _ext(EXT_FEATURE_TABLE, table)
     if h.bitmaps_ext is not None:
         nb, dsize, doff = h.bitmaps_ext
         exts += _ext(EXT_BITMAPS, struct.pack(">IIQQ", nb, 0, dsize, doff))
     for etype, data in h.unknown_extensions:
         exts += _ext(etype, data)
-    if feature_table and h.version >= 3:
-        table = b"".join(struct.pack(">BB46s", t, b, n.encode()) for t, b, n in FEATURE_NAMES)
-        exts += _ext(EXT_FEATURE_TABLE, table)
     exts += struct.pack(">II", EXT_END, 0)
     hlen = V2_HEADER_LENGTH if h.version == 2 else h.header_length
     name = h.backing_file.encode() if h.backing_file is not None else b""
