@@ -276,3 +276,83 @@ async def main(path):
     await g.close()
 asyncio.run(main(sys.argv[1]))
 """
+
+
+def _clear_autoclear(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.seek(88)
+        assert struct.unpack(">Q", f.read(8))[0] & 1
+        f.seek(88)
+        f.write(bytes(8))
+
+
+def _extensions(path: Path) -> tuple[int, list[tuple[int, bytes]], int | None]:
+    from qmpd.block.drivers.qcow2.header import parse_header
+    h = parse_header(path.read_bytes()[:65536])
+    return h.autoclear_features, h.unknown_extensions, h.bitmaps_ext and h.bitmaps_ext[0]
+
+
+async def test_bitmaps_written_by_a_program_without_bitmap_support(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Bitmaps extension present, autoclear bit clear: QEMU 7.2 warns, loads
+    no bitmap, and a read-write open drops the extension (its clusters
+    leak); a read-only open changes nothing."""
+    from qmpd.block.drivers.qcow2.driver import BITMAPS_IGNORED_HINT, BITMAPS_IGNORED_V3
+    img, twin = tmp_path / "img.qcow2", tmp_path / "twin.qcow2"
+    sh("qemu-img", "create", "-f", "qcow2", str(img), "16M")
+    assert sh("qemu-img", "bitmap", "--add", str(img), "b0").returncode == 0
+    assert sh("qemu-io", "-c", "write -P 7 0 64k", str(img)).returncode == 0
+    _clear_autoclear(img)
+    shutil.copy(img, twin)
+    before = digest(img)
+    r = sh("qemu-img", "info", "--output=json", str(twin))
+    assert r.stderr == f"qemu-img: warning: {BITMAPS_IGNORED_V3}\n{BITMAPS_IGNORED_HINT}"
+    assert '"bitmaps"' not in r.stdout
+
+    g = BlockGraph()
+    node = await g.add(qcow2(img, **{"read-only": True}))
+    assert list(node.bitmaps) == []
+    await g.close()
+    assert digest(img) == before
+    assert f"{BITMAPS_IGNORED_V3}\n{BITMAPS_IGNORED_HINT}" in caplog.text
+
+    g = BlockGraph()
+    node = await g.add(qcow2(img))
+    assert list(node.bitmaps) == []
+    assert bytes(await node.read(0, 65536)) == b"\x07" * 65536
+    await g.close()
+    r = sh("qemu-io", "-c", "read -P 7 0 64k", str(twin))
+    assert r.returncode == 0 and BITMAPS_IGNORED_V3 in r.stderr
+    assert _extensions(img) == _extensions(twin) == (0, [], None)
+    for p in (img, twin):
+        r = check(p)
+        assert r.returncode == 3 and "3 leaked clusters were found on the image." in r.stdout
+        r = sh("qemu-img", "info", "--output=json", str(p))
+        assert r.stderr == "" and '"bitmaps"' not in r.stdout
+    # A bitmap made persistent afterwards is stored as usual.
+    g = BlockGraph()
+    node = await g.add(qcow2(img))
+    node.bitmaps.add("b1", 65536, persistent=True)
+    await g.close()
+    r = sh("qemu-img", "info", "--output=json", str(img))
+    assert '"name": "b1"' in r.stdout and r.stderr == ""
+
+
+async def test_unknown_autoclear_bits_cleared_at_read_write_open(tmp_path: Path) -> None:
+    img, twin = tmp_path / "img.qcow2", tmp_path / "twin.qcow2"
+    sh("qemu-img", "create", "-f", "qcow2", str(img), "16M")
+    with open(img, "r+b") as f:
+        f.seek(88)
+        f.write(struct.pack(">Q", 1 << 40))
+    shutil.copy(img, twin)
+    before = digest(img)
+    g = BlockGraph()
+    await g.add(qcow2(img, **{"read-only": True}))
+    await g.close()
+    assert digest(img) == before
+    g = BlockGraph()
+    await g.add(qcow2(img))
+    await g.close()
+    assert sh("qemu-io", "-c", "read 0 512", str(twin)).returncode == 0
+    assert _extensions(img)[0] == _extensions(twin)[0] == 0
+    assert_clean(img)

@@ -84,6 +84,9 @@ class Qcow2Driver(BaseDriver):
         #: Lazy refcounts (the option, else the image's bit): allocating
         #: writes set the dirty bit, as QEMU's.
         self.lazy_refcounts = bool(options.get("lazy-refcounts", image.header.lazy_refcounts))
+        #: QEMU's corruption message for an unaligned refcount block: raised
+        #: at the first request that needs refcounts.
+        self.bad_refblock: str | None = None
 
     @property
     def length(self) -> int:
@@ -163,20 +166,38 @@ class Qcow2Driver(BaseDriver):
     async def pread(self, offset: int, length: int) -> bytes:
         return bytes(await self.image.read(offset, length))
 
+    async def _refcount_access(self) -> None:
+        """An unaligned refcount block is corruption once refcounts are needed."""
+        if self.bad_refblock is not None and not self.image.dead:
+            await self.image.signal_corruption(CorruptImage(self.bad_refblock))
+        if self.image.dead:
+            raise BlockIOError(errno.EIO)
+
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        if (self.lazy_refcounts and not self.image.header.dirty
-                and await needs_allocation(self.image, offset, len(data))):
-            await mark_dirty(self.image)
+        if (self.lazy_refcounts or self.bad_refblock) and not self.image.header.dirty \
+                and await needs_allocation(self.image, offset, len(data)):
+            await self._refcount_access()
+            if self.lazy_refcounts:
+                await mark_dirty(self.image)
         await self.image.write(offset, data)
 
     async def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        if self.bad_refblock is not None:
+            await self._refcount_access()
         await self.image.write_zeroes(offset, length, may_unmap)
 
     async def pdiscard(self, offset: int, length: int) -> None:
+        if self.bad_refblock is not None and not self.image.dead:
+            # QEMU's discard reports success; the image is marked corrupt
+            # when it drops the references, and later requests fail.
+            await self.image.signal_corruption(CorruptImage(self.bad_refblock))
+            return
         await self.image.discard(offset, length)
 
     async def pwrite_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write whole clusters compressed (``compress: true`` backups)."""
+        if self.bad_refblock is not None:
+            await self._refcount_access()
         cs = self.image.g.cluster_size
         view = memoryview(data)
         for at in range(0, len(view), cs):
@@ -289,13 +310,22 @@ async def open_qcow2(
         raise NodeOpenError("Active L1 table offset invalid")
     try:
         l1 = unpack_table(await _load(file, h.l1_table_offset, h.l1_size * 8))
-        table = unpack_table(await _load(file, h.refcount_table_offset, rt_entries * 8))
+        # Reserved bits (0-8) of the entries are ignored, as QEMU does; the
+        # allocator writes blocks at the masked offsets.
+        table = [e & ~511 for e in
+                 unpack_table(await _load(file, h.refcount_table_offset, rt_entries * 8))]
         blocks: dict[int, RefcountBlock] = {}
+        bad_refblock: str | None = None
         for bi, entry in enumerate(table):
             off = entry & ~511
             if off:
                 if off % cs:
-                    raise NodeOpenError("Could not initialize refcount handling: Invalid argument")
+                    # QEMU opens it and marks the image corrupt at the first
+                    # refcount access.
+                    index = f"{bi:#x}" if bi else "0"     # C's %#x
+                    bad_refblock = bad_refblock or (
+                        f"Refblock offset {off:#x} unaligned (reftable index: {index})")
+                    continue
                 blocks[bi] = RefcountBlock(bytearray(await _load(file, off, cs)), h.refcount_bits)
     except BlockIOError as exc:
         raise NodeOpenError(f"Could not read L1 table: {exc.strerror}") from exc
@@ -312,8 +342,15 @@ async def open_qcow2(
         l2_cache_bytes=cache, grow=_grower(file), file_length=flen, shrink=_shrinker(file),
         pass_discard=bool(options.get("pass-discard-request", options.get("discard") in ("unmap", "on"))),
     )
+    # Closing trims the file after the last referenced cluster; an L1 or
+    # refcount table the header places past the end of the file (which QEMU
+    # writes there) must survive that, referenced or not.
+    meta_end = max(h.l1_table_offset + h.l1_size * 8,
+                   h.refcount_table_offset + h.refcount_table_clusters * cs)
+    image.opened_length = max(flen, -(-meta_end // cs) * cs)
     drv = Qcow2Driver(file, image, backing, options)
     drv.emit = ctx.emit_event
+    drv.bad_refblock = bad_refblock
     try:
         drv.on_disk, bits = await open_bitmaps(image, not ctx.read_only)
         drv.loaded = list(zip(drv.on_disk, bits))

@@ -1,0 +1,107 @@
+"""Damaged qcow2 images that QEMU 7.2 opens: the same requests through
+qemu-io and through qmpd give the same results, the same corruption
+message, and images that ``qemu-img check`` reports identically (same
+errors, same leaks).  Each image is written with data first, then one
+metadata field is broken by hand."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmpd.block.graph import BlockGraph
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
+
+COPIED = 1 << 63
+# qemu-img create 16M, then 128 KiB written at 0: header, reftable (0x10000),
+# refblock (0x20000), L1 (0x30000), L2 (0x40000), data (0x50000, 0x60000).
+CASES = {
+    # L1 entry -> an L2 table past the end of the file: reads as zeroes.
+    "l2_past_eof": ({0x30000: struct.pack(">Q", COPIED | 0x2000000)}, None),
+    # L1 entry -> an unaligned L2 table: corruption at the first access.
+    "l2_unaligned": ({0x30000: struct.pack(">Q", COPIED | 0x40200)},
+                     "L2 table offset 0x40200 unaligned (L1 index: 0)"),
+    "data_unaligned": ({0x40000: struct.pack(">Q", COPIED | 0x50200)},
+                       "Cluster allocation offset 0x50200 unaligned (L2 offset: 0x40000, "
+                       "L2 index: 0)"),
+    "data_past_eof": ({0x40000: struct.pack(">Q", COPIED | 0x3000000)}, None),
+    # A referenced cluster whose refcount is 0: freeing it fails, QEMU goes on.
+    "refcount_zero": ({0x20000 + 2 * 5: struct.pack(">H", 0)}, None),
+    # The active L1 table past the end of the file.
+    "l1_past_eof": ({40: struct.pack(">Q", 0x1000000)}, None),
+    # An unaligned refcount block: corruption at the first refcount access
+    # (the in-place write needs none, the discard does).
+    "refblock_unaligned": ({0x10000: struct.pack(">Q", 0x20200)},
+                           "Refblock offset 0x20200 unaligned (reftable index: 0)"),
+    # A refcount table entry with reserved bits.
+    "refblock_reserved_bits": ({0x10000: struct.pack(">Q", 0x20008)}, None),
+}
+OPS = [("read", 0, 65536), ("write", 0, 4096), ("discard", 0, 65536), ("write", 65536, 65536),
+       ("read", 0, 131072)]
+
+
+def sh(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, check=False)
+
+
+def make(path: Path, patch: dict[int, bytes]) -> None:
+    assert sh("qemu-img", "create", "-f", "qcow2", str(path), "16M").returncode == 0
+    assert sh("qemu-io", "-c", "write -P 0x11 0 128k", str(path)).returncode == 0
+    data = bytearray(path.read_bytes())
+    for off, b in patch.items():
+        data[off:off + len(b)] = b
+    path.write_bytes(bytes(data))
+
+
+def check_report(path: Path) -> tuple[int, list[str]]:
+    r = sh("qemu-img", "check", str(path))
+    lines = [ln.replace(str(path), "IMG") for ln in (r.stdout + r.stderr).splitlines()]
+    return r.returncode, sorted(ln for ln in lines if ln and "allocated" not in ln)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+async def test_damaged_image_as_qemu(tmp_path: Path, case: str) -> None:
+    patch, corrupt_msg = CASES[case]
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    make(theirs, patch)
+    shutil.copy(theirs, ours)
+    args = ["qemu-io", "-f", "qcow2", "-d", "unmap"]
+    for op, off, n in OPS:
+        args += ["-c", f"{op} {'-P 0x22 ' if op == 'write' else ''}{off} {n}"]
+    r = sh(*args, str(theirs))
+    qemu_failed = [ln.split(" failed")[0] for ln in r.stdout.splitlines() if " failed:" in ln]
+    if corrupt_msg is not None:
+        assert f"qcow2: Marking image as corrupt: {corrupt_msg};" in r.stderr
+
+    events: list[tuple[str, dict[str, Any]]] = []
+    g = BlockGraph(emit_event=lambda name, data: events.append((name, data)))
+    node = await g.add({"driver": "qcow2", "node-name": "d", "discard": "unmap",
+                        "file": {"driver": "file", "filename": str(ours)}})
+    failed = []
+    for op, off, n in OPS:
+        try:
+            if op == "read":
+                await node.read(off, n)
+            elif op == "write":
+                await node.write(off, b"\x22" * n)
+            else:
+                await node.discard(off, n)
+        except OSError:
+            failed.append(op)
+    await g.close()
+    assert failed == qemu_failed
+    if corrupt_msg is None:
+        assert events == []
+    else:
+        assert [(n, d["msg"], d["fatal"]) for n, d in events] == \
+            [("BLOCK_IMAGE_CORRUPTED", corrupt_msg, True)]
+    assert check_report(ours) == check_report(theirs)
+    if corrupt_msg is None:
+        r = sh("qemu-img", "compare", str(ours), str(theirs))
+        assert r.returncode == 0, r.stdout + r.stderr
