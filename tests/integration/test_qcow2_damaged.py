@@ -105,3 +105,70 @@ async def test_damaged_image_as_qemu(tmp_path: Path, case: str) -> None:
     if corrupt_msg is None:
         r = sh("qemu-img", "compare", str(ours), str(theirs))
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+REFUSED = {
+    "truncated_4": ({}, 4), "truncated_71": ({}, 71), "truncated_80": ({}, 80),
+    "truncated_100": ({}, 100),
+    "header_length_over_cluster": ({100: struct.pack(">I", 1 << 17)}, None),
+    "refcount_order_7": ({96: struct.pack(">I", 7)}, None),
+    "data_file_bit": ({72: struct.pack(">Q", 1 << 2)}, None),
+    "two_unknown_bits": ({72: struct.pack(">Q", (1 << 5) | (1 << 63))}, None),
+    "named_and_unknown": ({72: struct.pack(">Q", (1 << 4) | (1 << 9))}, None),
+    "cluster_bits_8": ({20: struct.pack(">I", 8)}, None),
+    "cluster_bits_22": ({20: struct.pack(">I", 22)}, None),
+    "version_4": ({4: struct.pack(">I", 4)}, None),
+    "aes": ({32: struct.pack(">I", 1)}, None),
+    "luks_without_header": ({32: struct.pack(">I", 2)}, None),
+    "crypt_3": ({32: struct.pack(">I", 3)}, None),
+    "l1_too_large": ({36: struct.pack(">I", 1 << 23)}, None),
+    "snapshot_offset_unaligned": ({60: struct.pack(">IQ", 1, 0x10001)}, None),
+    "no_refcount_table": ({56: struct.pack(">I", 0)}, None),
+    "backing_offset_past_cluster": ({8: struct.pack(">QI", 70000, 10)}, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+async def test_refused_open_as_qemu(tmp_path: Path, case: str) -> None:
+    """QEMU's error text (recorded from qemu-io 7.2 in the same run), and
+    the file is byte for byte unchanged after qmpd's refusal."""
+    import hashlib
+
+    from qmpd.errors import GenericError
+    patch, trunc = REFUSED[case]
+    img = tmp_path / "img.qcow2"
+    assert sh("qemu-img", "create", "-f", "qcow2", str(img), "1G").returncode == 0
+    data = bytearray(img.read_bytes())
+    for off, b in patch.items():
+        data[off:off + len(b)] = b
+    if trunc is not None:
+        del data[trunc:]
+    img.write_bytes(bytes(data))
+    before = hashlib.sha256(img.read_bytes()).hexdigest()
+    r = sh("qemu-io", "-f", "qcow2", "-c", "quit", str(img))
+    prefix = f"qemu-io: can't open device {img}: "
+    assert r.returncode == 1 and r.stderr.startswith(prefix), r.stderr
+    text = r.stderr[len(prefix):].strip()
+    for read_only in (False, True):
+        g = BlockGraph()
+        with pytest.raises(GenericError) as err:
+            await g.add({"driver": "qcow2", "node-name": "d", "read-only": read_only,
+                         "file": {"driver": "file", "filename": str(img)}})
+        assert err.value.desc == text
+        assert g.names() == []
+    assert hashlib.sha256(img.read_bytes()).hexdigest() == before
+
+
+async def test_encrypted_image_refused_as_qemu(tmp_path: Path) -> None:
+    img = tmp_path / "luks.qcow2"
+    r = sh("qemu-img", "create", "-q", "--object", "secret,id=s0,data=xyz", "-f", "qcow2", "-o",
+           "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", str(img), "1M")
+    assert r.returncode == 0, r.stderr
+    r = sh("qemu-io", "-f", "qcow2", "-c", "quit", str(img))
+    text = r.stderr.split(": ", 2)[2].strip()
+    from qmpd.errors import GenericError
+    g = BlockGraph()
+    with pytest.raises(GenericError) as err:
+        await g.add({"driver": "qcow2", "node-name": "d",
+                     "file": {"driver": "file", "filename": str(img)}})
+    assert err.value.desc == text == "Parameter 'encrypt.key-secret' is required for cipher"

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 
 from qmpd.block.graph import BlockGraph
+from tests.support.daemon import AsyncRawClient, RunningDaemon
+from tests.support.qsd import Qsd
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(180)]
 
@@ -356,3 +358,74 @@ async def test_unknown_autoclear_bits_cleared_at_read_write_open(tmp_path: Path)
     assert sh("qemu-io", "-c", "read 0 512", str(twin)).returncode == 0
     assert _extensions(img)[0] == _extensions(twin)[0] == 0
     assert_clean(img)
+
+
+async def test_query_dirty_flag_as_qemu_storage_daemon(qmpd: RunningDaemon, tmp_path: Path) -> None:
+    """query-named-block-nodes on a crashed lazy-refcount image, read-only
+    (dirty, not repaired) then read-write (repaired): as qemu-storage-daemon 7.2."""
+    paths = {side: tmp_path / f"{side}.qcow2" for side in ("q", "m")}
+    crashed_qemu_io(paths["q"], "cluster_size=65536", WRITES)
+    shutil.copy(paths["q"], paths["m"])
+    qsd = Qsd()
+    c = await AsyncRawClient.connect(qmpd.path)
+
+    async def image_info(side: str, **extra: Any) -> dict[str, Any]:
+        args = {**qcow2(paths[side]), **extra}
+        if side == "q":
+            assert qsd.cmd("blockdev-add", **args) == {"return": {}}
+            nodes = qsd.cmd("query-named-block-nodes")["return"]
+            assert qsd.cmd("blockdev-del", **{"node-name": "d"}) == {"return": {}}
+        else:
+            assert (await c.execute({"execute": "blockdev-add", "arguments": args}))[0] == \
+                {"return": {}}
+            nodes = (await c.execute({"execute": "query-named-block-nodes"}))[0]["return"]
+            reply = await c.execute({"execute": "blockdev-del", "arguments": {"node-name": "d"}})
+            assert reply[0] == {"return": {}}
+        [image] = [n["image"] for n in nodes if n["node-name"] == "d"]
+        return {k: image.get(k) for k in ("dirty-flag", "format-specific", "cluster-size",
+                                          "virtual-size", "format")}
+
+    try:
+        for extra in ({"read-only": True}, {}, {}):
+            want = await image_info("q", **extra)
+            assert await image_info("m", **extra) == want
+            assert want["dirty-flag"] is bool(extra)
+            assert want["format-specific"]["data"]["lazy-refcounts"] is True
+    finally:
+        qsd.quit()
+        await c.close()
+    for p in paths.values():
+        assert_clean(p)
+    r = sh("qemu-img", "compare", str(paths["q"]), str(paths["m"]))
+    assert r.returncode == 0, r.stdout
+
+
+async def test_refcount_overflow_left_dirty_as_qemu(tmp_path: Path) -> None:
+    """1-bit refcounts and a cluster two L2 entries share: the repair can
+    not count it (QEMU's "ERROR: overflow cluster"), so the open succeeds
+    with the dirty bit still set; the rest is repaired and a clean close
+    clears the bit.  The file ends byte for byte as QEMU leaves it."""
+    img, twin = tmp_path / "img.qcow2", tmp_path / "twin.qcow2"
+    sh("qemu-img", "create", "-f", "qcow2", "-o", "lazy_refcounts=on,refcount_bits=1",
+       str(img), "16M")
+    assert sh("qemu-io", "-c", "write -P 0x11 0 64k", "-c", "write -P 0x22 64k 64k",
+              str(img)).returncode == 0
+    with open(img, "r+b") as f:
+        f.seek(0x40000)
+        first = f.read(8)
+        f.seek(0x40008)
+        f.write(first)                                  # guest cluster 1 -> host cluster 5
+        f.seek(72)
+        f.write(struct.pack(">Q", 1))                   # dirty
+    shutil.copy(img, twin)
+    r = sh("qemu-io", "-c", "read -P 0x11 64k 64k", "-c", "write -P 0x33 1M 64k", str(twin))
+    assert r.returncode == 0 and "ERROR: overflow cluster offset=0x50000" in r.stderr
+    g = BlockGraph()
+    node = await g.add(qcow2(img))
+    assert node.driver.dirty_flag() is True
+    assert bytes(await node.read(65536, 65536)) == b"\x11" * 65536
+    await node.write(MiB, b"\x33" * 65536)
+    await g.close()
+    assert incompat(img) == incompat(twin) == 0
+    assert digest(img) == digest(twin)
+    assert check(img).returncode == 2

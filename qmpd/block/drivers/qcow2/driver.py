@@ -22,7 +22,9 @@ from qmpd.block.drivers.qcow2.bitmaps_ext import DirEntry, can_store_new
 from qmpd.block.drivers.qcow2.bitmaps_io import MemBitmap
 from qmpd.block.drivers.qcow2.storedbitmaps import open_bitmaps, store_bitmaps
 from qmpd.block.drivers.qcow2.dirty import RepairError, mark_clean, mark_dirty, needs_allocation, repair
-from qmpd.block.drivers.qcow2.header import AUTOCLEAR_MASK, MAGIC, Header, HeaderError, parse_header
+from qmpd.block.drivers.qcow2.header import (
+    AUTOCLEAR_MASK, EXT_DATA_FILE, INCOMPAT_DATA_FILE, MAGIC, Header, HeaderError, parse_header,
+)
 from qmpd.block.drivers.qcow2.image import CorruptImage, Qcow2Image
 from qmpd.block.drivers.qcow2.refcount import RefcountBlock
 from qmpd.block.drivers.qcow2.tables import Geometry, unpack_table
@@ -248,7 +250,7 @@ def _validate_table(offset: int, entries: int, entry_len: int, cluster_size: int
 async def _read_header(file: BlockNode) -> tuple[Header, int]:
     flen = file.length
     head = await file.read(0, min(flen, 4096)) if flen else b""
-    if len(head) < 8 or head[:4] != MAGIC:
+    if len(head) < 4 or head[:4] != MAGIC:
         raise NodeOpenError("Image is not in qcow2 format")
     h = parse_header(bytes(head) + bytes(max(0, 4096 - len(head))))
     cs = h.cluster_size
@@ -291,6 +293,8 @@ async def open_qcow2(
         raise NodeOpenError("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
                             "compatibility level")
     rt_entries = h.refcount_table_clusters * cs // 8
+    if h.refcount_table_clusters == 0:
+        raise NodeOpenError("Image does not contain a reference count table")
     if h.refcount_table_clusters * cs > MAX_REFTABLE_BYTES:
         raise NodeOpenError("Reference count table too large")
     if not _validate_table(h.refcount_table_offset, rt_entries, 8, cs):
@@ -329,6 +333,10 @@ async def open_qcow2(
                 blocks[bi] = RefcountBlock(bytearray(await _load(file, off, cs)), h.refcount_bits)
     except BlockIOError as exc:
         raise NodeOpenError(f"Could not read L1 table: {exc.strerror}") from exc
+    if h.incompatible_features & INCOMPAT_DATA_FILE:
+        if not any(t == EXT_DATA_FILE for t, _ in h.unknown_extensions):
+            raise NodeOpenError("'data-file' is required for this image")
+        raise NodeOpenError("Unsupported qcow2 feature(s): external data file")
     refs = RefcountState(h.cluster_bits, h.refcount_bits, table=table, blocks=blocks,
                          table_offset=h.refcount_table_offset,
                          table_clusters=h.refcount_table_clusters)

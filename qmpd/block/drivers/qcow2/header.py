@@ -152,11 +152,16 @@ class Header:
 
 
 def _unsupported_features(h: Header, mask: int) -> str:
+    """QEMU's report_unsupported_feature: the bits the image's feature name
+    table names, then one "Unknown incompatible feature" with the rest."""
     names = []
     for bit in range(64):
-        if mask & (1 << bit):
-            name = h.feature_table.get((0, bit))
-            names.append(name if name is not None else f"Unknown incompatible feature: {1 << bit:x}")
+        name = h.feature_table.get((0, bit))
+        if mask & (1 << bit) and name is not None:
+            names.append(name[:46])
+            mask &= ~(1 << bit)
+    if mask:
+        names.append(f"Unknown incompatible feature: {mask:x}")
     return ", ".join(names)
 
 
@@ -198,10 +203,16 @@ def parse_header(buf: bytes, file_length: int | None = None) -> Header:
         raise HeaderError("Invalid backing file offset")
     end = csize if h.backing_file_offset == 0 else h.backing_file_offset
     _parse_extensions(h, buf, h.header_length, end)
-    unknown = h.incompatible_features & ~SUPPORTED_INCOMPAT
+    # An external data file is QEMU's; qmpd has none to offer, and the driver
+    # refuses it with QEMU's text after the table checks.
+    unknown = h.incompatible_features & ~(SUPPORTED_INCOMPAT | INCOMPAT_DATA_FILE | INCOMPAT_EXTL2)
     if unknown:
         raise HeaderError(f"Unsupported qcow2 feature(s): {_unsupported_features(h, unknown)}",
                           unsupported=True)
+    if h.incompatible_features & INCOMPAT_EXTL2:
+        # QEMU knows extended L2 entries (subclusters); qmpd does not.
+        raise HeaderError(f"Unsupported qcow2 feature(s): "
+                          f"{_unsupported_features(h, INCOMPAT_EXTL2)}", unsupported=True)
     if h.refcount_order > 6:
         raise HeaderError("Reference count entry width too large; may not exceed 64 bits")
     if h.incompatible_features & INCOMPAT_COMPRESSION:
@@ -214,7 +225,13 @@ def parse_header(buf: bytes, file_length: int | None = None) -> Header:
         raise HeaderError("qcow2_header: compression type bit is not set, but compression "
                           "type is set")
     if h.crypt_method:
-        raise HeaderError(f"Unsupported encryption method: {h.crypt_method}")
+        # qmpd opens no encrypted image; these are QEMU's texts when no
+        # key secret is given (AES, LUKS) or the method is unknown.
+        if h.crypt_method > 2:
+            raise HeaderError(f"Unsupported encryption method {h.crypt_method}")
+        if h.crypt_method == 2 and not any(t == EXT_CRYPTO for t, _ in h.unknown_extensions):
+            raise HeaderError("Missing CRYPTO header for crypt method 2")
+        raise HeaderError("Parameter 'encrypt.key-secret' is required for cipher")
     if h.backing_file_offset:
         if h.backing_file_size > 1023 or h.backing_file_size > csize - h.backing_file_offset:
             raise HeaderError("Backing file name too long")
