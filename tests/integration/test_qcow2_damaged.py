@@ -42,6 +42,18 @@ CASES = {
     # A refcount table entry with reserved bits.
     "refblock_reserved_bits": ({0x10000: struct.pack(">Q", 0x20008)}, None),
 }
+# BLOCK_IMAGE_CORRUPTED as qemu-storage-daemon 7.2 sent it for the first
+# write (64 KiB at 0 through an NBD export), recorded by hand.
+QSD_EVENTS = {
+    # The file cut after the header: no refcount table, no refcount block.
+    "truncated_after_header": (104, {
+        "device": "", "node-name": "d", "fatal": True, "offset": 65536, "size": 65536,
+        "msg": "Preventing invalid write on metadata (overlaps with refcount table)"}),
+    # The refcount block past the end of the file (it reads as zeroes).
+    "refblock_past_eof": ({0x10000: struct.pack(">Q", 0x1000000)}, {
+        "device": "", "node-name": "d", "fatal": True,
+        "msg": "Preventing invalid allocation of L2 table at offset 0"}),
+}
 OPS = [("read", 0, 65536), ("write", 0, 4096), ("discard", 0, 65536), ("write", 65536, 65536),
        ("read", 0, 131072)]
 
@@ -172,3 +184,28 @@ async def test_encrypted_image_refused_as_qemu(tmp_path: Path) -> None:
         await g.add({"driver": "qcow2", "node-name": "d",
                      "file": {"driver": "file", "filename": str(img)}})
     assert err.value.desc == text == "Parameter 'encrypt.key-secret' is required for cipher"
+
+
+@pytest.mark.parametrize("case", sorted(QSD_EVENTS))
+async def test_corruption_event_as_qemu_storage_daemon(tmp_path: Path, case: str) -> None:
+    how, event = QSD_EVENTS[case]
+    img = tmp_path / "img.qcow2"
+    assert sh("qemu-img", "create", "-f", "qcow2", str(img), "16M").returncode == 0
+    data = bytearray(img.read_bytes())
+    if isinstance(how, int):
+        del data[how:]
+    else:
+        for off, b in how.items():
+            data[off:off + len(b)] = b
+    img.write_bytes(bytes(data))
+    events: list[tuple[str, dict[str, Any]]] = []
+    g = BlockGraph(emit_event=lambda name, d: events.append((name, d)))
+    node = await g.add({"driver": "qcow2", "node-name": "d",
+                        "file": {"driver": "file", "filename": str(img)}})
+    assert bytes(await node.read(0, 65536)) == bytes(65536)
+    with pytest.raises(OSError):
+        await node.write(0, b"x" * 65536)
+    await g.close()
+    assert events == [("BLOCK_IMAGE_CORRUPTED", event)]
+    r = sh("qemu-img", "info", "--output=json", str(img))
+    assert '"corrupt": true' in r.stdout

@@ -284,8 +284,7 @@ class Qcow2Image:
         that overlap the header, the L1 table or the refcount table, and any
         refcount block the allocation had to place over them."""
         if self.refs.get(0) == 0:
-            raise CorruptImage(f"Preventing invalid allocation of {what} at offset 0", 0,
-                               self.g.cluster_size)
+            self._refuse_cluster_zero(what)
         before = set(self.refs.blocks)
         if contiguous:
             start, count = self.refs.allocate_contiguous(n), n
@@ -297,7 +296,18 @@ class Qcow2Image:
             self._check_overlap(self.refs.table[bi], 1 << cb, "refcount block")
         return start, count
 
-    def _check_overlap(self, off: int, n: int, what: str = "cluster") -> None:
+    def _refuse_cluster_zero(self, what: str) -> None:
+        """Cluster 0 (the header) looks free: the refcounts are damaged.  As
+        QEMU: without a refcount block for it, the new block would go to
+        cluster 1 and QEMU's overlap check stops that write first; otherwise
+        the allocation at offset 0 is refused (no offset/size in the event)."""
+        cs = self.g.cluster_size
+        if self.refs.table[0] == 0:
+            self._check_overlap(cs, cs, write=True)
+        raise CorruptImage(f"Preventing invalid allocation of {what} at offset 0")
+
+    def _check_overlap(self, off: int, n: int, what: str = "cluster", *,
+                       write: bool = False) -> None:
         """Refuse to hand out clusters that hold the header, L1 or refcount table."""
         cs = self.g.cluster_size
         h = self.header
@@ -306,6 +316,9 @@ class Qcow2Image:
                  ("refcount table", self.refs.table_offset, self.refs.table_clusters * cs)]
         for name, start, size in areas:
             if off < start + size and start < off + n:
+                if write:
+                    raise CorruptImage(f"Preventing invalid write on metadata (overlaps with "
+                                       f"{name})", off, n)
                 raise CorruptImage(f"Preventing invalid allocation of {what} at offset "
                                    f"{off:#x} (overlaps with {name})", off, n)
 
