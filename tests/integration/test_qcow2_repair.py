@@ -429,3 +429,29 @@ async def test_refcount_overflow_left_dirty_as_qemu(tmp_path: Path) -> None:
     assert incompat(img) == incompat(twin) == 0
     assert digest(img) == digest(twin)
     assert check(img).returncode == 2
+
+
+async def test_v2_image_with_a_bitmaps_extension(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Version 2 has no autoclear bits, so a bitmaps extension is always
+    from a program QEMU does not trust: QEMU's v2 wording, then dropped."""
+    from qmpd.block.drivers.qcow2.driver import BITMAPS_IGNORED_HINT, BITMAPS_IGNORED_V2
+    img, twin = tmp_path / "img.qcow2", tmp_path / "twin.qcow2"
+    sh("qemu-img", "create", "-f", "qcow2", "-o", "compat=0.10", str(img), "16M")
+    ext = struct.pack(">II", 0x23852875, 24) + struct.pack(">IIQQ", 1, 0, 64, 0x50000)
+    with open(img, "r+b") as f:
+        f.seek(72)
+        f.write(ext + bytes(8))
+    shutil.copy(img, twin)
+    r = sh("qemu-img", "info", str(twin))
+    assert r.stderr == f"qemu-img: warning: {BITMAPS_IGNORED_V2}\n{BITMAPS_IGNORED_HINT}"
+    g = BlockGraph()
+    node = await g.add(qcow2(img))
+    assert list(node.bitmaps) == []
+    await g.close()
+    assert f"{BITMAPS_IGNORED_V2}\n{BITMAPS_IGNORED_HINT}" in caplog.text
+    assert sh("qemu-io", "-c", "read 0 512", str(twin)).returncode == 0
+    assert _extensions(img) == _extensions(twin) == (0, [], None)
+    for p in (img, twin):
+        assert sh("qemu-img", "info", str(p)).stderr == ""
+        assert_clean(p)

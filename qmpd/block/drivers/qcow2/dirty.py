@@ -102,7 +102,11 @@ async def repair(file: FileIO, h: Header, l1: list[int], refs: RefcountState,
         await file.write(INCOMPAT_OFFSET, h.incompatible_features.to_bytes(8, "big"))
         await file.flush()
     for m in res.messages:
-        log.info("qcow2 repair: %s", m)
+        log.debug("qcow2 repair: %s", m)
+    log.info("qcow2: repaired dirty image: %d corruptions and %d leaks fixed%s%s",
+             res.corruptions_fixed, res.leaks_fixed,
+             ", refcount structure rebuilt" if res.rebuilt else "",
+             f", {res.corruptions} errors left (dirty bit kept)" if res.corruptions else "")
     return plan.refs, res
 
 

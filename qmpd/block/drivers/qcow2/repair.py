@@ -131,6 +131,8 @@ async def _count_l1(read: Read, counts: Counts, g: Geometry, l1_offset: int, l1_
                       "L1 entry corrupted")
             continue
         for e in unpack_table(await read(l2_off, cs)):
+            if not e & ~COPIED:
+                continue
             m = decode(e, g)
             if m.kind == Kind.COMPRESSED:
                 counts.inc(m.host, m.csize)
@@ -250,13 +252,18 @@ def plan_in_place(counts: Counts, refs: RefcountState, res: CheckResult) -> Refc
     writes: list[tuple[int, bytes]] = []
     for bi in sorted(refs.blocks):
         block = refs.blocks[bi]
-        if _block_bytes(final, bi, e, refs.bits) == block.data:
+        want_bytes = _block_bytes(final, bi, e, refs.bits)
+        if want_bytes == block.data:
             continue
-        for i in range(e):
+        if refs.bits >= 8:
+            n = refs.bits // 8
+            changed = [i for i in range(e)
+                       if want_bytes[i * n:(i + 1) * n] != block.data[i * n:(i + 1) * n]]
+        else:
+            changed = [i for i in range(e) if final.get(bi * e + i) != block.get(i)]
+        for i in changed:
             c = bi * e + i
             want, have = final.get(c), block.get(i)
-            if want == have:
-                continue
             if have > want:
                 res.leaks_fixed += 1
             else:
@@ -329,6 +336,8 @@ async def copied_fixes(read: Read, g: Geometry, l1: list[int], final: Counts,
         table = unpack_table(await read(l2_off, cs))
         changed = False
         for j, e in enumerate(table):
+            if not e & ~COPIED:
+                continue
             m = decode(e, g)
             if m.kind not in (Kind.NORMAL, Kind.ZERO) or not m.host or m.host & (cs - 1):
                 continue
