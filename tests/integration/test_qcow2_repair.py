@@ -455,3 +455,25 @@ async def test_v2_image_with_a_bitmaps_extension(
     for p in (img, twin):
         assert sh("qemu-img", "info", str(p)).stderr == ""
         assert_clean(p)
+
+
+async def test_unaligned_refcount_block_fails_the_repair_as_qemu(tmp_path: Path) -> None:
+    """QEMU 7.2 cannot rebuild over an unaligned refcount block: it marks the
+    image corrupt and fails the open; the file ends byte for byte the same."""
+    from qmpd.errors import GenericError
+    img, twin = tmp_path / "img.qcow2", tmp_path / "twin.qcow2"
+    crashed_qemu_io(img, "cluster_size=65536", ["write -P 0x11 0 1M"])
+    with open(img, "r+b") as f:
+        f.seek(0x10000)
+        f.write(struct.pack(">Q", 0x20200))
+    shutil.copy(img, twin)
+    r = sh("qemu-io", "-c", "read 0 512", str(twin))
+    text = "Could not repair dirty image: Input/output error"
+    assert f"can't open device {twin}: {text}" in r.stderr
+    g = BlockGraph()
+    with pytest.raises(GenericError) as err:
+        await g.add(qcow2(img))
+    assert err.value.desc == text and g.names() == []
+    assert digest(img) == digest(twin)
+    r = sh("qemu-io", "-c", "read 0 512", str(img))
+    assert "Image is corrupt; cannot be opened read/write" in r.stderr

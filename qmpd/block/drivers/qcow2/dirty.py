@@ -55,7 +55,8 @@ class FileIO(Protocol):
 
 
 async def repair(file: FileIO, h: Header, l1: list[int], refs: RefcountState,
-                 grow: Callable[[int], Awaitable[Any]]) -> tuple[RefcountState, CheckResult]:
+                 grow: Callable[[int], Awaitable[Any]], *, unaligned_refblock: bool = False,
+                 ) -> tuple[RefcountState, CheckResult]:
     """Check and fix a dirty image (fix-errors and fix-leaks).
 
     ``await grow(n)`` makes the file at least ``n`` bytes long (a rebuilt
@@ -63,8 +64,15 @@ async def repair(file: FileIO, h: Header, l1: list[int], refs: RefcountState,
     rebuild, the dirty bit) in place.
 
     :return: the refcount state afterwards and what was found.
-    :raise RepairError: internal check errors (unreadable bitmap metadata).
+    :raise RepairError: internal check errors (unreadable bitmap metadata),
+        or an unaligned refcount block: QEMU 7.2 marks the image corrupt
+        while rebuilding and fails the open, and so does this.
     """
+    if unaligned_refblock:
+        h.incompatible_features |= INCOMPAT_CORRUPT
+        await file.write(INCOMPAT_OFFSET, h.incompatible_features.to_bytes(8, "big"))
+        await file.flush()
+        raise RepairError("Input/output error")
     flen = file.length
 
     async def read(offset: int, length: int) -> bytes:

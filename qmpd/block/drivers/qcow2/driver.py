@@ -176,10 +176,12 @@ class Qcow2Driver(BaseDriver):
             raise BlockIOError(errno.EIO)
 
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        if (self.lazy_refcounts or self.bad_refblock) and not self.image.header.dirty \
+        mark = self.lazy_refcounts and not self.image.header.dirty
+        if (mark or self.bad_refblock is not None) \
                 and await needs_allocation(self.image, offset, len(data)):
-            await self._refcount_access()
-            if self.lazy_refcounts:
+            if self.bad_refblock is not None:
+                await self._refcount_access()
+            if mark:
                 await mark_dirty(self.image)
         await self.image.write(offset, data)
 
@@ -366,11 +368,12 @@ async def open_qcow2(
         raise NodeOpenError(exc.text) from exc
     except BlockIOError as exc:
         raise NodeOpenError(f"Could not read bitmaps: {exc}") from exc
-    await _after_load(file, image, ctx.read_only)
+    await _after_load(file, image, ctx.read_only, unaligned_refblock=bad_refblock is not None)
     return drv, children
 
 
-async def _after_load(file: BlockNode, image: Qcow2Image, read_only: bool) -> None:
+async def _after_load(file: BlockNode, image: Qcow2Image, read_only: bool, *,
+                      unaligned_refblock: bool) -> None:
     """The end of QEMU's qcow2_do_open: the ignored-bitmaps warning, the
     header update that drops unknown autoclear bits and an ignored bitmaps
     extension, then the repair of a dirty image (read-write opens only)."""
@@ -388,7 +391,8 @@ async def _after_load(file: BlockNode, image: Qcow2Image, read_only: bool) -> No
             await image.rewrite_header()
             await file.flush()
         if h.dirty:
-            image.refs, _res = await repair(file, h, image.l1, image.refs, _grower(file))
+            image.refs, _res = await repair(file, h, image.l1, image.refs, _grower(file),
+                                            unaligned_refblock=unaligned_refblock)
             image.cache.clear()
             image.file_length = max(image.file_length, file.length)
     except RepairError as exc:
