@@ -209,3 +209,39 @@ async def test_corruption_event_as_qemu_storage_daemon(tmp_path: Path, case: str
     assert events == [("BLOCK_IMAGE_CORRUPTED", event)]
     r = sh("qemu-img", "info", "--output=json", str(img))
     assert '"corrupt": true' in r.stdout
+
+
+@pytest.mark.parametrize("extra,refused", [(1024, False), (1025, True)])
+async def test_snapshot_extra_data_limit_as_qemu(tmp_path: Path, extra: int, refused: bool) -> None:
+    """QEMU's qcow2_read_snapshots refuses more than 1024 bytes of extra
+    data in a snapshot table entry, read-only or not."""
+    import hashlib
+
+    from qmpd.errors import GenericError
+    img = tmp_path / "img.qcow2"
+    assert sh("qemu-img", "create", "-f", "qcow2", str(img), "16M").returncode == 0
+    assert sh("qemu-io", "-c", "write -P 5 0 64k", str(img)).returncode == 0
+    assert sh("qemu-img", "snapshot", "-c", "s1", str(img)).returncode == 0
+    data = bytearray(img.read_bytes())
+    (table,) = struct.unpack_from(">Q", data, 64)
+    data[table + 36:table + 40] = struct.pack(">I", extra)
+    img.write_bytes(bytes(data))
+    before = hashlib.sha256(img.read_bytes()).hexdigest()
+    r = sh("qemu-io", "-r", "-f", "qcow2", "-c", "read -P 5 0 512", str(img))
+    for read_only in (True, False):
+        g = BlockGraph()
+        args = {"driver": "qcow2", "node-name": "d", "read-only": read_only,
+                "file": {"driver": "file", "filename": str(img)}}
+        if refused:
+            text = r.stderr.splitlines()[0].split(": ", 2)[2]
+            assert text == "Too much extra metadata in snapshot table entry 0"
+            with pytest.raises(GenericError) as err:
+                await g.add(args)
+            assert err.value.desc == text
+        else:
+            assert r.returncode == 0, r.stderr
+            node = await g.add(args)
+            assert bytes(await node.read(0, 512)) == b"\x05" * 512
+            await g.close()
+    if refused:
+        assert hashlib.sha256(img.read_bytes()).hexdigest() == before

@@ -27,6 +27,7 @@ from qmpd.block.drivers.qcow2.header import (
 )
 from qmpd.block.drivers.qcow2.image import CorruptImage, Qcow2Image
 from qmpd.block.drivers.qcow2.refcount import RefcountBlock
+from qmpd.block.drivers.qcow2.repair import SnapshotTableError, snapshot_l1_tables
 from qmpd.block.drivers.qcow2.tables import Geometry, unpack_table
 from qmpd.block.errors import BlockIOError, NodeOpenError
 from qmpd.block.io import ImageFile
@@ -335,6 +336,13 @@ async def open_qcow2(
                 blocks[bi] = RefcountBlock(bytearray(await _load(file, off, cs)), h.refcount_bits)
     except BlockIOError as exc:
         raise NodeOpenError(f"Could not read L1 table: {exc.strerror}") from exc
+    if h.nb_snapshots:
+        try:
+            await snapshot_l1_tables(lambda off, n: _load(file, off, n), h)
+        except SnapshotTableError as exc:
+            raise NodeOpenError(str(exc)) from exc
+        except BlockIOError as exc:
+            raise NodeOpenError(f"Could not read snapshots: {exc.strerror}") from exc
     if h.incompatible_features & INCOMPAT_DATA_FILE:
         if not any(t == EXT_DATA_FILE for t, _ in h.unknown_extensions):
             raise NodeOpenError("'data-file' is required for this image")

@@ -51,7 +51,7 @@ from qmpd.block.drivers.qcow2.refcount import RefcountBlock
 from qmpd.block.drivers.qcow2.tables import COPIED, OFFSET_MASK, Geometry, Kind, decode, unpack_table
 
 __all__ = ["CheckResult", "Counts", "RefcountPlan", "count_references", "plan_in_place",
-           "plan_rebuild", "copied_fixes", "snapshot_l1_tables"]
+           "plan_rebuild", "copied_fixes", "snapshot_l1_tables", "SnapshotTableError"]
 
 #: ``await read(offset, length)``: metadata bytes (zeroes past the end of the file).
 Read = Callable[[int, int], Awaitable[bytes]]
@@ -143,17 +143,32 @@ async def _count_l1(read: Read, counts: Counts, g: Geometry, l1_offset: int, l1_
                 counts.inc(m.host, cs)
 
 
+#: QCOW_MAX_SNAPSHOT_EXTRA_DATA and QCOW_MAX_SNAPSHOTS_SIZE.
+MAX_SNAPSHOT_EXTRA_DATA = 1024
+MAX_SNAPSHOTS_SIZE = 1024 * 65536
+
+
+class SnapshotTableError(Exception):
+    """QEMU 7.2's qcow2_read_snapshots refusals (``str()`` is its text)."""
+
+
 async def snapshot_l1_tables(read: Read, h: Header) -> tuple[int, list[tuple[int, int]]]:
     """:return: the snapshot table's size in bytes and each snapshot's
-    ``(l1_table_offset, l1_size)``."""
+    ``(l1_table_offset, l1_size)``.
+
+    :raise SnapshotTableError: QEMU's open checks on the table."""
     out: list[tuple[int, int]] = []
     pos = h.snapshots_offset
-    for _ in range(h.nb_snapshots):
+    for i in range(h.nb_snapshots):
         fixed = await read(pos, _SNAPSHOT.size)
         l1_off, l1_size, id_len, name_len, _s, _ns, _vm, _vms, extra = _SNAPSHOT.unpack(fixed)
+        if extra > MAX_SNAPSHOT_EXTRA_DATA:
+            raise SnapshotTableError(f"Too much extra metadata in snapshot table entry {i}")
         out.append((l1_off, l1_size))
         pos += _SNAPSHOT.size + extra + id_len + name_len
         pos = (pos + 7) & ~7
+        if pos - h.snapshots_offset > MAX_SNAPSHOTS_SIZE:
+            raise SnapshotTableError("Snapshot table exceeds the maximum size")
     return pos - h.snapshots_offset, out
 
 
@@ -166,7 +181,12 @@ async def count_references(read: Read, h: Header, file_length: int) -> tuple[Cou
     counts.inc(0, cs)
     await _count_l1(read, counts, g, h.l1_table_offset, h.l1_size, res)
     if h.nb_snapshots:
-        size, tables = await snapshot_l1_tables(read, h)
+        try:
+            size, tables = await snapshot_l1_tables(read, h)
+        except SnapshotTableError as exc:
+            res.check_errors += 1
+            res.messages.append(str(exc))
+            return counts, res
         counts.inc(h.snapshots_offset, size)
         for off, n in tables:
             if off & (cs - 1) or n > (32 << 20) // 8:
