@@ -299,9 +299,8 @@ def greets_before_loading(args: argparse.Namespace) -> bool:
     """Whether nothing on the command line needs the loaded daemon before
     it listens: then it greets first and loads while clients connect
     (:meth:`~qmpd.server.daemon.Daemon.load`).  Nodes, drives, devices, NBD,
-    ``--state-dir`` and ``--http`` are built before listening, as QEMU opens
-    its drives before its monitors speak, so a bad option still fails the
-    start before anyone is greeted."""
+    ``--state-dir`` and ``--http`` are still built before listening, so a
+    bad option fails the start before anyone is greeted, as it always did."""
     plan: StartupPlan = args.plan
     return not (args.blockdev or plan.blockdevs or plan.drives or plan.devices
                 or args.nbd_server or args.export or args.state_dir or args.http_address)
