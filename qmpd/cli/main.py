@@ -332,6 +332,8 @@ async def _serve(args: argparse.Namespace, listeners: list[Listener], config: Da
         await daemon.connect(args.plan)                        # client-mode -chardev, -qtest
         if early:
             daemon.spawn(_load(daemon), "load")
+        else:
+            daemon.spawn(daemon.preload(), "preload")
         web_server = await _start_web(args, listeners, daemon)
     except Exception as err:  # noqa: BLE001 - one line to stderr, exit 1
         sys.stderr.write(f"qmpd: {getattr(err, 'desc', None) or err}\n")

@@ -169,7 +169,6 @@ class Daemon:
         :raise qmpd.errors.SchemaError: when registry and schema disagree.
         """
         self._install(*_import_layers(self._registry))
-        _import_validation()
         self._loaded.set()
 
     async def load(self, greet_first: float = 0.0) -> None:
@@ -190,7 +189,7 @@ class Daemon:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._greeted.wait(), greet_first)
         try:
-            schema, registry = await asyncio.to_thread(_import_layers, self._registry)
+            schema, registry = await asyncio.to_thread(_import_layers, self._registry, True)
             self._install(schema, registry)
         except Exception as err:
             self._load_error = err
@@ -201,8 +200,12 @@ class Daemon:
         # (Cancelled: the daemon is shutting down; the waiting commands end
         # with their connections.)
         self._loaded.set()
-        # Commands run now; what only commands with arguments need is
-        # imported meanwhile (one that needs it first waits for the import).
+        await self.preload()
+
+    async def preload(self) -> None:
+        """Import what commands with arguments need (pydantic, jsonschema)
+        in a worker thread, creating no model, while commands already run
+        (one that needs a module first waits for its import)."""
         await asyncio.to_thread(_import_validation)
 
     def _install(self, schema: SchemaService, registry: Registry) -> None:
@@ -569,15 +572,17 @@ class Daemon:
                 self._lock.release()
 
 
-def _import_layers(registry: Registry | None) -> tuple[SchemaService, Registry]:
+def _import_layers(registry: Registry | None, first_model: bool = False) -> tuple[SchemaService, Registry]:
     """Import the command handlers (which registers them) and the layers
     the daemon builds its state from, load the schema, build the
     introspection for ``registry``'s commands (cached in the schema
-    service) and the first command's model.  Imports, file
+    service) and, if asked, the first command's model.  Imports, file
     reads and computation only, no event loop: :meth:`Daemon.load` runs
     this in a worker thread.
 
     :param registry: None for the handlers' global registry.
+    :param first_model: also build the model of ``qmp_capabilities`` (which
+        imports pydantic); only while no command can run.
     :return: the schema service and the registry.
     """
     from qmpd.commands import handlers  # noqa: F401  (registers the handlers)
@@ -592,16 +597,20 @@ def _import_layers(registry: Registry | None) -> tuple[SchemaService, Registry]:
         registry = REGISTRY
     schema = SchemaService.load()
     schema.introspection(sorted(set(registry) & set(schema.schema.commands)))
-    # What the first command would pay for: pydantic and the model of
-    # qmp_capabilities (no command creates models meanwhile: they all wait
-    # for the load).
-    schema.build_arguments("qmp_capabilities", {})
+    if first_model:
+        # What the first command would pay for: pydantic and the model of
+        # qmp_capabilities (no command creates models meanwhile: they all
+        # wait for the load).
+        schema.build_arguments("qmp_capabilities", {})
     return schema, registry
 
 
 def _import_validation() -> None:
-    """Import jsonschema and build the argument validator class, which
-    commands with arguments need (``{}`` is checked without them)."""
+    """Import pydantic and jsonschema and build the argument validator
+    class, which commands with arguments need (``{}`` is checked without
+    them); no model is created."""
+    import pydantic  # noqa: F401
+
     from qmpd.qapi.jsonschema import qapi_validator_class
 
     qapi_validator_class()
