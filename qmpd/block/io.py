@@ -34,7 +34,7 @@ from qmpd.block.confine import Confinement
 from qmpd.block.errors import BlockIOError
 from qmpd.block.fdsets import FdSets, fdset_id_of
 
-__all__ = ["IOPool", "ImageFile", "NotRegularFile", "copy_range", "copy_ranges", "create_file",
+__all__ = ["IOPool", "ImageFile", "NotRegularFile", "PinnedFile", "copy_range", "copy_ranges", "create_file",
            "run_blocking", "shared_pool",
            "make_private_dir", "open_state_file", "read_state_file", "remove_state_file",
            "real_path", "replace_file_durably", "stat_path", "StateFile"]
@@ -634,6 +634,87 @@ class ImageFile:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             _close(fd, self.pool.fdsets)
+
+
+class PinnedFile:
+    """A duplicate descriptor of an open image, for a thread of its own
+    (an NBD connection's data pump): its calls block that thread, never
+    the event loop, and the file stays open even if the node closes or
+    replaces its own descriptor meanwhile.  Close it from the thread that
+    uses it."""
+
+    __slots__ = ("image", "fd")
+
+    def __init__(self, image: ImageFile) -> None:
+        #: The image this descriptor duplicates (compare to spot a change).
+        self.image = image
+        #: The duplicate (-1 once closed).
+        self.fd = os.dup(image.fd)
+
+    def all_data(self, offset: int, length: int) -> bool:
+        """Whether the range is all data (no hole), per SEEK_DATA/SEEK_HOLE."""
+        is_data, n = _block_status(self.fd, offset, length)
+        return is_data and n >= length
+
+    def will_need(self, offset: int, length: int) -> None:
+        """Start reading the range into the page cache without waiting
+        (posix_fadvise WILLNEED): a queue of reads then keeps the disk
+        busy while the first one is being sent."""
+        try:
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass   # only a hint
+
+    def read_sparse(self, offset: int, length: int, *,
+                    base: int = 0) -> list[tuple[int, bytes | bytearray | int]]:
+        """:meth:`ImageFile.read_sparse`, blocking."""
+        return _read_sparse(self.fd, offset, length, base)
+
+    def send(self, out_fd: int, head: bytes, offset: int, length: int,
+             wait: Callable[[], bool]) -> bool:
+        """Send ``head`` then ``length`` bytes at ``offset`` (zeros past
+        EOF) to the non-blocking socket ``out_fd``, the file's bytes by
+        sendfile(2).  ``wait()`` is called whenever the socket is full and
+        returns False to give up.
+
+        :return: whether everything was sent.
+        :raise OSError: the socket failed (the peer is gone).
+        """
+        view = memoryview(head)
+        while view:
+            try:
+                view = view[os.write(out_fd, view):]
+            except BlockingIOError:
+                if not wait():
+                    return False
+        done = 0
+        while done < length:
+            try:
+                n = os.sendfile(out_fd, self.fd, offset + done, length - done)
+            except BlockingIOError:
+                if not wait():
+                    return False
+                continue
+            if n == 0:   # past the end of the file: QEMU pads with zeros
+                return self._send_zeros(out_fd, length - done, wait)
+            done += n
+        return True
+
+    @staticmethod
+    def _send_zeros(out_fd: int, count: int, wait: Callable[[], bool]) -> bool:
+        while count:
+            try:
+                count -= os.write(out_fd, _ZEROS[:min(count, _ZERO_CHUNK)])
+            except BlockingIOError:
+                if not wait():
+                    return False
+        return True
+
+    def close(self) -> None:
+        """Close the duplicate (idempotent)."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
 
 async def copy_range(src: ImageFile, src_off: int, dst: ImageFile, dst_off: int, length: int) -> None:
