@@ -28,7 +28,7 @@ import os
 import re
 import socket
 import ssl
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, SupportsIndex, cast
 
@@ -96,12 +96,14 @@ class NbdServer:
 
     def __init__(self, graph: Callable[[], BlockGraph], events: EventBus, *,
                  tls_creds: Callable[[str], TlsCredsX509 | None] = lambda _id: None,
-                 tasks: TaskGroup | None = None) -> None:
+                 tasks: TaskGroup | None = None,
+                 drained: Callable[[Collection[BlockNode]], None] = lambda _nodes: None) -> None:
         self._graph = graph
         #: Where per-request tasks run (the daemon's group, or one of its own).
         self.tasks = tasks if tasks is not None else TaskGroup("nbd")
         self._events = events
         self._tls_lookup = tls_creds
+        self._drained = drained
         #: The server's TLS context once started with tls-creds (STARTTLS
         #: then required).
         self.tls: ssl.SSLContext | None = None
@@ -327,6 +329,12 @@ class NbdServer:
         if self.exports.get(exp.id) is exp:
             del self.exports[exp.id]
             exp.close()
+            # QEMU drains the node twice as the export's BlockBackend
+            # leaves it: jobs holding it or a node above it show two
+            # paused/running pairs before the event (recorded from QSD 7.2).
+            above = _node_and_parents(exp.node)
+            for _ in range(2):
+                self._drained(above)
             log.info("export %s removed", exp.id)
             self._events.emit(BLOCK_EXPORT_DELETED, {"id": exp.id})
 
@@ -340,6 +348,18 @@ class NbdServer:
         """:return: query-block-exports (newest first)."""
         return [{"id": e.id, "type": "nbd", "node-name": e.node.node_name,
                  "shutting-down": e.shutting_down} for e in reversed(self.exports.values())]
+
+
+def _node_and_parents(node: BlockNode) -> list[BlockNode]:
+    """``node`` and every node above it (what a drain of it reaches)."""
+    out = [node]
+    i = 0
+    while i < len(out):
+        for parent in out[i].parents:
+            if all(parent is not n for n in out):
+                out.append(parent)
+        i += 1
+    return out
 
 
 def _find_bitmap(node: BlockNode, name: str) -> DirtyBitmap | None:
