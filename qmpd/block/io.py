@@ -24,6 +24,7 @@ import ctypes.util
 import errno
 import os
 import queue
+import socket
 import stat
 import threading
 import time
@@ -408,6 +409,7 @@ def _send_cached(fd: int, out_fd: int, head: bytes, offset: int, length: int) ->
 
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
 
 
 def _read_sparse_cached(fd: int, offset: int, length: int,
@@ -670,20 +672,22 @@ class PinnedFile:
         """:meth:`ImageFile.read_sparse`, blocking."""
         return _read_sparse(self.fd, offset, length, base)
 
-    def send(self, out_fd: int, head: bytes, offset: int, length: int,
+    def send(self, out: socket.socket, head: bytes, offset: int, length: int,
              wait: Callable[[], bool]) -> bool:
         """Send ``head`` then ``length`` bytes at ``offset`` (zeros past
-        EOF) to the non-blocking socket ``out_fd``, the file's bytes by
-        sendfile(2).  ``wait()`` is called whenever the socket is full and
-        returns False to give up.
+        EOF) to the non-blocking socket ``out``, the file's bytes by
+        sendfile(2) (the header with MSG_MORE: one TCP segment with the
+        data's start).  ``wait()`` is called whenever the socket is full
+        and returns False to give up.
 
         :return: whether everything was sent.
         :raise OSError: the socket failed (the peer is gone).
         """
+        out_fd = out.fileno()
         view = memoryview(head)
         while view:
             try:
-                view = view[os.write(out_fd, view):]
+                view = view[out.send(view, _MSG_MORE):]
             except BlockingIOError:
                 if not wait():
                     return False

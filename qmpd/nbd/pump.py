@@ -277,7 +277,7 @@ class DataPump:
                 self._conn.reply_error(req, exc.errno or errno.EIO, os.strerror(exc.errno or errno.EIO))
                 return True
             self._conn.reply_read(req, segments)
-        elif not pinned.send(self._fd, self._conn.read_data_header(req), offset, req.length,
+        elif not pinned.send(self._sock, self._conn.read_data_header(req), offset, req.length,
                              self._wait_writable):
             raise _Gone
         self._count(view, req.length)
