@@ -58,6 +58,29 @@ _RECV = 256 * 1024
 _IOV = 512
 #: Bytes read are reported to the nodes' counters at least this often.
 _COUNT_EVERY = 0.05
+#: SO_SNDBUF of a pumped connection (the kernel doubles it).  A fast
+#: reader drains a few MiB per millisecond; on a loaded machine the pump
+#: thread may wait several milliseconds to run again, and the client must
+#: still find data queued then.  Measured with nbdcopy at load 6-30:
+#: 4 MiB (the listener's) 3.1-4.9 s, 8 MiB 3.5-6.5 s, 16 MiB 1.8-3.0 s,
+#: 32 MiB about as 16 MiB, for 2 GiB (notes/issue-11-perf3.md).
+PUMP_SEND_BUFFER = 16 * MiB
+_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+
+
+def _grow_send_buffer(sock: socket.socket) -> None:
+    """Ask for :data:`PUMP_SEND_BUFFER`: beyond ``net.core.wmem_max`` where
+    the daemon may (CAP_NET_ADMIN), else as much as that allows.  The
+    memory is the kernel's and bounded per connection, like the reply
+    buffers QEMU allocates in user space for the requests in flight."""
+    for opt in (_SO_SNDBUFFORCE, socket.SO_SNDBUF):
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 2 * PUMP_SEND_BUFFER:
+                return
+            sock.setsockopt(socket.SOL_SOCKET, opt, PUMP_SEND_BUFFER)
+            return
+        except OSError:
+            continue
 
 
 class _Gone(Exception):
@@ -82,6 +105,7 @@ class DataPump:
         self._loop = asyncio.get_running_loop()
         self._sock = socket.socket(fileno=os.dup(sock_fd))
         self._sock.setblocking(False)
+        _grow_send_buffer(self._sock)
         self._fd = self._sock.fileno()
         self._conn = conn
         self._export = export
