@@ -19,6 +19,7 @@ errno.  Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -639,18 +640,16 @@ class ImageFile:
 
 
 class PinnedFile:
-    """A duplicate descriptor of an open image, for a thread of its own
-    (an NBD connection's data pump): its calls block that thread, never
-    the event loop, and the file stays open even if the node closes or
-    replaces its own descriptor meanwhile.  Close it from the thread that
-    uses it."""
+    """A duplicate descriptor of an image for a thread of its own (an NBD
+    connection's data pump): its calls block that thread, never the loop,
+    and the file stays open even if the node closes or replaces its own
+    descriptor meanwhile.  Close it from the thread that uses it."""
 
     __slots__ = ("image", "fd")
 
     def __init__(self, image: ImageFile) -> None:
-        #: The image this descriptor duplicates (compare to spot a change).
+        #: The image duplicated (compare to spot a change of file).
         self.image = image
-        #: The duplicate (-1 once closed).
         self.fd = os.dup(image.fd)
 
     def all_data(self, offset: int, length: int) -> bool:
@@ -660,12 +659,9 @@ class PinnedFile:
 
     def will_need(self, offset: int, length: int) -> None:
         """Start reading the range into the page cache without waiting
-        (posix_fadvise WILLNEED): a queue of reads then keeps the disk
-        busy while the first one is being sent."""
-        try:
+        (posix_fadvise WILLNEED): queued reads keep the disk busy."""
+        with contextlib.suppress(OSError):
             os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass   # only a hint
 
     def read_sparse(self, offset: int, length: int, *,
                     base: int = 0) -> list[tuple[int, bytes | bytearray | int]]:
@@ -674,41 +670,22 @@ class PinnedFile:
 
     def send(self, out: socket.socket, head: bytes, offset: int, length: int,
              wait: Callable[[], bool]) -> bool:
-        """Send ``head`` then ``length`` bytes at ``offset`` (zeros past
-        EOF) to the non-blocking socket ``out``, the file's bytes by
-        sendfile(2) (the header with MSG_MORE: one TCP segment with the
-        data's start).  ``wait()`` is called whenever the socket is full
-        and returns False to give up.
+        """Send ``head`` (MSG_MORE), then ``length`` bytes at ``offset`` by
+        sendfile(2), zeros past EOF, to the non-blocking socket ``out``;
+        ``wait()`` runs whenever it is full and returns False to give up.
 
-        :return: whether everything was sent.
-        :raise OSError: the socket failed (the peer is gone).
+        :return: whether all was sent.  :raise OSError: the peer is gone.
         """
-        out_fd = out.fileno()
-        view = memoryview(head)
-        while view:
+        view, done = memoryview(head), 0
+        while view or done < length:
             try:
-                view = view[out.send(view, _MSG_MORE):]
-            except BlockingIOError:
-                if not wait():
-                    return False
-        done = 0
-        while done < length:
-            try:
-                n = os.sendfile(out_fd, self.fd, offset + done, length - done)
-            except BlockingIOError:
-                if not wait():
-                    return False
-                continue
-            if n == 0:   # past the end of the file: QEMU pads with zeros
-                return self._send_zeros(out_fd, length - done, wait)
-            done += n
-        return True
-
-    @staticmethod
-    def _send_zeros(out_fd: int, count: int, wait: Callable[[], bool]) -> bool:
-        while count:
-            try:
-                count -= os.write(out_fd, _ZEROS[:min(count, _ZERO_CHUNK)])
+                if view:
+                    view = view[out.send(view, _MSG_MORE if done < length else 0):]
+                elif (n := os.sendfile(out.fileno(), self.fd, offset + done, length - done)) > 0:
+                    done += n
+                else:   # past the end of the file: zeros, as QEMU reads there
+                    n = min(length - done, _ZERO_CHUNK)
+                    view, done = memoryview(_ZEROS)[:n], done + n
             except BlockingIOError:
                 if not wait():
                     return False
