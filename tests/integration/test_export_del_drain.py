@@ -27,8 +27,9 @@ pytestmark = [pytest.mark.skipif(not have("qemu-storage-daemon", "qemu-img"), re
 MiB = 1 << 20
 
 
-def stream(peer: Recorder, exported: str) -> list[dict[str, Any]]:
-    """The sequence on ``peer``; :return: every message after the setup."""
+def stream(peer: Recorder, exported: str, *, paused: bool = False) -> list[dict[str, Any]]:
+    """The sequence on ``peer`` (``paused``: only job-pause and a forced
+    cancel, auto-dismissed); :return: every message after the setup."""
     out: list[dict[str, Any]] = []
 
     def q(command: str, **arguments: Any) -> dict[str, Any]:
@@ -50,8 +51,13 @@ def stream(peer: Recorder, exported: str) -> list[dict[str, Any]]:
         assert "return" in q("blockdev-add", driver=driver, **{"node-name": name}, **extra)
     assert "return" in q("nbd-server-start", addr={"type": "unix", "data": {"path": peer.sock}})
     assert "return" in q("blockdev-backup", device="drive0", target="scratch", sync="none",
-                         **{"job-id": "j0", "auto-dismiss": False})
+                         **{"job-id": "j0", "auto-dismiss": paused})
     del out[:]
+    if paused:
+        q("job-pause", id="j0")
+        q("query-jobs")
+        q("block-job-cancel", device="j0", force=True)
+        return out
     q("block-export-add", type="nbd", id="e0", **{"node-name": exported})
     q("block-export-del", id="e0")
     q("query-jobs")
@@ -78,3 +84,25 @@ def test_stream_matches_qsd(tmp_path: Path, exported: str) -> None:
     assert ours == ref
     pauses = [m for m in ours if m.get("data", {}).get("status") == "paused"]
     assert len(pauses) == (0 if exported == "other" else 2)
+
+
+def test_cancel_of_a_paused_sync_none_job_matches_qsd(tmp_path: Path) -> None:
+    """job-pause, then block-job-cancel force: ``running``, ``aborting``,
+    ``BLOCK_JOB_CANCELLED``, ``concluded``, ``null``, then the reply."""
+    got = []
+    for cls in (Qsd, Recorder):
+        (tmp_path / cls.__name__).mkdir()
+        with short_socket_dir(tmp_path / cls.__name__) as tmp:
+            make_disk(tmp / "disk.img", size=4 * MiB)
+            run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(tmp / "disk.img"), "-F", "raw",
+                str(tmp / "scratch.qcow2"))
+            peer = cls(tmp)
+            try:
+                got.append(stream(peer, "other", paused=True))
+            finally:
+                peer.close()
+    ref, ours = got
+    assert ours == ref
+    statuses = [m["data"]["status"] for m in ours if m.get("event") == "JOB_STATUS_CHANGE"]
+    assert statuses == ["paused", "running", "aborting", "concluded", "null"]
+    assert ours[-1] == {"return": {}} and ours[-2]["data"]["status"] == "null"
