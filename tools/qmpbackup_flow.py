@@ -98,6 +98,9 @@ def _start(disk: Path, fmt: str, sock: str, state: Path | None) -> subprocess.Po
         os.unlink(sock)  # left behind by kill -9
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     extra = ["--state-dir", str(state)] if state is not None else []
+    if state is not None and fmt == "raw":
+        # qmpbackup adds raw disks' bitmaps with persistent: false.
+        extra.append("--state-keep-transient-bitmaps")
     proc = subprocess.Popen(
         [sys.executable, "-m", "qmpd", "-machine", "pc", "-nodefaults", "-display", "none",
          "-drive", f"if=none,id=drive0,file={disk},format={fmt}",
