@@ -167,6 +167,7 @@ class NodeJournal:
         #: The write lease (qmpd.bitmap.journal): held while writing.
         self.lease = WriteLease(int(owner.write_lease * 1e9))
         self._renewing: asyncio.Future[None] | None = None
+        self._lease_sync: asyncio.Task[None] | None = None
         #: Some persistent bitmap exists: writes wait for their coarse bits.
         self.active = False
         self.sequence = 0
@@ -195,10 +196,12 @@ class NodeJournal:
         if not self.active or not need and not self.lease.due(time.time_ns()):
             return
         try:
+            if self.lease.due(time.time_ns()):
+                await self._renew_lease()  # the group commit below syncs it too
             if need:
                 await self._make_durable(need)
-            # Last, right before the write: it must stamp the image within
-            # the lease (renewed without a sync; see WriteLease).
+            # Again right before the write if the sync took long: the write
+            # must stamp the image within the lease.
             if self.lease.due(time.time_ns()):
                 await self._renew_lease()
         except BaseException:
@@ -219,10 +222,11 @@ class NodeJournal:
                 self.owner.tasks.spawn(self._renew_quietly(), name="bitmap-lease")
 
     async def _renew_lease(self) -> None:
-        """Record a held lease reaching ``write_lease`` ahead (one pwrite,
-        no sync: it must survive a crash of qmpd, not a power cut, which
-        leaves an older lease and so a stricter recovery).  Concurrent
-        writers share one renewal."""
+        """Record a held lease reaching ``write_lease`` ahead: one pwrite,
+        which is all a crash of qmpd needs (the page cache survives it); an
+        fdatasync follows in the background, not awaited by any write (a
+        power cut before it leaves an older lease on disk, which only makes
+        the recovery stricter).  Concurrent writers share one renewal."""
         while self.lease.due(time.time_ns()):
             if self._renewing is not None:
                 await asyncio.shield(self._renewing)
@@ -238,6 +242,17 @@ class NodeJournal:
             finally:
                 self._renewing = None
                 fut.set_result(None)
+            if self._lease_sync is None and not self._closed and not self.owner.tasks.closed:
+                self._lease_sync = self.owner.tasks.spawn(self._sync_lease(), name="bitmap-lease-sync")
+
+    async def _sync_lease(self) -> None:
+        try:
+            if self._file is not None:
+                await self._file.flush()
+        except (BlockIOError, OSError) as exc:
+            log.error("cannot sync the write lease of %s in %s: %s", self.image, self.owner.path, exc)
+        finally:
+            self._lease_sync = None
 
     async def _renew_quietly(self) -> None:
         try:
@@ -542,6 +557,8 @@ class NodeJournal:
             self._timer = None
         if self._flusher is not None:
             self._flusher.cancel()
+        if self._lease_sync is not None:
+            self._lease_sync.cancel()
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -554,6 +571,8 @@ class NodeJournal:
             self._timer = None
         if self._flusher is not None:
             await asyncio.wait([self._flusher])
+        if self._lease_sync is not None:
+            await asyncio.wait([self._lease_sync])
         if self.read_only:
             return
         try:

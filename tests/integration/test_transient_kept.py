@@ -11,24 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from collections.abc import Iterator
-
-import pytest
-
 from tests.integration.test_persistent_bitmaps import SIZE, Env, _bitmaps, _cmd, _hmp, _ok
+from tests.integration.test_persistent_bitmaps import env as env  # noqa: F401 (the fixture)
 from tests.support.daemon import DaemonProcess, RawClient
 
 KEEP = "--state-keep-transient-bitmaps"
-
-
-@pytest.fixture
-def env(tmp_path: Path, sock_dir: Path) -> Iterator[Env]:
-    e = Env(tmp_path, sock_dir)
-    try:
-        yield e
-    finally:
-        if e.proc is not None:
-            e.proc.stop()
 
 
 def _transient(count: int) -> dict[str, object]:
