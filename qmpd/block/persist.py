@@ -227,23 +227,23 @@ class NodeJournal:
         fdatasync follows in the background, not awaited by any write (a
         power cut before it leaves an older lease on disk, which only makes
         the recovery stricter).  Concurrent writers share one renewal."""
-        while self.lease.due(time.time_ns()):
-            if self._renewing is not None:
-                await asyncio.shield(self._renewing)
-                continue
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._renewing = fut
-            try:
-                async with self._io_lock:
-                    lease = self.lease.renewed(time.time_ns())
-                    assert self._file is not None
-                    await self._file.write(LEASE_OFFSET, encode_lease(lease))
-                    self.lease.current = lease
-            finally:
-                self._renewing = None
-                fut.set_result(None)
-            if self._lease_sync is None and not self._closed and not self.owner.tasks.closed:
-                self._lease_sync = self.owner.tasks.spawn(self._sync_lease(), name="bitmap-lease-sync")
+        if self._renewing is not None:
+            # Its lease was taken at most one pwrite before this write asked.
+            await asyncio.shield(self._renewing)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._renewing = fut
+        try:
+            async with self._io_lock:
+                lease = self.lease.renewed(time.time_ns())
+                assert self._file is not None
+                await self._file.write(LEASE_OFFSET, encode_lease(lease))
+                self.lease.current = lease
+        finally:
+            self._renewing = None
+            fut.set_result(None)
+        if self._lease_sync is None and not self._closed and not self.owner.tasks.closed:
+            self._lease_sync = self.owner.tasks.spawn(self._sync_lease(), name="bitmap-lease-sync")
 
     async def _sync_lease(self) -> None:
         try:
