@@ -256,7 +256,7 @@ class NodeJournal:
 
     async def _renew_quietly(self) -> None:
         try:
-            if self._file is not None:
+            if self._file is not None and self.lease.due(time.time_ns()):
                 await self._renew_lease()
         except BlockIOError as exc:
             log.error("cannot renew the write lease of %s in %s: %s", self.image, self.owner.path, exc)
