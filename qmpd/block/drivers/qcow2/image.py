@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from qmpd.block.drivers.qcow2.alloc import RefcountState
+from qmpd.block.drivers.qcow2.alloc import RefcountOverflow, RefcountState
 from qmpd.block.drivers.qcow2.compress import (
     CompressedDataError, compress_cluster, decompress_cluster, encode_descriptor,
 )
@@ -38,6 +39,8 @@ from qmpd.block.drivers.qcow2.tables import (
 from qmpd.block.errors import BlockIOError
 
 __all__ = ["Qcow2Image", "ChildIO", "CorruptImage"]
+
+log = logging.getLogger(__name__)
 
 
 class ChildIO(Protocol):
@@ -57,6 +60,11 @@ class ChildIO(Protocol):
     def debug_event(self, event: str) -> None: ...
 
     async def block_status(self, offset: int, length: int) -> tuple[bool, int]: ...
+
+
+def _c_hex(n: int) -> str:
+    """C's ``%#x``: ``0`` for zero, ``0x1f`` otherwise (QEMU's messages)."""
+    return f"{n:#x}" if n else "0"
 
 
 class CorruptImage(BlockIOError):
@@ -93,6 +101,8 @@ class Qcow2Image:
         #: File length when opened: :meth:`trim` never cuts below it.
         self.opened_length = file_length
         self.file_length = file_length
+        #: End of the furthest write (the file grows ahead of it in steps).
+        self.written_end = 0
         self.pass_discard = pass_discard
         self.lock = asyncio.Lock()
         #: Where the next compressed stream may start (0: a fresh cluster).
@@ -134,10 +144,11 @@ class Qcow2Image:
         if not off:
             return None
         if off & (self.g.cluster_size - 1):
-            raise CorruptImage(f"L2 table offset {off:#x} unaligned (L1 index: {l1_index:#x})")
+            raise CorruptImage(f"L2 table offset {_c_hex(off)} unaligned "
+                               f"(L1 index: {_c_hex(l1_index)})")
         if self.cache.table(off) is None:
             self.file.debug_event("l2_load")
-            data = await self.file.read(off, self.g.cluster_size)
+            data = await self._pread(off, self.g.cluster_size)
             self.cache.put(off, bytearray(data))
         return off
 
@@ -155,8 +166,8 @@ class Qcow2Image:
             return Mapping(Kind.UNALLOCATED, 0, False, 0), min(maxlen, span)
         m = decode(self.cache.get_entry(off, l2i), g)
         if m.kind == Kind.NORMAL and m.host & (cs - 1):
-            raise CorruptImage(f"Cluster allocation offset {m.host:#x} unaligned "
-                               f"(L2 offset: {off:#x}, L2 index: {l2i:#x})")
+            raise CorruptImage(f"Cluster allocation offset {_c_hex(m.host)} unaligned "
+                               f"(L2 offset: {_c_hex(off)}, L2 index: {_c_hex(l2i)})")
         n = cs - in_cluster
         if m.kind == Kind.COMPRESSED:
             return m, min(maxlen, n)
@@ -183,13 +194,23 @@ class Qcow2Image:
 
     # ------------------------------------------------------------ reading
 
+    async def _pread(self, offset: int, length: int) -> bytes | bytearray:
+        """Read from the file; what lies past its end reads as zeroes (QEMU's
+        block layer zero-fills reads past the end of a protocol node)."""
+        flen = self.file.length
+        if offset + length <= flen:
+            return await self.file.read(offset, length)
+        n = max(0, min(length, flen - offset))
+        head = await self.file.read(offset, n) if n else b""
+        return bytes(head) + bytes(length - n)
+
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         if self.dead:
             raise BlockIOError(errno.ENOMEDIUM)
         m, n = await self.mapping(offset, length)
         if n == length and m.kind == Kind.NORMAL:
             self.file.debug_event("read_aio")
-            return await self.file.read(m.host + (offset & (self.g.cluster_size - 1)), length)
+            return await self._pread(m.host + (offset & (self.g.cluster_size - 1)), length)
         out = bytearray(length)
         pos = offset
         end = offset + length
@@ -205,7 +226,7 @@ class Qcow2Image:
         # blkdebug events on the file child as QEMU's qcow2_co_preadv_task.
         if m.kind == Kind.NORMAL:
             self.file.debug_event("read_aio")
-            out[at:at + n] = await self.file.read(m.host + (pos & (cs - 1)), n)
+            out[at:at + n] = await self._pread(m.host + (pos & (cs - 1)), n)
         elif m.kind == Kind.COMPRESSED:
             self.file.debug_event("read_compressed")
             data = await self._decompress(m)
@@ -263,8 +284,7 @@ class Qcow2Image:
         that overlap the header, the L1 table or the refcount table, and any
         refcount block the allocation had to place over them."""
         if self.refs.get(0) == 0:
-            raise CorruptImage(f"Preventing invalid allocation of {what} at offset 0", 0,
-                               self.g.cluster_size)
+            self._refuse_cluster_zero(what)
         before = set(self.refs.blocks)
         if contiguous:
             start, count = self.refs.allocate_contiguous(n), n
@@ -276,7 +296,18 @@ class Qcow2Image:
             self._check_overlap(self.refs.table[bi], 1 << cb, "refcount block")
         return start, count
 
-    def _check_overlap(self, off: int, n: int, what: str = "cluster") -> None:
+    def _refuse_cluster_zero(self, what: str) -> None:
+        """Cluster 0 (the header) looks free: the refcounts are damaged.  As
+        QEMU: without a refcount block for it, the new block would go to
+        cluster 1 and QEMU's overlap check stops that write first; otherwise
+        the allocation at offset 0 is refused (no offset/size in the event)."""
+        cs = self.g.cluster_size
+        if self.refs.table[0] == 0:
+            self._check_overlap(cs, cs, write=True)
+        raise CorruptImage(f"Preventing invalid allocation of {what} at offset 0")
+
+    def _check_overlap(self, off: int, n: int, what: str = "cluster", *,
+                       write: bool = False) -> None:
         """Refuse to hand out clusters that hold the header, L1 or refcount table."""
         cs = self.g.cluster_size
         h = self.header
@@ -285,6 +316,9 @@ class Qcow2Image:
                  ("refcount table", self.refs.table_offset, self.refs.table_clusters * cs)]
         for name, start, size in areas:
             if off < start + size and start < off + n:
+                if write:
+                    raise CorruptImage(f"Preventing invalid write on metadata (overlaps with "
+                                       f"{name})", off, n)
                 raise CorruptImage(f"Preventing invalid allocation of {what} at offset "
                                    f"{off:#x} (overlaps with {name})", off, n)
 
@@ -397,8 +431,13 @@ class Qcow2Image:
             clusters = (compressed_host_clusters(m, cb) if m.kind == Kind.COMPRESSED
                         else range(m.host >> cb, (m.host >> cb) + 1))
             for c in clusters:
-                if self.refs.update(c, -1) == 0:
-                    released.append(c)
+                try:
+                    if self.refs.update(c, -1) == 0:
+                        released.append(c)
+                except RefcountOverflow:
+                    # A reference to a cluster whose refcount is already 0
+                    # (a damaged image): QEMU reports it and goes on.
+                    log.warning("qcow2_free_clusters failed: Invalid argument")
         await self._write_refcounts()
         if self.pass_discard:
             for c in released:
@@ -421,6 +460,7 @@ class Qcow2Image:
         """Grow the file to hold ``end`` bytes, ahead in steps of 1/8 of its
         size (1 to 64 MiB) so sequential allocation does not resize on every
         request; :meth:`trim` gives the excess back at close."""
+        self.written_end = max(self.written_end, end)
         if end <= self.file_length:
             return
         cs = self.g.cluster_size
@@ -432,7 +472,10 @@ class Qcow2Image:
     async def trim(self) -> None:
         """Truncate the file after the last cluster in use (closing)."""
         used = self.refs.end() << self.g.cluster_bits
-        used = max(used, self.opened_length)
+        # Never below what was written: an L2 table or data cluster that a
+        # damaged image references without a refcount keeps its bytes.
+        used = max(used, self.opened_length, -(-self.written_end // self.g.cluster_size)
+                   * self.g.cluster_size)
         if used < self.file_length and self._shrink is not None:
             await self._shrink(used)
             self.file_length = used
