@@ -18,10 +18,12 @@ errno.  Example::
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import os
+import socket
 import stat
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -31,7 +33,7 @@ from qmpd.block.errors import BlockIOError
 from qmpd.block.fdsets import FdSets, fdset_id_of
 from qmpd.block.pool import IOPool
 
-__all__ = ["IOPool", "ImageFile", "NotRegularFile", "copy_range", "copy_ranges", "create_file",
+__all__ = ["IOPool", "ImageFile", "NotRegularFile", "PinnedFile", "copy_range", "copy_ranges", "create_file",
            "run_blocking", "shared_pool",
            "make_private_dir", "open_state_file", "read_state_file", "remove_state_file",
            "real_path", "replace_file_durably", "stat_path", "StateFile"]
@@ -276,6 +278,7 @@ def _send_cached(fd: int, out_fd: int, head: bytes, offset: int, length: int) ->
 
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
 
 
 def _read_sparse_cached(fd: int, offset: int, length: int,
@@ -343,22 +346,27 @@ def _open_path(path: str, flags: int, mode: int, confinement: Confinement | None
     return os.open(path, flags, mode)
 
 
-def _open(path: str, flags: int, confinement: Confinement | None = None,
-          fdsets: FdSets | None = None) -> int:
+def _open_stat(path: str, flags: int, confinement: Confinement | None = None,
+               fdsets: FdSets | None = None) -> tuple[int, os.stat_result]:
     # O_NONBLOCK: opening a FIFO must not wait for a writer (QEMU hangs
     # there); it is refused below like any file that is not regular.
     fd = _open_path(path, flags | os.O_NONBLOCK, 0o600, confinement, fdsets)
     try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
             raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
-        if not stat.S_ISREG(mode):
+        if not stat.S_ISREG(st.st_mode):
             raise NotRegularFile()
         os.set_blocking(fd, True)
     except BaseException:
         _close(fd, fdsets)
         raise
-    return fd
+    return fd, st
+
+
+def _open(path: str, flags: int, confinement: Confinement | None = None,
+          fdsets: FdSets | None = None) -> int:
+    return _open_stat(path, flags, confinement, fdsets)[0]
 
 
 def _close(fd: int, fdsets: FdSets | None) -> None:
@@ -388,9 +396,13 @@ def _create(path: str, size: int, confinement: Confinement | None = None,
 class ImageFile:
     """An open image file; every method but :meth:`close` runs in the pool."""
 
-    __slots__ = ("path", "fd", "read_only", "pool")
+    __slots__ = ("path", "fd", "read_only", "pool", "opened_stat")
 
-    def __init__(self, path: str, fd: int, read_only: bool, pool: IOPool | None = None) -> None:
+    def __init__(self, path: str, fd: int, read_only: bool, pool: IOPool | None = None,
+                 opened_stat: os.stat_result | None = None) -> None:
+        #: fstat(2) right after open, before qmpd wrote anything (the
+        #: persistent-bitmap journal compares it with its write lease).
+        self.opened_stat = opened_stat
         #: The worker threads that run this file's calls.
         self.pool = pool or shared_pool()
         #: Path as given by the user.
@@ -412,8 +424,8 @@ class ImageFile:
         if direct:
             flags |= getattr(os, "O_DIRECT", 0)
         pool = pool or shared_pool()
-        fd = await pool.run(_open, path, flags, pool.confinement, pool.fdsets)
-        return cls(path, fd, read_only, pool)
+        fd, st = await pool.run(_open_stat, path, flags, pool.confinement, pool.fdsets)
+        return cls(path, fd, read_only, pool, st)
 
     async def read(self, offset: int, length: int) -> bytes:
         """:return: ``length`` bytes at ``offset`` (zeros past EOF)."""
@@ -502,6 +514,65 @@ class ImageFile:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             _close(fd, self.pool.fdsets)
+
+
+class PinnedFile:
+    """A duplicate descriptor of an image for a thread of its own (an NBD
+    connection's data pump): its calls block that thread, never the loop,
+    and the file stays open even if the node closes or replaces its own
+    descriptor meanwhile.  Close it from the thread that uses it."""
+
+    __slots__ = ("image", "fd")
+
+    def __init__(self, image: ImageFile) -> None:
+        #: The image duplicated (compare to spot a change of file).
+        self.image = image
+        self.fd = os.dup(image.fd)
+
+    def all_data(self, offset: int, length: int) -> bool:
+        """Whether the range is all data (no hole), per SEEK_DATA/SEEK_HOLE."""
+        is_data, n = _block_status(self.fd, offset, length)
+        return is_data and n >= length
+
+    def will_need(self, offset: int, length: int) -> None:
+        """Start reading the range into the page cache without waiting
+        (posix_fadvise WILLNEED): queued reads keep the disk busy."""
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def read_sparse(self, offset: int, length: int, *,
+                    base: int = 0) -> list[tuple[int, bytes | bytearray | int]]:
+        """:meth:`ImageFile.read_sparse`, blocking."""
+        return _read_sparse(self.fd, offset, length, base)
+
+    def send(self, out: socket.socket, head: bytes, offset: int, length: int,
+             wait: Callable[[], bool]) -> bool:
+        """Send ``head`` (MSG_MORE), then ``length`` bytes at ``offset`` by
+        sendfile(2), zeros past EOF, to the non-blocking socket ``out``;
+        ``wait()`` runs whenever it is full and returns False to give up.
+
+        :return: whether all was sent.  :raise OSError: the peer is gone.
+        """
+        view, done = memoryview(head), 0
+        while view or done < length:
+            try:
+                if view:
+                    view = view[out.send(view, _MSG_MORE if done < length else 0):]
+                elif (n := os.sendfile(out.fileno(), self.fd, offset + done, length - done)) > 0:
+                    done += n
+                else:   # past the end of the file: zeros, as QEMU reads there
+                    n = min(length - done, _ZERO_CHUNK)
+                    view, done = memoryview(_ZEROS)[:n], done + n
+            except BlockingIOError:
+                if not wait():
+                    return False
+        return True
+
+    def close(self) -> None:
+        """Close the duplicate (idempotent)."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
 
 async def copy_range(src: ImageFile, src_off: int, dst: ImageFile, dst_off: int, length: int) -> None:

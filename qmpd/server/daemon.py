@@ -26,7 +26,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qmpd.commands.context import CommandContext, DaemonConfig, DaemonState, SessionControl
 from qmpd.block import BlockIOError
@@ -44,7 +44,7 @@ from qmpd.server.listeners import (
 )
 from qmpd.server.plan import StartupError, StartupPlan
 from qmpd.server.qtest import QtestProtocol
-from qmpd.tasks import TaskGroup
+from qmpd.tasks import OwnedThread, TaskGroup
 
 if TYPE_CHECKING:
     from qmpd.block.graph import BlockGraph
@@ -173,7 +173,7 @@ class Daemon:
 
     async def load(self, greet_first: float = 0.0) -> None:
         """What :meth:`setup` does, for a daemon that already listens: the
-        imports, the schema and the introspection run in a worker thread, so
+        imports, the schema and the introspection run in a thread, so
         the loop stays free to accept and greet clients; the tables and the
         domain objects are installed on the loop in one step; then the
         commands waiting in :meth:`execute` run.  If loading fails the
@@ -189,7 +189,8 @@ class Daemon:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._greeted.wait(), greet_first)
         try:
-            schema, registry = await asyncio.to_thread(_import_layers, self._registry, True)
+            schema, registry = await _in_thread(
+                functools.partial(_import_layers, self._registry, True), "qmpd-load")
             self._install(schema, registry)
         except Exception as err:
             self._load_error = err
@@ -204,9 +205,9 @@ class Daemon:
 
     async def preload(self) -> None:
         """Import what commands with arguments need (pydantic, jsonschema)
-        in a worker thread, creating no model, while commands already run
+        in a thread, creating no model, while commands already run
         (one that needs a module first waits for its import)."""
-        await asyncio.to_thread(_import_validation)
+        await _in_thread(_import_validation, "qmpd-preload")
 
     def _install(self, schema: SchemaService, registry: Registry) -> None:
         """Freeze ``registry`` and the other tables, check them against
@@ -248,6 +249,8 @@ class Daemon:
         if self.config.state_dir is not None:
             bitmap_state = BitmapStateDir(self.config.state_dir,
                                           flush_interval=self.config.state_flush_interval,
+                                          write_lease=self.config.state_write_lease,
+                                          keep_transient=self.config.state_keep_transient,
                                           tasks=self.tasks.child("bitmap-state"), pool=self.pool)
         self.state.block = BlockGraph(bitmap_state=bitmap_state, pool=self.pool,
                                       emit_event=self.events.emit)
@@ -255,7 +258,7 @@ class Daemon:
         self.state.machine = Machine(self.state.block, self.events, prelaunch=self.config.prelaunch)
         self.state.objects = ObjectStore()
         self.nbd = NbdServer(self._graph, self.events, tls_creds=self.state.objects.get,
-                             tasks=self.tasks.child("nbd"))
+                             tasks=self.tasks.child("nbd"), drained=self.state.jobs.show_drain)
         self.state.nbd = self.nbd
 
     def _graph(self) -> BlockGraph:
@@ -572,13 +575,24 @@ class Daemon:
                 self._lock.release()
 
 
+_T = TypeVar("_T")
+
+
+async def _in_thread(fn: Callable[[], _T], name: str) -> _T:
+    """Run ``fn`` in an :class:`~qmpd.tasks.OwnedThread` (a daemon thread:
+    a shutdown never waits for it); :return: its result."""
+    out: list[_T] = []
+    await OwnedThread(lambda: out.append(fn()), name=name).start()
+    return out[0]
+
+
 def _import_layers(registry: Registry | None, first_model: bool = False) -> tuple[SchemaService, Registry]:
     """Import the command handlers (which registers them) and the layers
     the daemon builds its state from, load the schema, build the
     introspection for ``registry``'s commands (cached in the schema
     service) and, if asked, the first command's model.  Imports, file
     reads and computation only, no event loop: :meth:`Daemon.load` runs
-    this in a worker thread.
+    this in a thread (:class:`~qmpd.tasks.OwnedThread`).
 
     :param registry: None for the handlers' global registry.
     :param first_model: also build the model of ``qmp_capabilities`` (which
