@@ -1,4 +1,4 @@
-"""``qmpd`` command line: options, logging, event loop, signals, daemonizing.
+"""``qmpd`` command line: options, logging, uvloop, signals, daemonizing.
 
 Compatible with qemu-storage-daemon where the two overlap::
 
@@ -103,8 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["debug", "info", "warning", "error"],
                    help="stderr log level (default %(default)s)")
     p.add_argument("--trace-qmp", action="store_true", help="log every QMP message in and out")
-    p.add_argument("--event-loop", default="asyncio", choices=["asyncio", "uvloop"],
-                   help="the event loop to run on (default %(default)s)")
     # --- hardening options (issue 7): limits, confinement --------------------
     add_hardening_options(p)
     # --- end of hardening options -----------------------------------------------
@@ -302,20 +300,13 @@ def parse_args(
     return args, listeners, config
 
 
-def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
-    """``--event-loop``: asyncio's own loop (the default: importing uvloop
-    costs 4-7 ms of start-up, and neither QMP, whose UNIX sockets use
-    qmpd's own transport, nor NBD, whose data path runs on pump threads,
-    is faster with it), or uvloop."""
-    if name == "uvloop":
-        try:
-            import uvloop
-        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-            log.warning("uvloop is not installed; using asyncio's event loop")
-            return asyncio.new_event_loop
-        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-        return factory
-    return asyncio.new_event_loop
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.new_event_loop
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def greets_before_loading(args: argparse.Namespace) -> bool:
@@ -485,7 +476,7 @@ def _main(argv: Sequence[str] | None) -> int:
     ready: Callable[[], None] = lambda: None  # noqa: E731
     if args.daemonize:
         ready = _daemonize()
-    with asyncio.Runner(loop_factory=_loop_factory(args.event_loop)) as runner:
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(_serve(args, listeners, config, ready))
 
 
