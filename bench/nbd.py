@@ -4,7 +4,7 @@
 1. ``nbdcopy nbd+unix:///drive0?socket=... null:`` of a dense raw image
    (default 2 GiB, warm page cache) exported read-only by qmpd and by
    qemu-storage-daemon 7.2 with identical ``--blockdev``/``--nbd-server``/
-   ``--export`` options, in the same run.  The ceiling is ``nbdcopy`` of the
+   ``--export`` options, in the same run, their copies alternating.  The ceiling is ``nbdcopy`` of the
    file itself (no server).  Median of --reps runs.
 2. BLOCK_STATUS of ``qemu:dirty-bitmap:b0`` over a 1 TiB ``null-co``
    export whose bitmap has 1 % of its 64 KiB clusters dirty, scattered at
@@ -89,22 +89,32 @@ def throughput(tmp: Path, size: int, reps: int) -> None:
     print(f"nbdcopy of a {size // MiB} MiB dense export to null: (median of {reps}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     print(f"  ceiling (nbdcopy of the file) {ceiling:7.3f} s  {gib / ceiling:6.2f} GiB/s")
-    results = {}
     servers = {"qmpd": [sys.executable, "-m", "qmpd", "--socket", str(tmp / "q.sock")]}
     if shutil.which("qemu-storage-daemon"):
         servers["qemu-storage-daemon"] = ["qemu-storage-daemon"]
-    for name, argv in servers.items():
-        sock = tmp / f"{name}.nbd"
-        proc = start([*argv, *common, "--nbd-server", f"addr.type=unix,addr.path={sock}",
-                      "--export", "nbd,id=e0,node-name=drive0"], sock)
-        try:
-            results[name], cpu = timed_copy(f"nbd+unix:///drive0?socket={sock}", reps, proc.pid)
-        finally:
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    times: dict[str, list[float]] = {name: [] for name in servers}
+    cpus: dict[str, list[float]] = {name: [] for name in servers}
+    try:
+        for name, argv in servers.items():
+            sock = tmp / f"{name}.nbd"
+            procs[name] = start([*argv, *common, "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                                 "--export", "nbd,id=e0,node-name=drive0"], sock)
+        # Copies alternate between the servers, so a change of the
+        # machine's load hits both alike.
+        for _ in range(reps):
+            for name, proc in procs.items():
+                t, cpu = timed_copy(f"nbd+unix:///drive0?socket={tmp / f'{name}.nbd'}", 1, proc.pid)
+                times[name].append(t)
+                cpus[name].append(cpu)
+    finally:
+        for proc in procs.values():
             proc.terminate()
             proc.wait()
-        t = results[name]
+    results = {name: statistics.median(ts) for name, ts in times.items()}
+    for name, t in results.items():
         print(f"  {name:28s} {t:7.3f} s  {gib / t:6.2f} GiB/s  {ceiling / t:5.2f}x ceiling  "
-              f"server CPU {cpu:5.2f} s")
+              f"server CPU {statistics.median(cpus[name]):5.2f} s")
     if "qemu-storage-daemon" in results:
         print(f"  qmpd / qemu-storage-daemon throughput ratio: "
               f"{results['qemu-storage-daemon'] / results['qmpd']:.2f}x")

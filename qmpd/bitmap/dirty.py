@@ -279,6 +279,9 @@ class BitmapList:
         #: Whether ``persistent: true`` is accepted (a value or a callable);
         #: the block layer sets it where the bitmaps can be stored.
         self.can_store_persistent = can_store_persistent
+        #: The format's own refusals of a new persistent bitmap (name,
+        #: granularity), run after "already exists"; raises BitmapError.
+        self.persistent_check: Callable[[str, int], None] | None = None
         self._bitmaps: list[DirtyBitmap] = []
 
     def __iter__(self) -> Iterator[DirtyBitmap]:
@@ -340,6 +343,8 @@ class BitmapList:
                 raise persistent_unsupported(label)
         if self.find(name) is not None:
             raise already_exists(name)
+        if persistent and self.persistent_check is not None:
+            self.persistent_check(name, granularity)
         if len(name.encode()) > MAX_NAME_BYTES:
             raise name_too_long(name)
         bitmap = DirtyBitmap(

@@ -51,6 +51,8 @@ _ZEROS = bytes(_ZERO_CHUNK)
 
 #: Largest read tried on the event loop from the page cache (RWF_NOWAIT).
 _NOWAIT_MAX = 1 << 20
+#: Largest READ reply sent with sendfile(2) from the event loop.
+_SENDFILE_MAX = 4 << 20
 
 
 class IOPool:
@@ -339,6 +341,72 @@ def _read_sparse(fd: int, offset: int, length: int, base: int) -> list[tuple[int
     return out
 
 
+class _CacheStat(ctypes.Structure):
+    _fields_ = [("nr_cache", ctypes.c_uint64), ("nr_dirty", ctypes.c_uint64),
+                ("nr_writeback", ctypes.c_uint64), ("nr_evicted", ctypes.c_uint64),
+                ("nr_recently_evicted", ctypes.c_uint64)]
+
+
+class _CacheRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+#: cachestat(2) (Linux 6.5; the same number on every architecture).
+_SYS_CACHESTAT = 451
+_PAGE = os.sysconf("SC_PAGESIZE") if hasattr(os, "sysconf") else 4096
+_libc: Any = None
+_cachestat_ok = hasattr(os, "sendfile")
+
+
+def _all_cached(fd: int, offset: int, length: int) -> bool:
+    """Whether every page of the range is in the page cache (cachestat(2));
+    False where the kernel lacks it."""
+    global _libc, _cachestat_ok
+    if not _cachestat_ok:
+        return False
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            _cachestat_ok = False
+            return False
+    rng, st = _CacheRange(offset, length), _CacheStat()
+    if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(st), 0) != 0:
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):
+            _cachestat_ok = False
+        return False
+    pages = (offset + length + _PAGE - 1) // _PAGE - offset // _PAGE
+    return int(st.nr_cache) >= pages
+
+
+def _send_cached(fd: int, out_fd: int, head: bytes, offset: int, length: int) -> bytes | None:
+    if length > _SENDFILE_MAX or not _all_cached(fd, offset, length):
+        return None
+    is_data, n = _block_status(fd, offset, length)
+    if not is_data or n < length:
+        return None
+    try:
+        sent = os.write(out_fd, head)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return None       # the transport finds the broken connection
+    if sent < len(head):
+        return head[sent:] + _pread(fd, offset, length)
+    done = 0
+    try:
+        while done < length:
+            n = os.sendfile(out_fd, fd, offset + done, length - done)
+            if n == 0:
+                break
+            done += n
+    except BlockingIOError:
+        pass
+    except OSError:
+        return b""        # the peer is gone; the transport will notice
+    return _pread(fd, offset + done, length - done) if done < length else b""
+
+
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
@@ -519,6 +587,18 @@ class ImageFile:
             return _read_sparse_cached(self.fd, offset, length, base)
         except OSError:
             return None
+
+    def send_cached(self, out_fd: int, head: bytes, offset: int, length: int) -> bytes | None:
+        """Send ``head`` then ``length`` bytes at ``offset`` to the
+        non-blocking socket ``out_fd`` without copying them through Python
+        (sendfile(2)), when the range is all data and all in the page
+        cache; None (nothing sent) otherwise.
+
+        :return: the bytes still to send after what the socket took at once
+            (``b""`` when all went, or when the peer is gone: the caller's
+            transport then sees the closed connection).
+        """
+        return _send_cached(self.fd, out_fd, head, offset, length)
 
     async def read_sparse(self, offset: int, length: int, *,
                           base: int = 0) -> list[tuple[int, bytes | bytearray | int]]:

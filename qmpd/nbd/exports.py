@@ -126,6 +126,23 @@ class Export:
             mark_read(view, length)
         return direct
 
+    def send_cached(self, out_fd: int, head: bytes, offset: int, length: int) -> bytes | None:
+        """A READ of a plain raw/file chain whose range is all data and all
+        in the page cache, sent as ``head`` then the file's bytes straight
+        to the socket ``out_fd`` (sendfile); None, nothing sent, otherwise.
+        :return: what the socket did not take at once (see
+        :meth:`~qmpd.block.io.ImageFile.send_cached`)."""
+        node = self.node
+        if length == 0 or offset + length > node.length:
+            return None
+        view = file_view(node, for_write=False)
+        if view is None:
+            return None
+        rest = view.image.send_cached(out_fd, head, offset + view.base, length)
+        if rest is not None:
+            mark_read(view, length)
+        return rest
+
     async def read(self, offset: int, length: int, *,
                    holes: bool) -> list[tuple[int, bytes | bytearray | int]]:
         """:return: READ segments: ``(offset, data)``, or ``(offset, n)`` for

@@ -345,6 +345,11 @@ class ServerConnection:
         self._out.clear()
         return out
 
+    def has_output(self) -> bool:
+        """Whether replies are queued that :meth:`buffers_to_send` has not
+        handed out yet."""
+        return bool(self._out)
+
     def buffers_to_send(self) -> list[bytes | bytearray]:
         """:return: and forget the queued buffers, uncopied (for writev)."""
         out, self._out = self._out, []
@@ -649,6 +654,15 @@ class ServerConnection:
                                    req.cookie, 8 + len(seg), offset)
                 self._out.append(head)
                 self._out.append(seg)
+
+    def read_data_header(self, req: Request) -> bytes:
+        """The bytes that precede a READ's data when it is answered with
+        one run of data sent by the caller (the server's sendfile path):
+        a final OFFSET_DATA chunk header, or a simple reply."""
+        if not self.structured:
+            return struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, req.cookie)
+        return struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, CHUNK_FLAG_DONE, CHUNK_OFFSET_DATA,
+                           req.cookie, 8 + req.length, req.offset)
 
     def reply_block_status(self, req: Request, answers: Sequence[tuple[int, Sequence[tuple[int, int]]]]) -> None:
         """Answer a BLOCK_STATUS: per selected context id, its extents as

@@ -354,6 +354,9 @@ class _Client:
         self._running: set[asyncio.Task[None]] = set()
         self._depth = asyncio.Semaphore(CLIENT_DEPTH)
         self._big = asyncio.Semaphore(CLIENT_BIG)
+        #: The plain socket's descriptor for sendfile replies (-1 under TLS).
+        sock = writer.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None and server.tls is None else -1
 
     def abort(self) -> None:
         """Drop the connection (hard export removal, server stop)."""
@@ -368,6 +371,24 @@ class _Client:
         if self.export is not None:
             exp, self.export = self.export, None
             self.server.client_left(exp)
+
+    async def _until_sent(self) -> None:
+        """Wait until the transport has handed all it holds to the kernel."""
+        self._flush()
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() == 0:
+            return
+        transport.set_write_buffer_limits(high=0, low=0)
+        try:
+            await self.writer.drain()
+        finally:
+            if not transport.is_closing():
+                transport.set_write_buffer_limits(high=SEND_BUFFER * 2, low=SEND_BUFFER)
+
+    def _sendfile_ok(self, req: Request) -> bool:
+        """sendfile only for whole-data replies the codec would send as one
+        chunk anyway, and only when the codec has nothing queued."""
+        return req.length > 0 and not self.conn.has_output()
 
     def _flush(self) -> None:
         bufs = self.conn.buffers_to_send()
@@ -409,6 +430,12 @@ class _Client:
                 continue
             if self.export is None:
                 return False
+            if self._fd >= 0 and event.cmd == Cmd.READ:
+                # The page-cache path writes straight to the socket: wait
+                # until what the transport holds has gone (the kernel still
+                # has SEND_BUFFER queued for the client, so the pipe stays
+                # full; a client that stops reading stops this one here).
+                await self._until_sent()
             if self._served_at_once(event):
                 continue
             await self._depth.acquire()
@@ -423,11 +450,23 @@ class _Client:
     def _served_at_once(self, req: Request) -> bool:
         """Answer a READ from the page cache without a task (the common
         case of a backup reading a warm image); :return: whether it did."""
-        if req.cmd != Cmd.READ or not self.conn.structured or req.flags & CMD_FLAG_DF:
+        if req.cmd != Cmd.READ:
             return False
-        if self.writer.transport.get_write_buffer_size() >= SEND_BUFFER:
+        pending = self.writer.transport.get_write_buffer_size()
+        if pending >= SEND_BUFFER:
             return False   # the client is not reading: take the bounded path
         assert self.export is not None
+        if pending == 0 and self._fd >= 0 and self._sendfile_ok(req):
+            # Nothing queued before it: header and data go straight to the
+            # socket, the data by sendfile (no copy through Python).
+            rest = self.export.send_cached(self._fd, self.conn.read_data_header(req),
+                                           req.offset, req.length)
+            if rest is not None:
+                if rest:   # the socket was full: the transport sends the rest
+                    self.writer.write(rest)
+                return True
+        if not self.conn.structured or req.flags & CMD_FLAG_DF:
+            return False
         segments = self.export.read_cached(req.offset, req.length)
         if segments is None:
             return False
@@ -441,6 +480,7 @@ class _Client:
         assert self.server.tls is not None
         self._flush()
         await self.writer.drain()
+        self._fd = -1
         await self.writer.start_tls(self.server.tls)
         self.writer.transport.set_write_buffer_limits(high=SEND_BUFFER * 2, low=SEND_BUFFER)
         self.conn.tls_started()

@@ -17,6 +17,7 @@ import pytest
 
 from qmpd.block.drivers.qcow2 import bitmaps_ext as bx
 from qmpd.block.drivers.qcow2 import bitmaps_io as bio
+from tests.support.qsd import Qsd as _Qsd
 from tests.support.qcow2file import Qcow2File
 
 GiB = 1 << 30
@@ -260,32 +261,6 @@ def test_ext_checks() -> None:
         with pytest.raises(bx.BitmapError) as exc:
             bx.parse_ext(data, 65536)
         assert exc.value.text == text
-
-
-class _Qsd:
-    """qemu-storage-daemon with its monitor on stdio."""
-
-    def __init__(self, *blockdevs: str) -> None:
-        argv = ["qemu-storage-daemon", "--chardev", "stdio,id=m", "--monitor", "chardev=m"]
-        for b in blockdevs:
-            argv += ["--blockdev", b]
-        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.p.stdout is not None
-        json.loads(self.p.stdout.readline())
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, command: str, **args: object) -> dict[str, object]:
-        assert self.p.stdin is not None and self.p.stdout is not None
-        self.p.stdin.write(json.dumps({"execute": command, "arguments": args}) + "\n")
-        self.p.stdin.flush()
-        while True:
-            r: dict[str, object] = json.loads(self.p.stdout.readline())
-            if "event" not in r:
-                return r
-
-    def quit(self) -> None:
-        self.cmd("quit")
-        assert self.p.wait(timeout=30) == 0
 
 
 def test_can_store_new_matches_qemu(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import struct
 import pytest
 
 from qmpd.block.drivers.qcow2.alloc import RefcountState
+from qmpd.block.drivers.qcow2.compress import encode_descriptor
 from qmpd.block.drivers.qcow2.header import (
     INCOMPAT_DIRTY, Header, HeaderError, encode_header, parse_header,
 )
@@ -16,7 +17,7 @@ from qmpd.block.drivers.qcow2.l2cache import L2Cache
 from qmpd.block.drivers.qcow2.layout import new_image
 from qmpd.block.drivers.qcow2.refcount import RefcountBlock, RefcountOverflow
 from qmpd.block.drivers.qcow2.tables import (
-    ZERO_FLAG, Geometry, Kind, compressed_entry, decode, standard_entry,
+    ZERO_FLAG, Geometry, Kind, decode, standard_entry,
 )
 
 
@@ -86,7 +87,7 @@ def test_l2_entries() -> None:
     assert (m.kind, m.host, m.copied) == (Kind.NORMAL, 0x50000, True)
     assert decode(ZERO_FLAG, g).kind == Kind.ZERO
     assert decode(0, g).kind == Kind.UNALLOCATED
-    c = decode(compressed_entry(0x70010, 700, g), g)
+    c = decode(encode_descriptor(0x70010, 700, g.cluster_bits), g)
     assert (c.kind, c.host) == (Kind.COMPRESSED, 0x70010)
     assert c.host + c.csize >= 0x70010 + 700 and (c.host + c.csize) % 512 == 0
     for cb in (9, 12, 16, 21):
@@ -95,7 +96,7 @@ def test_l2_entries() -> None:
         for _ in range(200):
             host = rng.randrange(0, 1 << 40)
             n = rng.randrange(1, 1 << cb)
-            d = decode(compressed_entry(host, n, gg), gg)
+            d = decode(encode_descriptor(host, n, cb), gg)
             assert d.host == host and d.csize >= n and d.csize - n < 512
 
 

@@ -8,14 +8,18 @@ refused open never modifies the file.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from qmpd.bitmap.errors import BitmapError
 from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverSpec, FormatDetails, OpenContext
 from qmpd.block.drivers.qcow2.alloc import RefcountState
-from qmpd.block.drivers.qcow2.bitmaps import BitmapFormatError
-from qmpd.block.drivers.qcow2.bitmapstore import StoredBitmap, load_bitmaps, mark_in_use, store_bitmaps
+from qmpd.block.drivers.qcow2.bitmaps_ext import BitmapError as Qcow2BitmapError
+from qmpd.block.drivers.qcow2.bitmaps_ext import DirEntry, can_store_new
+from qmpd.block.drivers.qcow2.bitmaps_io import MemBitmap
+from qmpd.block.drivers.qcow2.storedbitmaps import open_bitmaps, store_bitmaps
 from qmpd.block.drivers.qcow2.header import MAGIC, Header, HeaderError, parse_header
 from qmpd.block.drivers.qcow2.image import CorruptImage, Qcow2Image
 from qmpd.block.drivers.qcow2.refcount import RefcountBlock
@@ -59,7 +63,9 @@ class Qcow2Driver(BaseDriver):
         self._node_name = ""
         self._node: BlockNode | None = None
         #: Bitmaps read at open, turned into the node's bitmaps by node_opened.
-        self.loaded: list[StoredBitmap] = []
+        self.loaded: list[tuple[DirEntry, bytes | None]] = []
+        #: The bitmap directory as on disk now.
+        self.on_disk: list[DirEntry] = []
         image.on_corrupt = self._corrupted
 
     @property
@@ -80,18 +86,29 @@ class Qcow2Driver(BaseDriver):
     def node_opened(self, node: BlockNode) -> None:
         self._node_name = node.node_name
         self._node = node
-        writable = not self.image.read_only and self.image.header.version >= 3
         node.bitmaps.can_store_persistent = True
-        for stored in self.loaded:
-            bm = node.bitmaps.add(stored.name, stored.granularity,
-                                  disabled=not stored.enabled or stored.in_use, persistent=True)
-            if stored.in_use:
+        for entry, bits in self.loaded:
+            bm = node.bitmaps.add(entry.name, entry.granularity,
+                                  disabled=not entry.auto or bits is None, persistent=True)
+            if bits is None:
                 bm.inconsistent = True
             else:
-                bm.hbitmap.merge_bytes_le(stored.data)
+                bm.hbitmap.merge_bytes_le(bits)
             bm.readonly = self.image.read_only
         self.loaded = []
-        node.bitmaps.can_store_persistent = writable
+        node.bitmaps.persistent_check = self._can_store_new
+
+    def _can_store_new(self, name: str, granularity: int) -> None:
+        """QEMU's qcow2 refusals of ``block-dirty-bitmap-add persistent=true``."""
+        node = self._node
+        assert node is not None
+        names = [bm.name for bm in node.bitmaps if bm.persistent and bm.name is not None]
+        try:
+            can_store_new(name, granularity, node=self._node_name,
+                          version=self.image.header.version, disk_size=self.image.size,
+                          cluster_size=self.image.g.cluster_size, persistent_names=names)
+        except Qcow2BitmapError as exc:
+            raise BitmapError(exc.text) from None
 
     async def before_close(self) -> None:
         """Store the node's persistent bitmaps into the image (blockdev-del,
@@ -103,12 +120,16 @@ class Qcow2Driver(BaseDriver):
         await self.image.trim()
 
     async def _store_bitmaps(self, node: BlockNode) -> None:
-        keep = [StoredBitmap(bm.name, bm.granularity, not bm.disabled, bm.inconsistent,
-                             b"" if bm.inconsistent else bm.hbitmap.to_bytes_le())
-                for bm in reversed(list(node.bitmaps)) if bm.persistent and bm.name is not None]
-        if not keep and self.image.header.bitmaps_ext is None:
+        mine = [bm for bm in node.bitmaps if bm.persistent and bm.name is not None]
+        keep = {bm.name for bm in mine if bm.inconsistent and bm.name is not None}
+        store = [MemBitmap(bm.name, bm.granularity, not bm.disabled, bm.hbitmap.to_bytes_le())
+                 for bm in mine if not bm.inconsistent and bm.name is not None]
+        if not store and not self.on_disk:
             return
-        await store_bitmaps(self.image, keep)
+        try:
+            self.on_disk = await store_bitmaps(self.image, self.on_disk, keep, store)
+        except Qcow2BitmapError as exc:
+            raise BlockIOError(errno.EINVAL, exc.text) from exc
 
     def _corrupted(self, exc: CorruptImage) -> None:
         data: dict[str, Any] = {"device": "", "node-name": self._node_name, "msg": exc.msg}
@@ -269,10 +290,11 @@ async def open_qcow2(
     drv = Qcow2Driver(file, image, backing, options)
     drv.emit = ctx.emit_event
     try:
-        drv.loaded = await load_bitmaps(image)
-        if drv.loaded and not ctx.read_only:
-            await mark_in_use(image)
-    except (BitmapFormatError, BlockIOError) as exc:
+        drv.on_disk, bits = await open_bitmaps(image, not ctx.read_only)
+        drv.loaded = list(zip(drv.on_disk, bits))
+    except Qcow2BitmapError as exc:
+        raise NodeOpenError(exc.text) from exc
+    except BlockIOError as exc:
         raise NodeOpenError(f"Could not read bitmaps: {exc}") from exc
     return drv, children
 

@@ -23,16 +23,18 @@ from __future__ import annotations
 import asyncio
 import errno
 import struct
-import zlib
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from qmpd.block.drivers.qcow2.alloc import RefcountState
+from qmpd.block.drivers.qcow2.compress import (
+    CompressedDataError, compress_cluster, decompress_cluster, encode_descriptor,
+)
 from qmpd.block.drivers.qcow2.header import Header, INCOMPAT_CORRUPT, encode_header
 from qmpd.block.drivers.qcow2.l2cache import L2Cache
 from qmpd.block.drivers.qcow2.tables import (
     COPIED, OFFSET_MASK, ZERO_FLAG, Geometry, Kind, Mapping,
-    compressed_entry, compressed_host_clusters, decode, standard_entry,
+    compressed_host_clusters, decode, standard_entry,
 )
 from qmpd.block.errors import BlockIOError
 
@@ -94,6 +96,8 @@ class Qcow2Image:
         self.file_length = file_length
         self.pass_discard = pass_discard
         self.lock = asyncio.Lock()
+        #: Where the next compressed stream may start (0: a fresh cluster).
+        self._compressed_tail = 0
         self.corrupt = header.corrupt
         #: After a fatal corruption every request fails (QEMU drops the driver).
         self.dead = False
@@ -220,18 +224,10 @@ class Qcow2Image:
 
     async def _decompress(self, m: Mapping) -> bytes:
         raw = await self.file.read(m.host, m.csize)
-        cs = self.g.cluster_size
         try:
-            if self.header.compression_type == 0:
-                d = zlib.decompressobj(-12)
-                data = d.decompress(raw, cs)
-            else:
-                data = _zstd_decompress(raw, cs)
-        except (zlib.error, ValueError, Exception) as exc:
+            return decompress_cluster(raw, self.g.cluster_size, self.header.compression_type)
+        except CompressedDataError as exc:
             raise BlockIOError(errno.EIO) from exc
-        if len(data) != cs:
-            raise BlockIOError(errno.EIO)
-        return data
 
     async def cluster_content(self, guest_cluster: int) -> bytes | bytearray:
         """:return: what one whole guest cluster reads as now."""
@@ -583,13 +579,14 @@ class Qcow2Image:
     # ------------------------------------------------------------ compressed writes
 
     async def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Write one whole cluster compressed (deflate), as QEMU's
-        ``compress: true`` backups do; falls back to a normal write when it
-        does not shrink.  ``offset`` is cluster aligned."""
+        """Write one whole cluster compressed (deflate or zstd, as the
+        header says), as QEMU's ``compress: true`` backups do; falls back to
+        a normal write when the stream does not fit in ``cluster_size - 1``
+        bytes.  ``offset`` is cluster aligned."""
         cs = self.g.cluster_size
-        comp = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12)
-        out = comp.compress(bytes(data)) + comp.flush()
-        if len(out) >= cs - 512 or len(data) != cs or self.header.compression_type != 0:
+        out = (compress_cluster(data, self.header.compression_type, cs)
+               if len(data) == cs else None)
+        if out is None:
             await self.write(offset, data)
             return
         self._check_writable()
@@ -601,15 +598,32 @@ class Qcow2Image:
             l1i, l2i = g.split(offset)
             l2off = await self._l2_for_write(l1i)
             old = decode(self.cache.get_entry(l2off, l2i), g)
-            # Compressed data is packed into whole sectors of fresh clusters.
-            nclusters = -(-len(out) // cs)
-            first, _ = self._allocate(nclusters, "compressed cluster", contiguous=True)
-            host = first << cb
-            self.cache.set_entry(l2off, l2i, compressed_entry(host, len(out), g))
+            host = self._alloc_compressed(len(out))
+            self.cache.set_entry(l2off, l2i, encode_descriptor(host, len(out), cb))
             frees = [old] if old.host and old.kind != Kind.UNALLOCATED else []
             await self._commit([(host, out)], frees)
         finally:
             self.lock.release()
+
+    def _alloc_compressed(self, n: int) -> int:
+        """QEMU's qcow2_alloc_bytes: streams are packed back to back from
+        where the last one ended, taking one reference on each host cluster
+        they touch.  :return: the host byte offset for ``n`` bytes."""
+        cb, cs = self.g.cluster_bits, self.g.cluster_size
+        pos = self._compressed_tail
+        if pos and self.refs.get(pos >> cb) in (0, (1 << self.refs.bits) - 1):
+            pos = 0
+        if pos and cs - (pos & (cs - 1)) >= n:
+            self.refs.update(pos >> cb, 1)
+        else:
+            new = self._allocate(1, "compressed cluster")[0] << cb
+            if pos and new == (pos | (cs - 1)) + 1:
+                self.refs.update(pos >> cb, 1)  # spans into the next cluster
+            else:
+                pos = new
+        end = pos + n
+        self._compressed_tail = end if end & (cs - 1) else 0
+        return pos
 
     # ------------------------------------------------------------ status
 
@@ -674,13 +688,3 @@ class _WritePlan:
 def _entries(table: bytearray, index: int, n: int) -> list[int]:
     """:return: ``n`` L2 entries of ``table`` from ``index`` (one unpack)."""
     return list(struct.unpack_from(f">{n}Q", table, index * 8))
-
-
-def _zstd_decompress(raw: bytes, size: int) -> bytes:
-    """QEMU writes one zstd frame per cluster; trailing sector padding is
-    ignored (a decompressobj stops at the frame end)."""
-    import zstandard
-    d = zstandard.ZstdDecompressor().decompressobj()
-    out: bytes = d.decompress(raw)
-    return out[:size]
-

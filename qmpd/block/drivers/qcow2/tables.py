@@ -14,7 +14,8 @@ example (cluster_bits 16)::
     Mapping(kind=<Kind.NORMAL: 1>, host=327680, copied=True, csize=0)
     >>> decode(ZERO_FLAG, g).kind               # v3 zero cluster, no host cluster
     <Kind.ZERO: 2>
-    >>> decode(compressed_entry(0x70010, 700, g), g)
+    >>> from qmpd.block.drivers.qcow2.compress import encode_descriptor
+    >>> decode(encode_descriptor(0x70010, 700, g.cluster_bits), g)
     Mapping(kind=<Kind.COMPRESSED: 3>, host=458768, copied=False, csize=1008)
 
 A compressed entry stores the host byte offset and the number of 512-byte
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "COPIED", "COMPRESSED", "ZERO_FLAG", "OFFSET_MASK", "Kind", "Mapping", "Geometry",
-    "standard_entry", "compressed_entry", "decode", "unpack_table", "pack_entries",
+    "standard_entry", "decode", "unpack_table", "pack_entries",
     "compressed_host_clusters",
 ]
 
@@ -91,12 +92,6 @@ def standard_entry(host: int, *, copied: bool = True, zero: bool = False) -> int
     """:return: an L2 entry for a normal cluster at ``host`` (or a
     preallocated zero cluster when ``zero``)."""
     return (host & OFFSET_MASK) | (COPIED if copied and host else 0) | (ZERO_FLAG if zero else 0)
-
-
-def compressed_entry(host: int, nbytes: int, g: Geometry) -> int:
-    """:return: the entry of ``nbytes`` of compressed data at byte ``host``."""
-    nb_sectors = ((host + nbytes - 1) >> 9) - (host >> 9)
-    return COMPRESSED | (nb_sectors << g.csize_shift) | host
 
 
 def decode(entry: int, g: Geometry) -> Mapping:
