@@ -55,6 +55,8 @@ __all__ = ["BlockCopy", "CopyFailure", "ProgressSink", "DEFAULT_CLUSTER", "MAX_C
 DEFAULT_CLUSTER = 64 * 1024
 #: Chunk limit of read/write copying (QEMU's BLOCK_COPY_MAX_BUFFER).
 MAX_CHUNK = 1 << 20
+#: Most bytes one node-path read/write of a group covers.
+_SLOW_SEGMENT = 8 << 20
 #: Most chunks dispatched as one request on the fast path.
 _BATCH = 32
 
@@ -263,16 +265,35 @@ class BlockCopy:
                 except BlockIOError as exc:
                     failure = CopyFailure(exc, False)
             elif not await self._copy_fast(group):
-                for chunk in group:
-                    failure = await self._copy_slow(chunk.start, min(chunk.length, self.len - chunk.start))
+                for seg in self._segments(group):
+                    s0 = seg[0].start
+                    n = min(seg[-1].start + seg[-1].length, self.len) - s0
+                    failure = await self._copy_slow(s0, n)
                     if failure is not None:
                         break
-                    self._end_chunk(chunk, True)
-                    ended += 1
+                    for chunk in seg:
+                        self._end_chunk(chunk, True)
+                    ended += len(seg)
             return failure
         finally:
             for chunk in group[ended:]:
                 self._end_chunk(chunk, failure is None)
+
+    def _segments(self, group: list[_Chunk]) -> list[list[_Chunk]]:
+        """Contiguous runs of ``group`` up to :data:`_SLOW_SEGMENT` bytes, one
+        read and one write each on the node path (one chunk when
+        compressing): a qcow2 target allocates the run at once and writes it
+        as one extent, a qcow2 source reads it with one pread per host extent."""
+        if self.compress:
+            return [[c] for c in group]
+        segs: list[list[_Chunk]] = []
+        for c in group:
+            if (segs and segs[-1][-1].start + segs[-1][-1].length == c.start
+                    and c.start + c.length - segs[-1][0].start <= _SLOW_SEGMENT):
+                segs[-1].append(c)
+            else:
+                segs.append([c])
+        return segs
 
     async def _write_zeroes(self, offset: int, nbytes: int) -> None:
         """Zero a range of the target; on the fast path a range the target
@@ -372,6 +393,7 @@ class BlockCopy:
     ) -> CopyFailure | None:
         cursor = 0
         tasks: set[asyncio.Task[CopyFailure | None]] = set()
+        weight: dict[asyncio.Task[CopyFailure | None], int] = {}
         # Chunk workers live only for this call: awaited in ``finally``.
         workers = TaskGroup("block-copy", log_failures=False)
         first: CopyFailure | None = None
@@ -391,19 +413,27 @@ class BlockCopy:
                     first = await self._run_chunk(chunk, is_data)
                     continue
                 group = [chunk]
-                if batch and self._fast_path() is not None:
-                    while len(group) < _BATCH and (nxt := self._find(cursor, self.len)) is not None:
-                        if (nxt[0] != cursor and not is_data) or (
+                fast = self._fast_path() is not None
+                # Node path: contiguous data chunks up to _SLOW_SEGMENT as one
+                # read and one write, weighted by chunk count (memory bound).
+                limit = _BATCH if fast else max(1, _SLOW_SEGMENT // self.chunk_limit)
+                if batch and (fast or (is_data and not self.compress)):
+                    while len(group) < limit and (nxt := self._find(cursor, self.len)) is not None:
+                        if (nxt[0] != cursor and (not is_data or not fast)) or (
                             (await self._block_status(*nxt))[0] != is_data
                         ):
                             break
                         more, _ = await self._start_chunk(*nxt)
                         group.append(more)
                         cursor = more.start + more.length
-                tasks.add(workers.spawn(self._run_group(group, is_data), name="block-copy"))
-                if len(tasks) >= max_workers:
+                task = workers.spawn(self._run_group(group, is_data), name="block-copy")
+                tasks.add(task)
+                weight[task] = 1 if fast else len(group)
+                if sum(weight[t] for t in tasks) >= max_workers:
                     done, tasks_left = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     tasks = set(tasks_left)
+                    for t in done:
+                        weight.pop(t, None)
                     first = first or _first_failure(done)
         finally:
             if tasks:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -101,6 +102,8 @@ class Qcow2Image:
         #: After a fatal corruption every request fails (QEMU drops the driver).
         self.dead = False
         self._l1_dirty: set[int] = set()
+        #: Guest cluster ranges [first, last) of writes under way, and their end.
+        self._inflight: list[tuple[int, int, asyncio.Event]] = []
         #: Called once with the CorruptImage when the image is marked corrupt.
         self.on_corrupt: Callable[[CorruptImage], None] | None = None
 
@@ -289,65 +292,114 @@ class Qcow2Image:
                                    f"{off:#x} (overlaps with {name})", off, n)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Three phases, as QEMU's qcow2_co_pwritev: under :attr:`lock`,
+        map the request and allocate its new clusters (refcounts written);
+        then the data, lock released, so other requests' allocations and
+        data overlap with it; then, under the lock again, the L2 entries
+        (and L1 for new tables) and the frees.  Guest clusters being written
+        are held in :attr:`_inflight` so overlapping requests wait."""
         self._check_writable()
-        async with self.lock:
+        view = memoryview(data).cast("B")
+        cb = self.g.cluster_bits
+        first, last = offset >> cb, -(-(offset + len(view)) >> cb)
+        await self._lock_range(first, last)
+        done = asyncio.Event()
+        span = (first, last, done)
+        self._inflight.append(span)
+        try:
             try:
-                await self._write_locked(offset, memoryview(data).cast("B"))
-            except CorruptImage as exc:
-                await self.signal_corruption(exc)
-                raise
+                plan = await self._plan_write(offset, view)
+                await self._ensure_length(max((h + len(b) for h, b in plan.data), default=0))
+                await self._write_refcounts()
+            finally:
+                self.lock.release()
+            if plan.data:
+                self.file.debug_event("write_aio")
+                await asyncio.gather(*(self.file.write(h, b) for h, b in plan.data))
+            async with self.lock:
+                await self._apply_entries(plan)
+                await self._commit([], plan.frees)
+        except CorruptImage as exc:
+            await self.signal_corruption(exc)
+            raise
+        finally:
+            self._inflight.remove(span)
+            done.set()
 
-    async def _write_locked(self, offset: int, view: memoryview) -> None:
+    async def _lock_range(self, first: int, last: int) -> None:
+        """Take :attr:`lock` once no in-flight write covers guest clusters
+        [first, last)."""
+        while True:
+            await self.lock.acquire()
+            busy = next((ev for a, b, ev in self._inflight if a < last and first < b), None)
+            if busy is None:
+                return
+            self.lock.release()
+            await busy.wait()
+
+    async def _plan_write(self, offset: int, view: memoryview) -> _WritePlan:
+        """Map ``view`` at ``offset``: in-place extents, and new clusters
+        allocated (in memory) for the rest; no L2 entry changes yet."""
         g = self.g
         cs = g.cluster_size
         cb = g.cluster_bits
-        self._l1_dirty = set()
-        frees: list[Mapping] = []
-        data_writes: list[tuple[int, bytes | bytearray | memoryview]] = []
+        mask = g.l2_entries - 1
+        plan = _WritePlan()
         pos = offset
         end = offset + len(view)
         while pos < end:
             l1i, l2i = g.split(pos)
             l2off = await self._l2_for_write(l1i)
+            table = self.cache.table(l2off)
+            assert table is not None
             # Clusters of this request inside this L2 table.
             table_end = min(end, ((pos >> cb) - l2i + g.l2_entries) << cb)
             while pos < table_end:
-                l2i = (pos >> cb) & (g.l2_entries - 1)
+                l2i = (pos >> cb) & mask
                 m = decode(self.cache.get_entry(l2off, l2i), g)
                 if m.kind == Kind.NORMAL and m.copied:
                     # In place, over the following host-contiguous in-place clusters.
                     n_end = min(table_end, ((pos >> cb) + 1) << cb)
                     expect = m.host + cs
                     while n_end < table_end:
-                        nm = decode(self.cache.get_entry(l2off, (n_end >> cb) & (g.l2_entries - 1)), g)
+                        nm = decode(self.cache.get_entry(l2off, (n_end >> cb) & mask), g)
                         if not (nm.kind == Kind.NORMAL and nm.copied and nm.host == expect):
                             break
                         n_end = min(table_end, n_end + cs)
                         expect += cs
-                    data_writes.append((m.host + (pos & (cs - 1)), view[pos - offset:n_end - offset]))
+                    plan.data.append((m.host + (pos & (cs - 1)), view[pos - offset:n_end - offset]))
                     pos = n_end
                     continue
                 # Needs new clusters: the run of such clusters from here.
                 first = pos >> cb
-                last = first
-                while ((last + 1) << cb) < table_end:
-                    nm = decode(self.cache.get_entry(l2off, (last + 1) & (g.l2_entries - 1)), g)
-                    if nm.kind == Kind.NORMAL and nm.copied:
+                last_c = (table_end - 1) >> cb
+                entries = _entries(table, first & mask, last_c - first + 1)
+                count = 1
+                for e in entries[1:]:
+                    if e & COPIED and decode(e, g).kind == Kind.NORMAL:
                         break
-                    last += 1
-                count = last - first + 1
+                    count += 1
                 start_cluster, got = self._allocate(count, "data cluster")
                 run_end = min(table_end, (first + got) << cb)
                 buf = await self._cow_buffer(pos, run_end, view[pos - offset:run_end - offset])
-                data_writes.append((start_cluster << cb, buf))
-                for k in range(got):
-                    idx = (first + k) & (g.l2_entries - 1)
-                    old = decode(self.cache.get_entry(l2off, idx), g)
-                    if old.host and old.kind != Kind.UNALLOCATED:
-                        frees.append(old)
-                    self.cache.set_entry(l2off, idx, standard_entry((start_cluster + k) << cb))
+                plan.data.append((start_cluster << cb, buf))
+                for e in entries[:got]:
+                    if e:
+                        old = decode(e, g)
+                        if old.host and old.kind != Kind.UNALLOCATED:
+                            plan.frees.append(old)
+                plan.runs.append((l1i, first & mask, start_cluster << cb, got))
                 pos = run_end
-        await self._commit(data_writes, frees)
+        return plan
+
+    async def _apply_entries(self, plan: _WritePlan) -> None:
+        """Point the L2 entries of ``plan`` at its new clusters (in memory;
+        :meth:`_commit` writes them)."""
+        cs = self.g.cluster_size
+        for l1i, idx, host, n in plan.runs:
+            l2off = await self._l2(l1i)
+            assert l2off is not None
+            self.cache.set_entries(l2off, idx, [standard_entry(host + k * cs) for k in range(n)])
 
     async def _cow_buffer(self, pos: int, end: int, data: memoryview) -> bytes | bytearray | memoryview:
         """:return: whole clusters covering [pos, end) with ``data`` in place
@@ -454,8 +506,11 @@ class Qcow2Image:
             return
         if offset < astart:
             await self._write_zero_buffers(offset, astart)
-        async with self.lock:
+        await self._lock_range(astart >> self.g.cluster_bits, -(-aend >> self.g.cluster_bits))
+        try:
             await self._set_entries(astart, aend, zero=True, unmap=may_unmap)
+        finally:
+            self.lock.release()
         if aend < end:
             await self._write_zero_buffers(aend, end)
 
@@ -476,8 +531,11 @@ class Qcow2Image:
         aend = end if end == self.size else end // cs * cs
         if astart >= aend:
             return
-        async with self.lock:
+        await self._lock_range(astart >> self.g.cluster_bits, -(-aend >> self.g.cluster_bits))
+        try:
             await self._set_entries(astart, aend, zero=False, unmap=True)
+        finally:
+            self.lock.release()
 
     async def _set_entries(self, start: int, end: int, *, zero: bool, unmap: bool) -> None:
         """Make whole clusters [start, end) zero clusters (``zero``) or
@@ -485,7 +543,6 @@ class Qcow2Image:
         g = self.g
         cb = g.cluster_bits
         v3 = self.header.version >= 3
-        self._l1_dirty = set()
         frees: list[Mapping] = []
         try:
             c = start >> cb
@@ -533,10 +590,11 @@ class Qcow2Image:
             await self.write(offset, data)
             return
         self._check_writable()
-        async with self.lock:
+        first = offset >> self.g.cluster_bits
+        await self._lock_range(first, first + 1)
+        try:
             g = self.g
             cb = g.cluster_bits
-            self._l1_dirty = set()
             l1i, l2i = g.split(offset)
             l2off = await self._l2_for_write(l1i)
             old = decode(self.cache.get_entry(l2off, l2i), g)
@@ -544,6 +602,8 @@ class Qcow2Image:
             self.cache.set_entry(l2off, l2i, encode_descriptor(host, len(out), cb))
             frees = [old] if old.host and old.kind != Kind.UNALLOCATED else []
             await self._commit([(host, out)], frees)
+        finally:
+            self.lock.release()
 
     def _alloc_compressed(self, n: int) -> int:
         """QEMU's qcow2_alloc_bytes: streams are packed back to back from
@@ -611,3 +671,20 @@ class Qcow2Image:
         data = encode_header(self.header)
         await self.file.write(0, data)
 
+
+class _WritePlan:
+    """One write request's mapping: data extents (host offset, bytes), new
+    runs (L1 index, first L2 index, host offset, clusters) and old mappings
+    to free once the new entries are written."""
+
+    __slots__ = ("data", "runs", "frees")
+
+    def __init__(self) -> None:
+        self.data: list[tuple[int, bytes | bytearray | memoryview]] = []
+        self.runs: list[tuple[int, int, int, int]] = []
+        self.frees: list[Mapping] = []
+
+
+def _entries(table: bytearray, index: int, n: int) -> list[int]:
+    """:return: ``n`` L2 entries of ``table`` from ``index`` (one unpack)."""
+    return list(struct.unpack_from(f">{n}Q", table, index * 8))

@@ -95,10 +95,10 @@ class RefcountBlock:
         """:return: the first index >= ``start`` with refcount 0, or ``entries``."""
         if self.bits == 16:
             data = self.data
-            for i in range(start, self.entries):
-                if not data[2 * i] and not data[2 * i + 1]:
-                    return i
-            return self.entries
+            at = data.find(b"\0\0", 2 * start)
+            while at >= 0 and at & 1:
+                at = data.find(b"\0\0", at + 1)
+            return at // 2 if at >= 0 else self.entries
         for i in range(start, self.entries):
             if self.get(i) == 0:
                 return i
