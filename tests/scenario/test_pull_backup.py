@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import short_socket_dir
-from tests.support.nbd import MiB, NbdDaemon, have, make_disk, run
+from tests.support.nbd import MiB, NbdDaemon, daemon_with_disk, have, run
 
 PROBE = Path(__file__).resolve().parents[1] / "integration" / "libnbd_probe.py"
 SIZE = 64 * MiB
@@ -36,13 +35,8 @@ pytestmark = [
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[NbdDaemon]:
-    with short_socket_dir(tmp_path) as tmp:
-        make_disk(tmp / "disk.img", size=SIZE)
-        d = NbdDaemon(tmp)
-        try:
-            yield d
-        finally:
-            d.close()
+    with daemon_with_disk(tmp_path, SIZE) as d:
+        yield d
 
 
 def guest_writes(env: NbdDaemon, node: str, rng: random.Random, count: int) -> list[tuple[int, int]]:

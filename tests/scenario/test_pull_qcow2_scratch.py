@@ -25,9 +25,8 @@ from typing import Any
 import pytest
 
 from tests.scenario.test_pull_backup import CLUSTER, PROBE, SIZE, clusters, guest_writes
-from tests.support.daemon import short_socket_dir
-from tests.support.daemon import RawClient
-from tests.support.nbd import NbdDaemon, have, make_disk, run, wait_listening
+from tests.support.daemon import RawClient, short_socket_dir
+from tests.support.nbd import NbdDaemon, daemon_with_disk, have, make_disk, run, wait_listening
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -39,13 +38,8 @@ pytestmark = [
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[NbdDaemon]:
-    with short_socket_dir(tmp_path) as tmp:
-        make_disk(tmp / "disk.img", size=SIZE)
-        d = NbdDaemon(tmp)
-        try:
-            yield d
-        finally:
-            d.close()
+    with daemon_with_disk(tmp_path, SIZE) as d:
+        yield d
 
 
 def wait_event(env: NbdDaemon, name: str, **data: Any) -> None:

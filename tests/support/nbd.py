@@ -9,11 +9,12 @@ import struct
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.support.daemon import DaemonProcess, RawClient
+from tests.support.daemon import DaemonProcess, RawClient, short_socket_dir
 
 MiB = 1 << 20
 IHAVEOPT = 0x49484156454F5054
@@ -119,6 +120,19 @@ class NbdDaemon:
         """Stop the daemon (its exit status must be 0)."""
         self.qmp.close()
         assert self.proc.stop() == 0
+
+
+@contextmanager
+def daemon_with_disk(base: Path, size: int) -> Iterator[NbdDaemon]:
+    """A daemon in a short socket directory under ``base`` with ``disk.img``
+    (``size`` bytes of seeded data) beside it; closed on exit."""
+    with short_socket_dir(base) as tmp:
+        make_disk(tmp / "disk.img", size=size)
+        d = NbdDaemon(tmp)
+        try:
+            yield d
+        finally:
+            d.close()
 
 
 def option_replies(sock: str, options: Sequence[tuple[int, bytes]]) -> list[bytes]:
