@@ -83,10 +83,9 @@ class RefcountState:
     def end(self) -> int:
         """:return: one past the highest cluster with a nonzero refcount."""
         for bi in sorted(self.blocks, reverse=True):
-            block = self.blocks[bi]
-            for i in range(block.entries - 1, -1, -1):
-                if block.get(i):
-                    return bi * self.entries + i + 1
+            last = self.blocks[bi].last_used()
+            if last >= 0:
+                return bi * self.entries + last + 1
         return 0
 
     # ------------------------------------------------------------ changes

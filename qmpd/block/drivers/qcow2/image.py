@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from qmpd.block.drivers.qcow2.alloc import RefcountState
@@ -34,11 +34,11 @@ from qmpd.block.drivers.qcow2.header import Header, INCOMPAT_CORRUPT, encode_hea
 from qmpd.block.drivers.qcow2.l2cache import L2Cache
 from qmpd.block.drivers.qcow2.tables import (
     COPIED, OFFSET_MASK, ZERO_FLAG, Geometry, Kind, Mapping,
-    compressed_host_clusters, decode, standard_entry,
+    compressed_host_clusters, data_hosts, decode, same_run, standard_entry,
 )
 from qmpd.block.errors import BlockIOError
 
-__all__ = ["Qcow2Image", "ChildIO", "CorruptImage"]
+__all__ = ["Qcow2Image", "ChildIO", "CorruptImage", "Fill"]
 
 
 class ChildIO(Protocol):
@@ -72,6 +72,9 @@ class CorruptImage(BlockIOError):
 
 #: ``await grow(new_length)`` makes the file at least that long.
 Grow = Callable[[int], Awaitable[None]]
+#: ``await fill(extents)`` puts the data of a mapped write at its host
+#: offsets: ``(guest offset, host offset, n)``.
+Fill = Callable[[list[tuple[int, int, int]]], Awaitable[None]]
 
 
 class Qcow2Image:
@@ -156,24 +159,19 @@ class Qcow2Image:
             # The whole L2 range is unallocated.
             span = (g.l2_entries - l2i) * cs - in_cluster
             return Mapping(Kind.UNALLOCATED, 0, False, 0), min(maxlen, span)
-        m = decode(self.cache.get_entry(off, l2i), g)
+        entry = self.cache.get_entry(off, l2i)
+        m = decode(entry, g)
         if m.kind == Kind.NORMAL and m.host & (cs - 1):
             raise CorruptImage(f"Cluster allocation offset {m.host:#x} unaligned "
                                f"(L2 offset: {off:#x}, L2 index: {l2i:#x})")
         n = cs - in_cluster
-        if m.kind == Kind.COMPRESSED:
+        if m.kind == Kind.COMPRESSED or n >= maxlen:
             return m, min(maxlen, n)
-        i = l2i + 1
-        expect = m.host + cs
-        while n < maxlen and i < g.l2_entries:
-            nxt = decode(self.cache.get_entry(off, i), g)
-            if nxt.kind != m.kind:
-                break
-            if m.kind == Kind.NORMAL and nxt.host != expect:
-                break
-            expect += cs
-            n += cs
-            i += 1
+        # The following entries of the table, as far as maxlen reaches (one unpack).
+        want = min(g.l2_entries - l2i - 1, -(-(maxlen - n) // cs))
+        table = self.cache.table(off)
+        assert table is not None
+        n += same_run(table, l2i + 1, want, entry, cs) * cs
         return m, min(maxlen, n)
 
     async def mapping(self, pos: int, maxlen: int) -> tuple[Mapping, int]:
@@ -183,6 +181,37 @@ class Qcow2Image:
         except CorruptImage as exc:
             await self.signal_corruption(exc)
             raise
+
+    async def map_data(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        """:return: ``(guest offset, host offset, n)`` host-contiguous
+        extents covering ``[offset, offset + length)`` when all of it is
+        data clusters of this image (not compressed, zero or unallocated),
+        else None (block-copy's file-to-file path reads them from here)."""
+        if self.dead:
+            raise BlockIOError(errno.ENOMEDIUM)
+        g = self.g
+        cs = g.cluster_size
+        out: list[tuple[int, int, int]] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            l1i, l2i = g.split(pos)
+            off = await self._l2(l1i)
+            table = None if off is None else self.cache.table(off)
+            if table is None:
+                return None
+            count = min(g.l2_entries - l2i, -(-(end - (pos - (pos & (cs - 1)))) // cs))
+            hosts = data_hosts(table, l2i, count, cs)
+            if hosts is None:
+                return None  # the node path reads it (and reports corruption)
+            for host in hosts:
+                n = min(cs - (pos & (cs - 1)), end - pos)
+                host += pos & (cs - 1)
+                if out and out[-1][1] + out[-1][2] == host:
+                    out[-1] = (out[-1][0], out[-1][1], out[-1][2] + n)
+                else:
+                    out.append((pos, host, n))
+                pos += n
+        return out
 
     # ------------------------------------------------------------ reading
 
@@ -298,24 +327,59 @@ class Qcow2Image:
         data overlap with it; then, under the lock again, the L2 entries
         (and L1 for new tables) and the frees.  Guest clusters being written
         are held in :attr:`_inflight` so overlapping requests wait."""
-        self._check_writable()
         view = memoryview(data).cast("B")
+        await self._write([(offset, len(view), view)], None)
+
+    async def write_mapped(self, ranges: Sequence[tuple[int, int]], fill: Fill) -> None:
+        """:meth:`write` of whole clusters whose data the caller puts in place
+        itself (block-copy's file-to-file path): the same three phases, with
+        phase 2 ``await fill(extents)``, ``(guest offset, host offset, n)``
+        host-contiguous extents covering ``ranges`` in order.  Clusters are
+        allocated for all the ranges at once (one contiguous run where the
+        free space allows), so a group of chunks lands as one host extent.
+
+        :param ranges: ``(offset, length)``, ascending, not overlapping,
+            cluster aligned (a length may end at the end of the disk).
+        :raise ValueError: a range is not cluster aligned.
+        """
+        cs = self.g.cluster_size
+        for off, n in ranges:
+            if off % cs or (n % cs and off + n != self.size):
+                raise ValueError("unaligned mapped write")
+        await self._write([(off, n, None) for off, n in ranges], fill)
+
+    async def _write(self, parts: list[tuple[int, int, memoryview | None]], fill: Fill | None) -> None:
+        self._check_writable()
         cb = self.g.cluster_bits
-        first, last = offset >> cb, -(-(offset + len(view)) >> cb)
+        first, last = parts[0][0] >> cb, -(-(parts[-1][0] + parts[-1][1]) >> cb)
         await self._lock_range(first, last)
         done = asyncio.Event()
         span = (first, last, done)
         self._inflight.append(span)
         try:
+            plan = _WritePlan()
             try:
-                plan = await self._plan_write(offset, view)
-                await self._ensure_length(max((h + len(b) for h, b in plan.data), default=0))
+                for off, n, view in parts:
+                    await self._plan_write(plan, off, n, view)
+                await self._ensure_length(max((h + n for h, _, n, _ in plan.data), default=0))
                 await self._write_refcounts()
+            except BaseException:
+                await self._abort_runs(plan)
+                raise
             finally:
                 self.lock.release()
             if plan.data:
                 self.file.debug_event("write_aio")
-                await asyncio.gather(*(self.file.write(h, b) for h, b in plan.data))
+                try:
+                    if fill is not None:
+                        await fill([(g, h, n) for h, g, n, _ in plan.data])
+                    else:
+                        await asyncio.gather(*(self.file.write(h, b) for h, _, _, b in plan.data
+                                               if b is not None))
+                except BaseException:
+                    async with self.lock:
+                        await self._abort_runs(plan)
+                    raise
             async with self.lock:
                 await self._apply_entries(plan)
                 await self._commit([], plan.frees)
@@ -325,6 +389,21 @@ class Qcow2Image:
         finally:
             self._inflight.remove(span)
             done.set()
+
+    async def _abort_runs(self, plan: _WritePlan) -> None:
+        """A write failed before its L2 entries: give the new clusters of
+        ``plan`` back (nothing points at them), as QEMU's
+        qcow2_alloc_cluster_abort; if that fails too they stay leaked.
+        Callers hold :attr:`lock`."""
+        cb = self.g.cluster_bits
+        for _, _, host, n in plan.runs:
+            self.refs.free(host >> cb, n)
+        try:
+            # the refcounts, and a new L2 table with its L1 entry (it points
+            # at nothing of this request, but is counted)
+            await self._commit([], [])
+        except BlockIOError:
+            pass
 
     async def _lock_range(self, first: int, last: int) -> None:
         """Take :attr:`lock` once no in-flight write covers guest clusters
@@ -337,16 +416,18 @@ class Qcow2Image:
             self.lock.release()
             await busy.wait()
 
-    async def _plan_write(self, offset: int, view: memoryview) -> _WritePlan:
-        """Map ``view`` at ``offset``: in-place extents, and new clusters
-        allocated (in memory) for the rest; no L2 entry changes yet."""
+    async def _plan_write(self, plan: _WritePlan, offset: int, length: int,
+                          view: memoryview | None) -> None:
+        """Map ``length`` bytes at ``offset`` into ``plan``: in-place
+        extents, and new clusters allocated (in memory) for the rest; no L2
+        entry changes yet.  ``view`` is the data, or None when the caller
+        fills the extents itself (whole clusters only)."""
         g = self.g
         cs = g.cluster_size
         cb = g.cluster_bits
         mask = g.l2_entries - 1
-        plan = _WritePlan()
         pos = offset
-        end = offset + len(view)
+        end = offset + length
         while pos < end:
             l1i, l2i = g.split(pos)
             l2off = await self._l2_for_write(l1i)
@@ -367,7 +448,8 @@ class Qcow2Image:
                             break
                         n_end = min(table_end, n_end + cs)
                         expect += cs
-                    plan.data.append((m.host + (pos & (cs - 1)), view[pos - offset:n_end - offset]))
+                    plan.data.append((m.host + (pos & (cs - 1)), pos, n_end - pos,
+                                      None if view is None else view[pos - offset:n_end - offset]))
                     pos = n_end
                     continue
                 # Needs new clusters: the run of such clusters from here.
@@ -381,8 +463,11 @@ class Qcow2Image:
                     count += 1
                 start_cluster, got = self._allocate(count, "data cluster")
                 run_end = min(table_end, (first + got) << cb)
-                buf = await self._cow_buffer(pos, run_end, view[pos - offset:run_end - offset])
-                plan.data.append((start_cluster << cb, buf))
+                if view is None:
+                    plan.data.append((start_cluster << cb, pos, run_end - pos, None))
+                else:
+                    buf = await self._cow_buffer(pos, run_end, view[pos - offset:run_end - offset])
+                    plan.data.append((start_cluster << cb, pos - (pos & (cs - 1)), len(buf), buf))
                 for e in entries[:got]:
                     if e:
                         old = decode(e, g)
@@ -390,7 +475,6 @@ class Qcow2Image:
                             plan.frees.append(old)
                 plan.runs.append((l1i, first & mask, start_cluster << cb, got))
                 pos = run_end
-        return plan
 
     async def _apply_entries(self, plan: _WritePlan) -> None:
         """Point the L2 entries of ``plan`` at its new clusters (in memory;
@@ -471,12 +555,13 @@ class Qcow2Image:
 
     async def _ensure_length(self, end: int) -> None:
         """Grow the file to hold ``end`` bytes, ahead in steps of 1/8 of its
-        size (1 to 64 MiB) so sequential allocation does not resize on every
-        request; :meth:`trim` gives the excess back at close."""
+        size (8 to 64 MiB) so sequential allocation does not resize on every
+        request (a resize waits for the file's writes in flight);
+        :meth:`trim` gives the excess back at close."""
         if end <= self.file_length:
             return
         cs = self.g.cluster_size
-        step = min(max(self.file_length // 8, 1 << 20), 64 << 20)
+        step = min(max(self.file_length // 8, 8 << 20), 64 << 20)
         new_len = -(-max(end, self.file_length + step) // cs) * cs
         await self._grow(new_len)
         self.file_length = max(self.file_length, new_len)
@@ -680,7 +765,8 @@ class _WritePlan:
     __slots__ = ("data", "runs", "frees")
 
     def __init__(self) -> None:
-        self.data: list[tuple[int, bytes | bytearray | memoryview]] = []
+        #: (host offset, guest offset, bytes, the data or None when filled by the caller).
+        self.data: list[tuple[int, int, int, bytes | bytearray | memoryview | None]] = []
         self.runs: list[tuple[int, int, int, int]] = []
         self.frees: list[Mapping] = []
 
@@ -688,3 +774,4 @@ class _WritePlan:
 def _entries(table: bytearray, index: int, n: int) -> list[int]:
     """:return: ``n`` L2 entries of ``table`` from ``index`` (one unpack)."""
     return list(struct.unpack_from(f">{n}Q", table, index * 8))
+

@@ -62,6 +62,16 @@ class RefcountBlock:
         per = 8 // bits
         return (self.data[i // per] >> ((i % per) * bits)) & self.max_value
 
+    def last_used(self) -> int:
+        """:return: the highest entry with a nonzero refcount, or -1."""
+        nz = len(self.data.rstrip(b"\0")) - 1
+        if nz < 0:
+            return -1
+        if self.bits >= 8:
+            return nz // self._bytes
+        per = 8 // self.bits
+        return next(i for i in range((nz + 1) * per - 1, nz * per - 1, -1) if self.get(i))
+
     def set(self, i: int, value: int) -> None:
         """:raise RefcountOverflow: ``value`` does not fit."""
         if value < 0 or value > self.max_value:
