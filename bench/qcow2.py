@@ -119,8 +119,38 @@ class Q2Bench:
         self.server.stop()
 
 
-def interleaved(benches: list[tuple[str, Q2Bench]], reps: int,
-                run: Callable[[str, Q2Bench], float]) -> dict[str, float]:
+class Ceiling:
+    """The physical ceiling of the backup cases: the kernel copying the
+    same bytes file to file (``os.copy_file_range``), no image format."""
+
+    def __init__(self, src: Path, clusters: list[int]) -> None:
+        self.src = src
+        self.clusters = clusters
+
+    def _copy(self, tgt: Path, ranges: list[tuple[int, int]]) -> float:
+        os.sync()
+        t0 = time.perf_counter()
+        with open(self.src, "rb") as fi, open(tgt, "wb") as fo:
+            for off, n in ranges:
+                done = 0
+                while done < n:
+                    k = os.copy_file_range(fi.fileno(), fo.fileno(), n - done, off + done, off + done)
+                    if k == 0:
+                        break
+                    done += k
+        elapsed = time.perf_counter() - t0
+        tgt.unlink()
+        return elapsed
+
+    def backup(self, src: str, tgt: Path, size: int, **extra: Any) -> float:
+        return self._copy(tgt, [(0, self.src.stat().st_size)])
+
+    def incremental(self, src: str, tgt: Path, size: int) -> float:
+        return self._copy(tgt, [(c * CLUSTER, CLUSTER) for c in self.clusters])
+
+
+def interleaved(benches: list[tuple[str, Any]], reps: int,
+                run: Callable[[str, Any], float]) -> dict[str, float]:
     """:return: each server's median of ``reps`` runs, taken in turns
     (qmpd first on even repetitions, QEMU first on odd ones)."""
     times: dict[str, list[float]] = {label: [] for label, _ in benches}
@@ -201,7 +231,7 @@ def main() -> int:
             b.add("src", sources[label])
             b.prepare_incremental("src", dirty)
         results: dict[str, dict[str, float]] = {label: {} for label, _ in benches}
-        cases: list[tuple[str, int, Callable[[str, Q2Bench], float]]] = [
+        cases: list[tuple[str, int, Callable[[str, Any], float]]] = [
             ("full", opts.reps, lambda label, b: b.backup("src", tmp / f"full-{label}.qcow2", size,
                                                           sync="full")),
             ("incr", opts.incr_reps, lambda label, b: b.incremental("src", tmp / f"incr-{label}.qcow2",
@@ -210,8 +240,11 @@ def main() -> int:
                                                             opts.write_mib * MiB)),
             ("open", opts.reps, lambda label, b: b.open_big(big)),
         ]
+        ceiling = ("ceiling", Ceiling(src, dirty))
+        results["ceiling"] = {}
         for key, reps, run in cases:
-            for label, t in interleaved(benches, reps, run).items():
+            contenders: list[tuple[str, Any]] = [*benches, ceiling] if key in ("full", "incr") else benches
+            for label, t in interleaved(contenders, reps, run).items():
                 results[label][key] = t
         for _, b in benches:
             b.close()
@@ -220,15 +253,18 @@ def main() -> int:
         rows = [("full dense", mb, "full"), ("incr 1%", len(dirty) * CLUSTER / 1e6, "incr"),
                 (f"alloc 1M x{opts.write_mib}", opts.write_mib * MiB / 1e6, "writes")]
         print(f"qcow2, {opts.size_mib} MiB source; medians of {opts.reps} runs ({opts.incr_reps} for "
-              "incr), qmpd and QEMU in turns (MB/s; time); ratio = qmpd speed / QEMU speed")
-        print(f"{'case':<18}{'qmpd':>20}{'qemu':>20}{'qmpd/qemu':>11}")
+              "incr), qmpd, QEMU (and the ceiling) in turns (MB/s; time); qmpd/qemu = qmpd speed / "
+              "QEMU speed; of ceiling = qmpd speed / copy_file_range of the same bytes")
+        print(f"{'case':<18}{'qmpd':>20}{'qemu':>20}{'qmpd/qemu':>11}{'of ceiling':>12}")
         for case, nbytes, key in rows:
             q = results["qmpd"][key]
             e = results.get("qemu", {}).get(key)
+            c = results["ceiling"].get(key)
             fq = f"{nbytes / q:8.0f} ({q:7.3f}s)"
             fe = f"{nbytes / e:8.0f} ({e:7.3f}s)" if e else ""
-            ratio = f"{e / q:10.2f}x" if e else ""
-            print(f"{case:<18}{fq:>20}{fe:>20}{ratio}")
+            ratio = f"{e / q:10.2f}x" if e else " " * 11
+            ceil = f"{c / q:11.2f}" if c else ""
+            print(f"{case:<18}{fq:>20}{fe:>20}{ratio}{ceil}")
         q = results["qmpd"]["open"] * 1e3
         e = results.get("qemu", {}).get("open")
         print(f"{'open 1 TiB sparse':<18}{q:17.1f} ms" + (f"{e * 1e3:17.1f} ms" if e else ""))

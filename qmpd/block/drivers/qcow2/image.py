@@ -322,10 +322,11 @@ class Qcow2Image:
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Three phases, as QEMU's qcow2_co_pwritev: under :attr:`lock`,
-        map the request and allocate its new clusters (refcounts written);
-        then the data, lock released, so other requests' allocations and
-        data overlap with it; then, under the lock again, the L2 entries
-        (and L1 for new tables) and the frees.  Guest clusters being written
+        map the request and allocate its new clusters; then the data, and
+        meanwhile the refcounts (the lock is released once they are
+        written, so other requests' allocations and data overlap with this
+        data); then, under the lock again, the L2 entries (and L1 for new
+        tables) and the frees.  Guest clusters being written
         are held in :attr:`_inflight` so overlapping requests wait."""
         view = memoryview(data).cast("B")
         await self._write([(offset, len(view), view)], None)
@@ -362,24 +363,25 @@ class Qcow2Image:
                 for off, n, view in parts:
                     await self._plan_write(plan, off, n, view)
                 await self._ensure_length(max((h + n for h, _, n, _ in plan.data), default=0))
-                await self._write_refcounts()
             except BaseException:
                 await self._abort_runs(plan)
-                raise
-            finally:
                 self.lock.release()
-            if plan.data:
-                self.file.debug_event("write_aio")
-                try:
-                    if fill is not None:
-                        await fill([(g, h, n) for h, g, n, _ in plan.data])
-                    else:
-                        await asyncio.gather(*(self.file.write(h, b) for h, _, _, b in plan.data
-                                               if b is not None))
-                except BaseException:
-                    async with self.lock:
-                        await self._abort_runs(plan)
-                    raise
+                raise
+            # The refcounts (still under the lock: refcount block writes keep
+            # their order) and the data go out together; both land before
+            # the L2 entries below.
+            try:
+                outcome = await asyncio.gather(self._write_refcounts_unlock(),
+                                               self._put_data(plan, fill), return_exceptions=True)
+            except BaseException:
+                async with self.lock:
+                    await self._abort_runs(plan)
+                raise
+            failed = [r for r in outcome if isinstance(r, BaseException)]
+            if failed:
+                async with self.lock:
+                    await self._abort_runs(plan)
+                raise failed[0]
             async with self.lock:
                 await self._apply_entries(plan)
                 await self._commit([], plan.frees)
@@ -389,6 +391,21 @@ class Qcow2Image:
         finally:
             self._inflight.remove(span)
             done.set()
+
+    async def _write_refcounts_unlock(self) -> None:
+        try:
+            await self._write_refcounts()
+        finally:
+            self.lock.release()
+
+    async def _put_data(self, plan: _WritePlan, fill: Fill | None) -> None:
+        if not plan.data:
+            return
+        self.file.debug_event("write_aio")
+        if fill is not None:
+            await fill([(g, h, n) for h, g, n, _ in plan.data])
+        else:
+            await asyncio.gather(*(self.file.write(h, b) for h, _, _, b in plan.data if b is not None))
 
     async def _abort_runs(self, plan: _WritePlan) -> None:
         """A write failed before its L2 entries: give the new clusters of
