@@ -121,7 +121,9 @@ class Q2Bench:
 
 class Ceiling:
     """The physical ceiling of the backup cases: the kernel copying the
-    same bytes file to file (``os.copy_file_range``), no image format."""
+    same bytes file to file (``os.copy_file_range`` in one thread, as
+    bench/backup.py's ceiling), no image format.  qmpd copies with several
+    threads at once, so it can pass this one-thread figure."""
 
     def __init__(self, src: Path, clusters: list[int]) -> None:
         self.src = src
@@ -254,7 +256,7 @@ def main() -> int:
                 (f"alloc 1M x{opts.write_mib}", opts.write_mib * MiB / 1e6, "writes")]
         print(f"qcow2, {opts.size_mib} MiB source; medians of {opts.reps} runs ({opts.incr_reps} for "
               "incr), qmpd, QEMU (and the ceiling) in turns (MB/s; time); qmpd/qemu = qmpd speed / "
-              "QEMU speed; of ceiling = qmpd speed / copy_file_range of the same bytes")
+              "QEMU speed; of ceiling = qmpd speed / one thread's copy_file_range of the same bytes")
         print(f"{'case':<18}{'qmpd':>20}{'qemu':>20}{'qmpd/qemu':>11}{'of ceiling':>12}")
         for case, nbytes, key in rows:
             q = results["qmpd"][key]

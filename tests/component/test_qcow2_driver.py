@@ -229,10 +229,10 @@ async def test_refcount_table_past_eof_is_corruption(tmp_path: Path) -> None:
     node = await g.add(qcow2(p))
     with pytest.raises(OSError):
         await node.write(0, b"x" * 65536)
+    # As qemu-storage-daemon 7.2 reports it (recorded): no offset or size.
     assert events == [("BLOCK_IMAGE_CORRUPTED", {
         "device": "", "node-name": "d",
-        "msg": "Preventing invalid allocation of L2 table at offset 0",
-        "offset": 0, "size": 65536, "fatal": True})]
+        "msg": "Preventing invalid allocation of L2 table at offset 0", "fatal": True})]
     with pytest.raises(OSError):
         await node.read(0, 512)
     await g.close()

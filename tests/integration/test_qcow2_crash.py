@@ -46,7 +46,8 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("opts", ["cluster_size=65536", "cluster_size=4096,refcount_bits=1"])
+@pytest.mark.parametrize("opts", ["cluster_size=65536", "cluster_size=4096,refcount_bits=1",
+                                  "cluster_size=65536,lazy_refcounts=on"])
 def test_kill_during_writes_never_corrupts(tmp_path: Path, opts: str) -> None:
     rng = random.Random(opts)
     img = tmp_path / "crash.qcow2"

@@ -9,6 +9,7 @@ refused open never modifies the file.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -22,9 +23,13 @@ from qmpd.block.drivers.qcow2.bitmaps_ext import BitmapError as Qcow2BitmapError
 from qmpd.block.drivers.qcow2.bitmaps_ext import DirEntry, can_store_new
 from qmpd.block.drivers.qcow2.bitmaps_io import MemBitmap
 from qmpd.block.drivers.qcow2.storedbitmaps import open_bitmaps, store_bitmaps
-from qmpd.block.drivers.qcow2.header import MAGIC, Header, HeaderError, parse_header
+from qmpd.block.drivers.qcow2.dirty import RepairError, mark_clean, mark_dirty, needs_allocation, repair
+from qmpd.block.drivers.qcow2.header import (
+    AUTOCLEAR_MASK, EXT_DATA_FILE, INCOMPAT_DATA_FILE, MAGIC, Header, HeaderError, parse_header,
+)
 from qmpd.block.drivers.qcow2.image import CorruptImage, Qcow2Image
 from qmpd.block.drivers.qcow2.refcount import RefcountBlock
+from qmpd.block.drivers.qcow2.repair import SnapshotTableError, snapshot_l1_tables
 from qmpd.block.drivers.qcow2.tables import Geometry, unpack_table
 from qmpd.block.errors import BlockIOError, NodeOpenError
 from qmpd.block.io import ImageFile
@@ -33,6 +38,18 @@ if TYPE_CHECKING:
     from qmpd.block.node import BlockNode
 
 __all__ = ["Qcow2Driver", "SPEC", "open_qcow2", "DEFAULT_L2_CACHE_MAX"]
+
+log = logging.getLogger(__name__)
+
+#: QEMU 7.2's warning for a bitmaps extension whose autoclear bit is clear
+#: (qcow2_read_extensions), v3 and v2 wording, and the line it prints after.
+BITMAPS_IGNORED_V3 = ("a program lacking bitmap support modified this file, so all bitmaps "
+                      "are now considered inconsistent")
+BITMAPS_IGNORED_V2 = ("This qcow2 v2 image contains bitmaps, but they may have been modified "
+                      "by a program without persistent bitmap support; so now they must all "
+                      "be considered inconsistent")
+BITMAPS_IGNORED_HINT = ("Some clusters may be leaked, run 'qemu-img check -r' on the image "
+                        "file to fix.")
 
 #: QEMU's DEFAULT_L2_CACHE_MAX_SIZE (Linux): the L2 cache covers the whole
 #: disk up to this many bytes of tables.
@@ -69,6 +86,12 @@ class Qcow2Driver(BaseDriver):
         #: The bitmap directory as on disk now.
         self.on_disk: list[DirEntry] = []
         image.on_corrupt = self._corrupted
+        #: Lazy refcounts (the option, else the image's bit): allocating
+        #: writes set the dirty bit, as QEMU's.
+        self.lazy_refcounts = bool(options.get("lazy-refcounts", image.header.lazy_refcounts))
+        #: QEMU's corruption message for an unaligned refcount block: raised
+        #: at the first request that needs refcounts.
+        self.bad_refblock: str | None = None
 
     @property
     def length(self) -> int:
@@ -116,10 +139,12 @@ class Qcow2Driver(BaseDriver):
         """Store the node's persistent bitmaps into the image (blockdev-del,
         quit, SIGTERM), clearing their ``in_use`` flags."""
         node = self._node
-        if node is None or self.image.read_only or self.image.dead:
+        if self.image.read_only or self.image.dead:
             return
-        await self._store_bitmaps(node)
-        await self.image.trim()
+        if node is not None:
+            await self._store_bitmaps(node)
+            await self.image.trim()
+        await mark_clean(self.image)
 
     async def _store_bitmaps(self, node: BlockNode) -> None:
         mine = [bm for bm in node.bitmaps if bm.persistent and bm.name is not None]
@@ -146,17 +171,40 @@ class Qcow2Driver(BaseDriver):
     async def pread(self, offset: int, length: int) -> bytes:
         return bytes(await self.image.read(offset, length))
 
+    async def _refcount_access(self) -> None:
+        """An unaligned refcount block is corruption once refcounts are needed."""
+        if self.bad_refblock is not None and not self.image.dead:
+            await self.image.signal_corruption(CorruptImage(self.bad_refblock))
+        if self.image.dead:
+            raise BlockIOError(errno.EIO)
+
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        mark = self.lazy_refcounts and not self.image.header.dirty
+        if (mark or self.bad_refblock is not None) \
+                and await needs_allocation(self.image, offset, len(data)):
+            if self.bad_refblock is not None:
+                await self._refcount_access()
+            if mark:
+                await mark_dirty(self.image)
         await self.image.write(offset, data)
 
     async def pwrite_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        if self.bad_refblock is not None:
+            await self._refcount_access()
         await self.image.write_zeroes(offset, length, may_unmap)
 
     async def pdiscard(self, offset: int, length: int) -> None:
+        if self.bad_refblock is not None and not self.image.dead:
+            # QEMU's discard reports success; the image is marked corrupt
+            # when it drops the references, and later requests fail.
+            await self.image.signal_corruption(CorruptImage(self.bad_refblock))
+            return
         await self.image.discard(offset, length)
 
     async def pwrite_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write whole clusters compressed (``compress: true`` backups)."""
+        if self.bad_refblock is not None:
+            await self._refcount_access()
         cs = self.image.g.cluster_size
         view = memoryview(data)
         for at in range(0, len(view), cs):
@@ -213,7 +261,7 @@ def _validate_table(offset: int, entries: int, entry_len: int, cluster_size: int
 async def _read_header(file: BlockNode) -> tuple[Header, int]:
     flen = file.length
     head = await file.read(0, min(flen, 4096)) if flen else b""
-    if len(head) < 8 or head[:4] != MAGIC:
+    if len(head) < 4 or head[:4] != MAGIC:
         raise NodeOpenError("Image is not in qcow2 format")
     h = parse_header(bytes(head) + bytes(max(0, 4096 - len(head))))
     cs = h.cluster_size
@@ -252,7 +300,12 @@ async def open_qcow2(
     cs = h.cluster_size
     if h.corrupt and not ctx.read_only:
         raise NodeOpenError("qcow2: Image is corrupt; cannot be opened read/write")
+    if options.get("lazy-refcounts") and h.version < 3:
+        raise NodeOpenError("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
+                            "compatibility level")
     rt_entries = h.refcount_table_clusters * cs // 8
+    if h.refcount_table_clusters == 0:
+        raise NodeOpenError("Image does not contain a reference count table")
     if h.refcount_table_clusters * cs > MAX_REFTABLE_BYTES:
         raise NodeOpenError("Reference count table too large")
     if not _validate_table(h.refcount_table_offset, rt_entries, 8, cs):
@@ -272,16 +325,36 @@ async def open_qcow2(
         raise NodeOpenError("Active L1 table offset invalid")
     try:
         l1 = unpack_table(await _load(file, h.l1_table_offset, h.l1_size * 8))
-        table = unpack_table(await _load(file, h.refcount_table_offset, rt_entries * 8))
+        # Reserved bits (0-8) of the entries are ignored, as QEMU does; the
+        # allocator writes blocks at the masked offsets.
+        table = [e & ~511 for e in
+                 unpack_table(await _load(file, h.refcount_table_offset, rt_entries * 8))]
         blocks: dict[int, RefcountBlock] = {}
+        bad_refblock: str | None = None
         for bi, entry in enumerate(table):
             off = entry & ~511
             if off:
                 if off % cs:
-                    raise NodeOpenError("Could not initialize refcount handling: Invalid argument")
+                    # QEMU opens it and marks the image corrupt at the first
+                    # refcount access.
+                    index = f"{bi:#x}" if bi else "0"     # C's %#x
+                    bad_refblock = bad_refblock or (
+                        f"Refblock offset {off:#x} unaligned (reftable index: {index})")
+                    continue
                 blocks[bi] = RefcountBlock(bytearray(await _load(file, off, cs)), h.refcount_bits)
     except BlockIOError as exc:
         raise NodeOpenError(f"Could not read L1 table: {exc.strerror}") from exc
+    if h.nb_snapshots:
+        try:
+            await snapshot_l1_tables(lambda off, n: _load(file, off, n), h)
+        except SnapshotTableError as exc:
+            raise NodeOpenError(str(exc)) from exc
+        except BlockIOError as exc:
+            raise NodeOpenError(f"Could not read snapshots: {exc.strerror}") from exc
+    if h.incompatible_features & INCOMPAT_DATA_FILE:
+        if not any(t == EXT_DATA_FILE for t, _ in h.unknown_extensions):
+            raise NodeOpenError("'data-file' is required for this image")
+        raise NodeOpenError("Unsupported qcow2 feature(s): external data file")
     refs = RefcountState(h.cluster_bits, h.refcount_bits, table=table, blocks=blocks,
                          table_offset=h.refcount_table_offset,
                          table_clusters=h.refcount_table_clusters)
@@ -295,8 +368,15 @@ async def open_qcow2(
         l2_cache_bytes=cache, grow=_grower(file), file_length=flen, shrink=_shrinker(file),
         pass_discard=bool(options.get("pass-discard-request", options.get("discard") in ("unmap", "on"))),
     )
+    # Closing trims the file after the last referenced cluster; an L1 or
+    # refcount table the header places past the end of the file (which QEMU
+    # writes there) must survive that, referenced or not.
+    meta_end = max(h.l1_table_offset + h.l1_size * 8,
+                   h.refcount_table_offset + h.refcount_table_clusters * cs)
+    image.opened_length = max(flen, -(-meta_end // cs) * cs)
     drv = Qcow2Driver(file, image, backing, options)
     drv.emit = ctx.emit_event
+    drv.bad_refblock = bad_refblock
     try:
         drv.on_disk, bits = await open_bitmaps(image, not ctx.read_only)
         drv.loaded = list(zip(drv.on_disk, bits))
@@ -304,7 +384,37 @@ async def open_qcow2(
         raise NodeOpenError(exc.text) from exc
     except BlockIOError as exc:
         raise NodeOpenError(f"Could not read bitmaps: {exc}") from exc
+    await _after_load(file, image, ctx.read_only, unaligned_refblock=bad_refblock is not None)
     return drv, children
+
+
+async def _after_load(file: BlockNode, image: Qcow2Image, read_only: bool, *,
+                      unaligned_refblock: bool) -> None:
+    """The end of QEMU's qcow2_do_open: the ignored-bitmaps warning, the
+    header update that drops unknown autoclear bits and an ignored bitmaps
+    extension, then the repair of a dirty image (read-write opens only)."""
+    h = image.header
+    if h.bitmaps_ignored:
+        log.warning("%s: %s\n%s", file.driver.filename,
+                    BITMAPS_IGNORED_V2 if h.version < 3 else BITMAPS_IGNORED_V3,
+                    BITMAPS_IGNORED_HINT)
+    if read_only:
+        return
+    try:
+        if h.bitmaps_ignored or h.autoclear_features & ~AUTOCLEAR_MASK:
+            h.autoclear_features &= AUTOCLEAR_MASK
+            h.bitmaps_ignored = False
+            await image.rewrite_header()
+            await file.flush()
+        if h.dirty:
+            image.refs, _res = await repair(file, h, image.l1, image.refs, _grower(file),
+                                            unaligned_refblock=unaligned_refblock)
+            image.cache.clear()
+            image.file_length = max(image.file_length, file.length)
+    except RepairError as exc:
+        raise NodeOpenError(f"Could not repair dirty image: {exc}") from exc
+    except BlockIOError as exc:
+        raise NodeOpenError(f"Could not repair dirty image: {exc.strerror}") from exc
 
 
 def _l2_cache_bytes(options: Mapping[str, Any], h: Header, g: Geometry) -> int:

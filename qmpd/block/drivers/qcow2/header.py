@@ -29,6 +29,7 @@ __all__ = [
     "MAGIC", "HeaderError", "Header", "parse_header", "encode_header",
     "INCOMPAT_DIRTY", "INCOMPAT_CORRUPT", "INCOMPAT_DATA_FILE", "INCOMPAT_COMPRESSION",
     "INCOMPAT_EXTL2", "COMPAT_LAZY_REFCOUNTS", "AUTOCLEAR_BITMAPS", "AUTOCLEAR_DATA_FILE_RAW",
+    "AUTOCLEAR_MASK",
     "EXT_BACKING_FORMAT", "EXT_FEATURE_TABLE", "EXT_BITMAPS", "EXT_CRYPTO", "EXT_DATA_FILE",
     "FEATURE_NAMES", "V2_HEADER_LENGTH", "V3_HEADER_LENGTH", "MIN_CLUSTER_BITS", "MAX_CLUSTER_BITS",
 ]
@@ -48,6 +49,9 @@ INCOMPAT_EXTL2 = 1 << 4
 COMPAT_LAZY_REFCOUNTS = 1 << 0
 AUTOCLEAR_BITMAPS = 1 << 0
 AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+#: Autoclear bits QEMU 7.2 knows (QCOW2_AUTOCLEAR_MASK); others are cleared
+#: at a read-write open.
+AUTOCLEAR_MASK = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW
 
 EXT_END = 0
 EXT_BACKING_FORMAT = 0xE2792ACA
@@ -113,6 +117,10 @@ class Header:
     backing_format: str | None = None
     #: Bitmaps extension: (nb_bitmaps, directory_size, directory_offset).
     bitmaps_ext: tuple[int, int, int] | None = None
+    #: A bitmaps extension was found with its autoclear bit clear (a program
+    #: without bitmap support wrote the image): QEMU ignores it, warns, and
+    #: drops it from the header at the next read-write open.
+    bitmaps_ignored: bool = False
     #: Extensions kept verbatim when the header is rewritten: (type, data).
     unknown_extensions: list[tuple[int, bytes]] = field(default_factory=list)
     #: Feature names from the image's table: (type, bit) -> name.
@@ -144,11 +152,16 @@ class Header:
 
 
 def _unsupported_features(h: Header, mask: int) -> str:
+    """QEMU's report_unsupported_feature: the bits the image's feature name
+    table names, then one "Unknown incompatible feature" with the rest."""
     names = []
     for bit in range(64):
-        if mask & (1 << bit):
-            name = h.feature_table.get((0, bit))
-            names.append(name if name is not None else f"Unknown incompatible feature: {1 << bit:x}")
+        name = h.feature_table.get((0, bit))
+        if mask & (1 << bit) and name is not None:
+            names.append(name[:46])
+            mask &= ~(1 << bit)
+    if mask:
+        names.append(f"Unknown incompatible feature: {mask:x}")
     return ", ".join(names)
 
 
@@ -190,10 +203,16 @@ def parse_header(buf: bytes, file_length: int | None = None) -> Header:
         raise HeaderError("Invalid backing file offset")
     end = csize if h.backing_file_offset == 0 else h.backing_file_offset
     _parse_extensions(h, buf, h.header_length, end)
-    unknown = h.incompatible_features & ~SUPPORTED_INCOMPAT
+    # An external data file is QEMU's; qmpd has none to offer, and the driver
+    # refuses it with QEMU's text after the table checks.
+    unknown = h.incompatible_features & ~(SUPPORTED_INCOMPAT | INCOMPAT_DATA_FILE | INCOMPAT_EXTL2)
     if unknown:
         raise HeaderError(f"Unsupported qcow2 feature(s): {_unsupported_features(h, unknown)}",
                           unsupported=True)
+    if h.incompatible_features & INCOMPAT_EXTL2:
+        # QEMU knows extended L2 entries (subclusters); qmpd does not.
+        raise HeaderError(f"Unsupported qcow2 feature(s): "
+                          f"{_unsupported_features(h, INCOMPAT_EXTL2)}", unsupported=True)
     if h.refcount_order > 6:
         raise HeaderError("Reference count entry width too large; may not exceed 64 bits")
     if h.incompatible_features & INCOMPAT_COMPRESSION:
@@ -206,7 +225,13 @@ def parse_header(buf: bytes, file_length: int | None = None) -> Header:
         raise HeaderError("qcow2_header: compression type bit is not set, but compression "
                           "type is set")
     if h.crypt_method:
-        raise HeaderError(f"Unsupported encryption method: {h.crypt_method}")
+        # qmpd opens no encrypted image; these are QEMU's texts when no
+        # key secret is given (AES, LUKS) or the method is unknown.
+        if h.crypt_method > 2:
+            raise HeaderError(f"Unsupported encryption method {h.crypt_method}")
+        if h.crypt_method == 2 and not any(t == EXT_CRYPTO for t, _ in h.unknown_extensions):
+            raise HeaderError("Missing CRYPTO header for crypt method 2")
+        raise HeaderError("Parameter 'encrypt.key-secret' is required for cipher")
     if h.backing_file_offset:
         if h.backing_file_size > 1023 or h.backing_file_size > csize - h.backing_file_offset:
             raise HeaderError("Backing file name too long")
@@ -236,6 +261,10 @@ def _parse_extensions(h: Header, buf: bytes, start: int, end: int) -> None:
         elif etype == EXT_BITMAPS:
             if elen != 24:
                 raise HeaderError("bitmaps_ext: Invalid extension length")
+            if not h.autoclear_features & AUTOCLEAR_BITMAPS:
+                h.bitmaps_ignored = True
+                offset += (elen + 7) & ~7
+                continue
             nb, _res, dsize, doff = struct.unpack(">IIQQ", data)
             h.bitmaps_ext = (nb, dsize, doff)
         else:
@@ -257,14 +286,15 @@ def encode_header(h: Header, *, feature_table: bool = True) -> bytes:
     exts = b""
     if h.backing_format is not None:
         exts += _ext(EXT_BACKING_FORMAT, h.backing_format.encode())
+    # QEMU's order (qcow2_update_header): feature table, then bitmaps.
+    if feature_table and h.version >= 3:
+        table = b"".join(struct.pack(">BB46s", t, b, n.encode()) for t, b, n in FEATURE_NAMES)
+        exts += _ext(EXT_FEATURE_TABLE, table)
     if h.bitmaps_ext is not None:
         nb, dsize, doff = h.bitmaps_ext
         exts += _ext(EXT_BITMAPS, struct.pack(">IIQQ", nb, 0, dsize, doff))
     for etype, data in h.unknown_extensions:
         exts += _ext(etype, data)
-    if feature_table and h.version >= 3:
-        table = b"".join(struct.pack(">BB46s", t, b, n.encode()) for t, b, n in FEATURE_NAMES)
-        exts += _ext(EXT_FEATURE_TABLE, table)
     exts += struct.pack(">II", EXT_END, 0)
     hlen = V2_HEADER_LENGTH if h.version == 2 else h.header_length
     name = h.backing_file.encode() if h.backing_file is not None else b""

@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import struct
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from qmpd.block.drivers.qcow2.alloc import RefcountState
+from qmpd.block.drivers.qcow2.alloc import RefcountOverflow, RefcountState
 from qmpd.block.drivers.qcow2.compress import (
     CompressedDataError, compress_cluster, decompress_cluster, encode_descriptor,
 )
 from qmpd.block.drivers.qcow2.header import Header, INCOMPAT_CORRUPT, encode_header
 from qmpd.block.drivers.qcow2.l2cache import L2Cache
+from qmpd.block.drivers.qcow2.writeplan import WritePlan, plan_write
 from qmpd.block.drivers.qcow2.tables import (
     COPIED, OFFSET_MASK, ZERO_FLAG, Geometry, Kind, Mapping,
     compressed_host_clusters, data_hosts, decode, same_run, standard_entry,
@@ -39,6 +40,8 @@ from qmpd.block.drivers.qcow2.tables import (
 from qmpd.block.errors import BlockIOError
 
 __all__ = ["Qcow2Image", "ChildIO", "CorruptImage", "Fill"]
+
+log = logging.getLogger(__name__)
 
 
 class ChildIO(Protocol):
@@ -58,6 +61,11 @@ class ChildIO(Protocol):
     def debug_event(self, event: str) -> None: ...
 
     async def block_status(self, offset: int, length: int) -> tuple[bool, int]: ...
+
+
+def _c_hex(n: int) -> str:
+    """C's ``%#x``: ``0`` for zero, ``0x1f`` otherwise (QEMU's messages)."""
+    return f"{n:#x}" if n else "0"
 
 
 class CorruptImage(BlockIOError):
@@ -97,6 +105,8 @@ class Qcow2Image:
         #: File length when opened: :meth:`trim` never cuts below it.
         self.opened_length = file_length
         self.file_length = file_length
+        #: End of the furthest write (the file grows ahead of it in steps).
+        self.written_end = 0
         self.pass_discard = pass_discard
         self.lock = asyncio.Lock()
         #: Where the next compressed stream may start (0: a fresh cluster).
@@ -140,10 +150,11 @@ class Qcow2Image:
         if not off:
             return None
         if off & (self.g.cluster_size - 1):
-            raise CorruptImage(f"L2 table offset {off:#x} unaligned (L1 index: {l1_index:#x})")
+            raise CorruptImage(f"L2 table offset {_c_hex(off)} unaligned "
+                               f"(L1 index: {_c_hex(l1_index)})")
         if self.cache.table(off) is None:
             self.file.debug_event("l2_load")
-            data = await self.file.read(off, self.g.cluster_size)
+            data = await self._pread(off, self.g.cluster_size)
             self.cache.put(off, bytearray(data))
         return off
 
@@ -162,8 +173,8 @@ class Qcow2Image:
         entry = self.cache.get_entry(off, l2i)
         m = decode(entry, g)
         if m.kind == Kind.NORMAL and m.host & (cs - 1):
-            raise CorruptImage(f"Cluster allocation offset {m.host:#x} unaligned "
-                               f"(L2 offset: {off:#x}, L2 index: {l2i:#x})")
+            raise CorruptImage(f"Cluster allocation offset {_c_hex(m.host)} unaligned "
+                               f"(L2 offset: {_c_hex(off)}, L2 index: {_c_hex(l2i)})")
         n = cs - in_cluster
         if m.kind == Kind.COMPRESSED or n >= maxlen:
             return m, min(maxlen, n)
@@ -215,13 +226,23 @@ class Qcow2Image:
 
     # ------------------------------------------------------------ reading
 
+    async def _pread(self, offset: int, length: int) -> bytes | bytearray:
+        """Read from the file; what lies past its end reads as zeroes (QEMU's
+        block layer zero-fills reads past the end of a protocol node)."""
+        flen = self.file.length
+        if offset + length <= flen:
+            return await self.file.read(offset, length)
+        n = max(0, min(length, flen - offset))
+        head = await self.file.read(offset, n) if n else b""
+        return bytes(head) + bytes(length - n)
+
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         if self.dead:
             raise BlockIOError(errno.ENOMEDIUM)
         m, n = await self.mapping(offset, length)
         if n == length and m.kind == Kind.NORMAL:
             self.file.debug_event("read_aio")
-            return await self.file.read(m.host + (offset & (self.g.cluster_size - 1)), length)
+            return await self._pread(m.host + (offset & (self.g.cluster_size - 1)), length)
         out = bytearray(length)
         pos = offset
         end = offset + length
@@ -237,7 +258,7 @@ class Qcow2Image:
         # blkdebug events on the file child as QEMU's qcow2_co_preadv_task.
         if m.kind == Kind.NORMAL:
             self.file.debug_event("read_aio")
-            out[at:at + n] = await self.file.read(m.host + (pos & (cs - 1)), n)
+            out[at:at + n] = await self._pread(m.host + (pos & (cs - 1)), n)
         elif m.kind == Kind.COMPRESSED:
             self.file.debug_event("read_compressed")
             data = await self._decompress(m)
@@ -274,13 +295,13 @@ class Qcow2Image:
         if self.corrupt:
             raise BlockIOError(errno.EIO)
 
-    async def _l2_for_write(self, l1i: int) -> int:
+    async def l2_for_write(self, l1i: int) -> int:
         """:return: the L2 table for ``l1i``, allocating a new one (in
         memory: written by :meth:`_commit`)."""
         off = await self._l2(l1i)
         if off is not None:
             return off
-        cluster, _ = self._allocate(1, "L2 table")
+        cluster, _ = self.allocate(1, "L2 table")
         off = cluster << self.g.cluster_bits
         table = bytearray(self.g.cluster_size)
         self.cache.put(off, table)
@@ -290,13 +311,12 @@ class Qcow2Image:
         self._l1_dirty.add(l1i)
         return off
 
-    def _allocate(self, n: int, what: str, *, contiguous: bool = False) -> tuple[int, int]:
+    def allocate(self, n: int, what: str, *, contiguous: bool = False) -> tuple[int, int]:
         """Allocate host clusters for ``what``, refusing (as corruption) any
         that overlap the header, the L1 table or the refcount table, and any
         refcount block the allocation had to place over them."""
         if self.refs.get(0) == 0:
-            raise CorruptImage(f"Preventing invalid allocation of {what} at offset 0", 0,
-                               self.g.cluster_size)
+            self._refuse_cluster_zero(what)
         before = set(self.refs.blocks)
         if contiguous:
             start, count = self.refs.allocate_contiguous(n), n
@@ -308,7 +328,18 @@ class Qcow2Image:
             self._check_overlap(self.refs.table[bi], 1 << cb, "refcount block")
         return start, count
 
-    def _check_overlap(self, off: int, n: int, what: str = "cluster") -> None:
+    def _refuse_cluster_zero(self, what: str) -> None:
+        """Cluster 0 (the header) looks free: the refcounts are damaged.  As
+        QEMU: without a refcount block for it, the new block would go to
+        cluster 1 and QEMU's overlap check stops that write first; otherwise
+        the allocation at offset 0 is refused (no offset/size in the event)."""
+        cs = self.g.cluster_size
+        if self.refs.table[0] == 0:
+            self._check_overlap(cs, cs, write=True)
+        raise CorruptImage(f"Preventing invalid allocation of {what} at offset 0")
+
+    def _check_overlap(self, off: int, n: int, what: str = "cluster", *,
+                       write: bool = False) -> None:
         """Refuse to hand out clusters that hold the header, L1 or refcount table."""
         cs = self.g.cluster_size
         h = self.header
@@ -317,6 +348,9 @@ class Qcow2Image:
                  ("refcount table", self.refs.table_offset, self.refs.table_clusters * cs)]
         for name, start, size in areas:
             if off < start + size and start < off + n:
+                if write:
+                    raise CorruptImage(f"Preventing invalid write on metadata (overlaps with "
+                                       f"{name})", off, n)
                 raise CorruptImage(f"Preventing invalid allocation of {what} at offset "
                                    f"{off:#x} (overlaps with {name})", off, n)
 
@@ -358,10 +392,10 @@ class Qcow2Image:
         span = (first, last, done)
         self._inflight.append(span)
         try:
-            plan = _WritePlan()
+            plan = WritePlan()
             try:
                 for off, n, view in parts:
-                    await self._plan_write(plan, off, n, view)
+                    await plan_write(self, plan, off, n, view)
                 await self._ensure_length(max((h + n for h, _, n, _ in plan.data), default=0))
             except BaseException:
                 await self._abort_runs(plan)
@@ -398,7 +432,7 @@ class Qcow2Image:
         finally:
             self.lock.release()
 
-    async def _put_data(self, plan: _WritePlan, fill: Fill | None) -> None:
+    async def _put_data(self, plan: WritePlan, fill: Fill | None) -> None:
         if not plan.data:
             return
         self.file.debug_event("write_aio")
@@ -407,7 +441,7 @@ class Qcow2Image:
         else:
             await asyncio.gather(*(self.file.write(h, b) for h, _, _, b in plan.data if b is not None))
 
-    async def _abort_runs(self, plan: _WritePlan) -> None:
+    async def _abort_runs(self, plan: WritePlan) -> None:
         """A write failed before its L2 entries: give the new clusters of
         ``plan`` back (nothing points at them), as QEMU's
         qcow2_alloc_cluster_abort; if that fails too they stay leaked.
@@ -433,67 +467,7 @@ class Qcow2Image:
             self.lock.release()
             await busy.wait()
 
-    async def _plan_write(self, plan: _WritePlan, offset: int, length: int,
-                          view: memoryview | None) -> None:
-        """Map ``length`` bytes at ``offset`` into ``plan``: in-place
-        extents, and new clusters allocated (in memory) for the rest; no L2
-        entry changes yet.  ``view`` is the data, or None when the caller
-        fills the extents itself (whole clusters only)."""
-        g = self.g
-        cs = g.cluster_size
-        cb = g.cluster_bits
-        mask = g.l2_entries - 1
-        pos = offset
-        end = offset + length
-        while pos < end:
-            l1i, l2i = g.split(pos)
-            l2off = await self._l2_for_write(l1i)
-            table = self.cache.table(l2off)
-            assert table is not None
-            # Clusters of this request inside this L2 table.
-            table_end = min(end, ((pos >> cb) - l2i + g.l2_entries) << cb)
-            while pos < table_end:
-                l2i = (pos >> cb) & mask
-                m = decode(self.cache.get_entry(l2off, l2i), g)
-                if m.kind == Kind.NORMAL and m.copied:
-                    # In place, over the following host-contiguous in-place clusters.
-                    n_end = min(table_end, ((pos >> cb) + 1) << cb)
-                    expect = m.host + cs
-                    while n_end < table_end:
-                        nm = decode(self.cache.get_entry(l2off, (n_end >> cb) & mask), g)
-                        if not (nm.kind == Kind.NORMAL and nm.copied and nm.host == expect):
-                            break
-                        n_end = min(table_end, n_end + cs)
-                        expect += cs
-                    plan.data.append((m.host + (pos & (cs - 1)), pos, n_end - pos,
-                                      None if view is None else view[pos - offset:n_end - offset]))
-                    pos = n_end
-                    continue
-                # Needs new clusters: the run of such clusters from here.
-                first = pos >> cb
-                last_c = (table_end - 1) >> cb
-                entries = _entries(table, first & mask, last_c - first + 1)
-                count = 1
-                for e in entries[1:]:
-                    if e & COPIED and decode(e, g).kind == Kind.NORMAL:
-                        break
-                    count += 1
-                start_cluster, got = self._allocate(count, "data cluster")
-                run_end = min(table_end, (first + got) << cb)
-                if view is None:
-                    plan.data.append((start_cluster << cb, pos, run_end - pos, None))
-                else:
-                    buf = await self._cow_buffer(pos, run_end, view[pos - offset:run_end - offset])
-                    plan.data.append((start_cluster << cb, pos - (pos & (cs - 1)), len(buf), buf))
-                for e in entries[:got]:
-                    if e:
-                        old = decode(e, g)
-                        if old.host and old.kind != Kind.UNALLOCATED:
-                            plan.frees.append(old)
-                plan.runs.append((l1i, first & mask, start_cluster << cb, got))
-                pos = run_end
-
-    async def _apply_entries(self, plan: _WritePlan) -> None:
+    async def _apply_entries(self, plan: WritePlan) -> None:
         """Point the L2 entries of ``plan`` at its new clusters (in memory;
         :meth:`_commit` writes them)."""
         cs = self.g.cluster_size
@@ -501,24 +475,6 @@ class Qcow2Image:
             l2off = await self._l2(l1i)
             assert l2off is not None
             self.cache.set_entries(l2off, idx, [standard_entry(host + k * cs) for k in range(n)])
-
-    async def _cow_buffer(self, pos: int, end: int, data: memoryview) -> bytes | bytearray | memoryview:
-        """:return: whole clusters covering [pos, end) with ``data`` in place
-        and the old content around it (copy-on-write of head and tail)."""
-        cs = self.g.cluster_size
-        head = pos & (cs - 1)
-        astart = pos - head
-        aend = -(-end // cs) * cs
-        if head == 0 and end == aend:
-            return data
-        buf = bytearray(aend - astart)
-        if head:
-            buf[:cs] = await self.cluster_content(astart // cs)
-        last = aend // cs - 1
-        if end != aend and not (head and last == astart // cs):
-            buf[-cs:] = await self.cluster_content(last)
-        buf[head:head + len(data)] = data
-        return buf
 
     async def _commit(self, data_writes: list[tuple[int, bytes | bytearray | memoryview]],
                       frees: list[Mapping]) -> None:
@@ -550,8 +506,13 @@ class Qcow2Image:
             clusters = (compressed_host_clusters(m, cb) if m.kind == Kind.COMPRESSED
                         else range(m.host >> cb, (m.host >> cb) + 1))
             for c in clusters:
-                if self.refs.update(c, -1) == 0:
-                    released.append(c)
+                try:
+                    if self.refs.update(c, -1) == 0:
+                        released.append(c)
+                except RefcountOverflow:
+                    # A reference to a cluster whose refcount is already 0
+                    # (a damaged image): QEMU reports it and goes on.
+                    log.warning("qcow2_free_clusters failed: Invalid argument")
         await self._write_refcounts()
         if self.pass_discard:
             for c in released:
@@ -575,6 +536,7 @@ class Qcow2Image:
         size (8 to 64 MiB) so sequential allocation does not resize on every
         request (a resize waits for the file's writes in flight);
         :meth:`trim` gives the excess back at close."""
+        self.written_end = max(self.written_end, end)
         if end <= self.file_length:
             return
         cs = self.g.cluster_size
@@ -586,7 +548,10 @@ class Qcow2Image:
     async def trim(self) -> None:
         """Truncate the file after the last cluster in use (closing)."""
         used = self.refs.end() << self.g.cluster_bits
-        used = max(used, self.opened_length)
+        # Never below what was written: an L2 table or data cluster that a
+        # damaged image references without a refcount keeps its bytes.
+        used = max(used, self.opened_length, -(-self.written_end // self.g.cluster_size)
+                   * self.g.cluster_size)
         if used < self.file_length and self._shrink is not None:
             await self._shrink(used)
             self.file_length = used
@@ -657,7 +622,7 @@ class Qcow2Image:
                     if self.backing is None or not v3:
                         c += n
                         continue
-                    off = await self._l2_for_write(l1i)
+                    off = await self.l2_for_write(l1i)
                 for k in range(n):
                     idx = l2i + k
                     entry = self.cache.get_entry(off, idx)
@@ -698,7 +663,7 @@ class Qcow2Image:
             g = self.g
             cb = g.cluster_bits
             l1i, l2i = g.split(offset)
-            l2off = await self._l2_for_write(l1i)
+            l2off = await self.l2_for_write(l1i)
             old = decode(self.cache.get_entry(l2off, l2i), g)
             host = self._alloc_compressed(len(out))
             self.cache.set_entry(l2off, l2i, encode_descriptor(host, len(out), cb))
@@ -718,7 +683,7 @@ class Qcow2Image:
         if pos and cs - (pos & (cs - 1)) >= n:
             self.refs.update(pos >> cb, 1)
         else:
-            new = self._allocate(1, "compressed cluster")[0] << cb
+            new = self.allocate(1, "compressed cluster")[0] << cb
             if pos and new == (pos | (cs - 1)) + 1:
                 self.refs.update(pos >> cb, 1)  # spans into the next cluster
             else:
@@ -751,7 +716,7 @@ class Qcow2Image:
         """Allocate ``n`` contiguous clusters for metadata (bitmap tables,
         directories) with their refcounts written; :return: the file offset.
         Callers hold :attr:`lock`."""
-        start, _ = self._allocate(n, what, contiguous=True)
+        start, _ = self.allocate(n, what, contiguous=True)
         await self._write_refcounts()
         return start << self.g.cluster_bits
 
@@ -772,23 +737,4 @@ class Qcow2Image:
         its place after them)."""
         data = encode_header(self.header)
         await self.file.write(0, data)
-
-
-class _WritePlan:
-    """One write request's mapping: data extents (host offset, bytes), new
-    runs (L1 index, first L2 index, host offset, clusters) and old mappings
-    to free once the new entries are written."""
-
-    __slots__ = ("data", "runs", "frees")
-
-    def __init__(self) -> None:
-        #: (host offset, guest offset, bytes, the data or None when filled by the caller).
-        self.data: list[tuple[int, int, int, bytes | bytearray | memoryview | None]] = []
-        self.runs: list[tuple[int, int, int, int]] = []
-        self.frees: list[Mapping] = []
-
-
-def _entries(table: bytearray, index: int, n: int) -> list[int]:
-    """:return: ``n`` L2 entries of ``table`` from ``index`` (one unpack)."""
-    return list(struct.unpack_from(f">{n}Q", table, index * 8))
 
