@@ -104,3 +104,57 @@ class RawQMP:
 
     def close(self) -> None:
         self.sock.close()
+
+
+MIB = 1 << 20
+
+
+def qmp_cmd(c: RawQMP, name: str, args: dict[str, object]) -> dict[str, object]:
+    """:return: the reply of one command. :raise RuntimeError: an error reply."""
+    import json
+
+    reply: dict[str, object] = json.loads(c.roundtrip(json.dumps({"execute": name, "arguments": args}).encode()))
+    if "error" in reply:
+        raise RuntimeError(f"{name}: {reply['error']}")
+    return reply
+
+
+def preallocated_image(tmp: str, size: int) -> str:
+    """:return: the path of a new ``disk.img`` of ``size`` bytes in ``tmp``,
+    allocated (posix_fallocate) so that writes measure the server, not the
+    file system's allocation."""
+    image = os.path.join(tmp, "disk.img")
+    with open(image, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, size)
+    return image
+
+
+def hmp_write_rate(sock: str, image: str, size: int, bitmaps: Sequence[bool]) -> float:
+    """Add a raw node over ``image`` with one enabled dirty bitmap per entry
+    of ``bitmaps`` (the entry: ``persistent``), write ``size`` bytes with
+    ``qemu-io NODE "write -P 0xab OFF 1M"`` through HMP, one round trip per
+    MiB, then ``flush``; remove the bitmaps and the node.
+
+    :return: MB/s of the writes and the flush."""
+    import json
+
+    c = RawQMP(sock)
+    node = f"n{time.monotonic_ns()}"
+    qmp_cmd(c, "blockdev-add", {"driver": "raw", "node-name": node,
+                                "file": {"driver": "file", "filename": image}})
+    for i, persistent in enumerate(bitmaps):
+        qmp_cmd(c, "block-dirty-bitmap-add", {"node": node, "name": f"b{i}", "persistent": persistent})
+    hmp = [json.dumps({"execute": "human-monitor-command", "arguments": {
+        "command-line": f'qemu-io {node} "write -P 0xab {off} 1M"'}}).encode() for off in range(0, size, MIB)]
+    flush = json.dumps({"execute": "human-monitor-command",
+                        "arguments": {"command-line": f'qemu-io {node} "flush"'}}).encode()
+    t0 = time.perf_counter()
+    for req in hmp:
+        c.roundtrip(req)
+    c.roundtrip(flush)
+    elapsed = time.perf_counter() - t0
+    for i in range(len(bitmaps)):
+        qmp_cmd(c, "block-dirty-bitmap-remove", {"node": node, "name": f"b{i}"})
+    qmp_cmd(c, "blockdev-del", {"node-name": node})
+    c.close()
+    return size / elapsed / 1e6

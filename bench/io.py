@@ -19,7 +19,6 @@ random writes from 8 concurrent writers, and the state directory's size.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -30,40 +29,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, RawQMP, Server, qemu_servers, qmpd_server  # noqa: E402
+from _common import ROOT, Server, hmp_write_rate, preallocated_image, qemu_servers, qmpd_server  # noqa: E402
 
 MIB = 1 << 20
 
 
-def _cmd(c: RawQMP, name: str, args: dict[str, object]) -> dict[str, object]:
-    reply: dict[str, object] = json.loads(c.roundtrip(json.dumps({"execute": name, "arguments": args}).encode()))
-    if "error" in reply:
-        raise RuntimeError(f"{name}: {reply['error']}")
-    return reply
-
-
 def run_writes(sock: str, image: str, size: int, bitmaps: int) -> float:
     """:return: MB/s of qemu-io writes through QMP on a fresh node."""
-    c = RawQMP(sock)
-    node = f"n{time.monotonic_ns()}"
-    _cmd(c, "blockdev-add", {"driver": "raw", "node-name": node,
-                             "file": {"driver": "file", "filename": image}})
-    for i in range(bitmaps):
-        _cmd(c, "block-dirty-bitmap-add", {"node": node, "name": f"b{i}"})
-    hmp = [json.dumps({"execute": "human-monitor-command", "arguments": {
-        "command-line": f'qemu-io {node} "write -P 0xab {off} 1M"'}}).encode() for off in range(0, size, MIB)]
-    flush = json.dumps({"execute": "human-monitor-command",
-                        "arguments": {"command-line": f'qemu-io {node} "flush"'}}).encode()
-    t0 = time.perf_counter()
-    for req in hmp:
-        c.roundtrip(req)
-    c.roundtrip(flush)
-    elapsed = time.perf_counter() - t0
-    for i in range(bitmaps):
-        _cmd(c, "block-dirty-bitmap-remove", {"node": node, "name": f"b{i}"})
-    _cmd(c, "blockdev-del", {"node-name": node})
-    c.close()
-    return size / elapsed / 1e6
+    return hmp_write_rate(sock, image, size, [False] * bitmaps)
 
 
 def dd_ceiling(image: str, size: int) -> float:
@@ -82,9 +55,7 @@ def main() -> None:
     size = args.size_mib * MIB
     os.makedirs(args.dir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="io-", dir=args.dir) as tmp:
-        image = os.path.join(tmp, "disk.img")
-        with open(image, "wb") as f:
-            os.posix_fallocate(f.fileno(), 0, size)
+        image = preallocated_image(tmp, size)
         sock_tmp = tempfile.mkdtemp(prefix="iob-")
         servers = [("qmpd", lambda: qmpd_server(sock_tmp, 1))]
         for name, argv, socks in qemu_servers(sock_tmp, 1):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import statistics
@@ -32,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import ROOT, RawQMP, qmpd_server  # noqa: E402
+from _common import ROOT, hmp_write_rate, preallocated_image, qmpd_server  # noqa: E402
 
 from qmpd.block import BlockGraph  # noqa: E402
 from qmpd.block.persist import BitmapStateDir  # noqa: E402
@@ -40,33 +39,9 @@ from qmpd.block.persist import BitmapStateDir  # noqa: E402
 MIB = 1 << 20
 
 
-def _cmd(c: RawQMP, name: str, args: dict[str, object]) -> dict[str, object]:
-    reply: dict[str, object] = json.loads(c.roundtrip(json.dumps({"execute": name, "arguments": args}).encode()))
-    if "error" in reply:
-        raise RuntimeError(f"{name}: {reply['error']}")
-    return reply
-
-
 def qmp_writes(sock: str, image: str, size: int, persistent: bool) -> float:
     """:return: MB/s of 1 MiB qemu-io writes over QMP with one bitmap."""
-    c = RawQMP(sock)
-    node = f"n{time.monotonic_ns()}"
-    _cmd(c, "blockdev-add", {"driver": "raw", "node-name": node,
-                             "file": {"driver": "file", "filename": image}})
-    _cmd(c, "block-dirty-bitmap-add", {"node": node, "name": "b0", "persistent": persistent})
-    reqs = [json.dumps({"execute": "human-monitor-command", "arguments": {
-        "command-line": f'qemu-io {node} "write -P 0xab {off} 1M"'}}).encode() for off in range(0, size, MIB)]
-    flush = json.dumps({"execute": "human-monitor-command",
-                        "arguments": {"command-line": f'qemu-io {node} "flush"'}}).encode()
-    t0 = time.perf_counter()
-    for req in reqs:
-        c.roundtrip(req)
-    c.roundtrip(flush)
-    elapsed = time.perf_counter() - t0
-    _cmd(c, "block-dirty-bitmap-remove", {"node": node, "name": "b0"})
-    _cmd(c, "blockdev-del", {"node-name": node})
-    c.close()
-    return size / elapsed / 1e6
+    return hmp_write_rate(sock, image, size, [persistent])
 
 
 async def _random_writes(tmp: str, image: str, size: int, persistent: bool, count: int) -> tuple[float, int]:
@@ -121,9 +96,7 @@ def run_all(size_mib: int, reps: int, bench_dir: str) -> None:
     size = size_mib * MIB
     os.makedirs(bench_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="persist-", dir=bench_dir) as tmp:
-        image = os.path.join(tmp, "disk.img")
-        with open(image, "wb") as f:
-            os.posix_fallocate(f.fileno(), 0, size)
+        image = preallocated_image(tmp, size)
         sock_tmp = tempfile.mkdtemp(prefix="pb-")
         srv = qmpd_server(sock_tmp, 1, "--state-dir", os.path.join(tmp, "state"))
         try:

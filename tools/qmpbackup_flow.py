@@ -15,6 +15,14 @@ more writes, a second incremental.  It checks, byte for byte:
   (raw incrementals are sparse full-size files: only zeros elsewhere);
 * full + incrementals, applied in order, equal the final disk.
 
+``--restart quit|kill`` restarts the daemon (``--state-dir``) between the
+two incrementals, by ``quit`` or kill -9: the chain must continue (no new
+full backup).  After kill -9 the second incremental may hold more clusters
+than were written (the journal's bitmap holds more, never less); each of
+them must equal the disk then.  qmpbackup adds raw disks' bitmaps with
+``persistent: false``, so for ``--format raw`` the daemon also gets
+``--state-keep-transient-bitmaps``.
+
 Exit status 0 when all hold.  qmpbackup needs ``query-block`` with a
 ``qdev``, ``qom-set`` of the device's ``drive``, ``copy-before-write`` and
 ``snapshot-access``; tests/scenario/test_qmpbackup.py runs this script when
@@ -98,6 +106,9 @@ def _start(disk: Path, fmt: str, sock: str, state: Path | None) -> subprocess.Po
         os.unlink(sock)  # left behind by kill -9
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     extra = ["--state-dir", str(state)] if state is not None else []
+    if state is not None and fmt == "raw":
+        # qmpbackup adds raw disks' bitmaps with persistent: false.
+        extra.append("--state-keep-transient-bitmaps")
     proc = subprocess.Popen(
         [sys.executable, "-m", "qmpd", "-machine", "pc", "-nodefaults", "-display", "none",
          "-drive", f"if=none,id=drive0,file={disk},format={fmt}",

@@ -32,7 +32,8 @@ Snapshot, format version 1 (little-endian throughout)::
     record:
     0   2  name length         8   8  bytes covered (the node length)
     2   1  flags: bit 0 RECORDING (enabled, or frozen with an enabled
-           successor), bit 1 INCONSISTENT
+           successor), bit 1 INCONSISTENT, bit 2 TRANSIENT (added with
+           ``persistent: false``, kept by ``--state-keep-transient-bitmaps``)
     3   1  reserved (0)        16  4  length of the bits in bytes
     4   4  granularity         20  4  CRC-32 of the bits
     24  .. name (UTF-8), then the bits (``HBitmap.to_bytes_le`` layout)
@@ -48,7 +49,16 @@ Write-intent layer, version 1::
     8   2  version (1)     10  2  reserved
     12  4  coarse shift    16  8  image size   24  4  number of bits
     28  4  CRC-32 of bytes 0..28
+    64  .. the write lease (below), in the header's padding
     512 .. the bits (bit i covers [i << shift, (i+1) << shift))
+
+    write lease (optional: a file without it is judged by the snapshot):
+    64  8  magic  b"QMPDLEAS"
+    72  1  state: 1 HELD, 2 RELEASED      73  7  reserved (0)
+    80  8  HELD: qmpd may write the image until this CLOCK_REALTIME time (ns);
+           RELEASED: when it stopped writing
+    88  40 RELEASED: the image's size, mtime, ctime, dev, ino then
+    128 4  CRC-32 of bytes 64..128
 
 Rule (write-ahead dirtying): before a write to ``[off, off+len)`` reaches the
 image, the coarse bits covering it are set on disk (``fdatasync``); writes
@@ -63,6 +73,28 @@ began after it (:meth:`WriteIntent.capture`, :meth:`WriteIntent.reset_mask`).
 The bits carry no checksum on purpose: between resets they are only ever
 set, and a reset only clears bits the durable snapshot covers, so any mix of
 old and new sectors after a torn write is a safe state.
+
+Writes behind qmpd's back (:class:`WriteLease`, :func:`judge_lease`): the
+bits only know qmpd's writes, so after a crash recovery must also know
+that nobody else wrote the image before qmpd opened it again.  The kernel
+stamps every write into the image's mtime and ctime (ctime cannot be set
+back by anyone), so qmpd keeps a *write lease* in the write-intent file:
+
+* before a write reaches the image qmpd holds a lease: HELD until ``t``,
+  with ``t`` at least ``now + length``, renewed (one ``pwrite``, no sync)
+  when less than three quarters of it is left: qmpd's own writes then
+  stamp the image with times before ``t``;
+* when a lazy store finds no write in flight it RELEASES the lease,
+  recording the image's size, mtime, ctime, device and inode; the next
+  write takes a new lease first.
+
+At recovery (:func:`judge_lease`) a RELEASED lease must find the image
+exactly as recorded; a HELD one must find its mtime and ctime not after
+``t``.  Anything else is a write qmpd did not make, and the bitmaps are
+loaded inconsistent.  A lease lost in a power cut leaves an older one on
+disk, which only makes the verdict stricter.  What it cannot see: a
+foreign write stamped before ``t``, i.e. made within ``length`` of a crash
+that hit while qmpd was writing (or with the clock stepped back).
 
 Recovery (:func:`recover`): after a clean close the snapshot is exact (if the
 image's size, mtime and ctime still match; otherwise every bitmap is marked
@@ -97,12 +129,18 @@ __all__ = [
     "BitmapRecord",
     "ImageIdentity",
     "JournalFormatError",
+    "LEASE_OFFSET",
+    "Lease",
     "Snapshot",
+    "WriteLease",
     "WriteIntent",
     "decode_intent",
+    "decode_lease",
     "decode_snapshot",
     "encode_intent",
     "encode_intent_header",
+    "encode_lease",
+    "judge_lease",
     "encode_snapshot",
     "recover",
     "state_file_stem",
@@ -121,9 +159,16 @@ _INTENT_MAGIC = b"QMPDWINT"
 _SNAP_HEAD = struct.Struct("<8sHHIqqqqqqII")  # 72 bytes
 _RECORD_HEAD = struct.Struct("<HBBIqII")  # 24 bytes
 _INTENT_HEAD = struct.Struct("<8sHHIqI")  # 28 bytes, then the CRC
+_LEASE_MAGIC = b"QMPDLEAS"
+_LEASE = struct.Struct("<8sB7xqqqqqq")  # 64 bytes, then the CRC
+#: Where the write lease sits in the ``.qwi`` file (inside the header's padding).
+LEASE_OFFSET = 64
+_HELD = 1
+_RELEASED = 2
 _FLAG_CLEAN = 1
 _REC_RECORDING = 1
 _REC_INCONSISTENT = 2
+_REC_TRANSIENT = 4
 _MAX_NAME = 1023
 
 
@@ -161,6 +206,8 @@ class BitmapRecord:
     inconsistent: bool
     #: ``HBitmap.to_bytes_le`` of the bits.
     bits: bytes
+    #: Added with ``persistent: false`` and kept anyway (the TRANSIENT flag).
+    transient: bool = False
 
     def to_hbitmap(self) -> HBitmap:
         """:return: the bits as an HBitmap of this size and granularity."""
@@ -205,7 +252,8 @@ def encode_snapshot(snap: Snapshot) -> bytes:
         snap.coarse_shift, len(path)), path]
     for rec in snap.records:
         name = rec.name.encode()
-        flags = (_REC_RECORDING if rec.recording else 0) | (_REC_INCONSISTENT if rec.inconsistent else 0)
+        flags = ((_REC_RECORDING if rec.recording else 0) | (_REC_INCONSISTENT if rec.inconsistent else 0)
+                 | (_REC_TRANSIENT if rec.transient else 0))
         parts.append(_RECORD_HEAD.pack(len(name), flags, 0, rec.granularity, rec.size,
                                        len(rec.bits), zlib.crc32(rec.bits)))
         parts.append(name)
@@ -246,7 +294,8 @@ def decode_snapshot(data: bytes) -> Snapshot:
         if gran < 1 or gran & (gran - 1) or blen != -(-(-(-rsize // gran)) // 8):
             raise JournalFormatError(f"bitmap record '{name}' has a bad shape")
         records.append(BitmapRecord(name, gran, rsize, bool(rflags & _REC_RECORDING),
-                                    bool(rflags & _REC_INCONSISTENT), bits))
+                                    bool(rflags & _REC_INCONSISTENT), bits,
+                                    bool(rflags & _REC_TRANSIENT)))
     if pos != len(body):
         raise JournalFormatError("snapshot has trailing bytes")
     return Snapshot(path, ImageIdentity(size, mtime, ctime, dev, ino), bool(flags & _FLAG_CLEAN),
@@ -260,18 +309,125 @@ def _nbits(size: int, shift: int) -> int:
     return -(-size >> shift) if size else 0
 
 
-def encode_intent_header(size: int, shift: int) -> bytes:
-    """:return: the 512-byte header of a ``.qwi`` file."""
+def encode_intent_header(size: int, shift: int, lease: Lease | None = None) -> bytes:
+    """:return: the 512-byte header of a ``.qwi`` file (with ``lease``)."""
     head = _INTENT_HEAD.pack(_INTENT_MAGIC, FORMAT_VERSION, 0, shift, size, _nbits(size, shift))
     head += struct.pack("<I", zlib.crc32(head))
+    head += bytes(LEASE_OFFSET - len(head))
+    if lease is not None:
+        head += encode_lease(lease)
     return head + bytes(INTENT_BITS_OFFSET - len(head))
 
 
-def encode_intent(size: int, shift: int, bits: bitarray | None = None) -> bytes:
+def encode_intent(size: int, shift: int, bits: bitarray | None = None,
+                  lease: Lease | None = None) -> bytes:
     """:return: a whole ``.qwi`` file (all bits clear unless ``bits``)."""
     n = _nbits(size, shift)
     body = bits.tobytes() if bits is not None else bytes(-(-n // 8))
-    return encode_intent_header(size, shift) + body
+    return encode_intent_header(size, shift, lease) + body
+
+
+# ------------------------------------------------------------ write lease
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The write lease of an image (see the module docstring).
+
+    ``held``: qmpd may be writing the image until ``until`` (ns since the
+    epoch, CLOCK_REALTIME, the clock that stamps mtime and ctime).
+    Released: qmpd stopped writing at ``until`` and the image was then
+    ``image``.
+    """
+
+    held: bool
+    until: int
+    image: ImageIdentity | None = None
+
+
+def encode_lease(lease: Lease) -> bytes:
+    """:return: the 68 bytes of a lease record (at :data:`LEASE_OFFSET`)."""
+    im = lease.image or ImageIdentity(0, 0, 0, 0, 0)
+    body = _LEASE.pack(_LEASE_MAGIC, _HELD if lease.held else _RELEASED, lease.until,
+                       im.size, im.mtime_ns, im.ctime_ns, im.dev, im.ino)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def decode_lease(data: bytes) -> Lease | None:
+    """:return: the lease recorded in a ``.qwi`` file (its first bytes will
+    do), or None if it has none (older file, or a torn record)."""
+    end = LEASE_OFFSET + _LEASE.size
+    if len(data) < end + 4:
+        return None
+    body = data[LEASE_OFFSET:end]
+    (crc,) = struct.unpack_from("<I", data, end)
+    if zlib.crc32(body) != crc:
+        return None
+    magic, state, until, size, mtime, ctime, dev, ino = _LEASE.unpack(body)
+    if magic != _LEASE_MAGIC or state not in (_HELD, _RELEASED):
+        return None
+    if state == _HELD:
+        return Lease(True, until)
+    return Lease(False, until, ImageIdentity(size, mtime, ctime, dev, ino))
+
+
+class WriteLease:
+    """When qmpd must renew its write lease before writing (pure: the
+    caller passes the time and writes the record).
+
+    :param length_ns: how far ahead a lease reaches.
+    """
+
+    def __init__(self, length_ns: int) -> None:
+        self.length = length_ns
+        #: The lease on disk (None: none recorded yet).
+        self.current: Lease | None = None
+
+    def due(self, now: int) -> bool:
+        """:return: a write starting at ``now`` must first renew the lease
+        (none held, or less than three quarters of it left)."""
+        cur = self.current
+        return cur is None or not cur.held or cur.until - now < self.length - self.length // 4
+
+    def renewed(self, now: int) -> Lease:
+        """:return: the lease to record before writing at ``now`` (never
+        shorter than the one held)."""
+        cur = self.current
+        until = now + self.length
+        if cur is not None and cur.held:
+            until = max(until, cur.until)
+        return Lease(True, until)
+
+    def released(self, now: int, image: ImageIdentity) -> Lease:
+        """:return: the lease to record when no write is in flight at ``now``
+        and the image is ``image``."""
+        return Lease(False, now, image)
+
+
+def judge_lease(lease: Lease | None, current: ImageIdentity,
+                fallback: ImageIdentity) -> str | None:
+    """:return: why the image must have been written by someone else since
+    qmpd stopped (None: only qmpd's own writes explain ``current``).
+
+    ``lease``: the one recorded in the write-intent file (None: not there,
+    then the image must be as at the last snapshot, ``fallback``).
+    """
+    if lease is None:
+        if current.unchanged(fallback):
+            return None
+        return ("the image was modified after qmpd stopped (it differs from the last snapshot, "
+                "and the journal has no write lease)")
+    if not lease.held:
+        assert lease.image is not None
+        if current.unchanged(lease.image):
+            return None
+        return ("the image was modified after qmpd stopped writing it "
+                "(size, mtime or ctime differ from the journal's record)")
+    late = max(current.mtime_ns, current.ctime_ns) - lease.until
+    if late <= 0:
+        return None
+    return (f"the image was modified after qmpd stopped (its mtime/ctime are "
+            f"{late / 1e9:.3f} s past qmpd's write lease)")
 
 
 def decode_intent(data: bytes) -> tuple[int, int, bitarray]:

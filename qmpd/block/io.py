@@ -475,22 +475,27 @@ def _open_path(path: str, flags: int, mode: int, confinement: Confinement | None
     return os.open(path, flags, mode)
 
 
-def _open(path: str, flags: int, confinement: Confinement | None = None,
-          fdsets: FdSets | None = None) -> int:
+def _open_stat(path: str, flags: int, confinement: Confinement | None = None,
+               fdsets: FdSets | None = None) -> tuple[int, os.stat_result]:
     # O_NONBLOCK: opening a FIFO must not wait for a writer (QEMU hangs
     # there); it is refused below like any file that is not regular.
     fd = _open_path(path, flags | os.O_NONBLOCK, 0o600, confinement, fdsets)
     try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
             raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
-        if not stat.S_ISREG(mode):
+        if not stat.S_ISREG(st.st_mode):
             raise NotRegularFile()
         os.set_blocking(fd, True)
     except BaseException:
         _close(fd, fdsets)
         raise
-    return fd
+    return fd, st
+
+
+def _open(path: str, flags: int, confinement: Confinement | None = None,
+          fdsets: FdSets | None = None) -> int:
+    return _open_stat(path, flags, confinement, fdsets)[0]
 
 
 def _close(fd: int, fdsets: FdSets | None) -> None:
@@ -520,9 +525,13 @@ def _create(path: str, size: int, confinement: Confinement | None = None,
 class ImageFile:
     """An open image file; every method but :meth:`close` runs in the pool."""
 
-    __slots__ = ("path", "fd", "read_only", "pool")
+    __slots__ = ("path", "fd", "read_only", "pool", "opened_stat")
 
-    def __init__(self, path: str, fd: int, read_only: bool, pool: IOPool | None = None) -> None:
+    def __init__(self, path: str, fd: int, read_only: bool, pool: IOPool | None = None,
+                 opened_stat: os.stat_result | None = None) -> None:
+        #: fstat(2) right after open, before qmpd wrote anything (the
+        #: persistent-bitmap journal compares it with its write lease).
+        self.opened_stat = opened_stat
         #: The worker threads that run this file's calls.
         self.pool = pool or shared_pool()
         #: Path as given by the user.
@@ -544,8 +553,8 @@ class ImageFile:
         if direct:
             flags |= getattr(os, "O_DIRECT", 0)
         pool = pool or shared_pool()
-        fd = await pool.run(_open, path, flags, pool.confinement, pool.fdsets)
-        return cls(path, fd, read_only, pool)
+        fd, st = await pool.run(_open_stat, path, flags, pool.confinement, pool.fdsets)
+        return cls(path, fd, read_only, pool, st)
 
     async def read(self, offset: int, length: int) -> bytes:
         """:return: ``length`` bytes at ``offset`` (zeros past EOF)."""

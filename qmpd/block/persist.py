@@ -23,6 +23,14 @@ running write needs.  Clearing bits (``block-dirty-bitmap-clear``, a backup
 that succeeded) only makes the in-memory bitmap smaller than the stored
 one: no sync is needed before the reply.
 
+Writes behind qmpd's back after a crash: before a write reaches the image
+the journal holds a *write lease* in the write-intent file (renewed with a
+plain pwrite every half second or so while writing, released with the
+image's stat by a lazy store that finds nothing in flight); at the next
+open an image stamped after the lease, or changed since the release, gets
+its bitmaps inconsistent (``judge_lease``).  For qcow2 the image is judged
+as its file node found it at open, before the driver wrote its header.
+
 Hook for other formats: a node whose format stores bitmaps itself (qcow2)
 can still use a NodeJournal as its crash journal: attach it with
 :meth:`BitmapStateDir.attach` ``(node, image_path)`` and, at open, recover
@@ -35,21 +43,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import TYPE_CHECKING
 
 from bitarray import bitarray
 
 from qmpd.bitmap.journal import (
     DEFAULT_COARSE_SHIFT,
+    LEASE_OFFSET,
     BitmapRecord,
     ImageIdentity,
     JournalFormatError,
+    Lease,
     Snapshot,
     WriteIntent,
+    WriteLease,
     decode_intent,
+    decode_lease,
     decode_snapshot,
     encode_intent,
+    encode_lease,
     encode_snapshot,
+    judge_lease,
     recover,
     state_file_stem,
 )
@@ -68,6 +83,7 @@ from qmpd.block.io import (
 )
 
 if TYPE_CHECKING:
+    from qmpd.bitmap.dirty import DirtyBitmap
     from qmpd.bitmap.hbitmap import HBitmap
     from qmpd.block.node import BlockNode
 
@@ -75,9 +91,24 @@ __all__ = ["BitmapStateDir", "NodeJournal", "image_path_of", "qcow2_image_of"]
 
 log = logging.getLogger(__name__)
 
+#: Seconds a write lease reaches ahead: the longest a foreign write right
+#: after a crash during writes can go unseen, and (three quarters of it)
+#: the longest qmpd's own write may wait between its lease check and the
+#: kernel without making a recovery after a crash needlessly strict.
+WRITE_LEASE = 2.0
+
 
 def _identity(st: os.stat_result) -> ImageIdentity:
     return ImageIdentity(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_dev, st.st_ino)
+
+
+def _opened_identity(node: BlockNode) -> ImageIdentity | None:
+    """:return: the image file as it was when its file node opened, before
+    qmpd wrote anything (a qcow2 driver writes its header at open)."""
+    child = node.children.get("file")
+    window = child.driver.file_window() if child is not None else None
+    st = window.image.opened_stat if window is not None and window.image is not None else None
+    return _identity(st) if st is not None else None
 
 
 def image_path_of(node: BlockNode) -> str | None:
@@ -122,6 +153,9 @@ class NodeJournal:
         #: The bitmaps live in the image too (qcow2): the driver loads and
         #: stores them; the journal only recovers the ones left in use.
         self.in_image = in_image
+        #: ``--state-keep-transient-bitmaps`` (raw only): bitmaps added with
+        #: ``persistent: false`` are journaled too, and reloaded as such.
+        self.keep_transient = owner.keep_transient and not in_image
         #: A read-only node: bitmaps are loaded ``readonly`` and never stored.
         self.read_only = node.read_only
         self.node = node
@@ -130,6 +164,10 @@ class NodeJournal:
         self.snap_path = os.path.join(owner.path, stem + ".qbm")
         self.intent_path = os.path.join(owner.path, stem + ".qwi")
         self.intent = WriteIntent(node.length, owner.coarse_shift)
+        #: The write lease (qmpd.bitmap.journal): held while writing.
+        self.lease = WriteLease(int(owner.write_lease * 1e9))
+        self._renewing: asyncio.Future[None] | None = None
+        self._lease_sync: asyncio.Task[None] | None = None
         #: Some persistent bitmap exists: writes wait for their coarse bits.
         self.active = False
         self.sequence = 0
@@ -155,10 +193,17 @@ class NodeJournal:
             then fails without reaching the image).
         """
         need = self.intent.begin(offset, length)
-        if not need or not self.active:
+        if not self.active or not need and not self.lease.due(time.time_ns()):
             return
         try:
-            await self._make_durable(need)
+            if self.lease.due(time.time_ns()):
+                await self._renew_lease()  # the group commit below syncs it too
+            if need:
+                await self._make_durable(need)
+            # Again right before the write if the sync took long: the write
+            # must stamp the image within the lease.
+            if self.lease.due(time.time_ns()):
+                await self._renew_lease()
         except BaseException:
             self.intent.end(offset, length)
             raise
@@ -170,6 +215,65 @@ class NodeJournal:
         if self.active:
             self._fine_dirty = True
             self._schedule_flush()
+            # Writes still queued (behind a qcow2 allocation, in the pool)
+            # keep the lease fresh, so that their stamps stay inside it.
+            if (self.intent.writes_in_flight and self._renewing is None and not self._closed
+                    and not self.owner.tasks.closed and self.lease.due(time.time_ns())):
+                self.owner.tasks.spawn(self._renew_quietly(), name="bitmap-lease")
+
+    async def _renew_lease(self) -> None:
+        """Record a held lease reaching ``write_lease`` ahead: one pwrite,
+        which is all a crash of qmpd needs (the page cache survives it); an
+        fdatasync follows in the background, not awaited by any write (a
+        power cut before it leaves an older lease on disk, which only makes
+        the recovery stricter).  Concurrent writers share one renewal."""
+        if self._renewing is not None:
+            # Its lease was taken at most one pwrite before this write asked.
+            await asyncio.shield(self._renewing)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._renewing = fut
+        try:
+            async with self._io_lock:
+                lease = self.lease.renewed(time.time_ns())
+                assert self._file is not None
+                await self._file.write(LEASE_OFFSET, encode_lease(lease))
+                self.lease.current = lease
+        finally:
+            self._renewing = None
+            fut.set_result(None)
+        if self._lease_sync is None and not self._closed and not self.owner.tasks.closed:
+            self._lease_sync = self.owner.tasks.spawn(self._sync_lease(), name="bitmap-lease-sync")
+
+    async def _sync_lease(self) -> None:
+        try:
+            if self._file is not None:
+                await self._file.flush()
+        except (BlockIOError, OSError) as exc:
+            log.error("cannot sync the write lease of %s in %s: %s", self.image, self.owner.path, exc)
+        finally:
+            self._lease_sync = None
+
+    async def _renew_quietly(self) -> None:
+        try:
+            if self._file is not None and self.lease.due(time.time_ns()):
+                await self._renew_lease()
+        except BlockIOError as exc:
+            log.error("cannot renew the write lease of %s in %s: %s", self.image, self.owner.path, exc)
+
+    async def _lease_for_store(self) -> Lease:
+        """:return: the lease a store records (under ``_io_lock``): released
+        with the image's identity when no write is in flight, else held."""
+        now = time.time_ns()
+        if self.intent.writes_in_flight:
+            lease = self.lease.renewed(now)
+        else:
+            # Writes beginning from here renew first (and wait for the lock).
+            self.lease.current = Lease(False, now)
+            ident = _identity(await stat_path(self.image, pool=self.owner.pool))
+            lease = self.lease.released(now, ident)
+        self.lease.current = lease
+        return lease
 
     async def _make_durable(self, bits: list[int]) -> None:
         intent = self.intent
@@ -201,7 +305,7 @@ class NodeJournal:
         the others follow in list order (newest first), as QEMU writes the
         directory at close; loading adds them in that order, each in front,
         so a reload lists them as QEMU does."""
-        named = {bm.name: bm for bm in self.node.bitmaps if bm.name is not None and bm.persistent}
+        named = {bm.name: bm for bm in self.node.bitmaps if bm.name is not None and self._journaled(bm)}
         self._order = [n for n in self._order if n in named]  # as QEMU drops a removed one
         order = self._order + [n for n in named if n not in self._order]
         out = []
@@ -212,7 +316,7 @@ class NodeJournal:
                 hb = hb.copy()
                 hb.merge_from(bm.successor.hbitmap)
             out.append(BitmapRecord(name, bm.granularity, bm.size, bm.recording,
-                                    bm.inconsistent, hb.to_bytes_le()))
+                                    bm.inconsistent, hb.to_bytes_le(), not bm.persistent))
         return out
 
     async def store(self, *, clean: bool = False) -> None:
@@ -229,7 +333,9 @@ class NodeJournal:
             if records and self._file is None:
                 # The first persistent bitmap of this image: a fresh layer.
                 self._file = await open_state_file(self.intent_path, pool=self.owner.pool)
-                await self._file.write_durable(0, encode_intent(self.intent.size, self.intent.shift))
+                lease = self.lease.current = self.lease.renewed(time.time_ns())
+                await self._file.write_durable(0, encode_intent(self.intent.size, self.intent.shift,
+                                                                lease=lease))
             if records and not self.active:
                 # Writes already running began without waiting: make their
                 # bits durable before the snapshot that makes them matter.
@@ -254,7 +360,9 @@ class NodeJournal:
             async with self._io_lock:
                 mask = self.intent.reset_mask()
                 if self._file is not None and not clean:
-                    await self._file.write_durable(0, encode_intent(self.intent.size, self.intent.shift, mask))
+                    lease = await self._lease_for_store()
+                    await self._file.write_durable(0, encode_intent(self.intent.size, self.intent.shift,
+                                                                    mask, lease))
 
     @property
     def flush_scheduled(self) -> bool:
@@ -321,36 +429,55 @@ class NodeJournal:
             reason = "the image was modified while qmpd did not have it open (mtime/ctime differ)"
         intent_bits = None
         if reason is None and not snap.clean:
-            intent_bits, reason = await self._load_intent(snap)
+            intent_bits, reason = await self._load_intent(snap, current)
         recovered = recover(snap, intent_bits, snap.coarse_shift) if reason is None else None
         size = self.node.bitmaps.size
-        self._order = [rec.name for rec in snap.records]
+        self._order = []
+        dropped = []
         for i, rec in enumerate(snap.records):
             bad = reason is not None or rec.inconsistent or rec.size != size
-            bm = self.node.bitmaps.add(rec.name, rec.granularity, persistent=True,
+            if rec.transient and (bad or not self.keep_transient):
+                # Inconsistent is for persistent bitmaps (as in QEMU): a kept
+                # transient one that cannot be trusted is gone, as after a
+                # restart without the option.
+                dropped.append(rec.name)
+                continue
+            self._order.append(rec.name)
+            bm = self.node.bitmaps.add(rec.name, rec.granularity, persistent=not rec.transient,
                                        disabled=bad or not rec.recording)
             bm.inconsistent = bad
             bm.readonly = self.read_only
             if not bad and recovered is not None:
                 bm.hbitmap.merge_from(recovered[i])
-        if reason is not None and snap.records:
+        bad_names = [r.name for r in snap.records if not r.transient]
+        if reason is not None and bad_names:
             log.warning("persistent bitmaps of %s (%s) marked inconsistent: %s",
-                        self.image, ", ".join(r.name for r in snap.records), reason)
-        elif not snap.clean:
+                        self.image, ", ".join(bad_names), reason)
+        if dropped:
+            log.warning("transient bitmaps of %s (%s) dropped: %s", self.image, ", ".join(dropped),
+                        reason or "--state-keep-transient-bitmaps is off")
+        if reason is None and not snap.clean:
             log.info("bitmaps of %s recovered from the journal after an unclean stop", self.image)
         if self.read_only:
             return
-        self.active = any(bm.persistent for bm in self.node.bitmaps)
+        self.active = any(self._journaled(bm) for bm in self.node.bitmaps)
         if snap.clean or reason is not None:
             # Clear the CLEAN flag before the first write (and keep the
             # verdict).  After a crash the stored state stays valid as it is
             # (old snapshot + coarse bits); the next lazy store folds it in.
             await self.store()
 
-    async def _load_intent(self, snap: Snapshot) -> tuple[bitarray | None, str | None]:
+    def _journaled(self, bm: DirtyBitmap) -> bool:
+        return bm.name is not None and (bm.persistent or self.keep_transient)
+
+    async def _load_intent(self, snap: Snapshot, current: ImageIdentity
+                           ) -> tuple[bitarray | None, str | None]:
         """Read the write-intent layer after an unclean stop and make it the
-        durable one. :return: ``(bits, None)``, or ``(None, why)`` when it is
-        missing or of another layout."""
+        durable one; judge by its write lease whether someone else wrote the
+        image since (``current``: the image before this run wrote it).
+
+        :return: ``(bits, None)``, or ``(None, why)`` when it is missing or
+            of another layout, or the image was written behind qmpd's back."""
         idata = await read_state_file(self.intent_path, pool=self.owner.pool)
         try:
             if not idata:
@@ -360,6 +487,11 @@ class NodeJournal:
                 raise JournalFormatError("write-intent layer of another layout")
         except JournalFormatError as exc:
             return None, f"it was not closed cleanly and {exc}"
+        lease = decode_lease(idata)
+        self.lease.current = lease
+        why = judge_lease(lease, current, snap.identity)
+        if why is not None:
+            return None, why
         self.intent.load_durable(intent_bits)
         return intent_bits, None
 
@@ -381,7 +513,8 @@ class NodeJournal:
         elif not snap.identity.same_file(current):
             reason = "the image file was replaced (device or inode differ)"
         else:
-            intent_bits, reason = await self._load_intent(snap)
+            before = _opened_identity(self.node) or current
+            intent_bits, reason = await self._load_intent(snap, before)
         if reason is None:
             recovered = recover(snap, intent_bits, snap.coarse_shift)
         present = {bm.name: bm for bm in self.node.bitmaps if bm.name is not None}
@@ -404,11 +537,16 @@ class NodeJournal:
             log.info("qcow2 bitmaps of %s (%s) recovered from the journal after an unclean stop",
                      self.image, ", ".join(done))
         elif reason is not None and any(bm.inconsistent for bm in self.node.bitmaps):
-            log.info("in-use qcow2 bitmaps of %s not recovered: %s", self.image, reason)
+            if snap.clean:
+                log.info("in-use qcow2 bitmaps of %s not recovered: %s", self.image, reason)
+            else:
+                log.warning("qcow2 bitmaps of %s (%s) left inconsistent: %s", self.image,
+                            ", ".join(bm.name or "" for bm in self.node.bitmaps if bm.inconsistent),
+                            reason)
         self._order = []
         if self.read_only:
             return
-        self.active = any(bm.persistent for bm in self.node.bitmaps)
+        self.active = any(self._journaled(bm) for bm in self.node.bitmaps)
         await self.store()
 
     def drop(self) -> None:
@@ -419,6 +557,8 @@ class NodeJournal:
             self._timer = None
         if self._flusher is not None:
             self._flusher.cancel()
+        if self._lease_sync is not None:
+            self._lease_sync.cancel()
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -431,6 +571,8 @@ class NodeJournal:
             self._timer = None
         if self._flusher is not None:
             await asyncio.wait([self._flusher])
+        if self._lease_sync is not None:
+            await asyncio.wait([self._lease_sync])
         if self.read_only:
             return
         try:
@@ -448,12 +590,20 @@ class BitmapStateDir:
     :param flush_interval: seconds between a write and the lazy store of the
         fine bits.
     :param coarse_shift: log2 of the bytes per write-intent bit.
+    :param write_lease: seconds a write lease reaches ahead (:data:`WRITE_LEASE`).
+    :param keep_transient: keep raw nodes' ``persistent: false`` bitmaps too.
     """
 
     def __init__(self, path: str, *, flush_interval: float = 5.0,
                  coarse_shift: int = DEFAULT_COARSE_SHIFT, tasks: TaskGroup | None = None,
-                 pool: IOPool | None = None) -> None:
+                 pool: IOPool | None = None, write_lease: float = WRITE_LEASE,
+                 keep_transient: bool = False) -> None:
         self.path = path
+        #: ``--state-keep-transient-bitmaps``: raw nodes' bitmaps added with
+        #: ``persistent: false`` are kept too (listed ``persistent: false``).
+        self.keep_transient = keep_transient
+        #: Seconds a write lease reaches ahead (qmpd.bitmap.journal.WriteLease).
+        self.write_lease = write_lease
         #: The worker threads of the state files (the daemon's; None: shared).
         self.pool = pool
         #: Where the lazy stores run (the daemon's group, or one of its own).

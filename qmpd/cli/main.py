@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-flush-interval", type=float, default=5.0, metavar="SECS",
                    help="seconds after a write before its fine bitmap bits are stored "
                         "(default %(default)s)")
+    p.add_argument("--state-write-lease", type=float, default=2.0, metavar="SECS",
+                   help="how far ahead qmpd's write lease on an image reaches: after a "
+                        "crash during writes, a write by someone else within this time is "
+                        "not detected (default %(default)s)")
+    p.add_argument("--state-keep-transient-bitmaps", action="store_true",
+                   help="also keep in --state-dir the bitmaps of raw images added with "
+                        "persistent: false (they come back after a restart, still listed "
+                        "persistent: false; for qmpbackup --include-raw)")
     p.add_argument("--pidfile", metavar="PATH", help="write the daemon's PID here")
     p.add_argument("--daemonize", action="store_true",
                    help="detach once the listeners are ready")
@@ -257,6 +265,10 @@ def parse_args(
     except ArgvError as err:
         parser.error(str(err))
     args = parser.parse_args(rest)
+    if not args.state_write_lease > 0:
+        parser.error("--state-write-lease must be positive")
+    if args.state_keep_transient_bitmaps and args.state_dir is None:
+        parser.error("--state-keep-transient-bitmaps needs --state-dir")
     plan = StartupPlan(blockdevs=list(qemu.blockdevs), drives=list(qemu.drives),
                        devices=list(qemu.devices))
     args.qemu, args.plan = qemu, plan
@@ -272,6 +284,8 @@ def parse_args(
             prelaunch=qemu.prelaunch,
             state_dir=args.state_dir,
             state_flush_interval=args.state_flush_interval,
+            state_write_lease=args.state_write_lease,
+            state_keep_transient=args.state_keep_transient_bitmaps,
         )
         args.http_address = parse_http(args.http) if args.http else None
     except OptionError as err:

@@ -38,6 +38,10 @@ class DaemonConfig:
     state_dir: str | None = None
     #: ``--state-flush-interval``: seconds before fine bits are stored lazily.
     state_flush_interval: float = 5.0
+    #: ``--state-write-lease``: seconds qmpd's write lease reaches ahead.
+    state_write_lease: float = 2.0
+    #: ``--state-keep-transient-bitmaps``: keep raw nodes' non-persistent bitmaps too.
+    state_keep_transient: bool = False
 
     def version_info(self) -> dict[str, Any]:
         """:return: the VersionInfo of ``query-version`` and the greeting."""

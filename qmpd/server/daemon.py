@@ -161,6 +161,8 @@ class Daemon:
         if self.config.state_dir is not None:
             bitmap_state = BitmapStateDir(self.config.state_dir,
                                           flush_interval=self.config.state_flush_interval,
+                                          write_lease=self.config.state_write_lease,
+                                          keep_transient=self.config.state_keep_transient,
                                           tasks=self.tasks.child("bitmap-state"), pool=self.pool)
         self.state.block = BlockGraph(bitmap_state=bitmap_state, pool=self.pool,
                                       emit_event=self.events.emit)

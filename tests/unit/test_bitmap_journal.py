@@ -12,15 +12,20 @@ from bitarray import bitarray
 from qmpd.bitmap.hbitmap import HBitmap
 from qmpd.bitmap.journal import (
     INTENT_BITS_OFFSET,
+    LEASE_OFFSET,
     BitmapRecord,
     ImageIdentity,
     JournalFormatError,
+    Lease,
     Snapshot,
     WriteIntent,
+    WriteLease,
     decode_intent,
+    decode_lease,
     decode_snapshot,
     encode_intent,
     encode_snapshot,
+    judge_lease,
     recover,
     state_file_stem,
 )
@@ -273,3 +278,47 @@ def test_replay_against_shadow_crash_anywhere(seed: int) -> None:
         else:
             rng.choice(steps)()
         m.crash_check()
+
+
+# ------------------------------------------------------------ write lease
+
+_IMG = ImageIdentity(1 << 30, 5_000, 6_000, 7, 8)
+
+
+def test_lease_round_trip_inside_the_intent_header() -> None:
+    for lease in (Lease(True, 123_456_789), Lease(False, 42, _IMG)):
+        data = encode_intent(8 << 20, 20, lease=lease)
+        assert decode_lease(data) == lease
+        assert decode_intent(data)[:2] == (8 << 20, 20)  # readers of the bits are unaffected
+    assert decode_lease(encode_intent(8 << 20, 20)) is None  # written by an older qmpd
+    torn = bytearray(encode_intent(8 << 20, 20, lease=Lease(True, 1)))
+    torn[LEASE_OFFSET + 20] ^= 1
+    assert decode_lease(bytes(torn)) is None
+
+
+def test_write_lease_due_and_never_shortened() -> None:
+    wl = WriteLease(4_000)
+    assert wl.due(0)
+    wl.current = wl.renewed(1_000)
+    assert wl.current == Lease(True, 5_000)
+    assert not wl.due(1_999) and wl.due(2_001)  # renewed once a quarter is used
+    wl.current = Lease(True, 9_000)
+    assert wl.renewed(1_000).until == 9_000
+    wl.current = wl.released(2_000, _IMG)
+    assert wl.due(2_000)  # the next write takes a new lease first
+
+
+def test_judge_lease() -> None:
+    later = ImageIdentity(_IMG.size, 9_000, 9_000, 7, 8)
+    # Released: the image must be exactly as recorded.
+    assert judge_lease(Lease(False, 6_000, _IMG), _IMG, later) is None
+    assert "stopped writing it" in str(judge_lease(Lease(False, 6_000, _IMG), later, _IMG))
+    # Held: stamps up to the lease's end are qmpd's own.
+    assert judge_lease(Lease(True, 9_000), later, _IMG) is None
+    why = judge_lease(Lease(True, 8_000), later, _IMG)
+    assert why is not None and "past qmpd's write lease" in why
+    # ctime counts too (mtime can be set back by anyone, ctime cannot).
+    assert judge_lease(Lease(True, 8_000), ImageIdentity(_IMG.size, 1, 9_000, 7, 8), _IMG) is not None
+    # No lease (older file): only an image unchanged since the snapshot.
+    assert judge_lease(None, _IMG, _IMG) is None
+    assert judge_lease(None, later, _IMG) is not None
