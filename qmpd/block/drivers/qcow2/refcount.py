@@ -101,6 +101,27 @@ class RefcountBlock:
         if hi > self._hi:
             self._hi = hi
 
+    def free_run(self, i: int, n: int) -> int:
+        """:return: how many entries from ``i`` (at most ``n``, within the
+        block) have refcount 0."""
+        end = min(i + n, self.entries)
+        if self.bits == 16:
+            seg = self.data[2 * i:2 * end]
+            return (len(seg) - len(seg.lstrip(b"\0"))) // 2
+        k = i
+        while k < end and self.get(k) == 0:
+            k += 1
+        return k - i
+
+    def take(self, i: int, n: int) -> None:
+        """Set ``n`` free entries from ``i`` to 1 (a new allocation)."""
+        if self.bits == 16:
+            self.data[2 * i:2 * (i + n)] = b"\0\1" * n
+            self._mark(2 * i, 2 * (i + n))
+            return
+        for k in range(i, i + n):
+            self.set(k, 1)
+
     def first_free(self, start: int) -> int:
         """:return: the first index >= ``start`` with refcount 0, or ``entries``."""
         if self.bits == 16:
