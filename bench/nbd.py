@@ -48,8 +48,8 @@ def make_image(path: Path, size: int) -> None:
             pass
 
 
-def start(argv: list[str], sock: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start(argv: list[str], sock: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 30
     while subprocess.run(["nbdinfo", "--size", f"nbd+unix:///drive0?socket={sock}"],
                          capture_output=True).returncode != 0:
@@ -57,6 +57,10 @@ def start(argv: list[str], sock: Path) -> subprocess.Popen[bytes]:
             raise RuntimeError(f"{argv[0]} did not start")
         time.sleep(0.05)
     return proc
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name)
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -67,10 +71,23 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def timed_copy(src: str, reps: int, pid: int | None = None) -> tuple[float, float]:
+def evict(path: Path) -> None:
+    """Drop the image's pages from the page cache (--cold)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def timed_copy(src: str, reps: int, pid: int | None = None,
+               cold: Path | None = None) -> tuple[float, float]:
     """:return: median wall seconds and median server CPU seconds."""
     times, cpus = [], []
     for _ in range(reps):
+        if cold is not None:
+            evict(cold)
         c = cpu_seconds(pid)
         t = time.perf_counter()
         subprocess.run(["nbdcopy", src, "null:"], check=True)
@@ -79,17 +96,25 @@ def timed_copy(src: str, reps: int, pid: int | None = None) -> tuple[float, floa
     return statistics.median(times), statistics.median(cpus)
 
 
-def throughput(tmp: Path, size: int, reps: int) -> None:
+def throughput(tmp: Path, size: int, reps: int, compare: str | None = None,
+               cold: bool = False) -> None:
     img = tmp / "disk.img"
     make_image(img, size)
+    evicted = img if cold else None
     common = ["--blockdev", f"driver=file,node-name=f0,filename={img}",
               "--blockdev", "driver=raw,node-name=drive0,file=f0"]
-    ceiling, _ = timed_copy(str(img), reps)
+    ceiling, _ = timed_copy(str(img), reps, cold=evicted)
     gib = size / (1 << 30)
     print(f"nbdcopy of a {size // MiB} MiB dense export to null: (median of {reps}; "
+          f"{'cold: image evicted from the page cache before each copy; ' if cold else ''}"
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     print(f"  ceiling (nbdcopy of the file) {ceiling:7.3f} s  {gib / ceiling:6.2f} GiB/s")
     servers = {"qmpd": [sys.executable, "-m", "qmpd", "--socket", str(tmp / "q.sock")]}
+    envs: dict[str, dict[str, str] | None] = {"qmpd": None}
+    if compare:   # the same daemon from another checkout (before/after)
+        label = f"qmpd ({Path(compare).name})"
+        servers[label] = [sys.executable, "-m", "qmpd", "--socket", str(tmp / "q2.sock")]
+        envs[label] = {**os.environ, "PYTHONPATH": str(Path(compare).resolve())}
     if shutil.which("qemu-storage-daemon"):
         servers["qemu-storage-daemon"] = ["qemu-storage-daemon"]
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -97,14 +122,15 @@ def throughput(tmp: Path, size: int, reps: int) -> None:
     cpus: dict[str, list[float]] = {name: [] for name in servers}
     try:
         for name, argv in servers.items():
-            sock = tmp / f"{name}.nbd"
+            sock = tmp / f"{_slug(name)}.nbd"
             procs[name] = start([*argv, *common, "--nbd-server", f"addr.type=unix,addr.path={sock}",
-                                 "--export", "nbd,id=e0,node-name=drive0"], sock)
+                                 "--export", "nbd,id=e0,node-name=drive0"], sock, envs.get(name))
         # Copies alternate between the servers, so a change of the
         # machine's load hits both alike.
         for _ in range(reps):
             for name, proc in procs.items():
-                t, cpu = timed_copy(f"nbd+unix:///drive0?socket={tmp / f'{name}.nbd'}", 1, proc.pid)
+                t, cpu = timed_copy(f"nbd+unix:///drive0?socket={tmp / f'{_slug(name)}.nbd'}", 1, proc.pid,
+                                    cold=evicted)
                 times[name].append(t)
                 cpus[name].append(cpu)
     finally:
@@ -181,12 +207,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dir", default=None)
     ap.add_argument("--skip-copy", action="store_true", help="only the BLOCK_STATUS part")
+    ap.add_argument("--compare", metavar="TREE", default=None,
+                    help="also run qmpd from this checkout (e.g. /work/main) in the same run")
+    ap.add_argument("--cold", action="store_true",
+                    help="evict the image from the page cache before each copy")
+    ap.add_argument("--skip-status", action="store_true", help="only the nbdcopy part")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="nbdbench-") as d:
         tmp = Path(d)
         if not args.skip_copy:
-            throughput(tmp, args.size_mib * MiB, args.reps)
-        asyncio.run(block_status(tmp))
+            throughput(tmp, args.size_mib * MiB, args.reps, args.compare, args.cold)
+        if not args.skip_status:
+            asyncio.run(block_status(tmp))
         os.sync()
 
 

@@ -8,6 +8,13 @@ they start is kept until it ends; a failure is logged, never lost; and
 and awaits what is left in the whole tree, so after the daemon's clean-up no
 task of it is running (``tests/integration/test_sigterm_leaks.py``).
 
+A thread that serves one thing for a while (an NBD connection's data
+pump) is an :class:`OwnedThread`: a task of a group starts it and awaits
+its end, so cancelling the task is how the owner ends it (it tells the
+thread's code to stop, then waits briefly).  File calls use the block
+layer's I/O pool instead; ``tests/unit/test_owned_tasks.py`` fails on a
+``threading.Thread`` anywhere else.
+
 Code without a daemon (library use, unit tests) makes its own group; a
 component that starts tasks only for the length of one call (block-copy's
 chunk workers) uses a short-lived group and awaits it before returning.
@@ -19,10 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Iterator
+import threading
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["TaskGroup"]
+__all__ = ["OwnedThread", "TaskGroup"]
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -110,3 +118,51 @@ class TaskGroup:
         self._closed = True
         for child in self._children:
             child._close()
+
+
+class OwnedThread:
+    """A daemon thread running ``target()`` whose end an asyncio task awaits.
+
+    :meth:`start` returns a future of the running loop, settled when
+    ``target`` returns (or with what it raised).  The thread is a daemon
+    thread: one stuck in the kernel cannot keep the process from exiting.
+    Stopping it is ``target``'s own protocol (its owner asks, then awaits).
+    """
+
+    def __init__(self, target: Callable[[], None], *, name: str) -> None:
+        self.name = name
+        self._target = target
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> asyncio.Future[None]:
+        """Start the thread.  :return: its end, as a future of this loop."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle(exc: BaseException | None) -> None:
+            if done.done():
+                return
+            if exc is None:
+                done.set_result(None)
+            else:
+                done.set_exception(exc)
+
+        def body() -> None:
+            exc: BaseException | None = None
+            try:
+                self._target()
+            except BaseException as e:  # noqa: BLE001 - handed to the owner
+                exc = e
+            try:
+                loop.call_soon_threadsafe(settle, exc)
+            except RuntimeError:   # the loop is closed: nobody waits any more
+                pass
+
+        self._thread = threading.Thread(target=body, name=self.name, daemon=True)
+        self._thread.start()
+        return done
+
+    @property
+    def alive(self) -> bool:
+        """Whether the thread is still running."""
+        return self._thread is not None and self._thread.is_alive()

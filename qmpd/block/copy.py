@@ -40,9 +40,10 @@ data chunks are copied file to file as well: the source's data clusters
 are looked up in its L2 tables, the target allocates the clusters of the
 whole group at once (one host run), ``copy_file_range(2)`` copies between
 the host offsets in one pool job, and only then does the target commit
-its L2 entries (refcounts before data before L2 before L1, as on every
-qcow2 write).  Chunks batch as on the fast path (up to 32 of one kind,
-any data chunks).  A range the source does not hold as plain data
+its L2 entries (refcounts and data before L2, L2 before L1, as on every
+qcow2 write).  Hole chunks batch as on the fast path; a data group takes
+up to 1024 chunks or 32 MiB, contiguous or not (an incremental backup's
+scattered clusters go together).  A range the source does not hold as plain data
 clusters (compressed, zero, from a backing file) or a target range that
 is not cluster aligned goes the node path; a failed copy is redone with
 a separate read and write, so the error is attributed as there.

@@ -19,11 +19,13 @@ errno.  Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import os
 import queue
+import socket
 import stat
 import threading
 import time
@@ -34,7 +36,11 @@ from qmpd.block.confine import Confinement
 from qmpd.block.errors import BlockIOError
 from qmpd.block.fdsets import FdSets, fdset_id_of
 
+<<<<<<< HEAD
 __all__ = ["IOPool", "ImageFile", "NotRegularFile", "copy_pairs", "copy_range", "copy_ranges", "create_file",
+=======
+__all__ = ["IOPool", "ImageFile", "NotRegularFile", "PinnedFile", "copy_range", "copy_ranges", "create_file",
+>>>>>>> main
            "run_blocking", "shared_pool",
            "make_private_dir", "open_state_file", "read_state_file", "remove_state_file",
            "real_path", "replace_file_durably", "stat_path", "StateFile"]
@@ -408,6 +414,7 @@ def _send_cached(fd: int, out_fd: int, head: bytes, offset: int, length: int) ->
 
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
 
 
 def _read_sparse_cached(fd: int, offset: int, length: int,
@@ -643,6 +650,65 @@ class ImageFile:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             _close(fd, self.pool.fdsets)
+
+
+class PinnedFile:
+    """A duplicate descriptor of an image for a thread of its own (an NBD
+    connection's data pump): its calls block that thread, never the loop,
+    and the file stays open even if the node closes or replaces its own
+    descriptor meanwhile.  Close it from the thread that uses it."""
+
+    __slots__ = ("image", "fd")
+
+    def __init__(self, image: ImageFile) -> None:
+        #: The image duplicated (compare to spot a change of file).
+        self.image = image
+        self.fd = os.dup(image.fd)
+
+    def all_data(self, offset: int, length: int) -> bool:
+        """Whether the range is all data (no hole), per SEEK_DATA/SEEK_HOLE."""
+        is_data, n = _block_status(self.fd, offset, length)
+        return is_data and n >= length
+
+    def will_need(self, offset: int, length: int) -> None:
+        """Start reading the range into the page cache without waiting
+        (posix_fadvise WILLNEED): queued reads keep the disk busy."""
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def read_sparse(self, offset: int, length: int, *,
+                    base: int = 0) -> list[tuple[int, bytes | bytearray | int]]:
+        """:meth:`ImageFile.read_sparse`, blocking."""
+        return _read_sparse(self.fd, offset, length, base)
+
+    def send(self, out: socket.socket, head: bytes, offset: int, length: int,
+             wait: Callable[[], bool]) -> bool:
+        """Send ``head`` (MSG_MORE), then ``length`` bytes at ``offset`` by
+        sendfile(2), zeros past EOF, to the non-blocking socket ``out``;
+        ``wait()`` runs whenever it is full and returns False to give up.
+
+        :return: whether all was sent.  :raise OSError: the peer is gone.
+        """
+        view, done = memoryview(head), 0
+        while view or done < length:
+            try:
+                if view:
+                    view = view[out.send(view, _MSG_MORE if done < length else 0):]
+                elif (n := os.sendfile(out.fileno(), self.fd, offset + done, length - done)) > 0:
+                    done += n
+                else:   # past the end of the file: zeros, as QEMU reads there
+                    n = min(length - done, _ZERO_CHUNK)
+                    view, done = memoryview(_ZEROS)[:n], done + n
+            except BlockingIOError:
+                if not wait():
+                    return False
+        return True
+
+    def close(self) -> None:
+        """Close the duplicate (idempotent)."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
 
 async def copy_range(src: ImageFile, src_off: int, dst: ImageFile, dst_off: int, length: int) -> None:

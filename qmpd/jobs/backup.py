@@ -100,6 +100,13 @@ class BackupJob(Job):
 
     # ------------------------------------------------------------ work
 
+    def block_nodes(self) -> tuple[object, ...]:
+        return tuple(n for n in (self.source, self.target, self.filter) if n is not None)
+
+    @property
+    def ends_when_entered(self) -> bool:
+        return self.sync == "none"
+
     async def drain_hook(self) -> None:
         if self.copy is not None:
             await self.copy.drain()

@@ -180,6 +180,26 @@ class Job(abc.ABC):
     def resume_hook(self) -> None:
         """Called at a pause point when the job is about to continue."""
 
+    def block_nodes(self) -> tuple[object, ...]:
+        """The block nodes the job holds (QEMU's block_job_add_bdrv); a
+        drained section over one of them pauses the job."""
+        return ()
+
+    @property
+    def ends_when_entered(self) -> bool:
+        """The job's run only waits to be cancelled (backup ``sync:
+        none``): a cancel finds it idle, and QEMU then runs it to its end
+        before the command returns."""
+        return False
+
+    def show_drain(self) -> None:
+        """A drained section QEMU opens and closes within one command
+        (a graph change under the job): a running job shows the transient
+        ``paused``/``running`` pair; a paused one shows nothing."""
+        if self.status is JobStatus.RUNNING and self.started and not self.paused:
+            self._transition(JobStatus.PAUSED)
+            self._transition(JobStatus.RUNNING)
+
     async def drain_hook(self) -> None:
         """Called at a pause point before parking, with the job still busy:
         finish work in flight (QEMU's backup_pause waits for block-copy's

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Collection
 from typing import TypeVar
 
 from qmpd.errors import DeviceNotActive, GenericError
@@ -250,6 +251,12 @@ class JobManager:
                 await self._txn_abort(job)
         else:
             job.enter()
+            if job.ends_when_entered and job.is_cancelled:
+                # QEMU enters the idle job at once; it ends, and its abort
+                # (aborting, BLOCK_JOB_CANCELLED, concluded) comes before
+                # the command's reply (recorded from QSD 7.2).  A job busy
+                # with I/O notices the cancel later, after the reply.
+                await job.wait_concluded()
 
     async def cancel_sync(self, job: Job) -> None:
         """Force-cancel ``job`` without verb checks and wait until it concluded.
@@ -300,6 +307,14 @@ class JobManager:
             raise GenericError(f"The block job for device '{job.id}' is currently paused")
         job.apply_verb(JobVerb.CANCEL)
         await self._cancel(job, force)
+
+    def show_drain(self, nodes: Collection[object]) -> None:
+        """A drained section over ``nodes`` (a node and every node above
+        it) within one command: each job holding one of them shows QEMU's
+        transient ``paused``/``running`` pair (:meth:`Job.show_drain`)."""
+        for job in list(self._jobs):
+            if any(n in nodes for n in job.block_nodes()):
+                job.show_drain()
 
     def pause(self, job: Job) -> None:
         """``job-pause``: the job parks (``paused`` event) at its next pause point.

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from qmpd.bitmap import DirtyBitmap
 from qmpd.block.errors import BlockIOError
-from qmpd.block.fastcopy import file_view, mark_read
+from qmpd.block.fastcopy import FileView, file_view, mark_read
 from qmpd.block.node import BlockNode
 from qmpd.nbd.protocol import ExportInfo
 
@@ -125,6 +125,16 @@ class Export:
         if direct is not None:
             mark_read(view, length)
         return direct
+
+    def file_view_for_read(self, offset: int, length: int) -> FileView | None:
+        """The file behind the node when a READ of the range may be read
+        straight from it (a plain raw/file chain, the test of
+        :meth:`send_cached`), else None.  Only reads the graph: a
+        connection's data pump calls it from its own thread."""
+        node = self.node
+        if length == 0 or offset + length > node.length:
+            return None
+        return file_view(node, for_write=False)
 
     def send_cached(self, out_fd: int, head: bytes, offset: int, length: int) -> bytes | None:
         """A READ of a plain raw/file chain whose range is all data and all

@@ -9,6 +9,11 @@ against the :class:`~qmpd.nbd.exports.Export` (several at once, replies
 in completion order) and writes what the codec queued.  A client's
 failure ends that client only.
 
+After the handshake, a client of a plain file export (no TLS) is served
+by a :class:`~qmpd.nbd.pump.DataPump` on a thread of its own (up to
+:data:`MAX_PUMPS` at once): READs are answered there, everything else is
+still run here on the event loop.
+
 ``max-connections`` works as QEMU's: a connection beyond the limit is
 accepted by the kernel but gets no greeting until another client leaves.
 """
@@ -23,13 +28,14 @@ import os
 import re
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, SupportsIndex, cast
 
 from qmpd.bitmap import DirtyBitmap
 from qmpd.bitmap.errors import BitmapError
 from qmpd.block.errors import BlockIOError
+from qmpd.block.fastcopy import file_view
 from qmpd.block.graph import BlockGraph
 from qmpd.block.node import BlockNode
 from qmpd.commands.objects import TlsCredsX509
@@ -37,13 +43,14 @@ from qmpd.errors import GenericError
 from qmpd.events import EventBus
 from qmpd.events.names import BLOCK_EXPORT_DELETED
 from qmpd.nbd.exports import Export, ExportSettings
+from qmpd.nbd.pump import DataPump, Reply
 from qmpd.nbd.protocol import (CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE,
                                MAX_STRING, Closed, Cmd, ExportInfo, Request, ServerConnection,
                                StartTLS)
 from qmpd.server.listeners import (
     BindError, Listener, OwnedPath, TcpListener, UnixListener, open_listener,
 )
-from qmpd.tasks import TaskGroup
+from qmpd.tasks import OwnedThread, TaskGroup
 
 __all__ = ["NbdServer", "ExportRequest", "BLOCK_EXPORT_DELETED"]
 
@@ -57,6 +64,10 @@ CLIENT_DEPTH = 64
 CLIENT_BIG = 2
 #: SO_SNDBUF of client sockets.
 SEND_BUFFER = 4 * MiB
+#: Connections served by a data-pump thread at once (more use the loop).
+MAX_PUMPS = 16
+#: How long a stopped pump thread is waited for.
+PUMP_STOP_WAIT = 1.0
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 
 
@@ -85,12 +96,14 @@ class NbdServer:
 
     def __init__(self, graph: Callable[[], BlockGraph], events: EventBus, *,
                  tls_creds: Callable[[str], TlsCredsX509 | None] = lambda _id: None,
-                 tasks: TaskGroup | None = None) -> None:
+                 tasks: TaskGroup | None = None,
+                 drained: Callable[[Collection[BlockNode]], None] = lambda _nodes: None) -> None:
         self._graph = graph
         #: Where per-request tasks run (the daemon's group, or one of its own).
         self.tasks = tasks if tasks is not None else TaskGroup("nbd")
         self._events = events
         self._tls_lookup = tls_creds
+        self._drained = drained
         #: The server's TLS context once started with tls-creds (STARTTLS
         #: then required).
         self.tls: ssl.SSLContext | None = None
@@ -100,6 +113,8 @@ class NbdServer:
         self._owned: OwnedPath | None = None
         self._slots: asyncio.Semaphore | None = None
         self._clients: set[_Client] = set()
+        #: Clients served by a data-pump thread right now.
+        self.pumps = 0
 
     # ------------------------------------------------------------ server
 
@@ -178,10 +193,10 @@ class NbdServer:
             self._owned = None
 
     def _protocol(self) -> asyncio.Protocol:
-        reader = asyncio.StreamReader(limit=1 << 20)
-        return asyncio.StreamReaderProtocol(reader, self._connected)
+        reader = _Reader(limit=1 << 20)
+        return asyncio.StreamReaderProtocol(reader, lambda _r, writer: self._connected(reader, writer))
 
-    def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _connected(self, reader: _Reader, writer: asyncio.StreamWriter) -> None:
         """A client connected: serve it on a task of the server's group (not
         on asyncio's own callback task, which must never be cancelled)."""
         sock = writer.get_extra_info("socket")
@@ -314,6 +329,12 @@ class NbdServer:
         if self.exports.get(exp.id) is exp:
             del self.exports[exp.id]
             exp.close()
+            # QEMU drains the node twice as the export's BlockBackend
+            # leaves it: jobs holding it or a node above it show two
+            # paused/running pairs before the event (recorded from QSD 7.2).
+            above = _node_and_parents(exp.node)
+            for _ in range(2):
+                self._drained(above)
             log.info("export %s removed", exp.id)
             self._events.emit(BLOCK_EXPORT_DELETED, {"id": exp.id})
 
@@ -329,6 +350,18 @@ class NbdServer:
                  "shutting-down": e.shutting_down} for e in reversed(self.exports.values())]
 
 
+def _node_and_parents(node: BlockNode) -> list[BlockNode]:
+    """``node`` and every node above it (what a drain of it reaches)."""
+    out = [node]
+    i = 0
+    while i < len(out):
+        for parent in out[i].parents:
+            if all(parent is not n for n in out):
+                out.append(parent)
+        i += 1
+    return out
+
+
 def _find_bitmap(node: BlockNode, name: str) -> DirtyBitmap | None:
     """QEMU looks down the chain of filtered/file children for the bitmap."""
     seen: BlockNode | None = node
@@ -340,10 +373,34 @@ def _find_bitmap(node: BlockNode, name: str) -> DirtyBitmap | None:
     return None
 
 
+class _Reader(asyncio.StreamReader):
+    """A StreamReader that tells how much it holds (handing a connection
+    to its data pump must not lose what was already read)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit=limit)
+        self._received = 0
+        self._taken = 0
+
+    def feed_data(self, data: Iterable[SupportsIndex]) -> None:
+        assert isinstance(data, (bytes, bytearray))   # what transports deliver
+        self._received += len(data)
+        super().feed_data(data)
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await super().read(n)
+        self._taken += len(data)
+        return data
+
+    def buffered(self) -> int:
+        """Bytes received and not yet read."""
+        return self._received - self._taken
+
+
 class _Client:
     """One NBD client: the transport adapter around a ServerConnection."""
 
-    def __init__(self, server: NbdServer, reader: asyncio.StreamReader,
+    def __init__(self, server: NbdServer, reader: _Reader,
                  writer: asyncio.StreamWriter) -> None:
         self.server = server
         self.reader = reader
@@ -357,6 +414,10 @@ class _Client:
         #: The plain socket's descriptor for sendfile replies (-1 under TLS).
         sock = writer.get_extra_info("socket")
         self._fd = sock.fileno() if sock is not None and server.tls is None else -1
+        #: Set when the handshake ended on a plain file export: serve the
+        #: rest from a data pump.
+        self._pump_wanted = False
+        self._pump: DataPump | None = None
 
     def abort(self) -> None:
         """Drop the connection (hard export removal, server stop)."""
@@ -406,6 +467,9 @@ class _Client:
                     break
                 self._flush()
                 await self.writer.drain()
+                if self._pump_wanted:
+                    await self._run_pumped()
+                    return
             if self._running:
                 await asyncio.wait(set(self._running))
             self._flush()
@@ -421,6 +485,10 @@ class _Client:
                 return False
             self.export = exp
             exp.clients += 1
+            if self._fd >= 0 and self.server.pumps < MAX_PUMPS and file_view(exp.node, for_write=False):
+                # The requests already parsed wait in the codec for the pump.
+                self._pump_wanted = True
+                return True
         for event in self.conn.events():
             if isinstance(event, Closed):
                 log.debug("NBD client closed: %s", event.reason)
@@ -485,14 +553,73 @@ class _Client:
         self.writer.transport.set_write_buffer_limits(high=SEND_BUFFER * 2, low=SEND_BUFFER)
         self.conn.tls_started()
 
+    async def _run_pumped(self) -> None:
+        """Hand the connection to a data pump thread and wait for its end
+        (cancelled: stop it, wait briefly)."""
+        # (uvloop's transports are not asyncio.Transport subclasses.)
+        transport = cast(asyncio.Transport, self.writer.transport)
+        await self._until_sent()
+        transport.pause_reading()
+        while self.reader.buffered():   # read() never waits while it holds bytes
+            self.conn.receive_data(await self.reader.read(1 << 20))
+            transport.pause_reading()   # reading resumed if the reader had paused it
+        if self.reader.at_eof():
+            self.conn.receive_data(b"")
+        assert self.export is not None
+        self._pump = pump = DataPump(self._fd, self.conn, self.export, self._submit,
+                                     depth=CLIENT_DEPTH, big=CLIENT_BIG)
+        self.server.pumps += 1
+        try:
+            done = OwnedThread(pump.run, name="nbd-pump").start()
+        except BaseException:
+            self.server.pumps -= 1
+            pump.close()
+            raise
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            pump.stop()
+            await asyncio.wait([done], timeout=PUMP_STOP_WAIT)
+            raise
+        finally:
+            pump.stop()
+            if not done.done():
+                pump.shut_down_socket()
+            for t in self._running:
+                t.cancel()
+            pump.close()
+            self.server.pumps -= 1
+            self._pump = None
+
+    def _submit(self, req: Request, big: bool) -> None:
+        """A request the pump hands to the loop (called on the loop)."""
+        pump = self._pump
+        if pump is None:
+            return
+        try:
+            task = self.server.tasks.spawn(self._serve_for(pump, req, big), name="nbd-request")
+        except RuntimeError:   # the daemon is shutting down
+            return
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _serve_for(self, pump: DataPump, req: Request, big: bool) -> None:
+        pump.post(await self._answer(req), big)
+
+    async def _answer(self, req: Request) -> Reply:
+        """:return: the reply to ``req`` (errors included), for the codec."""
+        try:
+            return await self._run_request(req)
+        except BlockIOError as exc:
+            err = exc.errno or errno.EIO
+            message = os.strerror(err)
+        except OSError as exc:
+            err, message = errno.EIO, str(exc)
+        return lambda conn: conn.reply_error(req, err, message)
+
     async def _serve(self, req: Request, big: bool) -> None:
         try:
-            try:
-                await self._run_request(req)
-            except BlockIOError as exc:
-                self.conn.reply_error(req, exc.errno or errno.EIO, os.strerror(exc.errno or errno.EIO))
-            except OSError as exc:
-                self.conn.reply_error(req, errno.EIO, str(exc))
+            (await self._answer(req))(self.conn)
             self._flush()
             with contextlib.suppress(ConnectionError):
                 await self.writer.drain()   # the slot frees once the client reads
@@ -501,16 +628,16 @@ class _Client:
             if big:
                 self._big.release()
 
-    async def _run_request(self, req: Request) -> None:
+    async def _run_request(self, req: Request) -> Reply:
         exp = self.export
         assert exp is not None
         fua = bool(req.flags & CMD_FLAG_FUA)
         if req.cmd == Cmd.READ:
-            # DF: one OFFSET_DATA chunk, holes included.
+            # DF: one OFFSET_DATA chunk, holes included.  (Structured or
+            # not is fixed at the handshake: reading it here is safe.)
             holes = self.conn.structured and not req.flags & CMD_FLAG_DF
             segments = await exp.read(req.offset, req.length, holes=holes)
-            self.conn.reply_read(req, segments)
-            return
+            return lambda conn: conn.reply_read(req, segments)
         if req.cmd == Cmd.WRITE:
             await exp.write(req.offset, req.data, fua=fua)
         elif req.cmd == Cmd.WRITE_ZEROES:
@@ -527,9 +654,8 @@ class _Client:
             one = bool(req.flags & CMD_FLAG_REQ_ONE)
             answers = [(ctx_id, await exp.block_status(name, req.offset, req.length, one))
                        for ctx_id, name in req.contexts]
-            self.conn.reply_block_status(req, answers)
-            return
-        self.conn.reply_ok(req)
+            return lambda conn: conn.reply_block_status(req, answers)
+        return lambda conn: conn.reply_ok(req)
 
 
 def listener_of(addr: dict[str, Any]) -> Listener:

@@ -170,7 +170,7 @@ class Daemon:
         self.state.machine = Machine(self.state.block, self.events, prelaunch=self.config.prelaunch)
         self.state.objects = ObjectStore()
         self.nbd = NbdServer(self._graph, self.events, tls_creds=self.state.objects.get,
-                             tasks=self.tasks.child("nbd"))
+                             tasks=self.tasks.child("nbd"), drained=self.state.jobs.show_drain)
         self.state.nbd = self.nbd
 
     def _graph(self) -> BlockGraph:

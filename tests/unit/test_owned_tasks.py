@@ -78,3 +78,38 @@ async def test_failures_are_logged_once_unless_the_owner_reads_them(caplog: pyte
     assert await loud.wait(1.0) and await quiet.wait(1.0)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == ["task t1 of loud failed"]
     assert isinstance(t1.exception(), ValueError) and isinstance(t2.exception(), ValueError)
+
+
+THREAD = re.compile(r"\bThread\s*\(|\b_thread\.start_new")
+#: ``module path -> reason`` for threads started outside qmpd/tasks.py.
+THREADS_ALLOWED: dict[str, str] = {
+    "tasks.py": "OwnedThread itself",
+    "block/io.py": "the I/O pool's workers",
+}
+
+
+def test_threads_only_through_owned_abstractions() -> None:
+    found = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = str(path.relative_to(PKG))
+        if rel in THREADS_ALLOWED:
+            continue
+        for no, line in enumerate(path.read_text().splitlines(), 1):
+            if THREAD.search(line.split("#", 1)[0]):
+                found.append(f"{rel}:{no}: {line.strip()}")
+    assert found == []
+
+
+@pytest.mark.asyncio
+async def test_owned_thread_reports_its_end_and_failure() -> None:
+    from qmpd.tasks import OwnedThread
+
+    ran: list[str] = []
+    await OwnedThread(lambda: ran.append("x"), name="t-ok").start()
+    assert ran == ["x"]
+
+    def boom() -> None:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        await OwnedThread(boom, name="t-fail").start()
