@@ -36,11 +36,8 @@ from qmpd.block.confine import Confinement
 from qmpd.block.errors import BlockIOError
 from qmpd.block.fdsets import FdSets, fdset_id_of
 
-<<<<<<< HEAD
-__all__ = ["IOPool", "ImageFile", "NotRegularFile", "copy_pairs", "copy_range", "copy_ranges", "create_file",
-=======
-__all__ = ["IOPool", "ImageFile", "NotRegularFile", "PinnedFile", "copy_range", "copy_ranges", "create_file",
->>>>>>> main
+__all__ = ["IOPool", "ImageFile", "NotRegularFile", "PinnedFile", "copy_pairs", "copy_range",
+           "copy_ranges", "create_file",
            "run_blocking", "shared_pool",
            "make_private_dir", "open_state_file", "read_state_file", "remove_state_file",
            "real_path", "replace_file_durably", "stat_path", "StateFile"]
