@@ -11,6 +11,7 @@ BLOCK_JOB_COMPLETED); only the backup is timed.  The ceiling is
 ``cp --sparse=always`` and an ``os.copy_file_range`` loop on the same files.
 Figures are the median of --reps runs.  Then: p99 latency of
 ``query-block-jobs`` while 4 full backups of the dense source run at once.
+qcow2 sources and targets (issue 10's figures): bench/qcow2.py.
 
     .venv/bin/python bench/backup.py [--size-mib 2048] [--reps 3] [--dir DIR]
 """

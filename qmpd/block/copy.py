@@ -33,6 +33,20 @@ is skipped, and (without a rate limit) up to 32 chunks of one kind are
 dispatched as one request (contiguous ones for holes; any for data, copied
 by one :func:`qmpd.block.io.copy_ranges` call).  Bitmaps, progress and the
 target's contents are the same as on the generic path.
+
+When an end is a qcow2 node directly over such a file (and the other a
+qcow2 node or a file window: the *mapped path*, :func:`~qmpd.block.fastcopy.copy_end`),
+data chunks are copied file to file as well: the source's data clusters
+are looked up in its L2 tables, the target allocates the clusters of the
+whole group at once (one host run), ``copy_file_range(2)`` copies between
+the host offsets in one pool job, and only then does the target commit
+its L2 entries (refcounts and data before L2, L2 before L1, as on every
+qcow2 write).  Hole chunks batch as on the fast path; a data group takes
+up to 1024 chunks or 32 MiB, contiguous or not (an incremental backup's
+scattered clusters go together).  A range the source does not hold as plain data
+clusters (compressed, zero, from a backing file) or a target range that
+is not cluster aligned goes the node path; a failed copy is redone with
+a separate read and write, so the error is attributed as there.
 """
 
 from __future__ import annotations
@@ -44,8 +58,10 @@ from typing import Protocol
 
 from qmpd.bitmap import DirtyBitmap
 from qmpd.block.errors import BlockIOError
-from qmpd.block.fastcopy import FileView, file_view, mark_read, write_direct
-from qmpd.block.io import copy_range, copy_ranges
+from qmpd.block.fastcopy import (
+    CopyEnd, FileView, copy_end, file_view, mark_read, pair_extents, write_direct, write_end,
+)
+from qmpd.block.io import copy_pairs, copy_range, copy_ranges
 from qmpd.block.node import BlockNode
 from qmpd.tasks import TaskGroup
 
@@ -55,8 +71,14 @@ __all__ = ["BlockCopy", "CopyFailure", "ProgressSink", "DEFAULT_CLUSTER", "MAX_C
 DEFAULT_CLUSTER = 64 * 1024
 #: Chunk limit of read/write copying (QEMU's BLOCK_COPY_MAX_BUFFER).
 MAX_CHUNK = 1 << 20
+#: Most bytes one node-path read/write of a group covers.
+_SLOW_SEGMENT = 8 << 20
 #: Most chunks dispatched as one request on the fast path.
 _BATCH = 32
+#: Most chunks, and bytes, of one data group on the mapped path: scattered
+#: clusters (an incremental backup) allocate, copy and commit together.
+_MAPPED_BATCH = 1024
+_MAPPED_BYTES = 32 << 20
 
 
 class ProgressSink(Protocol):
@@ -132,6 +154,7 @@ class BlockCopy:
         self._status_cache: tuple[int, int, int, bool] | None = None
         self._fast: tuple[FileView, FileView] | None = None
         self._fast_checked = False
+        self._mapped: tuple[CopyEnd, CopyEnd] | None = None
 
     # ------------------------------------------------------------ accounting
 
@@ -175,6 +198,11 @@ class BlockCopy:
         """Both ends are file windows: data chunks are copied file to file."""
         return self._fast_path() is not None
 
+    @property
+    def mapped_path(self) -> bool:
+        """Data chunks are copied file to file through a qcow2 mapping."""
+        return self._fast_path() is None and self._mapped_path() is not None
+
     def _fast_path(self) -> tuple[FileView, FileView] | None:
         if not self._fast_checked:
             src = file_view(self.source, for_write=False)
@@ -182,21 +210,44 @@ class BlockCopy:
             same = self.source.length == self.target.length  # else the bounds checks matter
             ok = src is not None and dst is not None and same and not self.compress
             self._fast = (src, dst) if ok and src is not None and dst is not None else None
+            if self._fast is None and same and not self.compress:
+                msrc = copy_end(self.source, for_write=False)
+                mdst = copy_end(self.target, for_write=True)
+                if msrc is not None and mdst is not None:
+                    self._mapped = (msrc, mdst)
             self._fast_checked = True
         if self._fast is not None and self._fast[1].chain[0][0].has_hooks:
             return None  # someone hooked the target since
         return self._fast
 
+    def _mapped_path(self) -> tuple[CopyEnd, CopyEnd] | None:
+        """Both ends are files or qcow2 nodes over files, not both windows."""
+        self._fast_path()
+        m = self._mapped
+        if m is None or m[1].node.has_hooks or m[1].data.chain[0][0].has_hooks:
+            return None  # someone hooked the target since
+        return m
+
+    def _status_gen(self) -> int:
+        """Write generation of the file behind the source (-1: none), the
+        key of the cached block status."""
+        fast = self._fast_path()
+        if fast is not None:
+            return fast[0].chain[-1][0].write_gen
+        mapped = self._mapped_path()
+        if mapped is not None:
+            return mapped[0].data.chain[-1][0].write_gen
+        return -1
+
     async def _block_status(self, offset: int, length: int) -> tuple[bool, int]:
         """Block status at ``offset`` with spec 4.4 step 3's rounding."""
-        fast = self._fast_path()
-        gen = fast[0].chain[-1][0].write_gen if fast is not None else -1
+        gen = self._status_gen()
         cached = self._status_cache
-        if fast is not None and cached is not None and cached[0] == gen and cached[1] <= offset < cached[2]:
+        if gen >= 0 and cached is not None and cached[0] == gen and cached[1] <= offset < cached[2]:
             is_data, n = cached[3], min(cached[2] - offset, length)
         else:
             try:
-                if fast is not None:
+                if gen >= 0:
                     is_data, n = await self.source.block_status(offset, self.len - offset)
                     self._status_cache = (gen, offset, offset + n, is_data)
                     n = min(n, length)
@@ -247,13 +298,15 @@ class BlockCopy:
         """Copy started chunks that are contiguous and of one kind with one
         I/O request (one chunk except on the fast path).
 
-        When the fast path fails, each chunk is redone with a separate read
-        and write: that tells a failed read from a failed write (the kernel's
-        copy_file_range errno cannot), and the chunks that do succeed count
-        as done, so the job's offset is what was really written.
+        When the fast or mapped path fails, the chunks are redone with a
+        separate read and write (per contiguous segment, then per chunk
+        once a segment fails): that tells a failed read from a failed write
+        (the kernel's copy_file_range errno cannot), and the chunks that do
+        succeed count as done, so the job's offset is what was really
+        written.
         """
         failure: CopyFailure | None = None
-        ended = 0
+        ended: set[_Chunk] = set()
         try:
             start = group[0].start
             nbytes = min(group[-1].start + group[-1].length, self.len) - start
@@ -263,16 +316,55 @@ class BlockCopy:
                 except BlockIOError as exc:
                     failure = CopyFailure(exc, False)
             elif not await self._copy_fast(group):
+                rest = await self._copy_mapped(group)
                 for chunk in group:
-                    failure = await self._copy_slow(chunk.start, min(chunk.length, self.len - chunk.start))
+                    if chunk not in rest:
+                        self._end_chunk(chunk, True)
+                        ended.add(chunk)
+                for seg in self._segments(rest):
+                    s0 = seg[0].start
+                    n = min(seg[-1].start + seg[-1].length, self.len) - s0
+                    failure = await self._copy_slow(s0, n)
+                    if failure is not None and len(seg) > 1:
+                        # Which chunks do succeed: one at a time, so the
+                        # job's offset is what was really written; the
+                        # segment's error stands even if all of them do.
+                        first = failure
+                        for chunk in seg:
+                            failure = await self._copy_slow(
+                                chunk.start, min(chunk.start + chunk.length, self.len) - chunk.start)
+                            if failure is not None:
+                                break
+                            self._end_chunk(chunk, True)
+                            ended.add(chunk)
+                        failure = failure or first
                     if failure is not None:
                         break
-                    self._end_chunk(chunk, True)
-                    ended += 1
+                    for chunk in seg:
+                        if chunk not in ended:
+                            self._end_chunk(chunk, True)
+                            ended.add(chunk)
             return failure
         finally:
-            for chunk in group[ended:]:
-                self._end_chunk(chunk, failure is None)
+            for chunk in group:
+                if chunk not in ended:
+                    self._end_chunk(chunk, failure is None)
+
+    def _segments(self, group: list[_Chunk]) -> list[list[_Chunk]]:
+        """Contiguous runs of ``group`` up to :data:`_SLOW_SEGMENT` bytes, one
+        read and one write each on the node path (one chunk when
+        compressing): a qcow2 target allocates the run at once and writes it
+        as one extent, a qcow2 source reads it with one pread per host extent."""
+        if self.compress:
+            return [[c] for c in group]
+        segs: list[list[_Chunk]] = []
+        for c in group:
+            if (segs and segs[-1][-1].start + segs[-1][-1].length == c.start
+                    and c.start + c.length - segs[-1][0].start <= _SLOW_SEGMENT):
+                segs[-1].append(c)
+            else:
+                segs.append([c])
+        return segs
 
     async def _write_zeroes(self, offset: int, nbytes: int) -> None:
         """Zero a range of the target; on the fast path a range the target
@@ -297,13 +389,7 @@ class BlockCopy:
         if fast is None:
             return False
         src, dst = fast
-        ranges: list[tuple[int, int]] = []
-        for ch in group:
-            n = min(ch.start + ch.length, self.len) - ch.start
-            if ranges and ranges[-1][0] + ranges[-1][1] == ch.start:
-                ranges[-1] = (ranges[-1][0], ranges[-1][1] + n)
-            else:
-                ranges.append((ch.start, n))
+        ranges = self._ranges(group)
         mark_read(src, sum(n for _, n in ranges))
         try:
             if len(ranges) == 1:
@@ -316,6 +402,61 @@ class BlockCopy:
         except BlockIOError:
             return False
         return True
+
+    async def _copy_mapped(self, group: list[_Chunk]) -> list[_Chunk]:
+        """Copy data chunks file to file through qcow2 mappings (the mapped
+        path; see the module docstring).
+
+        :return: the chunks still to copy through the nodes: those the
+            source does not hold as plain data clusters or whose target
+            range is not cluster aligned; all of them when there is no
+            mapped path or the copy failed.
+        """
+        mapped = self._mapped_path()
+        if mapped is None:
+            return group
+        src, dst = mapped
+        cs = dst.clusters.cluster_size if dst.clusters is not None else 1
+        rest: list[_Chunk] = []
+        done: list[_Chunk] = []
+        src_ext: list[tuple[int, int, int]] = []
+        try:
+            for ch in group:
+                n = min(ch.start + ch.length, self.len) - ch.start
+                ext = None
+                if not ch.start % cs and (not n % cs or ch.start + n == self.len):
+                    ext = await src.extents(ch.start, n)
+                if ext is None:
+                    rest.append(ch)
+                else:
+                    done.append(ch)
+                    src_ext += ext
+            if not done:
+                return group
+            ranges = self._ranges(done)
+            src.mark_read(sum(n for _, n in ranges))
+            src_image, dst_image = src.data.image, dst.data.image
+            sbase, dbase = src.data.base, dst.data.base
+
+            async def fill(dst_ext: list[tuple[int, int, int]]) -> None:
+                pairs = [(a + sbase, b + dbase, n) for a, b, n in pair_extents(src_ext, dst_ext)]
+                await copy_pairs(src_image, dst_image, pairs)
+
+            await write_end(dst, ranges, fill)
+        except BlockIOError:
+            return group
+        return rest
+
+    def _ranges(self, group: list[_Chunk]) -> list[tuple[int, int]]:
+        """The chunks' byte ranges (clipped to the disk), contiguous ones merged."""
+        ranges: list[tuple[int, int]] = []
+        for ch in group:
+            n = min(ch.start + ch.length, self.len) - ch.start
+            if ranges and ranges[-1][0] + ranges[-1][1] == ch.start:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + n)
+            else:
+                ranges.append((ch.start, n))
+        return ranges
 
     async def _copy_slow(self, offset: int, nbytes: int) -> CopyFailure | None:
         """Read from the source node, then write to the target node."""
@@ -372,6 +513,7 @@ class BlockCopy:
     ) -> CopyFailure | None:
         cursor = 0
         tasks: set[asyncio.Task[CopyFailure | None]] = set()
+        weight: dict[asyncio.Task[CopyFailure | None], int] = {}
         # Chunk workers live only for this call: awaited in ``finally``.
         workers = TaskGroup("block-copy", log_failures=False)
         first: CopyFailure | None = None
@@ -391,25 +533,52 @@ class BlockCopy:
                     first = await self._run_chunk(chunk, is_data)
                     continue
                 group = [chunk]
-                if batch and self._fast_path() is not None:
-                    while len(group) < _BATCH and (nxt := self._find(cursor, self.len)) is not None:
-                        if (nxt[0] != cursor and not is_data) or (
+                mapped = self._fast_path() is None and self._mapped_path() is not None
+                fast = mapped or self._fast_path() is not None
+                # Node path: contiguous data chunks up to _SLOW_SEGMENT as one
+                # read and one write, weighted by chunk count (memory bound).
+                limit = _BATCH if fast else max(1, _SLOW_SEGMENT // self.chunk_limit)
+                cap = self.len
+                if mapped and is_data:
+                    limit, cap = _MAPPED_BATCH, _MAPPED_BYTES
+                nbytes = chunk.length
+                if batch and (fast or (is_data and not self.compress)):
+                    while len(group) < limit and nbytes < cap and (
+                            nxt := self._find(cursor, self.len)) is not None:
+                        if (nxt[0] != cursor and (not is_data or not fast)) or (
                             (await self._block_status(*nxt))[0] != is_data
                         ):
                             break
                         more, _ = await self._start_chunk(*nxt)
                         group.append(more)
                         cursor = more.start + more.length
-                tasks.add(workers.spawn(self._run_group(group, is_data), name="block-copy"))
-                if len(tasks) >= max_workers:
+                        nbytes += more.length
+                task = workers.spawn(self._run_group(group, is_data), name="block-copy")
+                tasks.add(task)
+                weight[task] = self._weight(group)
+                if sum(weight[t] for t in tasks) >= max_workers:
                     done, tasks_left = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     tasks = set(tasks_left)
+                    for t in done:
+                        weight.pop(t, None)
                     first = first or _first_failure(done)
         finally:
             if tasks:
                 done, _ = await asyncio.wait(tasks)
                 first = first or _first_failure(done)
         return first
+
+    def _weight(self, group: list[_Chunk]) -> int:
+        """How many of ``max-workers`` a group takes: 1 on the fast path
+        (no buffers); otherwise the buffers a node-path copy of it may hold
+        at once (one segment, see :meth:`_segments`) in chunks, so buffer
+        memory stays at QEMU's bound even when the mapped path falls back."""
+        if self._fast_path() is not None:
+            return 1
+        if self._mapped_path() is None:
+            return len(group)
+        nbytes = sum(c.length for c in group)
+        return max(1, min(nbytes, _SLOW_SEGMENT) // self.chunk_limit)
 
     async def drain(self) -> None:
         """Wait until no chunk is in flight (a pausing job's last work)."""

@@ -33,7 +33,8 @@ from qmpd.block.errors import BlockIOError
 from qmpd.block.fdsets import FdSets, fdset_id_of
 from qmpd.block.pool import IOPool
 
-__all__ = ["IOPool", "ImageFile", "NotRegularFile", "PinnedFile", "copy_range", "copy_ranges", "create_file",
+__all__ = ["IOPool", "ImageFile", "NotRegularFile", "PinnedFile", "copy_pairs", "copy_range",
+           "copy_ranges", "create_file",
            "run_blocking", "shared_pool",
            "make_private_dir", "open_state_file", "read_state_file", "remove_state_file",
            "real_path", "replace_file_durably", "stat_path", "StateFile"]
@@ -593,6 +594,18 @@ async def copy_ranges(src: ImageFile, src_base: int, dst: ImageFile, dst_base: i
     to ``dst_base + offset`` as :func:`copy_range` does, all in one job of
     the I/O pool (block-copy's batched fast path)."""
     await src.pool.run(_copy_ranges, src.fd, src_base, dst.fd, dst_base, list(ranges))
+
+
+def _copy_pairs(src: int, dst: int, pairs: Sequence[tuple[int, int, int]]) -> None:
+    for src_off, dst_off, length in pairs:
+        _copy_range(src, src_off, dst, dst_off, length)
+
+
+async def copy_pairs(src: ImageFile, dst: ImageFile, pairs: Sequence[tuple[int, int, int]]) -> None:
+    """Copy each ``(src offset, dst offset, length)`` of ``pairs`` as
+    :func:`copy_range` does, all in one job of the I/O pool (block-copy's
+    file-to-file path through qcow2 mappings)."""
+    await src.pool.run(_copy_pairs, src.fd, dst.fd, list(pairs))
 
 
 async def create_file(path: str, size: int, pool: IOPool | None = None) -> None:

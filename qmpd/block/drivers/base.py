@@ -29,6 +29,10 @@ capability             meaning                                         default
 ``file_window()``      a :class:`FileWindow`: the node's bytes are a   None
                        window of one image file (directly, or via a
                        child node), so block-copy may copy file to file
+``cluster_map()``      a :class:`ClusterMap`: the node's data lies in  None
+                       whole clusters of its ``file`` child that the
+                       driver maps (qcow2), so block-copy may copy
+                       file to file through the mapping
 ``block_status()``     ``(is_data, n)``: data or zeroes, as read       all data
                        through this node (layers below included)
 ``is_allocated()``     ``(allocated, n)``: provided by this layer      all here
@@ -40,7 +44,7 @@ backing node as child ``"backing"`` (:attr:`BlockNode.backing`);
 ``dirty_flag()`` reads the header's dirty bit; ``block_status`` answers for
 the whole chain and ``is_allocated`` tells its own clusters from the
 backing file's; ``file_window()`` stays None (clusters are not a window)
-unless the layout is raw-like.
+unless the layout is raw-like; ``cluster_map()`` maps its data clusters.
 
 Every write that changes a node's data ends in
 :meth:`BlockNode.record_write <qmpd.block.node.BlockNode.record_write>`
@@ -52,7 +56,7 @@ path or around it (block-copy's fast path, via
 from __future__ import annotations
 
 import errno
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -64,7 +68,7 @@ if TYPE_CHECKING:
     from qmpd.block.node import BlockNode
 
 __all__ = ["BlockDriver", "DriverOpener", "DriverSpec", "FileWindow", "FormatDetails", "OpenContext",
-           "BaseDriver", "Breakpoints"]
+           "BaseDriver", "Breakpoints", "ClusterMap", "Extents"]
 
 
 class Breakpoints(Protocol):
@@ -97,6 +101,30 @@ class FileWindow:
     image: ImageFile | None = None
     #: The child node holding the window, or None when ``image`` is set.
     child: BlockNode | None = None
+
+
+#: ``(node offset, offset in the mapped file, n)`` extents, ascending.
+Extents = list[tuple[int, int, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterMap:
+    """Answer of :meth:`BlockDriver.cluster_map`: the node's data lies in
+    whole clusters of the ``file`` child at offsets the driver maps.
+
+    ``await map_data(offset, length)`` returns the extents holding
+    ``[offset, offset + length)`` when all of it is data of this node's own
+    clusters, else None.  ``await write_mapped(ranges, fill)`` writes whole
+    clusters of ``ranges`` with the driver's crash ordering: it allocates
+    and maps them, awaits ``fill(extents)`` (the caller puts the data at
+    those file offsets and records the file writes), then commits the
+    mapping; ``ValueError`` when a range is not cluster aligned."""
+
+    file: BlockNode
+    cluster_size: int
+    map_data: Callable[[int, int], Awaitable[Extents | None]]
+    write_mapped: Callable[[Sequence[tuple[int, int]], Callable[[Extents], Awaitable[None]]],
+                           Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +211,10 @@ class BlockDriver(Protocol):
     def format_details(self) -> FormatDetails | None:
         """What the image format records (see :class:`FormatDetails`), or None."""
 
+    def cluster_map(self) -> ClusterMap | None:
+        """The mapping of this node's data clusters in its ``file`` child
+        (see :class:`ClusterMap`), or None."""
+
     async def before_close(self) -> None:
         """Last writes before the node closes (qcow2 stores its persistent
         bitmaps); called by the graph with the children still open."""
@@ -239,6 +271,10 @@ class BaseDriver:
 
     def format_details(self) -> FormatDetails | None:
         """Not an image format with details."""
+        return None
+
+    def cluster_map(self) -> ClusterMap | None:
+        """No mapped clusters."""
         return None
 
     async def before_close(self) -> None:

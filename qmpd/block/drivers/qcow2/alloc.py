@@ -83,10 +83,9 @@ class RefcountState:
     def end(self) -> int:
         """:return: one past the highest cluster with a nonzero refcount."""
         for bi in sorted(self.blocks, reverse=True):
-            block = self.blocks[bi]
-            for i in range(block.entries - 1, -1, -1):
-                if block.get(i):
-                    return bi * self.entries + i + 1
+            last = self.blocks[bi].last_used()
+            if last >= 0:
+                return bi * self.entries + last + 1
         return 0
 
     # ------------------------------------------------------------ changes
@@ -116,11 +115,18 @@ class RefcountState:
         :return: ``(first cluster, count)``.
         """
         start = self._find_free(self.free_hint, n)
-        count = 1
-        while count < n and self._is_free(start + count):
-            count += 1
-        for c in range(start, start + count):
-            self.update(c, 1)
+        bi, i = divmod(start, self.entries)
+        block = self.blocks.get(bi)
+        if block is not None:
+            # The free run inside this block, taken in one go.
+            count = block.free_run(i, n)
+            block.take(i, count)
+        else:
+            count = 1
+            while count < n and self._is_free(start + count):
+                count += 1
+            for c in range(start, start + count):
+                self.update(c, 1)
         if start == self.free_hint:
             self.free_hint = start + count
         return start, count

@@ -15,7 +15,9 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from qmpd.bitmap.errors import BitmapError
-from qmpd.block.drivers.base import BaseDriver, BlockDriver, DriverSpec, FormatDetails, OpenContext
+from qmpd.block.drivers.base import (
+    BaseDriver, BlockDriver, ClusterMap, DriverSpec, FormatDetails, OpenContext,
+)
 from qmpd.block.drivers.qcow2.alloc import RefcountState
 from qmpd.block.drivers.qcow2.bitmaps_ext import BitmapError as Qcow2BitmapError
 from qmpd.block.drivers.qcow2.bitmaps_ext import DirEntry, can_store_new
@@ -229,6 +231,12 @@ class Qcow2Driver(BaseDriver):
 
     def actual_size(self) -> int | None:
         return self.file.driver.actual_size()
+
+    def cluster_map(self) -> ClusterMap:
+        """Data clusters in the ``file`` child: block-copy copies them file
+        to file (:meth:`Qcow2Image.map_data`, :meth:`Qcow2Image.write_mapped`)."""
+        image = self.image
+        return ClusterMap(self.file, image.g.cluster_size, image.map_data, image.write_mapped)
 
     def close(self) -> None:
         """Nothing to release: metadata is written through and the file

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from qmpd.block.drivers.qcow2.alloc import RefcountOverflow, RefcountState
@@ -32,13 +32,14 @@ from qmpd.block.drivers.qcow2.compress import (
 )
 from qmpd.block.drivers.qcow2.header import Header, INCOMPAT_CORRUPT, encode_header
 from qmpd.block.drivers.qcow2.l2cache import L2Cache
+from qmpd.block.drivers.qcow2.writeplan import WritePlan, plan_write
 from qmpd.block.drivers.qcow2.tables import (
     COPIED, OFFSET_MASK, ZERO_FLAG, Geometry, Kind, Mapping,
-    compressed_host_clusters, decode, standard_entry,
+    compressed_host_clusters, data_hosts, decode, same_run, standard_entry,
 )
 from qmpd.block.errors import BlockIOError
 
-__all__ = ["Qcow2Image", "ChildIO", "CorruptImage"]
+__all__ = ["Qcow2Image", "ChildIO", "CorruptImage", "Fill"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,9 @@ class CorruptImage(BlockIOError):
 
 #: ``await grow(new_length)`` makes the file at least that long.
 Grow = Callable[[int], Awaitable[None]]
+#: ``await fill(extents)`` puts the data of a mapped write at its host
+#: offsets: ``(guest offset, host offset, n)``.
+Fill = Callable[[list[tuple[int, int, int]]], Awaitable[None]]
 
 
 class Qcow2Image:
@@ -111,6 +115,8 @@ class Qcow2Image:
         #: After a fatal corruption every request fails (QEMU drops the driver).
         self.dead = False
         self._l1_dirty: set[int] = set()
+        #: Guest cluster ranges [first, last) of writes under way, and their end.
+        self._inflight: list[tuple[int, int, asyncio.Event]] = []
         #: Called once with the CorruptImage when the image is marked corrupt.
         self.on_corrupt: Callable[[CorruptImage], None] | None = None
 
@@ -164,24 +170,19 @@ class Qcow2Image:
             # The whole L2 range is unallocated.
             span = (g.l2_entries - l2i) * cs - in_cluster
             return Mapping(Kind.UNALLOCATED, 0, False, 0), min(maxlen, span)
-        m = decode(self.cache.get_entry(off, l2i), g)
+        entry = self.cache.get_entry(off, l2i)
+        m = decode(entry, g)
         if m.kind == Kind.NORMAL and m.host & (cs - 1):
             raise CorruptImage(f"Cluster allocation offset {_c_hex(m.host)} unaligned "
                                f"(L2 offset: {_c_hex(off)}, L2 index: {_c_hex(l2i)})")
         n = cs - in_cluster
-        if m.kind == Kind.COMPRESSED:
+        if m.kind == Kind.COMPRESSED or n >= maxlen:
             return m, min(maxlen, n)
-        i = l2i + 1
-        expect = m.host + cs
-        while n < maxlen and i < g.l2_entries:
-            nxt = decode(self.cache.get_entry(off, i), g)
-            if nxt.kind != m.kind:
-                break
-            if m.kind == Kind.NORMAL and nxt.host != expect:
-                break
-            expect += cs
-            n += cs
-            i += 1
+        # The following entries of the table, as far as maxlen reaches (one unpack).
+        want = min(g.l2_entries - l2i - 1, -(-(maxlen - n) // cs))
+        table = self.cache.table(off)
+        assert table is not None
+        n += same_run(table, l2i + 1, want, entry, cs) * cs
         return m, min(maxlen, n)
 
     async def mapping(self, pos: int, maxlen: int) -> tuple[Mapping, int]:
@@ -191,6 +192,37 @@ class Qcow2Image:
         except CorruptImage as exc:
             await self.signal_corruption(exc)
             raise
+
+    async def map_data(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        """:return: ``(guest offset, host offset, n)`` host-contiguous
+        extents covering ``[offset, offset + length)`` when all of it is
+        data clusters of this image (not compressed, zero or unallocated),
+        else None (block-copy's file-to-file path reads them from here)."""
+        if self.dead:
+            raise BlockIOError(errno.ENOMEDIUM)
+        g = self.g
+        cs = g.cluster_size
+        out: list[tuple[int, int, int]] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            l1i, l2i = g.split(pos)
+            off = await self._l2(l1i)
+            table = None if off is None else self.cache.table(off)
+            if table is None:
+                return None
+            count = min(g.l2_entries - l2i, -(-(end - (pos - (pos & (cs - 1)))) // cs))
+            hosts = data_hosts(table, l2i, count, cs)
+            if hosts is None:
+                return None  # the node path reads it (and reports corruption)
+            for host in hosts:
+                n = min(cs - (pos & (cs - 1)), end - pos)
+                host += pos & (cs - 1)
+                if out and out[-1][1] + out[-1][2] == host:
+                    out[-1] = (out[-1][0], out[-1][1], out[-1][2] + n)
+                else:
+                    out.append((pos, host, n))
+                pos += n
+        return out
 
     # ------------------------------------------------------------ reading
 
@@ -263,13 +295,13 @@ class Qcow2Image:
         if self.corrupt:
             raise BlockIOError(errno.EIO)
 
-    async def _l2_for_write(self, l1i: int) -> int:
+    async def l2_for_write(self, l1i: int) -> int:
         """:return: the L2 table for ``l1i``, allocating a new one (in
         memory: written by :meth:`_commit`)."""
         off = await self._l2(l1i)
         if off is not None:
             return off
-        cluster, _ = self._allocate(1, "L2 table")
+        cluster, _ = self.allocate(1, "L2 table")
         off = cluster << self.g.cluster_bits
         table = bytearray(self.g.cluster_size)
         self.cache.put(off, table)
@@ -279,7 +311,7 @@ class Qcow2Image:
         self._l1_dirty.add(l1i)
         return off
 
-    def _allocate(self, n: int, what: str, *, contiguous: bool = False) -> tuple[int, int]:
+    def allocate(self, n: int, what: str, *, contiguous: bool = False) -> tuple[int, int]:
         """Allocate host clusters for ``what``, refusing (as corruption) any
         that overlap the header, the L1 table or the refcount table, and any
         refcount block the allocation had to place over them."""
@@ -323,83 +355,126 @@ class Qcow2Image:
                                    f"{off:#x} (overlaps with {name})", off, n)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self._check_writable()
-        async with self.lock:
-            try:
-                await self._write_locked(offset, memoryview(data).cast("B"))
-            except CorruptImage as exc:
-                await self.signal_corruption(exc)
-                raise
+        """Three phases, as QEMU's qcow2_co_pwritev: under :attr:`lock`,
+        map the request and allocate its new clusters; then the data, and
+        meanwhile the refcounts (the lock is released once they are
+        written, so other requests' allocations and data overlap with this
+        data); then, under the lock again, the L2 entries (and L1 for new
+        tables) and the frees.  Guest clusters being written
+        are held in :attr:`_inflight` so overlapping requests wait."""
+        view = memoryview(data).cast("B")
+        await self._write([(offset, len(view), view)], None)
 
-    async def _write_locked(self, offset: int, view: memoryview) -> None:
-        g = self.g
-        cs = g.cluster_size
-        cb = g.cluster_bits
-        self._l1_dirty = set()
-        frees: list[Mapping] = []
-        data_writes: list[tuple[int, bytes | bytearray | memoryview]] = []
-        pos = offset
-        end = offset + len(view)
-        while pos < end:
-            l1i, l2i = g.split(pos)
-            l2off = await self._l2_for_write(l1i)
-            # Clusters of this request inside this L2 table.
-            table_end = min(end, ((pos >> cb) - l2i + g.l2_entries) << cb)
-            while pos < table_end:
-                l2i = (pos >> cb) & (g.l2_entries - 1)
-                m = decode(self.cache.get_entry(l2off, l2i), g)
-                if m.kind == Kind.NORMAL and m.copied:
-                    # In place, over the following host-contiguous in-place clusters.
-                    n_end = min(table_end, ((pos >> cb) + 1) << cb)
-                    expect = m.host + cs
-                    while n_end < table_end:
-                        nm = decode(self.cache.get_entry(l2off, (n_end >> cb) & (g.l2_entries - 1)), g)
-                        if not (nm.kind == Kind.NORMAL and nm.copied and nm.host == expect):
-                            break
-                        n_end = min(table_end, n_end + cs)
-                        expect += cs
-                    data_writes.append((m.host + (pos & (cs - 1)), view[pos - offset:n_end - offset]))
-                    pos = n_end
-                    continue
-                # Needs new clusters: the run of such clusters from here.
-                first = pos >> cb
-                last = first
-                while ((last + 1) << cb) < table_end:
-                    nm = decode(self.cache.get_entry(l2off, (last + 1) & (g.l2_entries - 1)), g)
-                    if nm.kind == Kind.NORMAL and nm.copied:
-                        break
-                    last += 1
-                count = last - first + 1
-                start_cluster, got = self._allocate(count, "data cluster")
-                run_end = min(table_end, (first + got) << cb)
-                buf = await self._cow_buffer(pos, run_end, view[pos - offset:run_end - offset])
-                data_writes.append((start_cluster << cb, buf))
-                for k in range(got):
-                    idx = (first + k) & (g.l2_entries - 1)
-                    old = decode(self.cache.get_entry(l2off, idx), g)
-                    if old.host and old.kind != Kind.UNALLOCATED:
-                        frees.append(old)
-                    self.cache.set_entry(l2off, idx, standard_entry((start_cluster + k) << cb))
-                pos = run_end
-        await self._commit(data_writes, frees)
+    async def write_mapped(self, ranges: Sequence[tuple[int, int]], fill: Fill) -> None:
+        """:meth:`write` of whole clusters whose data the caller puts in place
+        itself (block-copy's file-to-file path): the same three phases, with
+        phase 2 ``await fill(extents)``, ``(guest offset, host offset, n)``
+        host-contiguous extents covering ``ranges`` in order.  Clusters are
+        allocated for all the ranges at once (one contiguous run where the
+        free space allows), so a group of chunks lands as one host extent.
 
-    async def _cow_buffer(self, pos: int, end: int, data: memoryview) -> bytes | bytearray | memoryview:
-        """:return: whole clusters covering [pos, end) with ``data`` in place
-        and the old content around it (copy-on-write of head and tail)."""
+        :param ranges: ``(offset, length)``, ascending, not overlapping,
+            cluster aligned (a length may end at the end of the disk).
+        :raise ValueError: a range is not cluster aligned.
+        """
         cs = self.g.cluster_size
-        head = pos & (cs - 1)
-        astart = pos - head
-        aend = -(-end // cs) * cs
-        if head == 0 and end == aend:
-            return data
-        buf = bytearray(aend - astart)
-        if head:
-            buf[:cs] = await self.cluster_content(astart // cs)
-        last = aend // cs - 1
-        if end != aend and not (head and last == astart // cs):
-            buf[-cs:] = await self.cluster_content(last)
-        buf[head:head + len(data)] = data
-        return buf
+        for off, n in ranges:
+            if off % cs or (n % cs and off + n != self.size):
+                raise ValueError("unaligned mapped write")
+        await self._write([(off, n, None) for off, n in ranges], fill)
+
+    async def _write(self, parts: list[tuple[int, int, memoryview | None]], fill: Fill | None) -> None:
+        self._check_writable()
+        cb = self.g.cluster_bits
+        first, last = parts[0][0] >> cb, -(-(parts[-1][0] + parts[-1][1]) >> cb)
+        await self._lock_range(first, last)
+        done = asyncio.Event()
+        span = (first, last, done)
+        self._inflight.append(span)
+        try:
+            plan = WritePlan()
+            try:
+                for off, n, view in parts:
+                    await plan_write(self, plan, off, n, view)
+                await self._ensure_length(max((h + n for h, _, n, _ in plan.data), default=0))
+            except BaseException:
+                await self._abort_runs(plan)
+                self.lock.release()
+                raise
+            # The refcounts (still under the lock: refcount block writes keep
+            # their order) and the data go out together; both land before
+            # the L2 entries below.
+            try:
+                outcome = await asyncio.gather(self._write_refcounts_unlock(),
+                                               self._put_data(plan, fill), return_exceptions=True)
+            except BaseException:
+                async with self.lock:
+                    await self._abort_runs(plan)
+                raise
+            failed = [r for r in outcome if isinstance(r, BaseException)]
+            if failed:
+                async with self.lock:
+                    await self._abort_runs(plan)
+                raise failed[0]
+            async with self.lock:
+                await self._apply_entries(plan)
+                await self._commit([], plan.frees)
+        except CorruptImage as exc:
+            await self.signal_corruption(exc)
+            raise
+        finally:
+            self._inflight.remove(span)
+            done.set()
+
+    async def _write_refcounts_unlock(self) -> None:
+        try:
+            await self._write_refcounts()
+        finally:
+            self.lock.release()
+
+    async def _put_data(self, plan: WritePlan, fill: Fill | None) -> None:
+        if not plan.data:
+            return
+        self.file.debug_event("write_aio")
+        if fill is not None:
+            await fill([(g, h, n) for h, g, n, _ in plan.data])
+        else:
+            await asyncio.gather(*(self.file.write(h, b) for h, _, _, b in plan.data if b is not None))
+
+    async def _abort_runs(self, plan: WritePlan) -> None:
+        """A write failed before its L2 entries: give the new clusters of
+        ``plan`` back (nothing points at them), as QEMU's
+        qcow2_alloc_cluster_abort; if that fails too they stay leaked.
+        Callers hold :attr:`lock`."""
+        cb = self.g.cluster_bits
+        for _, _, host, n in plan.runs:
+            self.refs.free(host >> cb, n)
+        try:
+            # the refcounts, and a new L2 table with its L1 entry (it points
+            # at nothing of this request, but is counted)
+            await self._commit([], [])
+        except BlockIOError:
+            pass
+
+    async def _lock_range(self, first: int, last: int) -> None:
+        """Take :attr:`lock` once no in-flight write covers guest clusters
+        [first, last)."""
+        while True:
+            await self.lock.acquire()
+            busy = next((ev for a, b, ev in self._inflight if a < last and first < b), None)
+            if busy is None:
+                return
+            self.lock.release()
+            await busy.wait()
+
+    async def _apply_entries(self, plan: WritePlan) -> None:
+        """Point the L2 entries of ``plan`` at its new clusters (in memory;
+        :meth:`_commit` writes them)."""
+        cs = self.g.cluster_size
+        for l1i, idx, host, n in plan.runs:
+            l2off = await self._l2(l1i)
+            assert l2off is not None
+            self.cache.set_entries(l2off, idx, [standard_entry(host + k * cs) for k in range(n)])
 
     async def _commit(self, data_writes: list[tuple[int, bytes | bytearray | memoryview]],
                       frees: list[Mapping]) -> None:
@@ -458,13 +533,14 @@ class Qcow2Image:
 
     async def _ensure_length(self, end: int) -> None:
         """Grow the file to hold ``end`` bytes, ahead in steps of 1/8 of its
-        size (1 to 64 MiB) so sequential allocation does not resize on every
-        request; :meth:`trim` gives the excess back at close."""
+        size (8 to 64 MiB) so sequential allocation does not resize on every
+        request (a resize waits for the file's writes in flight);
+        :meth:`trim` gives the excess back at close."""
         self.written_end = max(self.written_end, end)
         if end <= self.file_length:
             return
         cs = self.g.cluster_size
-        step = min(max(self.file_length // 8, 1 << 20), 64 << 20)
+        step = min(max(self.file_length // 8, 8 << 20), 64 << 20)
         new_len = -(-max(end, self.file_length + step) // cs) * cs
         await self._grow(new_len)
         self.file_length = max(self.file_length, new_len)
@@ -497,8 +573,11 @@ class Qcow2Image:
             return
         if offset < astart:
             await self._write_zero_buffers(offset, astart)
-        async with self.lock:
+        await self._lock_range(astart >> self.g.cluster_bits, -(-aend >> self.g.cluster_bits))
+        try:
             await self._set_entries(astart, aend, zero=True, unmap=may_unmap)
+        finally:
+            self.lock.release()
         if aend < end:
             await self._write_zero_buffers(aend, end)
 
@@ -519,8 +598,11 @@ class Qcow2Image:
         aend = end if end == self.size else end // cs * cs
         if astart >= aend:
             return
-        async with self.lock:
+        await self._lock_range(astart >> self.g.cluster_bits, -(-aend >> self.g.cluster_bits))
+        try:
             await self._set_entries(astart, aend, zero=False, unmap=True)
+        finally:
+            self.lock.release()
 
     async def _set_entries(self, start: int, end: int, *, zero: bool, unmap: bool) -> None:
         """Make whole clusters [start, end) zero clusters (``zero``) or
@@ -528,7 +610,6 @@ class Qcow2Image:
         g = self.g
         cb = g.cluster_bits
         v3 = self.header.version >= 3
-        self._l1_dirty = set()
         frees: list[Mapping] = []
         try:
             c = start >> cb
@@ -541,7 +622,7 @@ class Qcow2Image:
                     if self.backing is None or not v3:
                         c += n
                         continue
-                    off = await self._l2_for_write(l1i)
+                    off = await self.l2_for_write(l1i)
                 for k in range(n):
                     idx = l2i + k
                     entry = self.cache.get_entry(off, idx)
@@ -576,17 +657,20 @@ class Qcow2Image:
             await self.write(offset, data)
             return
         self._check_writable()
-        async with self.lock:
+        first = offset >> self.g.cluster_bits
+        await self._lock_range(first, first + 1)
+        try:
             g = self.g
             cb = g.cluster_bits
-            self._l1_dirty = set()
             l1i, l2i = g.split(offset)
-            l2off = await self._l2_for_write(l1i)
+            l2off = await self.l2_for_write(l1i)
             old = decode(self.cache.get_entry(l2off, l2i), g)
             host = self._alloc_compressed(len(out))
             self.cache.set_entry(l2off, l2i, encode_descriptor(host, len(out), cb))
             frees = [old] if old.host and old.kind != Kind.UNALLOCATED else []
             await self._commit([(host, out)], frees)
+        finally:
+            self.lock.release()
 
     def _alloc_compressed(self, n: int) -> int:
         """QEMU's qcow2_alloc_bytes: streams are packed back to back from
@@ -599,7 +683,7 @@ class Qcow2Image:
         if pos and cs - (pos & (cs - 1)) >= n:
             self.refs.update(pos >> cb, 1)
         else:
-            new = self._allocate(1, "compressed cluster")[0] << cb
+            new = self.allocate(1, "compressed cluster")[0] << cb
             if pos and new == (pos | (cs - 1)) + 1:
                 self.refs.update(pos >> cb, 1)  # spans into the next cluster
             else:
@@ -632,7 +716,7 @@ class Qcow2Image:
         """Allocate ``n`` contiguous clusters for metadata (bitmap tables,
         directories) with their refcounts written; :return: the file offset.
         Callers hold :attr:`lock`."""
-        start, _ = self._allocate(n, what, contiguous=True)
+        start, _ = self.allocate(n, what, contiguous=True)
         await self._write_refcounts()
         return start << self.g.cluster_bits
 

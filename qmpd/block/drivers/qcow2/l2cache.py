@@ -71,6 +71,17 @@ class L2Cache:
         self._dirty[offset] = (min(lo, index * 8) & ~511,
                                min(self.cluster_size, (max(hi, index * 8 + 8) + 511) & ~511))
 
+    def set_entries(self, offset: int, index: int, values: list[int]) -> None:
+        """Set ``len(values)`` consecutive entries from ``index`` (one pack)."""
+        if not values:
+            return
+        n = len(values)
+        struct.pack_into(f">{n}Q", self._tables[offset], index * 8, *values)
+        lo_e, hi_e = index * 8, (index + n) * 8
+        lo, hi = self._dirty.get(offset, (lo_e, hi_e))
+        self._dirty[offset] = (min(lo, lo_e) & ~511,
+                               min(self.cluster_size, (max(hi, hi_e) + 511) & ~511))
+
     def dirty_span(self, offset: int) -> tuple[int, int] | None:
         return self._dirty.get(offset)
 

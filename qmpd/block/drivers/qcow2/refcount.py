@@ -62,6 +62,16 @@ class RefcountBlock:
         per = 8 // bits
         return (self.data[i // per] >> ((i % per) * bits)) & self.max_value
 
+    def last_used(self) -> int:
+        """:return: the highest entry with a nonzero refcount, or -1."""
+        nz = len(self.data.rstrip(b"\0")) - 1
+        if nz < 0:
+            return -1
+        if self.bits >= 8:
+            return nz // self._bytes
+        per = 8 // self.bits
+        return next(i for i in range((nz + 1) * per - 1, nz * per - 1, -1) if self.get(i))
+
     def set(self, i: int, value: int) -> None:
         """:raise RefcountOverflow: ``value`` does not fit."""
         if value < 0 or value > self.max_value:
@@ -91,14 +101,35 @@ class RefcountBlock:
         if hi > self._hi:
             self._hi = hi
 
+    def free_run(self, i: int, n: int) -> int:
+        """:return: how many entries from ``i`` (at most ``n``, within the
+        block) have refcount 0."""
+        end = min(i + n, self.entries)
+        if self.bits == 16:
+            seg = self.data[2 * i:2 * end]
+            return (len(seg) - len(seg.lstrip(b"\0"))) // 2
+        k = i
+        while k < end and self.get(k) == 0:
+            k += 1
+        return k - i
+
+    def take(self, i: int, n: int) -> None:
+        """Set ``n`` free entries from ``i`` to 1 (a new allocation)."""
+        if self.bits == 16:
+            self.data[2 * i:2 * (i + n)] = b"\0\1" * n
+            self._mark(2 * i, 2 * (i + n))
+            return
+        for k in range(i, i + n):
+            self.set(k, 1)
+
     def first_free(self, start: int) -> int:
         """:return: the first index >= ``start`` with refcount 0, or ``entries``."""
         if self.bits == 16:
             data = self.data
-            for i in range(start, self.entries):
-                if not data[2 * i] and not data[2 * i + 1]:
-                    return i
-            return self.entries
+            at = data.find(b"\0\0", 2 * start)
+            while at >= 0 and at & 1:
+                at = data.find(b"\0\0", at + 1)
+            return at // 2 if at >= 0 else self.entries
         for i in range(start, self.entries):
             if self.get(i) == 0:
                 return i

@@ -29,10 +29,12 @@ import enum
 import struct
 from dataclasses import dataclass
 
+import numpy as np
+
 __all__ = [
     "COPIED", "COMPRESSED", "ZERO_FLAG", "OFFSET_MASK", "Kind", "Mapping", "Geometry",
     "standard_entry", "decode", "unpack_table", "pack_entries",
-    "compressed_host_clusters",
+    "compressed_host_clusters", "same_run", "data_hosts",
 ]
 
 COPIED = 1 << 63
@@ -124,3 +126,66 @@ def unpack_table(buf: bytes | bytearray | memoryview) -> list[int]:
 def pack_entries(entries: list[int]) -> bytes:
     """:return: ``entries`` as big-endian u64."""
     return struct.pack(f">{len(entries)}Q", *entries)
+
+
+#: Below this many entries a Python loop beats numpy's set-up.
+_VECTOR_MIN = 48
+
+
+def same_run(table: bytes | bytearray, index: int, count: int, first: int, cs: int) -> int:
+    """:return: how many of the ``count`` entries of ``table`` from
+    ``index`` map as the entry ``first`` (the one before them) does: the
+    same kind, and for data the next host cluster each (COPIED may differ).
+
+    >>> t = pack_entries([standard_entry(0x10000), standard_entry(0x20000), 0])
+    >>> same_run(t, 1, 2, standard_entry(0x10000), 0x10000)
+    1
+    """
+    kind = decode(first, _G16).kind  # the kind needs no geometry-specific field
+    if count < _VECTOR_MIN:
+        k = 0
+        for e in struct.unpack_from(f">{count}Q", table, index * 8):
+            if _differs(e, first + (k + 1) * cs, kind):
+                break
+            k += 1
+        return k
+    arr = np.frombuffer(table, dtype=">u8", count=count, offset=index * 8)
+    if kind == Kind.NORMAL:
+        expect = np.arange(1, count + 1, dtype=np.uint64) * np.uint64(cs) + np.uint64(first)
+        bad = ((arr ^ expect) & np.uint64(~COPIED & 0xFFFF_FFFF_FFFF_FFFF)) != 0
+    elif kind == Kind.ZERO:
+        bad = ((arr & np.uint64(ZERO_FLAG)) == 0) | ((arr & np.uint64(COMPRESSED)) != 0)
+    else:
+        bad = (arr & np.uint64(OFFSET_MASK | ZERO_FLAG | COMPRESSED)) != 0
+    hit = int(np.argmax(bad))
+    return hit if bad[hit] else count
+
+
+def _differs(e: int, expect: int, kind: Kind) -> bool:
+    if kind == Kind.NORMAL:
+        return bool((e ^ expect) & ~COPIED)
+    if kind == Kind.ZERO:
+        return not e & ZERO_FLAG or bool(e & COMPRESSED)
+    return bool(e & (OFFSET_MASK | ZERO_FLAG | COMPRESSED))
+
+
+def data_hosts(table: bytes | bytearray, index: int, count: int, cs: int) -> list[int] | None:
+    """:return: the host offsets of ``count`` entries from ``index`` when
+    all are data clusters at aligned offsets (not compressed, zero or
+    unallocated), else None.
+
+    >>> data_hosts(pack_entries([standard_entry(0x30000), standard_entry(0x10000)]), 0, 2, 0x10000)
+    [196608, 65536]
+    >>> data_hosts(pack_entries([standard_entry(0x30000), ZERO_FLAG]), 0, 2, 0x10000) is None
+    True
+    """
+    out = []
+    for e in struct.unpack_from(f">{count}Q", table, index * 8):
+        host = e & OFFSET_MASK
+        if e & (COMPRESSED | ZERO_FLAG) or not host or host & (cs - 1):
+            return None
+        out.append(host)
+    return out
+
+
+_G16 = Geometry(16)
