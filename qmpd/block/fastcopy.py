@@ -21,10 +21,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from qmpd.block.drivers.base import ClusterMap, Extents
 from qmpd.block.node import BlockNode
 
 if TYPE_CHECKING:
+    # Annotations only: drivers/ imports every driver, and cbw imports
+    # block-copy, which imports this module (an import cycle otherwise,
+    # whichever of them comes first).
+    from qmpd.block.drivers.base import ClusterMap, Extents
     from qmpd.block.io import ImageFile
 
 __all__ = ["FileView", "file_view", "mark_written", "write_direct", "mark_read",
