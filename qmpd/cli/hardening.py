@@ -88,22 +88,24 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
 
 def write_pidfile(path: str) -> OwnedPath:
     """Write this process's PID to ``path``: a new file renamed into place
-    (never written through a symlink, and a new inode, so an older daemon
-    exiting later does not remove it).
+    (never written through a symlink).  An older daemon exiting later does
+    not remove it: removal checks device, inode, ctime and the PID written,
+    since a file system may hand the new file the old one's inode number.
 
     :return: the file, to be removed at exit only if it is still ours.
     :raise OSError: ``cannot create PID file: Could not create '<path>': <reason>``
         (qemu-storage-daemon's text).
     """
     tmp = f"{path}.{os.getpid()}.tmp"
+    content = f"{os.getpid()}\n".encode("ascii")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         try:
-            os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+            os.write(fd, content)
         finally:
             os.close(fd)
         os.rename(tmp, path)
-        return OwnedPath.of(path)
+        return OwnedPath.of(path, content)
     except OSError as exc:
         try:
             os.unlink(tmp)

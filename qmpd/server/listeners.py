@@ -77,27 +77,46 @@ class BindError(OSError):
 
 @dataclass(frozen=True, slots=True)
 class OwnedPath:
-    """A file this process created, identified by device and inode.
+    """A file this process created, identified by device, inode and ctime
+    (and, for a pidfile, its content).
 
     :meth:`remove` unlinks the path only while it still is that file, so a
-    socket another daemon bound at the same path later stays untouched.
+    socket or pidfile another daemon put at the same path later stays
+    untouched, even when the file system gave the new file the old one's
+    inode number.
     """
 
     path: str
     dev: int
     ino: int
+    ctime_ns: int
+    content: bytes | None = None
 
     @classmethod
-    def of(cls, path: str) -> OwnedPath:
+    def of(cls, path: str, content: bytes | None = None) -> OwnedPath:
         st = os.lstat(path)
-        return cls(path, st.st_dev, st.st_ino)
+        return cls(path, st.st_dev, st.st_ino, st.st_ctime_ns, content)
 
-    def remove(self) -> None:
+    def _still_ours(self) -> bool:
         try:
             st = os.lstat(self.path)
         except OSError:
-            return
-        if (st.st_dev, st.st_ino) == (self.dev, self.ino):
+            return False
+        if (st.st_dev, st.st_ino, st.st_ctime_ns) != (self.dev, self.ino, self.ctime_ns):
+            return False
+        if self.content is None:
+            return True
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            return os.read(fd, len(self.content) + 1) == self.content
+        finally:
+            os.close(fd)
+
+    def remove(self) -> None:
+        if self._still_ours():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
 
@@ -142,6 +161,7 @@ def _bind_unix(path: str, backlog: int) -> tuple[socket.socket, OwnedPath]:
     owned = OwnedPath.of(path)
     try:
         os.chmod(path, 0o600)
+        owned = OwnedPath.of(path)  # chmod moved the ctime
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
