@@ -174,7 +174,7 @@ async def test_refused_open_as_qemu(tmp_path: Path, case: str) -> None:
 async def test_encrypted_image_refused_as_qemu(tmp_path: Path) -> None:
     img = tmp_path / "luks.qcow2"
     r = sh("qemu-img", "create", "-q", "--object", "secret,id=s0,data=xyz", "-f", "qcow2", "-o",
-           "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", str(img), "1M")
+           "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=200", str(img), "1M")
     assert r.returncode == 0, r.stderr
     r = sh("qemu-io", "-f", "qcow2", "-c", "quit", str(img))
     text = r.stderr.split(": ", 2)[2].strip()
