@@ -23,9 +23,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import struct
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
 
 from qmpd.block.drivers.qcow2.alloc import RefcountOverflow, RefcountState, RefcountWrites
 from qmpd.block.drivers.qcow2.compress import (
@@ -33,35 +31,17 @@ from qmpd.block.drivers.qcow2.compress import (
 )
 from qmpd.block.drivers.qcow2.header import Header, INCOMPAT_CORRUPT, encode_header
 from qmpd.block.drivers.qcow2.l2cache import L2Cache
-from qmpd.block.drivers.qcow2.writeplan import WritePlan, plan_write
+from qmpd.block.drivers.qcow2.writeplan import WritePlan, l2_sectors, plan_write
 from qmpd.block.drivers.qcow2.tables import (
     COPIED, OFFSET_MASK, ZERO_FLAG, Geometry, Kind, Mapping,
     compressed_host_clusters, data_hosts, decode, same_run, standard_entry,
 )
+from qmpd.block.drivers.qcow2.childio import Buffer, ChainWrite, ChainWriter, ChildIO, Fill, Grow
 from qmpd.block.errors import BlockIOError
 
 __all__ = ["Qcow2Image", "ChildIO", "CorruptImage", "Fill", "Buffer", "ChainWrite", "ChainWriter"]
 
 log = logging.getLogger(__name__)
-
-
-class ChildIO(Protocol):
-    """What the image needs from a child node (``qmpd.block.node.BlockNode``)."""
-
-    @property
-    def length(self) -> int: ...
-
-    async def read(self, offset: int, length: int) -> bytes: ...
-
-    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
-
-    async def discard(self, offset: int, length: int) -> None: ...
-
-    async def flush(self) -> None: ...
-
-    def debug_event(self, event: str) -> None: ...
-
-    async def block_status(self, offset: int, length: int) -> tuple[bool, int]: ...
 
 
 def _c_hex(n: int) -> str:
@@ -77,20 +57,6 @@ class CorruptImage(BlockIOError):
         self.msg = msg
         self.offset = offset
         self.size = size
-
-
-#: ``await grow(new_length)`` makes the file at least that long.
-Grow = Callable[[int], Awaitable[None]]
-#: ``await fill(extents)`` puts the data of a mapped write at its host
-#: offsets: ``(guest offset, host offset, n)``.
-Fill = Callable[[list[tuple[int, int, int]]], Awaitable[None]]
-Buffer = bytes | bytearray | memoryview
-#: ``await write(writes)`` pwrites each ``(file offset, bytes)`` in turn in
-#: one worker call (raises :class:`~qmpd.block.io.SeqWriteError`).
-ChainWrite = Callable[[list[tuple[int, Buffer]]], Awaitable[None]]
-#: :attr:`Qcow2Image.chain_writer`: a :data:`ChainWrite` for the file child
-#: now, or None (it is not a plain file).
-ChainWriter = Callable[[], ChainWrite | None]
 
 
 class Qcow2Image:
@@ -462,12 +428,10 @@ class Qcow2Image:
         writes that completed; each write here starts only after the one
         before it returned.  So, as on the three-phase path, an L2 entry
         is on disk only after the refcounts and the data of its clusters
-        (and nothing is freed or points at a new table here).  The L2
-        sectors are built from a copy of the cached table: readers (which
-        take no lock) see the new mapping only after the data is written.
-        On error before the L2 sectors, the new clusters are given back
-        (:meth:`_abort_runs`); if the L2 write itself failed, the entries
-        stay set and dirty in the cache (as a failed :meth:`_commit`)."""
+        (nothing is freed or points at a new table here).  Readers take
+        no lock: the cache gets the new entries once they are written.  On
+        error before the L2 sectors the new clusters are given back; if
+        the L2 write failed, the entries stay set and dirty in the cache."""
         from qmpd.block.io import SeqWriteError
 
         writes: list[tuple[int, Buffer]] = []
@@ -486,7 +450,7 @@ class Qcow2Image:
                 writes += w.table
             writes += [(h, b) for h, _, _, b in plan.data if b is not None]
             n_before_l2 = len(writes)
-            writes += await self._l2_sectors(plan)
+            writes += await l2_sectors(self, plan)
             await self._ensure_length(max(off + len(b) for off, b in writes))
             self.file.debug_event("write_aio")
             # The worker call cannot be stopped once started: if this task is
@@ -518,29 +482,6 @@ class Qcow2Image:
             raise
         finally:
             self.lock.release()
-
-    async def _l2_sectors(self, plan: WritePlan) -> list[tuple[int, Buffer]]:
-        """:return: the 512-byte sectors of the L2 tables that ``plan``'s
-        new entries change, as they will be (the cache is not changed)."""
-        cs = self.g.cluster_size
-        tables: dict[int, bytearray] = {}
-        spans: dict[int, tuple[int, int]] = {}
-        for l1i, idx, host, n in plan.runs:
-            l2off = await self._l2(l1i)
-            assert l2off is not None
-            table = tables.get(l2off)
-            if table is None:
-                cached = self.cache.table(l2off)
-                assert cached is not None
-                table = tables[l2off] = bytearray(cached)
-            struct.pack_into(f">{n}Q", table, idx * 8, *[standard_entry(host + k * cs) for k in range(n)])
-            lo, hi = spans.get(l2off, (idx * 8, (idx + n) * 8))
-            spans[l2off] = (min(lo, idx * 8), max(hi, (idx + n) * 8))
-        out: list[tuple[int, Buffer]] = []
-        for l2off, (lo, hi) in sorted(spans.items()):
-            lo, hi = lo & ~511, min(cs, (hi + 511) & ~511)
-            out.append((l2off + lo, bytes(tables[l2off][lo:hi])))
-        return out
 
     async def _write_refcounts_unlock(self) -> None:
         try:
