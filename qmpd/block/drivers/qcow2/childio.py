@@ -4,8 +4,8 @@ chained writes)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
 
 __all__ = ["ChildIO", "Grow", "Fill", "Buffer", "ChainWrite", "ChainWriter"]
 
@@ -37,7 +37,7 @@ Fill = Callable[[list[tuple[int, int, int]]], Awaitable[None]]
 Buffer = bytes | bytearray | memoryview
 #: ``await write(writes)`` pwrites each ``(file offset, bytes)`` in turn in
 #: one worker call (raises :class:`~qmpd.block.io.SeqWriteError`).
-ChainWrite = Callable[[list[tuple[int, Buffer]]], Awaitable[None]]
+ChainWrite = Callable[[list[tuple[int, Buffer]]], Coroutine[Any, Any, None]]
 #: :attr:`Qcow2Image.chain_writer`: a :data:`ChainWrite` for the file child
 #: now, or None (it is not a plain file).
 ChainWriter = Callable[[], ChainWrite | None]

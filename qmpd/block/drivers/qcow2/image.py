@@ -38,6 +38,7 @@ from qmpd.block.drivers.qcow2.tables import (
 )
 from qmpd.block.drivers.qcow2.childio import Buffer, ChainWrite, ChainWriter, ChildIO, Fill, Grow
 from qmpd.block.errors import BlockIOError
+from qmpd.tasks import TaskGroup
 
 __all__ = ["Qcow2Image", "ChildIO", "CorruptImage", "Fill", "Buffer", "ChainWrite", "ChainWriter"]
 
@@ -456,7 +457,7 @@ class Qcow2Image:
             # The worker call cannot be stopped once started: if this task is
             # cancelled meanwhile, wait for it all the same, so that the
             # clusters are not given back under an L2 entry still to land.
-            job = asyncio.ensure_future(chain(writes))
+            job = TaskGroup("qcow2-chain", log_failures=False).spawn(chain(writes))
             cancelled = False
             while True:
                 try:
