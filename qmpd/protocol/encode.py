@@ -26,7 +26,7 @@ import math
 import re
 from typing import Any
 
-__all__ = ["encode"]
+__all__ = ["encode", "freeze"]
 
 _dumps = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(", ", ": ")).encode
 _escape = json.encoder.encode_basestring_ascii
@@ -123,13 +123,47 @@ def _pretty(obj: object) -> str:
     return "".join(parts)
 
 
+#: Compact text of values that are never mutated (:func:`freeze`), by id;
+#: the value is kept so that its id cannot be reused.
+_frozen: dict[int, tuple[object, str]] = {}
+
+
+def _compact(obj: object) -> str:
+    try:
+        text = _dumps(obj)
+    except (ValueError, RecursionError):
+        text = _slow(obj)
+    return _fix_hex(text)
+
+
+def freeze(value: object) -> None:
+    """Promise that ``value`` (e.g. the ``query-qmp-schema`` answer, 44 KB
+    of JSON) is never mutated again: a reply whose member *is* this object
+    reuses its encoded text instead of encoding it again (same bytes)."""
+    _frozen[id(value)] = (value, _compact(value))
+
+
 def encode(obj: object, *, pretty: bool = False) -> bytes:
     """One QMP output message ending in ``\\r\\n``: QEMU's compact
     formatting on one line, or its pretty form (``pretty``)."""
     if pretty:
         return (_fix_hex(_pretty(obj)) + "\r\n").encode("ascii")
-    try:
-        text = _dumps(obj)
-    except (ValueError, RecursionError):
-        text = _slow(obj)
-    return (_fix_hex(text) + "\r\n").encode("ascii")
+    if _frozen and type(obj) is dict:
+        for value in obj.values():
+            hit = _frozen.get(id(value))
+            if hit is not None and hit[0] is value:
+                return (_members(obj) + "\r\n").encode("ascii")
+    return (_compact(obj) + "\r\n").encode("ascii")
+
+
+def _members(obj: dict[Any, Any]) -> str:
+    """``obj`` in the compact form, its frozen members from the cache (the
+    same text ``json`` writes for a dict: ``{"k": v, ...}``)."""
+    parts = []
+    for key, value in obj.items():
+        if type(key) is not str:
+            return _compact(obj)
+        hit = _frozen.get(id(value))
+        text = hit[1] if hit is not None and hit[0] is value else _compact(value)
+        parts.append(_fix_hex(_escape(key)) + ": " + text)
+    return "{" + ", ".join(parts) + "}"

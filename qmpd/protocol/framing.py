@@ -183,7 +183,8 @@ class JsonStreamParser:
                     self._exact = True
                     continue
                 if self._whole:
-                    end, value = self._window.decode_at(buf, pos, self._max_bytes, self._max_tokens)
+                    end, value = self._window.decode_at(buf, pos, self._max_bytes, self._max_tokens,
+                                                        self._slice)
                     if end >= 0:
                         self._out.append(value)
                         self._pos = end

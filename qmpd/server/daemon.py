@@ -35,6 +35,7 @@ from qmpd.block.pool import IOPool
 from qmpd.errors import GenericError, QMPError, SchemaError
 from qmpd.events import EventBus
 from qmpd.events.names import SHUTDOWN
+from qmpd.protocol.encode import freeze
 from qmpd.protocol.session import Call, Session
 from qmpd.server.connection import Connection
 from qmpd.server.limits import DEFAULT_LIMITS, Limits
@@ -233,6 +234,8 @@ class Daemon:
         self.oob_commands = registry.oob_commands
         self.state.command_names = tuple(sorted(names))
         self.state.introspection = schema.introspection(names)
+        # Never mutated (shared by every caller): encode it once, not per reply.
+        freeze(self.state.introspection)
         self.state.boot_id = str(uuid.uuid4())
         self._setup_domain()
 

@@ -22,6 +22,8 @@ of the asyncio server it replaces.
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import logging
 import os
 import socket
@@ -40,6 +42,8 @@ READ_SIZE = 256 << 10
 ACCEPT_RETRY_DELAY = 1.0
 _HIGH_WATER = 64 << 10
 _LOW_WATER = 16 << 10
+#: Buffered chunks handed to one sendmsg(2) call (IOV_MAX is 1024).
+_MAX_IOV = 64
 
 
 @runtime_checkable
@@ -60,7 +64,13 @@ class FdTransport(asyncio.Transport):
         self._fileno = sock.fileno()
         self._protocol = protocol
         self._takes_fds = isinstance(protocol, FdReceiver)
-        self._buffer = bytearray()
+        # Unsent output as the chunks written (no copying into one growing
+        # buffer: a client that does not read would make the daemon copy
+        # and re-allocate tens of MiB, which the allocator keeps resident).
+        self._buffer: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        #: Bytes of ``_buffer[0]`` already sent.
+        self._head = 0
         self._closing = False
         self._lost = False
         self._reading = False
@@ -124,22 +134,33 @@ class FdTransport(asyncio.Transport):
                 return
             if sent == len(data):
                 return
-            self._buffer += memoryview(data)[sent:]
+            chunk = bytes(memoryview(data)[sent:]) if sent else bytes(data)
             self._loop.add_writer(self._fileno, self._write_ready)
         else:
-            self._buffer += data
+            chunk = bytes(data)  # no copy when data is bytes
+        self._buffer.append(chunk)
+        self._buffered += len(chunk)
         self._maybe_pause_writing()
 
     def _write_ready(self) -> None:
+        chunks = self._buffer
+        if not chunks:
+            return
+        views: list[bytes | memoryview] = [memoryview(chunks[0])[self._head:]]
+        views += itertools.islice(chunks, 1, _MAX_IOV)
         try:
-            sent = self._sock.send(self._buffer)
+            sent = self._sock.sendmsg(views)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._fatal(exc)
             return
-        del self._buffer[:sent]
-        if self._writing_paused and len(self._buffer) <= _LOW_WATER:
+        self._buffered -= sent
+        sent += self._head
+        while chunks and sent >= len(chunks[0]):
+            sent -= len(chunks.popleft())
+        self._head = sent
+        if self._writing_paused and self._buffered <= _LOW_WATER:
             self._writing_paused = False
             self._protocol.resume_writing()
         if not self._buffer:
@@ -148,12 +169,12 @@ class FdTransport(asyncio.Transport):
                 self._lose(None)
 
     def _maybe_pause_writing(self) -> None:
-        if not self._writing_paused and len(self._buffer) > _HIGH_WATER:
+        if not self._writing_paused and self._buffered > _HIGH_WATER:
             self._writing_paused = True
             self._protocol.pause_writing()
 
     def get_write_buffer_size(self) -> int:
-        return len(self._buffer)
+        return self._buffered
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
         return _LOW_WATER, _HIGH_WATER
@@ -181,7 +202,7 @@ class FdTransport(asyncio.Transport):
         self._closing = True
         self.pause_reading()
         if self._buffer:
-            self._buffer.clear()
+            self._drop_output()
             self._loop.remove_writer(self._fileno)
         self._loop.call_soon(self._lose, None)
 
@@ -190,9 +211,13 @@ class FdTransport(asyncio.Transport):
             return
         self._closing = True
         self.pause_reading()
-        self._buffer.clear()
+        self._drop_output()
         self._loop.remove_writer(self._fileno)
         self._loop.call_soon(self._lose, exc)
+
+    def _drop_output(self) -> None:
+        self._buffer.clear()
+        self._buffered = self._head = 0
 
     def _lose(self, exc: Exception | None) -> None:
         if self._lost:

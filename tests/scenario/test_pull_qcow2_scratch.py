@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 
 from tests.scenario.test_pull_backup import CLUSTER, PROBE, SIZE, clusters, guest_writes
-from tests.support.daemon import RawClient, short_socket_dir
-from tests.support.nbd import NbdDaemon, daemon_with_disk, have, make_disk, run, wait_listening
+from tests.support.daemon import short_socket_dir
+from tests.support.nbd import NbdDaemon, connect_monitor, daemon_with_disk, have, make_disk, run
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -165,8 +165,7 @@ class Qsd(Recorder):
         self.qsd = subprocess.Popen(["qemu-storage-daemon", "--chardev",
                                      f"socket,path={qmp},server=on,wait=off,id=m", "--monitor", "chardev=m"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_listening(qmp, self.qsd)
-        self.qmp = RawClient(str(qmp), timeout=60)
+        self.qmp = connect_monitor(qmp, self.qsd)
 
     def close(self) -> None:
         self.qmp.close()

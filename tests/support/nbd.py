@@ -53,6 +53,24 @@ def wait_listening(path: str | Path, proc: subprocess.Popen[bytes]) -> None:
             probe.close()
 
 
+def connect_monitor(path: str | Path, proc: subprocess.Popen[bytes], timeout: float = 60) -> RawClient:
+    """Connect to QEMU's one-client QMP chardev socket at ``path`` and read
+    its greeting, retrying until it serves us: while QEMU has not yet seen
+    an earlier client (or a probe) hang up, it closes a new connection at
+    once, which would look like an empty greeting.
+
+    :raise AssertionError: the process exited or 20 s passed.
+    """
+    deadline = time.monotonic() + 20
+    while True:
+        assert proc.poll() is None, f"{proc.args} exited"
+        try:
+            return RawClient(str(path), timeout=timeout)
+        except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, EOFError):
+            assert time.monotonic() < deadline, f"no QMP greeting on {path}"
+            time.sleep(0.01)
+
+
 def make_disk(path: Path, size: int = 64 * MiB, seed: int = 3) -> None:
     """A sparse image with ten random 100000-byte extents."""
     rng = random.Random(seed)

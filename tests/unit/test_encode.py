@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from qmpd.protocol import JsonStreamParser, encode
+from qmpd.protocol.encode import freeze
 
 
 @pytest.mark.parametrize(
@@ -118,3 +119,21 @@ def test_pretty_is_one_parser_message() -> None:
     parser = JsonStreamParser()
     value = {"return": {"x": [1, 2, {}], "s": "a\nb"}}
     assert parser.feed(encode(value, pretty=True)) == [value]
+
+
+
+def test_frozen_member_gives_the_same_bytes() -> None:
+    """A reply whose member is a frozen value (the query-qmp-schema answer)
+    reuses its cached text: byte for byte what encoding it anew gives."""
+    value = [{"name": "\u00e9\x01\u2028\U0001f600", "n": 1.5, "inf": math.inf}, ["a\\u", None, True]]
+    ids = (1, "\u00fcn\u00efx", None, [1, {"x": "\x7f"}])
+    copy = [dict(value[0]), list(value[1])]  # equal, not frozen
+    expected = {repr(rid): encode({"return": copy, "id": rid}) for rid in ids}
+    expected_first = {repr(rid): encode({"id": rid, "return": copy}) for rid in ids}
+    freeze(value)
+    for rid in ids:
+        assert encode({"return": value, "id": rid}) == expected[repr(rid)]
+        assert encode({"id": rid, "return": value}) == expected_first[repr(rid)]
+    assert encode({"return": value}) == b'{"return": ' + encode(copy)[:-2] + b"}\r\n"
+    assert encode({"\u00e9": value}) == b'{"\\u00E9": ' + encode(copy)[:-2] + b"}\r\n"
+    assert encode({"return": value}, pretty=True) == encode({"return": copy}, pretty=True)
