@@ -33,7 +33,7 @@ from qmpd.block.errors import BlockIOError
 from qmpd.block.fdsets import FdSets, fdset_id_of
 from qmpd.block.pool import IOPool
 
-__all__ = ["IOPool", "ImageFile", "NotRegularFile", "PinnedFile", "copy_pairs", "copy_range",
+__all__ = ["IOPool", "ImageFile", "NotRegularFile", "PinnedFile", "SeqWriteError", "copy_pairs", "copy_range",
            "copy_ranges", "create_file",
            "run_blocking", "shared_pool",
            "make_private_dir", "open_state_file", "read_state_file", "remove_state_file",
@@ -143,6 +143,27 @@ def _pwrite(fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         if w == 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         n += w
+
+
+def _pwrite_seq(fd: int, writes: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> int:
+    """:return: how many of ``writes`` were written, in order (stops at the first error)."""
+    for i, (offset, data) in enumerate(writes):
+        try:
+            _pwrite(fd, offset, data)
+        except OSError as exc:
+            raise SeqWriteError(exc, i) from exc
+    return len(writes)
+
+
+class SeqWriteError(BlockIOError):
+    """:meth:`ImageFile.write_seq` failed at ``writes[done]``; the writes
+    before it are complete, that one may be partly written, the rest were
+    not tried."""
+
+    def __init__(self, exc: OSError, done: int) -> None:
+        base = BlockIOError.from_oserror(exc)
+        super().__init__(base.errno if base.errno is not None else errno.EIO, base.strerror)
+        self.done = done
 
 
 def _write_zeroes(fd: int, offset: int, length: int, may_unmap: bool) -> None:
@@ -439,6 +460,14 @@ class ImageFile:
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data`` at ``offset``."""
         await self.pool.run(_pwrite, self.fd, offset, data)
+
+    async def write_seq(self, writes: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
+        """pwrite each ``(offset, data)`` in turn, in one worker call (one
+        event-loop round trip), so each lands only after the ones before it.
+
+        :raise SeqWriteError: with how many were written before the failure.
+        """
+        await self.pool.run(_pwrite_seq, self.fd, list(writes))
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
         """Zero a range: punch a hole if ``may_unmap``, else zero-range, else

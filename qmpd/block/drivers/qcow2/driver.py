@@ -27,7 +27,7 @@ from qmpd.block.drivers.qcow2.dirty import RepairError, mark_clean, mark_dirty, 
 from qmpd.block.drivers.qcow2.header import (
     AUTOCLEAR_MASK, EXT_DATA_FILE, INCOMPAT_DATA_FILE, MAGIC, Header, HeaderError, parse_header,
 )
-from qmpd.block.drivers.qcow2.image import CorruptImage, Qcow2Image
+from qmpd.block.drivers.qcow2.image import Buffer, ChainWrite, ChainWriter, CorruptImage, Qcow2Image
 from qmpd.block.drivers.qcow2.refcount import RefcountBlock
 from qmpd.block.drivers.qcow2.repair import SnapshotTableError, snapshot_l1_tables
 from qmpd.block.drivers.qcow2.tables import Geometry, unpack_table
@@ -374,6 +374,7 @@ async def open_qcow2(
     meta_end = max(h.l1_table_offset + h.l1_size * 8,
                    h.refcount_table_offset + h.refcount_table_clusters * cs)
     image.opened_length = max(flen, -(-meta_end // cs) * cs)
+    image.chain_writer = _chain_writer(file)
     drv = Qcow2Driver(file, image, backing, options)
     drv.emit = ctx.emit_event
     drv.bad_refblock = bad_refblock
@@ -434,6 +435,28 @@ def _grower(file: BlockNode) -> Callable[[int], Any]:
         if size > file.length:
             await truncate(size)
     return grow
+
+
+def _chain_writer(file: BlockNode) -> ChainWriter:
+    """:return: what :attr:`Qcow2Image.chain_writer` calls: the ``file``
+    node as a plain window of an image file (no hooks, blkdebug events,
+    detect-zeroes), then ``await write(writes)`` pwrites them in order in
+    one worker call, with the file node's range lock and bookkeeping
+    (:func:`~qmpd.block.fastcopy.write_direct`); else None."""
+    def writer() -> ChainWrite | None:
+        from qmpd.block.fastcopy import file_view, write_direct  # import cycle at load time
+
+        view = file_view(file, for_write=True)
+        if view is None:
+            return None
+
+        async def write(writes: list[tuple[int, Buffer]]) -> None:
+            base = view.base
+            ranges = sorted((off, len(b)) for off, b in writes)
+            await write_direct(view, ranges,
+                               lambda: view.image.write_seq([(base + off, b) for off, b in writes]))
+        return write
+    return writer
 
 
 def _shrinker(file: BlockNode) -> Callable[[int], Any] | None:

@@ -23,44 +23,26 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
 
-from qmpd.block.drivers.qcow2.alloc import RefcountOverflow, RefcountState
+from qmpd.block.drivers.qcow2.alloc import RefcountOverflow, RefcountState, RefcountWrites
 from qmpd.block.drivers.qcow2.compress import (
     CompressedDataError, compress_cluster, decompress_cluster, encode_descriptor,
 )
 from qmpd.block.drivers.qcow2.header import Header, INCOMPAT_CORRUPT, encode_header
 from qmpd.block.drivers.qcow2.l2cache import L2Cache
-from qmpd.block.drivers.qcow2.writeplan import WritePlan, plan_write
+from qmpd.block.drivers.qcow2.writeplan import WritePlan, l2_sectors, plan_write
 from qmpd.block.drivers.qcow2.tables import (
     COPIED, OFFSET_MASK, ZERO_FLAG, Geometry, Kind, Mapping,
     compressed_host_clusters, data_hosts, decode, same_run, standard_entry,
 )
+from qmpd.block.drivers.qcow2.childio import Buffer, ChainWrite, ChainWriter, ChildIO, Fill, Grow
 from qmpd.block.errors import BlockIOError
+from qmpd.tasks import TaskGroup
 
-__all__ = ["Qcow2Image", "ChildIO", "CorruptImage", "Fill"]
+__all__ = ["Qcow2Image", "ChildIO", "CorruptImage", "Fill", "Buffer", "ChainWrite", "ChainWriter"]
 
 log = logging.getLogger(__name__)
-
-
-class ChildIO(Protocol):
-    """What the image needs from a child node (``qmpd.block.node.BlockNode``)."""
-
-    @property
-    def length(self) -> int: ...
-
-    async def read(self, offset: int, length: int) -> bytes: ...
-
-    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
-
-    async def discard(self, offset: int, length: int) -> None: ...
-
-    async def flush(self) -> None: ...
-
-    def debug_event(self, event: str) -> None: ...
-
-    async def block_status(self, offset: int, length: int) -> tuple[bool, int]: ...
 
 
 def _c_hex(n: int) -> str:
@@ -76,13 +58,6 @@ class CorruptImage(BlockIOError):
         self.msg = msg
         self.offset = offset
         self.size = size
-
-
-#: ``await grow(new_length)`` makes the file at least that long.
-Grow = Callable[[int], Awaitable[None]]
-#: ``await fill(extents)`` puts the data of a mapped write at its host
-#: offsets: ``(guest offset, host offset, n)``.
-Fill = Callable[[list[tuple[int, int, int]]], Awaitable[None]]
 
 
 class Qcow2Image:
@@ -119,6 +94,8 @@ class Qcow2Image:
         self._inflight: list[tuple[int, int, asyncio.Event]] = []
         #: Called once with the CorruptImage when the image is marked corrupt.
         self.on_corrupt: Callable[[CorruptImage], None] | None = None
+        #: Set by the driver: see :meth:`_write_chained`.
+        self.chain_writer: ChainWriter | None = None
 
     @property
     def size(self) -> int:
@@ -401,6 +378,10 @@ class Qcow2Image:
                 await self._abort_runs(plan)
                 self.lock.release()
                 raise
+            chain = self._chain_for(plan, fill)
+            if chain is not None:
+                await self._write_chained(plan, chain)
+                return
             # The refcounts (still under the lock: refcount block writes keep
             # their order) and the data go out together; both land before
             # the L2 entries below.
@@ -425,6 +406,83 @@ class Qcow2Image:
         finally:
             self._inflight.remove(span)
             done.set()
+
+    def _chain_for(self, plan: WritePlan, fill: Fill | None) -> ChainWrite | None:
+        """The one-call path of an allocating write (:meth:`_write_chained`),
+        or None: only when no other write is under way (it keeps the lock
+        through the data, which would hold the others up), the write needs
+        no new L2 table, L1 entry or frees, and the file child is a plain
+        file.  Callers hold :attr:`lock`."""
+        if (fill is not None or self.chain_writer is None or not plan.runs or plan.frees
+                or len(self._inflight) != 1 or self._l1_dirty or self.cache.has_dirty
+                or any(b is None for _, _, _, b in plan.data)):
+            return None
+        return self.chain_writer()
+
+    async def _write_chained(self, plan: WritePlan, chain: ChainWrite) -> None:
+        """Phases 2 and 3 of :meth:`_write` in one worker call, under
+        :attr:`lock` throughout: the refcount block sectors, the data, then
+        the changed L2 sectors, pwritten one after another by one thread.
+
+        Crash order: pwrite(2) returns once the bytes are in the page
+        cache, and a killed process (``kill -9``) cannot undo or reorder
+        writes that completed; each write here starts only after the one
+        before it returned.  So, as on the three-phase path, an L2 entry
+        is on disk only after the refcounts and the data of its clusters
+        (nothing is freed or points at a new table here).  Readers take
+        no lock: the cache gets the new entries once they are written.  On
+        error before the L2 sectors the new clusters are given back; if
+        the L2 write failed, the entries stay set and dirty in the cache."""
+        from qmpd.block.io import SeqWriteError
+
+        writes: list[tuple[int, Buffer]] = []
+        l2_tried = False
+        try:
+            while self.refs.pending():
+                w = self.refs.take_writes()
+                if w.new_table is not None:
+                    # A refcount table move (rare): its usual order first.
+                    for off, buf in writes:
+                        await self._file_write(off, buf)
+                    writes = []
+                    await self._put_refcount_writes(w)
+                    continue
+                writes += w.blocks
+                writes += w.table
+            writes += [(h, b) for h, _, _, b in plan.data if b is not None]
+            n_before_l2 = len(writes)
+            writes += await l2_sectors(self, plan)
+            await self._ensure_length(max(off + len(b) for off, b in writes))
+            self.file.debug_event("write_aio")
+            # The worker call cannot be stopped once started: if this task is
+            # cancelled meanwhile, wait for it all the same, so that the
+            # clusters are not given back under an L2 entry still to land.
+            job = TaskGroup("qcow2-chain", log_failures=False).spawn(chain(writes))
+            cancelled = False
+            while True:
+                try:
+                    await asyncio.shield(job)
+                    break
+                except asyncio.CancelledError:
+                    if job.done():
+                        raise
+                    cancelled = True
+                except SeqWriteError as exc:
+                    l2_tried = exc.done >= n_before_l2
+                    raise
+            # On disk now: the same entries in the cache, clean.
+            await self._apply_entries(plan)
+            self.cache.take_dirty()
+            if cancelled:
+                raise asyncio.CancelledError
+        except BaseException:
+            if l2_tried:
+                await self._apply_entries(plan)
+            else:
+                await self._abort_runs(plan)
+            raise
+        finally:
+            self.lock.release()
 
     async def _write_refcounts_unlock(self) -> None:
         try:
@@ -520,16 +578,18 @@ class Qcow2Image:
 
     async def _write_refcounts(self) -> None:
         while self.refs.pending():
-            w = self.refs.take_writes()
-            for off, buf in w.blocks:
-                await self._file_write(off, buf)
-            for off, buf in w.table:
-                await self._file_write(off, buf)
-            if w.new_table is not None:
-                toff, tclusters = w.new_table
-                self.header.refcount_table_offset = toff
-                self.header.refcount_table_clusters = tclusters
-                await self.file.write(48, toff.to_bytes(8, "big") + tclusters.to_bytes(4, "big"))
+            await self._put_refcount_writes(self.refs.take_writes())
+
+    async def _put_refcount_writes(self, w: RefcountWrites) -> None:
+        for off, buf in w.blocks:
+            await self._file_write(off, buf)
+        for off, buf in w.table:
+            await self._file_write(off, buf)
+        if w.new_table is not None:
+            toff, tclusters = w.new_table
+            self.header.refcount_table_offset = toff
+            self.header.refcount_table_clusters = tclusters
+            await self.file.write(48, toff.to_bytes(8, "big") + tclusters.to_bytes(4, "big"))
 
     async def _ensure_length(self, end: int) -> None:
         """Grow the file to hold ``end`` bytes, ahead in steps of 1/8 of its

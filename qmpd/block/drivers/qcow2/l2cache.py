@@ -82,6 +82,11 @@ class L2Cache:
         self._dirty[offset] = (min(lo, lo_e) & ~511,
                                min(self.cluster_size, (max(hi, hi_e) + 511) & ~511))
 
+    @property
+    def has_dirty(self) -> bool:
+        """Some table has changes not yet written."""
+        return bool(self._dirty)
+
     def dirty_span(self, offset: int) -> tuple[int, int] | None:
         return self._dirty.get(offset)
 

@@ -20,9 +20,9 @@ import struct
 from typing import Protocol
 
 from qmpd.block.drivers.qcow2.l2cache import L2Cache
-from qmpd.block.drivers.qcow2.tables import COPIED, Geometry, Kind, Mapping, decode
+from qmpd.block.drivers.qcow2.tables import COPIED, Geometry, Kind, Mapping, decode, standard_entry
 
-__all__ = ["WritePlan", "PlanHost", "plan_write"]
+__all__ = ["WritePlan", "PlanHost", "plan_write", "l2_sectors"]
 
 
 class PlanHost(Protocol):
@@ -114,6 +114,28 @@ async def plan_write(img: PlanHost, plan: WritePlan, offset: int, length: int,
                         plan.frees.append(old)
             plan.runs.append((l1i, first & mask, start_cluster << cb, got))
             pos = run_end
+
+
+async def l2_sectors(img: PlanHost, plan: WritePlan) -> list[tuple[int, bytes]]:
+    """:return: ``(file offset, bytes)`` of the 512-byte sectors of the L2
+    tables that ``plan``'s new entries change, as they will read once set
+    (built on copies: the cached tables are not changed).  The tables must
+    exist already (no new table in ``plan``)."""
+    cs = img.g.cluster_size
+    tables: dict[int, bytearray] = {}
+    spans: dict[int, tuple[int, int]] = {}
+    for l1i, idx, host, n in plan.runs:
+        l2off = await img.l2_for_write(l1i)
+        table = tables.get(l2off)
+        if table is None:
+            cached = img.cache.table(l2off)
+            assert cached is not None
+            table = tables[l2off] = bytearray(cached)
+        struct.pack_into(f">{n}Q", table, idx * 8, *[standard_entry(host + k * cs) for k in range(n)])
+        lo, hi = spans.get(l2off, (idx * 8, (idx + n) * 8))
+        spans[l2off] = (min(lo, idx * 8), max(hi, (idx + n) * 8))
+    return [(l2off + (lo & ~511), bytes(tables[l2off][lo & ~511:min(cs, (hi + 511) & ~511)]))
+            for l2off, (lo, hi) in sorted(spans.items())]
 
 
 async def _cow_buffer(img: PlanHost, pos: int, end: int,
