@@ -165,7 +165,12 @@ class Qsd(Recorder):
         self.qsd = subprocess.Popen(["qemu-storage-daemon", "--chardev",
                                      f"socket,path={qmp},server=on,wait=off,id=m", "--monitor", "chardev=m"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.qmp = connect_monitor(qmp, self.qsd)
+        try:
+            self.qmp = connect_monitor(qmp, self.qsd)
+        except BaseException:
+            self.qsd.kill()
+            self.qsd.wait()
+            raise
 
     def close(self) -> None:
         self.qmp.close()
