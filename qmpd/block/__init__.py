@@ -13,8 +13,9 @@ load the rest afterwards.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from qmpd.lazy import lazy_names
 
 from qmpd.block.errors import (
     BlockIOError,
@@ -53,11 +54,4 @@ _LAZY = {
     "run_qemu_io": "qmpd.block.qemuio",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, globals(), _LAZY)

@@ -8,8 +8,9 @@ Names are imported on first use (PEP 562): the command line reads
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from qmpd.lazy import lazy_names
 
 from qmpd.machine.types import MACHINE_TYPES
 
@@ -34,11 +35,4 @@ _LAZY = {
     "RunState": "qmpd.machine.runstate",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, globals(), _LAZY)

@@ -8,7 +8,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[2] / "qmpd"
 
 LAYER = {
-    "errors": 0, "tasks": 0,
+    "errors": 0, "tasks": 0, "lazy": 0,
     "protocol": 1, "qapi": 1, "bitmap": 1,
     "block": 2, "events": 2, "jobs": 2, "machine": 2,
     "commands": 3,
