@@ -118,13 +118,7 @@ def image_path_of(node: BlockNode) -> str | None:
     the image itself (qcow2) has no file window and is not matched."""
     if not node.driver.is_format or node.driver.file_window() is None:
         return None
-    child = node.children.get("file")
-    if child is None:
-        return None
-    window = child.driver.file_window()
-    if window is None or window.image is None:
-        return None
-    return child.driver.filename
+    return _file_child_image(node)
 
 
 def qcow2_image_of(node: BlockNode) -> str | None:
@@ -135,6 +129,12 @@ def qcow2_image_of(node: BlockNode) -> str | None:
     recovered instead of being loaded inconsistent."""
     if not node.driver.is_format or node.driver.file_window() is not None:
         return None
+    return _file_child_image(node)
+
+
+def _file_child_image(node: BlockNode) -> str | None:
+    """:return: the image file of ``node``'s ``file`` child, when that child
+    is a plain file window over an opened image."""
     child = node.children.get("file")
     if child is None:
         return None

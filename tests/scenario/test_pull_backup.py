@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.nbd import MiB, NbdDaemon, daemon_with_disk, have, run
+from tests.support.nbd import needs_nbd_clients, MiB, NbdDaemon, daemon_with_disk, run
 
 PROBE = Path(__file__).resolve().parents[1] / "integration" / "libnbd_probe.py"
 SIZE = 64 * MiB
@@ -28,8 +28,7 @@ CLUSTER = 64 * 1024
 
 pytestmark = [
     pytest.mark.timeout(300),
-    pytest.mark.skipif(not have("nbdcopy", "qemu-img") or not Path("/usr/bin/python3").exists(),
-                       reason="needs libnbd-bin, qemu-utils and python3-libnbd"),
+    needs_nbd_clients(),
 ]
 
 

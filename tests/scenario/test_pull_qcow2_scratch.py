@@ -26,13 +26,12 @@ import pytest
 
 from tests.scenario.test_pull_backup import CLUSTER, PROBE, SIZE, clusters, guest_writes
 from tests.support.daemon import short_socket_dir
-from tests.support.nbd import NbdDaemon, connect_monitor, daemon_with_disk, have, make_disk, run
+from tests.support.nbd import needs_nbd_clients, NbdDaemon, connect_monitor, daemon_with_disk, have, make_disk, run
 
 pytestmark = [
     pytest.mark.timeout(300),
     pytest.mark.slow,
-    pytest.mark.skipif(not have("nbdcopy", "qemu-img") or not Path("/usr/bin/python3").exists(),
-                       reason="needs libnbd-bin, qemu-utils and python3-libnbd"),
+    needs_nbd_clients(),
 ]
 
 

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.support.daemon import DaemonProcess, RawClient, short_socket_dir
 
 MiB = 1 << 20
@@ -23,6 +25,13 @@ IHAVEOPT = 0x49484156454F5054
 def have(*tools: str) -> bool:
     """All of ``tools`` are on PATH."""
     return all(shutil.which(t) for t in tools)
+
+
+def needs_nbd_clients() -> pytest.MarkDecorator:
+    """Skip unless nbdcopy, qemu-img and python3-libnbd (for the system
+    python) are installed: the clients the pull-mode scenarios drive."""
+    return pytest.mark.skipif(not have("nbdcopy", "qemu-img") or not Path("/usr/bin/python3").exists(),
+                              reason="needs libnbd-bin, qemu-utils and python3-libnbd")
 
 
 def run(*argv: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
